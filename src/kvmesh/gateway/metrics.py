@@ -1,0 +1,34 @@
+"""Prometheus metrics of the gateway.  Each gateway owns its registry, so tests can run several."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_OVERHEAD = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
+
+
+class GatewayMetrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("kvmesh_gateway_requests", "Requests by endpoint and HTTP status",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("kvmesh_gateway_errors", "Errors by kind", ["kind"], registry=r)
+        self.retries = Counter("kvmesh_gateway_retries", "Requests re-sent to another backend", registry=r)
+        self.ttft = Histogram("kvmesh_gateway_ttft_seconds", "Time to first streamed byte, as the client "
+                              "sees it from the gateway", ["endpoint"], buckets=_LAT, registry=r)
+        self.tpot = Histogram("kvmesh_gateway_tpot_seconds", "Mean time between streamed chunks after the "
+                              "first (per request)", ["endpoint"], buckets=_LAT, registry=r)
+        self.e2e = Histogram("kvmesh_gateway_e2e_seconds", "Request latency, arrival to last byte",
+                             ["endpoint"], buckets=_LAT, registry=r)
+        self.overhead = Histogram("kvmesh_gateway_overhead_seconds", "Latency the gateway adds before "
+                                  "forwarding: read, parse, validate, route", buckets=_OVERHEAD, registry=r)
+        self.in_flight = Gauge("kvmesh_gateway_backend_in_flight", "Requests in flight per backend",
+                               ["backend"], registry=r)
+        self.healthy = Gauge("kvmesh_gateway_backend_healthy", "1 when the backend is in rotation",
+                             ["backend"], registry=r)
+        self.routed = Counter("kvmesh_gateway_routed", "Requests routed per backend and policy",
+                              ["backend", "policy"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,93 @@
+"""Forwarding one request to a backend and relaying the answer.
+
+Streams are relayed chunk by chunk as they arrive (never buffered).  A connect failure before anything
+reached the client is retried on another backend; once the client has received bytes, an upstream failure
+ends the stream with an SSE error event.  If the client goes away, the upstream request is closed, which
+makes vLLM abort the generation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+
+from kvmesh.gateway.backends import Backend
+from kvmesh.gateway.errors import ApiError
+from kvmesh.gateway.metrics import GatewayMetrics
+
+log = logging.getLogger(__name__)
+
+# Errors that mean the request never reached a live engine: safe to send elsewhere.
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+_PASS_HEADERS = ("authorization", "x-request-id")
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Timing of one proxied request (perf_counter seconds)."""
+
+    endpoint: str
+    t_arrival: float
+    t_forward: float = 0.0
+    t_first: float = 0.0
+    chunks: int = 0
+
+
+async def open_upstream(http: aiohttp.ClientSession, b: Backend, path: str, body: bytes,
+                        request: web.Request) -> aiohttp.ClientResponse:
+    """Send the request and return once response headers arrived; raises one of ``CONNECT_ERRORS``."""
+    headers = {"content-type": "application/json"}
+    for h in _PASS_HEADERS:
+        if h in request.headers:
+            headers[h] = request.headers[h]
+    return await http.post(f"{b.url}{path}", data=body, headers=headers)
+
+
+def _response_headers(b: Backend, upstream: aiohttp.ClientResponse) -> dict[str, str]:
+    return {"x-kvmesh-backend": b.name, "Content-Type": upstream.headers.get("Content-Type", "application/json")}
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend) -> web.Response:
+    body = await upstream.read()
+    return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream))
+
+
+async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, b: Backend,
+                       ex: Exchange, metrics: GatewayMetrics) -> web.StreamResponse:
+    """Relay an SSE stream; returns the (finished) response.  Raises CancelledError on client disconnect
+    after closing the upstream connection."""
+    headers = _response_headers(b, upstream)
+    headers["Cache-Control"] = "no-cache"
+    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    await resp.prepare(request)
+    try:
+        async for chunk in upstream.content.iter_any():
+            if not ex.chunks:
+                ex.t_first = time.perf_counter()
+                metrics.ttft.labels(ex.endpoint).observe(ex.t_first - ex.t_arrival)
+            ex.chunks += chunk.count(b"data: ")
+            await resp.write(chunk)
+    except (ConnectionResetError, asyncio.CancelledError):
+        # The client went away: dropping the upstream connection makes the engine abort the request.
+        upstream.close()
+        metrics.errors.labels("client_cancel").inc()
+        raise asyncio.CancelledError from None
+    except (aiohttp.ClientError, TimeoutError) as e:
+        upstream.close()
+        metrics.errors.labels("upstream_midstream").inc()
+        log.warning("stream from %s broke after %d events: %s", b.name, ex.chunks, e)
+        err = ApiError(502, f"upstream {b.name} failed mid-stream: {type(e).__name__}")
+        try:
+            await resp.write(err.sse())
+        except ConnectionResetError:
+            pass
+    if ex.chunks > 2:
+        # minus the final "[DONE]" event; one event per token is vLLM's streaming granularity
+        metrics.tpot.labels(ex.endpoint).observe((time.perf_counter() - ex.t_first) / (ex.chunks - 2))
+    await resp.write_eof()
+    return resp

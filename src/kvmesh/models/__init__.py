@@ -1,0 +1,1 @@
+"""Demo models (random weights, shipped tokenizer)."""

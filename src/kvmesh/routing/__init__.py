@@ -1,0 +1,12 @@
+"""Routing policies: candidate filters → scorers → picker, over a request context."""
+
+from kvmesh.routing.base import (
+    Candidate,
+    Decision,
+    NoCandidate,
+    Policy,
+    RequestContext,
+)
+from kvmesh.routing.policies import make_policy
+
+__all__ = ["Candidate", "Decision", "NoCandidate", "Policy", "RequestContext", "make_policy"]

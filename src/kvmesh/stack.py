@@ -1,0 +1,75 @@
+"""The local stack behind ``kvmesh up``: a demo model, N supervised vLLM replicas and a gateway.
+
+``Stack`` is importable so tests and benchmarks run exactly what the CLI runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import pathlib
+
+from kvmesh.config import EngineConfig, StackConfig
+from kvmesh.engines import Engine, Supervisor, VllmEngine
+from kvmesh.engines.vllm import replica_configs
+from kvmesh.gateway import Gateway
+from kvmesh.models import demo
+
+log = logging.getLogger(__name__)
+DEMO_MODEL_NAME = "kvmesh-demo"
+
+
+def ensure_demo_model(cfg: StackConfig) -> pathlib.Path:
+    path = pathlib.Path(cfg.models_dir) / f"demo-{cfg.model_size}"
+    if not demo.is_complete(path):
+        log.info("generating the %s demo model in %s", cfg.model_size, path)
+        demo.generate(cfg.model_size, path)
+    return path
+
+
+def engine_template(cfg: StackConfig) -> EngineConfig:
+    if cfg.engine is not None:
+        return cfg.engine
+    model = ensure_demo_model(cfg)
+    return EngineConfig(model=str(model), served_model_name=DEMO_MODEL_NAME,
+                        max_model_len=demo.SPECS[cfg.model_size].max_positions)
+
+
+class Stack:
+    def __init__(self, cfg: StackConfig) -> None:
+        self.cfg = cfg
+        run_dir = pathlib.Path(cfg.supervisor.run_dir)
+        template = engine_template(cfg)
+        sup = cfg.supervisor
+        self.engines: list[Engine] = [
+            VllmEngine(name, c, run_dir)
+            for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir)
+        ]
+        self.supervisor = Supervisor(self.engines, sup)
+        self.gateway = Gateway(cfg.gateway)
+        for e in self.engines:
+            self.gateway.pool.add(e.name, e.url)
+        self.supervisor.on_change(self._engine_changed)
+
+    def _engine_changed(self, engine: Engine, up: bool) -> None:
+        b = self.gateway.pool.get(engine.name)
+        if b is None:
+            return
+        if up:
+            self.gateway.pool.poke()  # let a health check (which also fetches /v1/models) bring it back
+        else:
+            self.gateway.pool.set_health(b, False, "engine process exited")
+
+    async def start(self, wait: bool = True) -> None:
+        """Start the gateway first (it answers 503 until a replica is ready), then the engines."""
+        await self.gateway.start()
+        try:
+            await self.supervisor.start(wait=wait)
+        except BaseException:
+            await self.stop()
+            raise
+        if wait:
+            await self.gateway.refresh_backends()
+
+    async def stop(self) -> None:
+        await self.gateway.stop()
+        await self.supervisor.stop()
