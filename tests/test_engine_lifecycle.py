@@ -1,0 +1,69 @@
+"""Supervisor and gateway together: crashes, restarts, client disconnects, metrics (real vLLM engines)."""
+
+from __future__ import annotations
+
+import re
+import signal
+
+import httpx
+import pytest
+
+from kvmesh.engines import VllmEngine
+from kvmesh.stack import DEMO_MODEL_NAME, Stack
+from tests.helpers import LoopThread, wait_until
+
+pytestmark = pytest.mark.vllm
+MODEL = DEMO_MODEL_NAME
+
+
+def engine_metric(url: str, name: str, labels: str = "") -> float:
+    text = httpx.get(f"{url}/metrics").text
+    m = re.search(rf"^{re.escape(name)}\{{[^}}]*{re.escape(labels)}[^}}]*\}} (\S+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_client_disconnect_aborts_the_upstream_request(stack: Stack) -> None:
+    eng = stack.engines[0].url
+    aborted = engine_metric(eng, "vllm:request_success_total", 'finished_reason="abort"')
+    body = {"model": MODEL, "prompt": "go on", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    # Two requests so that round-robin sends one to each replica; we watch engine 0.
+    for _ in range(2):
+        with httpx.stream("POST", f"{stack.gateway.url}/v1/completions", json=body, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # the stream started; now hang up
+    wait_until(lambda: engine_metric(eng, "vllm:request_success_total", 'finished_reason="abort"')
+               >= aborted + 1, 30, "engine 0 to count the aborted request")
+    wait_until(lambda: engine_metric(eng, "vllm:num_requests_running") == 0, 30, "engine 0 to go idle")
+
+
+def test_gateway_metrics(stack: Stack) -> None:
+    httpx.post(f"{stack.gateway.url}/v1/completions",
+               json={"model": MODEL, "prompt": "m", "max_tokens": 2, "stream": True})
+    text = httpx.get(f"{stack.gateway.url}/metrics").text
+    for name in ("kvmesh_gateway_requests_total", "kvmesh_gateway_ttft_seconds_bucket",
+                 "kvmesh_gateway_e2e_seconds_bucket", "kvmesh_gateway_overhead_seconds_bucket",
+                 "kvmesh_gateway_backend_in_flight", "kvmesh_gateway_backend_healthy"):
+        assert name in text, name
+    assert re.search(r'kvmesh_gateway_requests_total\{endpoint="completions",status="200"\} [1-9]', text)
+
+
+def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_thread: LoopThread) -> None:
+    victim = stack.engines[0]
+    assert isinstance(victim, VllmEngine)
+    old_pid = victim.pid
+    loop_thread.call(lambda: victim.kill(signal.SIGKILL))
+    # Requests keep succeeding: the dead replica is bypassed (supervisor notice or connect-failure retry).
+    for _ in range(6):
+        r = httpx.post(f"{stack.gateway.url}/v1/completions",
+                       json={"model": MODEL, "prompt": "still there?", "max_tokens": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.headers["x-kvmesh-backend"] == "engine-1"
+    wait_until(lambda: stack.supervisor.restarts["engine-0"] == 1, 30, "the supervisor to restart engine-0")
+    assert victim.pid != old_pid
+    backend = stack.gateway.pool.get("engine-0")
+    assert backend is not None
+    wait_until(lambda: backend.healthy, 240, "engine-0 to be healthy again", interval=1.0)
+    seen = {httpx.post(f"{stack.gateway.url}/v1/completions",
+                       json={"model": MODEL, "prompt": "back?", "max_tokens": 1}).headers["x-kvmesh-backend"]
+            for _ in range(4)}
+    assert seen == {"engine-0", "engine-1"}
