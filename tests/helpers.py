@@ -49,7 +49,7 @@ def free_port_block(n: int) -> int:
     """First port of ``n`` consecutive free ports."""
     rng = random.Random()
     for _ in range(200):
-        base = rng.randrange(20000, 40000)
+        base = rng.randrange(20000, 32000)  # below the ephemeral range (32768+)
         if all(port_is_free(base + i) for i in range(n)):
             return base
     raise RuntimeError("no free port block")

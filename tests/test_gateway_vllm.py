@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-import concurrent.futures
+import contextlib
 import itertools
 
 import httpx
@@ -76,8 +76,12 @@ def test_random_uses_both(stack: Stack, make_gateway) -> None:  # type: ignore[n
 
 def test_least_request_spreads_concurrent_requests(stack: Stack, make_gateway) -> None:  # type: ignore[no-untyped-def]
     gw = make_gateway(backends=tuple(e.url for e in stack.engines), policy="least-request")
-    body = {"model": MODEL, "prompt": "long", "max_tokens": 300, "ignore_eos": True}
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        names = collections.Counter(pool.map(lambda _: served_by(gw.url, body), range(8)))
-    # every request is in flight when the next arrives, so least-request must alternate exactly
-    assert sorted(names.values()) == [4, 4], names
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 3000, "ignore_eos": True, "stream": True}
+    names: list[str] = []
+    with contextlib.ExitStack() as held, httpx.Client(timeout=60) as http:
+        for _ in range(8):  # each stream stays open (in flight) while the next one is routed
+            r = held.enter_context(http.stream("POST", f"{gw.url}/v1/completions", json=body))
+            assert r.status_code == 200
+            names.append(r.headers["x-kvmesh-backend"])
+    assert sorted(collections.Counter(names).values()) == [4, 4], names
+    assert all(a != b for a, b in zip(names[::2], names[1::2], strict=True))  # pairs split across replicas
