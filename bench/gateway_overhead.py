@@ -21,10 +21,10 @@ import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.common import pct, start_gateway, write_result  # noqa: E402
-from kvmesh.config import EngineConfig, SupervisorConfig  # noqa: E402
-from kvmesh.engines import Supervisor, VllmEngine  # noqa: E402
-from kvmesh.models import demo  # noqa: E402
+from bench.common import pct, start_gateway, write_result
+from kvmesh.config import EngineConfig, SupervisorConfig
+from kvmesh.engines import Supervisor, VllmEngine
+from kvmesh.models import demo
 
 MODEL = "kvmesh-demo"
 
