@@ -70,7 +70,7 @@ def _from_array(ev: list[Any]) -> Event:
         return BlockStored(block_hashes=f[0], parent_block_hash=f[1], token_ids=f[2], block_size=f[3],
                            lora_id=f[4], medium=f[5], lora_name=f[6] if isinstance(f[6], str) else None)
     if tag == "BlockRemoved":
-        f = ev[1:] + [None]
+        f = [*ev[1:], None]
         return BlockRemoved(block_hashes=f[0], medium=f[1])
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
