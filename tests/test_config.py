@@ -31,7 +31,7 @@ served_model_name = "x"
 kv_events_endpoint = "ipc:///tmp/x.sock"
 """))
     assert cfg.supervisor.replicas == 3 and cfg.gateway.policy == "round-robin"
-    assert cfg.gateway.backends == ("http://127.0.0.1:1234",)
+    assert [b.url for b in cfg.gateway.backends] == ["http://127.0.0.1:1234"]
     assert cfg.engine is not None and cfg.engine.served_model_name == "x"
 
 

@@ -16,6 +16,8 @@ class Cand:
     healthy: bool = True
     in_flight: int = 0
     models: frozenset[str] = frozenset({"m"})
+    pending_prefill_tokens: int = 0
+    engine_queue: int = -1
 
 
 def ctx(model: str = "m") -> RequestContext:

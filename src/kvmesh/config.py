@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-PolicyName = Literal["random", "round-robin", "least-request"]
+PolicyName = Literal["random", "round-robin", "least-request", "kv-aware", "prefix", "session"]
 
 
 class _Strict(BaseModel):
@@ -59,13 +59,48 @@ class SupervisorConfig(_Strict):
     stop_grace_s: float = Field(default=10.0, ge=0)
 
 
+class BackendSpec(_Strict):
+    """One engine as the gateway sees it.  A plain URL string in a config file means ``{url = ...}``."""
+
+    url: str
+    name: str | None = None
+    kv_events: str | None = Field(default=None, description="The engine's KV-event publisher endpoint")
+    replay: str | None = Field(default=None, description="The publisher's replay endpoint")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not v.startswith(("http://", "https://")):
+            raise ValueError(f"backend {v!r} must be an http(s):// URL")
+        return v.rstrip("/")
+
+
+class RoutingConfig(_Strict):
+    """Knobs of the KV-aware policies (see ``kvmesh.routing.kv_aware``)."""
+
+    prefill_tps: float = Field(default=4000.0, gt=0, description="Prefill tokens/s per engine (initial)")
+    learn_prefill_tps: bool = True
+    decode_penalty_s: float = Field(default=0.002, ge=0)
+    cpu_load_cost: float = Field(default=0.1, ge=0)
+    storage_load_cost: float = Field(default=0.3, ge=0)
+    recompute_weight: float = Field(default=0.5, ge=0, description="Weight of prefill redone elsewhere")
+    speculative_ttl_s: float = Field(default=2.0, ge=0)
+    prefix_ttl_s: float = Field(default=600.0, gt=0, description="Lifetime of learned entries (prefix)")
+    prefix_block_size: int = Field(default=128, gt=0, description="Chunk size of the prefix policy")
+    max_index_blocks: int = Field(default=4_000_000, gt=0, description="Per engine")
+    session_slack: int = Field(default=4, ge=0)
+
+
 class GatewayConfig(_Strict):
     """The OpenAI-compatible front door."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    backends: tuple[str, ...] = Field(default=(), description="Static engine base URLs")
+    backends: tuple[BackendSpec, ...] = Field(default=(), description="Static engines")
     policy: PolicyName = "least-request"
+    tokenizer: str | None = Field(default=None, description="Model dir with tokenizer.json (KV-aware policies)")
+    routing: RoutingConfig = RoutingConfig()
+    debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
@@ -74,13 +109,12 @@ class GatewayConfig(_Strict):
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"
 
-    @field_validator("backends")
+    @field_validator("backends", mode="before")
     @classmethod
-    def _urls(cls, v: tuple[str, ...]) -> tuple[str, ...]:
-        for url in v:
-            if not url.startswith(("http://", "https://")):
-                raise ValueError(f"backend {url!r} must be an http(s):// URL")
-        return tuple(u.rstrip("/") for u in v)
+    def _urls(cls, v: object) -> object:
+        if isinstance(v, list | tuple):
+            return tuple({"url": x} if isinstance(x, str) else x for x in v)
+        return v
 
 
 class StackConfig(_Strict):

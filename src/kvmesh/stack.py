@@ -12,6 +12,7 @@ from kvmesh.config import EngineConfig, StackConfig
 from kvmesh.engines import Engine, Supervisor, VllmEngine
 from kvmesh.engines.vllm import replica_configs
 from kvmesh.gateway import Gateway
+from kvmesh.gateway.app import ENGINE_EXITED
 from kvmesh.models import demo
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,13 @@ class Stack:
             for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir)
         ]
         self.supervisor = Supervisor(self.engines, sup)
-        self.gateway = Gateway(cfg.gateway)
+        gw_cfg = cfg.gateway
+        if gw_cfg.tokenizer is None:  # the served model's own tokenizer, for KV-aware routing
+            gw_cfg = gw_cfg.model_copy(update={"tokenizer": template.model})
+        self.gateway = Gateway(gw_cfg)
         for e in self.engines:
-            self.gateway.pool.add(e.name, e.url)
+            replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None
+            self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay)
         self.supervisor.on_change(self._engine_changed)
 
     def _engine_changed(self, engine: Engine, up: bool) -> None:
@@ -57,7 +62,7 @@ class Stack:
         if up:
             self.gateway.pool.poke()  # let a health check (which also fetches /v1/models) bring it back
         else:
-            self.gateway.pool.set_health(b, False, "engine process exited")
+            self.gateway.pool.set_health(b, False, ENGINE_EXITED)
 
     async def start(self, wait: bool = True) -> None:
         """Start the gateway first (it answers 503 until a replica is ready), then the engines."""

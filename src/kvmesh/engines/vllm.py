@@ -148,5 +148,6 @@ def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_
             upd["cpu_bind"] = str(i % ncpu)
         if template.kv_events and template.kv_events_endpoint is None:
             upd["kv_events_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv.sock"
+            upd["replay_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv-replay.sock"
         out.append((name, template.model_copy(update=upd)))
     return out

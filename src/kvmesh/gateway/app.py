@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -22,22 +23,30 @@ from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.proxy import CONNECT_ERRORS, Exchange, open_upstream, relay_stream, relay_whole
+from kvmesh.gateway.tokens import TokenStage
 from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
+from kvmesh.index import IndexFeed, KvIndex
 from kvmesh.routing import NoCandidate, Policy, RequestContext, make_policy
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
+ENGINE_EXITED = "engine process exited"
 
 
 class Gateway:
     def __init__(self, cfg: GatewayConfig, policy: Policy | None = None) -> None:
         self.cfg = cfg
-        self.policy = policy or make_policy(cfg.policy)
         self.metrics = GatewayMetrics()
-        self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed)
-        for i, url in enumerate(cfg.backends):
-            self.pool.add(f"backend-{i}", url)
+        r = cfg.routing
+        self.index = KvIndex("kvmesh", r.max_index_blocks, r.speculative_ttl_s)
+        self.policy = policy or make_policy(cfg.policy, index=self.index, cfg=r, registry=self.metrics.registry)
+        self.tokens = TokenStage(cfg.tokenizer, self.metrics) if self.policy.needs_tokens else None
+        self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed,
+                                scrape_metrics=self.policy.needs_tokens)
+        for i, spec in enumerate(cfg.backends):
+            self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay)
+        self.feed: IndexFeed | None = None
         self.port = cfg.port
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -53,6 +62,8 @@ class Gateway:
         app.router.add_get("/health", self._health)
         app.router.add_get("/ready", self._ready)
         app.router.add_get("/metrics", self._metrics)
+        if self.cfg.debug_endpoints:
+            app.router.add_get("/debug/route", self._debug_route)
         return app
 
     async def start(self) -> None:
@@ -62,6 +73,10 @@ class Gateway:
                                         sock_read=self.cfg.read_timeout_s)
         self._http = aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False)
         self._health_http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0))
+        if self.policy.needs_tokens:
+            self.feed = IndexFeed(self.index, self.metrics.registry)
+            for b in self.pool.backends:
+                self.subscribe(b)
         await self.pool.check_all(self._health_http)
         self._health_task = asyncio.create_task(self.pool.run(self._health_http), name="health")
         # handler_cancellation: a client disconnect cancels its handler, which closes the upstream request.
@@ -74,7 +89,16 @@ class Gateway:
             self.port = server.sockets[0].getsockname()[1]
         log.info("gateway listening on http://%s:%d (policy %s)", self.cfg.host, self.port, self.policy.name)
 
+    def subscribe(self, b: Backend) -> None:
+        """Start following ``b``'s KV events (no-op without an endpoint or a KV-aware policy)."""
+        if self.feed is not None and b.kv_events and b.name not in self.feed.subs:
+            self.feed.add(b.name, b.kv_events, b.replay)
+
     async def stop(self) -> None:
+        if self.feed is not None:
+            await self.feed.stop()
+        if self.tokens is not None:
+            self.tokens.close()
         if self._health_task:
             self._health_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -94,8 +118,13 @@ class Gateway:
     def url(self) -> str:
         return f"http://{self.cfg.host}:{self.port}"
 
-    def _health_changed(self, b: Backend) -> None:
+    def _health_changed(self, b: Backend, reason: str) -> None:
         self.metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
+        if not b.healthy and (reason.startswith("connect") or reason == ENGINE_EXITED):
+            # The engine process is gone, and its cache with it.  (A mere timeout keeps the entries.)
+            n = self.index.clear_engine(b.name)
+            if n:
+                log.info("dropped %d indexed blocks of %s (%s)", n, b.name, reason)
 
     # ---- plumbing --------------------------------------------------------------------------------
     @web.middleware
@@ -161,6 +190,7 @@ class Gateway:
                            param="model", kind="unknown_model")
 
     def _route(self, ctx: RequestContext, tried: set[str]) -> Backend:
+        t0 = time.perf_counter()
         try:
             decision = self.policy.choose(ctx, self.pool.backends, frozenset(tried))
         except NoCandidate as e:
@@ -171,8 +201,25 @@ class Gateway:
         b = decision.backend
         if not isinstance(b, Backend):  # the pool only holds Backends; keeps mypy honest
             raise TypeError(type(b))
+        self.metrics.decision.observe(time.perf_counter() - t0)
         self.metrics.routed.labels(b.name, self.policy.name).inc()
+        self.policy.on_routed(ctx, b.name)
+        if ctx.token_ids:
+            cached = len(ctx.token_ids) - ctx.uncached.get(b.name, len(ctx.token_ids))
+            self.metrics.matched.observe(cached / len(ctx.token_ids))
         return b
+
+    async def _context(self, request: web.Request, endpoint: str, req: dict[str, Any]) -> RequestContext:
+        ctx = RequestContext(
+            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=req["model"],
+            endpoint=endpoint, prompt_tokens_estimate=prompt_size_estimate(endpoint, req),
+            max_tokens=req.get("max_tokens") or req.get("max_completion_tokens"),
+            session_id=request.headers.get(self.cfg.session_header))
+        if self.tokens is not None:
+            ctx.token_ids = await self.tokens.token_ids(endpoint, req)
+            if ctx.token_ids is not None:
+                ctx.prompt_tokens_estimate = len(ctx.token_ids)
+        return ctx
 
     async def _proxy(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         ex = Exchange(endpoint, time.perf_counter())
@@ -180,16 +227,12 @@ class Gateway:
         req = parse_json(body)
         validate(endpoint, req)
         self._check_model(req["model"])
-        ctx = RequestContext(
-            request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=req["model"],
-            endpoint=endpoint, prompt_tokens_estimate=prompt_size_estimate(endpoint, req),
-            max_tokens=req.get("max_tokens") or req.get("max_completion_tokens"),
-            session_id=request.headers.get(self.cfg.session_header))
+        ctx = await self._context(request, endpoint, req)
         tried: set[str] = set()
         while True:
             b = self._route(ctx, tried)
             tried.add(b.name)
-            resp = await self._forward(request, b, body, ex, bool(req.get("stream")))
+            resp = await self._forward(request, b, body, ex, bool(req.get("stream")), ctx)
             if resp is not None:
                 return resp
             if len(tried) > self.cfg.max_connect_retries:
@@ -197,13 +240,26 @@ class Gateway:
                                kind="upstream_connect")
             self.metrics.retries.inc()
 
-    async def _forward(self, request: web.Request, b: Backend, body: bytes, ex: Exchange,
-                       stream: bool) -> web.StreamResponse | None:
+    async def _forward(self, request: web.Request, b: Backend, body: bytes, ex: Exchange, stream: bool,
+                       ctx: RequestContext) -> web.StreamResponse | None:
         """Send to ``b`` and relay; None when the connection failed before any response (retryable)."""
         assert self._http is not None  # set in start(); not input validation
         b.in_flight += 1
         gauge = self.metrics.in_flight.labels(b.name)
         gauge.inc()
+        # Prompt tokens this backend must prefill, counted until its first byte comes back.
+        prefill = ctx.uncached.get(b.name, ctx.prompt_tokens_estimate)
+        queued = b.pending_prefill_tokens
+        b.pending_prefill_tokens += prefill
+
+        def first_byte() -> None:
+            nonlocal prefill
+            if prefill >= 0:
+                b.pending_prefill_tokens -= prefill
+                prefill = -1
+                self.policy.on_first_token(ctx, b.name, time.perf_counter() - ex.t_forward, queued)
+
+        ex.on_first = first_byte
         try:
             ex.t_forward = time.perf_counter()
             self.metrics.overhead.observe(ex.t_forward - ex.t_arrival)
@@ -223,9 +279,31 @@ class Gateway:
                     resp = await relay_stream(request, upstream, b, ex, self.metrics)
                 else:
                     resp = await relay_whole(upstream, b)
+                    first_byte()
             self.metrics.e2e.labels(ex.endpoint).observe(time.perf_counter() - ex.t_arrival)
             return resp
         finally:
+            if prefill >= 0:
+                b.pending_prefill_tokens -= prefill
             b.in_flight -= 1
             gauge.dec()
 
+    async def _debug_route(self, request: web.Request) -> web.Response:
+        """``GET /debug/route?prompt=...&model=...``: what the policy would do, without sending anything."""
+        q = request.query
+        models = sorted(self.pool.known_models())
+        req: dict[str, Any] = {"model": q.get("model") or (models[0] if models else ""),
+                               "prompt": q.get("prompt", "")}
+        validate("completions", req)
+        ctx = await self._context(request, "completions", req)
+        try:
+            d = self.policy.choose(ctx, self.pool.backends)
+        except NoCandidate as e:
+            raise ApiError(503, str(e), kind="no_backend", retry_after=self.cfg.retry_after_s) from None
+        return web.json_response({
+            "policy": self.policy.name, "chosen": d.backend.name,
+            "prompt_tokens": len(ctx.token_ids) if ctx.token_ids is not None else None,
+            "block_size": self.index.block_size, "blocks": len(ctx.block_keys or []),
+            "candidates": ctx.explain or [{"backend": b.name, "healthy": b.healthy, "in_flight": b.in_flight}
+                                          for b in self.pool.backends],
+        })

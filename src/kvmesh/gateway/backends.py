@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,28 +20,45 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 
+_QUEUE_RE = re.compile(rb"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.e+]+)$", re.M)
+
+
 @dataclass(slots=True)
 class Backend:
     name: str
     url: str
+    kv_events: str | None = None
+    replay: str | None = None
     healthy: bool = False
     in_flight: int = 0
+    pending_prefill_tokens: int = 0
+    engine_queue_value: int = 0
+    engine_queue_at: float = 0.0
     models: frozenset[str] = frozenset()
     model_cards: list[dict[str, Any]] = field(default_factory=list)
     last_error: str = ""
     failures: int = 0
+    slow_checks: int = 0
+
+    @property
+    def engine_queue(self) -> int:
+        """Running + waiting requests the engine reported within the last 5 s, else -1."""
+        return self.engine_queue_value if time.monotonic() - self.engine_queue_at < 5.0 else -1
 
 
 class BackendPool:
-    def __init__(self, interval_s: float = 2.0, on_health: Any = None) -> None:
+    def __init__(self, interval_s: float = 2.0, on_health: Any = None, scrape_metrics: bool = False,
+                 fail_threshold: int = 3) -> None:
         self.backends: list[Backend] = []
+        self.fail_threshold = fail_threshold
         self.interval_s = interval_s
+        self.scrape_metrics = scrape_metrics
         self._on_health = on_health  # callable(backend) after a health state change
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def add(self, name: str, url: str) -> Backend:
-        b = Backend(name, url.rstrip("/"))
+    def add(self, name: str, url: str, kv_events: str | None = None, replay: str | None = None) -> Backend:
+        b = Backend(name, url.rstrip("/"), kv_events, replay)
         self.backends.append(b)
         self._wake.set()
         return b
@@ -49,8 +68,8 @@ class BackendPool:
 
     def set_health(self, b: Backend, healthy: bool, reason: str = "") -> None:
         if b.healthy != healthy:
-            log.warning("backend %s is now %s%s", b.name, "healthy" if healthy else "unhealthy",
-                        f" ({reason})" if reason else "")
+            log.log(logging.INFO if healthy else logging.WARNING, "backend %s is now %s%s", b.name,
+                    "healthy" if healthy else "unhealthy", f" ({reason})" if reason else "")
         b.healthy = healthy
         if not healthy:
             b.last_error = reason
@@ -58,7 +77,7 @@ class BackendPool:
         else:
             b.failures = 0
         if self._on_health:
-            self._on_health(b)
+            self._on_health(b, reason)
 
     def known_models(self) -> set[str]:
         return {m for b in self.backends for m in b.models}
@@ -80,9 +99,24 @@ class BackendPool:
                     cards = (await r.json()).get("data", [])
                 b.model_cards = [c for c in cards if isinstance(c, dict)]
                 b.models = frozenset(str(c.get("id")) for c in b.model_cards)
-            self.set_health(b, ok, "" if ok else "health check failed")
+            if ok and self.scrape_metrics:
+                async with http.get(f"{b.url}/metrics") as r:
+                    text = await r.read()
+                b.engine_queue_value = int(sum(float(v) for v in _QUEUE_RE.findall(text)))
+                b.engine_queue_at = time.monotonic()
+            if ok:
+                b.slow_checks = 0
+                self.set_health(b, True)
+            else:
+                self.set_health(b, False, "health check failed")
+        except aiohttp.ClientConnectorError:
+            self.set_health(b, False, "connect failed (health check)")
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            self.set_health(b, False, f"health check: {type(e).__name__}")
+            # A busy engine can be slow to answer /health: only repeated failures take it out of rotation
+            # (a refused connection, above, does at once).
+            b.slow_checks += 1
+            if b.slow_checks >= self.fail_threshold or not b.healthy:
+                self.set_health(b, False, f"health check: {type(e).__name__} x{b.slow_checks}")
 
     async def check_all(self, http: aiohttp.ClientSession) -> None:
         await asyncio.gather(*(self.check(http, b) for b in self.backends))

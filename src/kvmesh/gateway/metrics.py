@@ -30,5 +30,13 @@ class GatewayMetrics:
         self.routed = Counter("kvmesh_gateway_routed", "Requests routed per backend and policy",
                               ["backend", "policy"], registry=r)
 
+        self.tokenize = Histogram("kvmesh_gateway_tokenize_seconds", "Prompt tokenisation time (KV-aware "
+                                  "policies)", buckets=_OVERHEAD, registry=r)
+        self.matched = Histogram("kvmesh_routing_cached_fraction", "Fraction of the prompt the chosen backend "
+                                 "holds (KV-aware policies)", buckets=(0, 0.1, 0.25, 0.5, 0.75, 0.9, 1),
+                                 registry=r)
+        self.decision = Histogram("kvmesh_routing_decision_seconds", "Time to choose a backend",
+                                  buckets=_OVERHEAD, registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

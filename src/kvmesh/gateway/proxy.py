@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -36,6 +37,7 @@ class Exchange:
     t_forward: float = 0.0
     t_first: float = 0.0
     chunks: int = 0
+    on_first: Callable[[], None] | None = None
 
 
 async def open_upstream(http: aiohttp.ClientSession, b: Backend, path: str, body: bytes,
@@ -70,6 +72,8 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, b
             if not ex.chunks:
                 ex.t_first = time.perf_counter()
                 metrics.ttft.labels(ex.endpoint).observe(ex.t_first - ex.t_arrival)
+                if ex.on_first is not None:
+                    ex.on_first()
             ex.chunks += chunk.count(b"data: ")
             await resp.write(chunk)
     except (ConnectionResetError, asyncio.CancelledError):

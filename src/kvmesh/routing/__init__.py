@@ -7,6 +7,6 @@ from kvmesh.routing.base import (
     Policy,
     RequestContext,
 )
-from kvmesh.routing.policies import make_policy
+from kvmesh.routing.factory import POLICIES, make_policy
 
-__all__ = ["Candidate", "Decision", "NoCandidate", "Policy", "RequestContext", "make_policy"]
+__all__ = ["POLICIES", "Candidate", "Decision", "NoCandidate", "Policy", "RequestContext", "make_policy"]

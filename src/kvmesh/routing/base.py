@@ -28,6 +28,10 @@ class RequestContext:
     token_ids: Sequence[int] | None = None
     session_id: str | None = None
     tenant: str | None = None
+    # Filled by KV-aware scorers: the request's block keys and, per backend, the tokens it would prefill.
+    block_keys: list[int] | None = None
+    uncached: dict[str, int] = field(default_factory=dict)
+    explain: list[dict[str, object]] | None = None
 
 
 class Candidate(Protocol):
@@ -41,6 +45,12 @@ class Candidate(Protocol):
     def in_flight(self) -> int: ...
     @property
     def models(self) -> frozenset[str]: ...
+    @property
+    def pending_prefill_tokens(self) -> int:
+        """Prompt tokens routed here whose first token has not come back yet (the gateway's view)."""
+    @property
+    def engine_queue(self) -> int:
+        """Running + waiting requests from the engine's own /metrics when fresh, else -1."""
 
 
 @dataclass(slots=True)
@@ -74,6 +84,11 @@ class Picker(abc.ABC):
 
 
 class Policy:
+    """A pipeline of filters, weighted scorers and a picker.  Subclasses may react to outcomes through
+    ``on_routed`` (right after the choice) and ``on_first_token`` (when the backend starts answering)."""
+
+    needs_tokens = False
+
     def __init__(self, name: str, filters: Sequence[CandidateFilter],
                  scorers: Sequence[tuple[Scorer, float]], picker: Picker) -> None:
         self.name = name
@@ -96,3 +111,9 @@ class Policy:
             total = [t + weight * v for t, v in zip(total, s, strict=True)]
         i = self.picker.pick(ctx, cands, total)
         return Decision(cands[i], {k: v[i] for k, v in per.items()}, self.name)
+
+    def on_routed(self, ctx: RequestContext, backend: str) -> None:
+        """Called once the request is committed to ``backend`` (before it is sent)."""
+
+    def on_first_token(self, ctx: RequestContext, backend: str, ttft_s: float, queued_tokens: int) -> None:
+        """Called when ``backend`` produced its first byte; ``queued_tokens`` were ahead of it at dispatch."""

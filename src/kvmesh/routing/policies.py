@@ -55,9 +55,8 @@ class MinCostPicker(Picker):
         return ties[0] if len(ties) == 1 else self.rng.choice(ties)
 
 
-def make_policy(name: str, seed: int | None = None) -> Policy:
-    """Build a policy by name; raises ``ValueError`` for unknown names."""
-    rng = random.Random(seed)
+def basic_policy(name: str, rng: random.Random | None = None) -> Policy:
+    """The load-only policies; raises ``ValueError`` for unknown names."""
     healthy = [HealthyServingModel()]
     if name == "random":
         return Policy(name, healthy, [], RandomPicker(rng))
@@ -65,4 +64,5 @@ def make_policy(name: str, seed: int | None = None) -> Policy:
         return Policy(name, healthy, [], RoundRobinPicker())
     if name == "least-request":
         return Policy(name, healthy, [(InFlight(), 1.0)], MinCostPicker(rng))
-    raise ValueError(f"unknown routing policy {name!r}; choose random, round-robin or least-request")
+    raise ValueError(f"unknown routing policy {name!r}; choose random, round-robin, least-request, kv-aware, "
+                     "prefix or session")

@@ -1,0 +1,276 @@
+"""The KV index: which engine holds which prefix block, in which tier.
+
+Layout (chosen for the routing hot path): one dict per tier mapping our block key to a bitmask of the
+engines holding it.  Matching a request's key chain against every engine at once is then one dict lookup
+and a few integer operations per block, whatever the number of engines.  Each engine also keeps its own
+``engine hash → our key`` map, because removals name blocks only by the engine's hash.
+
+Speculative ("pending") entries: right after a request is routed, its blocks are recorded for the chosen
+engine with a short TTL, so a burst of requests sharing a prefix follows the first one before the engine's
+events arrive.  The approximate ``prefix`` policy uses the same mechanism with a long TTL and no events.
+
+Not thread-safe: owned by one event loop (the gateway's); every method is synchronous and O(blocks).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from kvmesh.index.events import (
+    MEDIUM_CPU,
+    MEDIUM_GPU,
+    MEDIUM_STORAGE,
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EngineHash,
+    EventBatch,
+)
+from kvmesh.index.hashing import BlockKey, chain_key, root_seed
+
+log = logging.getLogger(__name__)
+TIERS = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE)
+_TIER_OF = {MEDIUM_GPU: 0, None: 0, MEDIUM_CPU: 1, MEDIUM_STORAGE: 2}
+
+
+@dataclass(slots=True)
+class Match:
+    """Consecutive prefix blocks an engine holds: first in its own cache, then continued from lower tiers."""
+
+    gpu: int = 0
+    cpu: int = 0
+    storage: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.gpu + self.cpu + self.storage
+
+
+@dataclass(slots=True)
+class EngineEntry:
+    name: str
+    bit: int
+    # engine hash -> (our key, bitmask of tiers holding it)
+    hashes: dict[EngineHash, tuple[BlockKey, int]] = field(default_factory=dict)
+    last_seq: int = -1
+    events: int = 0
+    orphans: int = 0
+    clears: int = 0
+
+
+class KvIndex:
+    def __init__(self, namespace: str = "", max_blocks_per_engine: int = 4_000_000,
+                 pending_ttl_s: float = 2.0, max_pending: int = 1_000_000) -> None:
+        self.seed = root_seed(namespace)
+        self.block_size: int | None = None
+        self.max_blocks_per_engine = max_blocks_per_engine
+        self.pending_ttl_s = pending_ttl_s
+        self.max_pending = max_pending
+        self.tiers: list[dict[BlockKey, int]] = [{}, {}, {}]
+        self.engines: dict[str, EngineEntry] = {}
+        self._by_bit: dict[int, EngineEntry] = {}
+        self._pending: dict[BlockKey, int] = {}
+        self._pending_exp: dict[tuple[BlockKey, int], float] = {}  # latest expiry per (key, engine bit)
+        self._pending_q: collections.deque[tuple[float, BlockKey, int]] = collections.deque()
+        self.blocks_stored = 0
+        self.blocks_removed = 0
+
+    # ---- engines ---------------------------------------------------------------------------------
+    def engine(self, name: str) -> EngineEntry:
+        e = self.engines.get(name)
+        if e is None:
+            used = {x.bit for x in self.engines.values()}
+            bit = next(i for i in range(len(used) + 1) if i not in used)
+            e = self.engines[name] = EngineEntry(name, bit)
+            self._by_bit[bit] = e
+        return e
+
+    def clear_engine(self, name: str) -> int:
+        """Forget everything ``name`` holds (engine restarted, events lost, cache reset); returns blocks."""
+        e = self.engines.get(name)
+        if e is None:
+            return 0
+        mask = ~(1 << e.bit)
+        for key, tiers in e.hashes.values():
+            self._clear_bits(key, tiers, mask)
+        n = len(e.hashes)
+        e.hashes.clear()
+        e.clears += 1
+        return n
+
+    def _clear_bits(self, key: BlockKey, tiers: int, mask: int) -> None:
+        for t in range(3):
+            if tiers >> t & 1:
+                d = self.tiers[t]
+                m = d.get(key, 0) & mask
+                if m:
+                    d[key] = m
+                else:
+                    d.pop(key, None)
+
+    # ---- events ----------------------------------------------------------------------------------
+    def apply(self, name: str, batch: EventBatch) -> int:
+        """Apply one event batch from engine ``name`` in order; returns the number of blocks touched."""
+        e = self.engine(name)
+        n = 0
+        for ev in batch.events:
+            e.events += 1
+            if isinstance(ev, BlockStored):
+                n += self._stored(e, ev)
+            elif isinstance(ev, BlockRemoved):
+                n += self._removed(e, ev)
+            elif isinstance(ev, AllBlocksCleared):
+                n += self.clear_engine(name)
+        return n
+
+    def _stored(self, e: EngineEntry, ev: BlockStored) -> int:
+        bs = ev.block_size
+        if self.block_size is None:
+            self.block_size = bs
+        elif bs != self.block_size:
+            log.warning("engine %s uses block size %d, index uses %d; event ignored", e.name, bs, self.block_size)
+            return 0
+        if ev.parent_block_hash is None:
+            parent: int = self.seed
+        else:
+            known = e.hashes.get(ev.parent_block_hash)
+            if known is None:  # we missed the parent's store: cannot key this chain
+                e.orphans += 1
+                return 0
+            parent = known[0]
+        tier_bit = 1 << _TIER_OF.get(ev.medium, 0)
+        t = _TIER_OF.get(ev.medium, 0)
+        bit = 1 << e.bit
+        d = self.tiers[t]
+        toks = ev.token_ids
+        for i, h in enumerate(ev.block_hashes):
+            key = chain_key(parent, toks[i * bs:(i + 1) * bs])
+            old = e.hashes.get(h)
+            e.hashes[h] = (key, (old[1] if old else 0) | tier_bit)
+            d[key] = d.get(key, 0) | bit
+            parent = key
+        self.blocks_stored += len(ev.block_hashes)
+        if len(e.hashes) > self.max_blocks_per_engine:
+            self._shed(e)
+        return len(ev.block_hashes)
+
+    def _removed(self, e: EngineEntry, ev: BlockRemoved) -> int:
+        t = _TIER_OF.get(ev.medium, 0)
+        mask = ~(1 << e.bit)
+        n = 0
+        for h in ev.block_hashes:
+            entry = e.hashes.get(h)
+            if entry is None:
+                continue
+            key, tiers = entry
+            self._clear_bits(key, 1 << t, mask)
+            rest = tiers & ~(1 << t)
+            if rest:
+                e.hashes[h] = (key, rest)
+            else:
+                del e.hashes[h]
+            n += 1
+        self.blocks_removed += n
+        return n
+
+    def _shed(self, e: EngineEntry) -> None:
+        # Bounded memory even if an engine never sends removals: drop its oldest tenth.
+        drop = max(1, len(e.hashes) // 10)
+        mask = ~(1 << e.bit)
+        for h in list(e.hashes)[:drop]:
+            key, tiers = e.hashes.pop(h)
+            self._clear_bits(key, tiers, mask)
+
+    # ---- speculative entries ---------------------------------------------------------------------
+    def add_pending(self, name: str, keys: Sequence[BlockKey], ttl_s: float | None = None) -> None:
+        bit = 1 << self.engine(name).bit
+        expiry = time.monotonic() + (self.pending_ttl_s if ttl_s is None else ttl_s)
+        for k in keys:
+            self._pending[k] = self._pending.get(k, 0) | bit
+            self._pending_exp[(k, bit)] = expiry
+            self._pending_q.append((expiry, k, bit))
+        while len(self._pending_exp) > self.max_pending or len(self._pending_q) > 2 * self.max_pending:
+            self._expire_one(force=True)
+
+    def _expire_one(self, force: bool = False) -> None:
+        t, k, bit = self._pending_q.popleft()
+        if self._pending_exp.get((k, bit), 0.0) > t and not force:
+            return  # refreshed by a later add: that newer queue entry will expire it
+        self._pending_exp.pop((k, bit), None)
+        m = self._pending.get(k, 0) & ~bit
+        if m:
+            self._pending[k] = m
+        else:
+            self._pending.pop(k, None)
+
+    def expire_pending(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        q = self._pending_q
+        while q and q[0][0] <= now:
+            self._expire_one()
+
+    # ---- lookups ---------------------------------------------------------------------------------
+    def match(self, keys: Sequence[BlockKey], names: Sequence[str]) -> list[Match]:
+        """Longest consecutive prefix of ``keys`` each engine in ``names`` holds, by tier.
+
+        GPU (the engine's own prefix cache, plus pending entries) is matched first; the chain then
+        continues through blocks the engine can load from CPU or STORAGE tiers.
+        """
+        self.expire_pending()
+        out = [Match() for _ in names]
+        bits = [self.engines[n].bit if n in self.engines else -1 for n in names]
+        alive = 0
+        for b in bits:
+            if b >= 0:
+                alive |= 1 << b
+        gpu_len = self._gpu_prefix(keys, alive)
+        lower = bool(self.tiers[1] or self.tiers[2])
+        for i, b in enumerate(bits):
+            if b < 0:
+                continue
+            m = out[i]
+            m.gpu = gpu_len.get(b, 0)
+            if lower:
+                self._lower(keys, m, 1 << b)
+        return out
+
+    def _gpu_prefix(self, keys: Sequence[BlockKey], alive: int) -> dict[int, int]:
+        gpu, pending = self.tiers[0], self._pending
+        lengths: dict[int, int] = {}
+        for i, k in enumerate(keys):
+            if not alive:
+                return lengths
+            m = (gpu.get(k, 0) | pending.get(k, 0)) & alive
+            dead = alive & ~m
+            while dead:
+                low = dead & -dead
+                lengths[low.bit_length() - 1] = i
+                dead ^= low
+            alive = m
+        while alive:
+            low = alive & -alive
+            lengths[low.bit_length() - 1] = len(keys)
+            alive ^= low
+        return lengths
+
+    def _lower(self, keys: Sequence[BlockKey], m: Match, bit: int) -> None:
+        cpu, storage = self.tiers[1], self.tiers[2]
+        for k in keys[m.gpu:]:
+            if cpu.get(k, 0) & bit:
+                m.cpu += 1
+            elif storage.get(k, 0) & bit:
+                m.storage += 1
+            else:
+                return
+
+    def engine_keys(self, name: str, medium: str = MEDIUM_GPU) -> set[BlockKey]:
+        e = self.engines.get(name)
+        t = 1 << _TIER_OF[medium]
+        return {k for k, tiers in e.hashes.values() if tiers & t} if e else set()
+
+    def size(self) -> int:
+        return sum(len(d) for d in self.tiers)

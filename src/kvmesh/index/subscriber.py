@@ -1,0 +1,146 @@
+"""Feeds the :class:`KvIndex` from each engine's ZMQ KV-event publisher.
+
+One asyncio task per engine with a SUB socket connected to the engine's ``ipc://`` (or tcp) endpoint.
+Ordering and loss: every batch carries a sequence number.  A jump forward means we missed batches: if the
+engine has a replay endpoint we ask it for the missing ones (ROUTER/DEALER, as vLLM implements it), else
+we drop that engine's entries, since a missed removal would leave stale ones.  A jump backwards means the
+engine restarted: its cache is empty, so its entries are dropped too.  Metrics count both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import zmq
+import zmq.asyncio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from kvmesh.index.events import EventDecodeError, decode_batch
+from kvmesh.index.index import KvIndex
+
+log = logging.getLogger(__name__)
+_END_SEQ = (-1).to_bytes(8, "big", signed=True)
+
+
+class IndexMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.batches = Counter("kvmesh_index_event_batches", "KV event batches applied", ["engine"],
+                               registry=registry)
+        self.blocks = Counter("kvmesh_index_event_blocks", "Blocks stored/removed by events", ["engine"],
+                              registry=registry)
+        self.gaps = Counter("kvmesh_index_gaps", "Sequence gaps and restarts by how they were handled",
+                            ["engine", "action"], registry=registry)
+        self.errors = Counter("kvmesh_index_decode_errors", "Undecodable event frames", ["engine"],
+                              registry=registry)
+        self.lag = Histogram("kvmesh_index_event_lag_seconds", "Event timestamp to applied",
+                             buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5), registry=registry)
+
+
+class EventSubscriber:
+    """Subscribes to one engine.  ``run()`` loops until cancelled; never raises for bad frames."""
+
+    def __init__(self, index: KvIndex, engine: str, endpoint: str, metrics: IndexMetrics,
+                 replay_endpoint: str | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
+        self.index = index
+        self.engine = engine
+        self.endpoint = endpoint
+        self.replay_endpoint = replay_endpoint
+        self.metrics = metrics
+        self.ctx = ctx or zmq.asyncio.Context.instance()
+        self.connected = asyncio.Event()
+
+    async def run(self) -> None:
+        sock = self.ctx.socket(zmq.SUB)
+        sock.setsockopt(zmq.SUBSCRIBE, b"")
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.endpoint)
+        self.connected.set()
+        try:
+            while True:
+                frames = await sock.recv_multipart()
+                if len(frames) != 3:
+                    self.metrics.errors.labels(self.engine).inc()
+                    continue
+                await self._handle(int.from_bytes(frames[1], "big"), frames[2])
+        finally:
+            sock.close(0)
+
+    async def _handle(self, seq: int, payload: bytes) -> None:
+        e = self.index.engine(self.engine)
+        if e.last_seq >= 0 and seq <= e.last_seq:
+            # The publisher's counter went back: the engine restarted with an empty cache.
+            n = self.index.clear_engine(self.engine)
+            log.info("engine %s restarted (seq %d after %d); dropped %d blocks", self.engine, seq, e.last_seq, n)
+            self.metrics.gaps.labels(self.engine, "restart").inc()
+        elif seq > e.last_seq + 1 and not await self._replay(e.last_seq + 1, seq):
+            n = self.index.clear_engine(self.engine)
+            log.warning("engine %s: missed events %d..%d; dropped %d blocks", self.engine,
+                        e.last_seq + 1, seq - 1, n)
+            self.metrics.gaps.labels(self.engine, "dropped").inc()
+        self._apply(seq, payload)
+
+    def _apply(self, seq: int, payload: bytes) -> None:
+        try:
+            batch = decode_batch(payload)
+        except EventDecodeError as err:
+            self.metrics.errors.labels(self.engine).inc()
+            log.warning("engine %s: %s", self.engine, err)
+            return
+        n = self.index.apply(self.engine, batch)
+        self.index.engine(self.engine).last_seq = seq
+        self.metrics.batches.labels(self.engine).inc()
+        self.metrics.blocks.labels(self.engine).inc(n)
+        self.metrics.lag.observe(max(0.0, time.time() - batch.ts))
+
+    async def _replay(self, start: int, upto: int) -> bool:
+        """Fetch batches [start, upto) from the replay endpoint; False if unavailable or incomplete."""
+        if self.replay_endpoint is None:
+            return False
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(self.replay_endpoint)
+        got = start
+        try:
+            await sock.send_multipart((b"", start.to_bytes(8, "big")))
+            while True:
+                frames = await asyncio.wait_for(sock.recv_multipart(), 2.0)
+                if len(frames) < 4 or frames[2] == _END_SEQ:
+                    break
+                seq = int.from_bytes(frames[2], "big")
+                if got <= seq < upto:
+                    self._apply(seq, frames[3])
+                    got = seq + 1
+        except TimeoutError:
+            pass
+        finally:
+            sock.close(0)
+        ok = got >= upto
+        self.metrics.gaps.labels(self.engine, "replayed" if ok else "replay_failed").inc()
+        return ok
+
+
+class IndexFeed:
+    """All subscribers of one index; start/stop them together, add engines as they appear."""
+
+    def __init__(self, index: KvIndex, registry: CollectorRegistry) -> None:
+        self.index = index
+        self.metrics = IndexMetrics(registry)
+        self.subs: dict[str, EventSubscriber] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+
+    def add(self, engine: str, endpoint: str, replay_endpoint: str | None = None) -> EventSubscriber:
+        sub = EventSubscriber(self.index, engine, endpoint, self.metrics, replay_endpoint)
+        self.subs[engine] = sub
+        self._tasks[engine] = asyncio.create_task(sub.run(), name=f"kv-events-{engine}")
+        return sub
+
+    async def stop(self) -> None:
+        for t in self._tasks.values():
+            t.cancel()
+        for t in self._tasks.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        self._tasks.clear()

@@ -1,0 +1,57 @@
+"""Streaming relay and least-request placement against scripted upstreams (exact, timing-free)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.helpers import LoopThread
+from tests.scripted_engine import ScriptedEngine
+
+
+@pytest.fixture
+def scripted(loop_thread: LoopThread) -> Iterator[list[ScriptedEngine]]:
+    engines = [loop_thread.call(lambda i=i: ScriptedEngine(f"s{i}")) for i in range(2)]
+    for e in engines:
+        loop_thread.run(e.start())
+    yield engines
+    for e in engines:
+        loop_thread.run(e.stop())
+
+
+def release_all(loop_thread: LoopThread, engines: list[ScriptedEngine]) -> None:
+    def go() -> None:
+        for e in engines:
+            for g in e.gates:
+                g.set()
+
+    loop_thread.call(go)
+
+
+def test_first_event_is_relayed_before_the_next_exists(scripted, make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(backends=(scripted[0].url,))
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=10) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith('data: {"object": "text_completion"')  # only event 1 exists yet
+        release_all(loop_thread, scripted)
+        rest = [x for x in lines if x.startswith("data: ")]
+    assert len(rest) == 3 and rest[-1] == "data: [DONE]"
+
+
+def test_least_request_alternates_exactly(scripted, make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(backends=tuple(e.url for e in scripted), policy="least-request")
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 2, "stream": True}
+    names = []
+    with contextlib.ExitStack() as held, httpx.Client(timeout=10) as http:
+        for _ in range(10):
+            r = held.enter_context(http.stream("POST", f"{gw.url}/v1/completions", json=body))
+            names.append(r.headers["x-kvmesh-backend"])
+        assert [b.in_flight for b in gw.pool.backends] == [5, 5]
+        release_all(loop_thread, scripted)
+    assert collections.Counter(names) == {"backend-0": 5, "backend-1": 5}
+    assert all(a != b for a, b in zip(names[::2], names[1::2], strict=True))

@@ -1,0 +1,118 @@
+"""KV index: wire format (against vLLM's own event classes), application order, matching, tiers."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+
+from kvmesh.index import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    KvIndex,
+    block_keys,
+    decode_batch,
+    encode_batch,
+)
+
+BS = 4
+
+
+def stored(hashes: list[int], parent: int | None, tokens: list[int], medium: str | None = None) -> BlockStored:
+    return BlockStored(block_hashes=hashes, parent_block_hash=parent, token_ids=tokens, block_size=BS,
+                       medium=medium)
+
+
+def batch(*events: object) -> EventBatch:
+    return EventBatch(1.0, list(events))  # type: ignore[arg-type]
+
+
+def test_decodes_vllms_own_encoding() -> None:
+    kv = pytest.importorskip("vllm.distributed.kv_events", reason="vLLM not installed")
+    ev = kv.BlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=list(range(8)), block_size=4,
+                        lora_id=None, medium="GPU", lora_name=None)
+    payload = msgspec.msgpack.Encoder().encode(kv.KVEventBatch(ts=5.0, events=[
+        ev, kv.BlockRemoved(block_hashes=[12], medium="GPU"), kv.AllBlocksCleared()], data_parallel_rank=0))
+    b = decode_batch(payload)
+    assert b.ts == 5.0 and b.data_parallel_rank == 0
+    assert isinstance(b.events[0], BlockStored) and b.events[0].block_hashes == [11, 12]
+    assert b.events[0].token_ids == list(range(8)) and b.events[0].medium == "GPU"
+    assert isinstance(b.events[1], BlockRemoved) and b.events[1].block_hashes == [12]
+    assert isinstance(b.events[2], AllBlocksCleared)
+
+
+def test_decodes_array_encoded_events_of_older_vllm() -> None:
+    # Older vLLM: events were array_like tagged structs: [tag, block_hashes, parent, token_ids, block_size, lora_id]
+    payload = msgspec.msgpack.encode([2.0, [["BlockStored", [1], None, [1, 2, 3, 4], 4, None],
+                                            ["BlockRemoved", [1]], ["AllBlocksCleared"]]])
+    b = decode_batch(payload)
+    assert isinstance(b.events[0], BlockStored) and b.events[0].token_ids == [1, 2, 3, 4]
+    assert isinstance(b.events[1], BlockRemoved) and isinstance(b.events[2], AllBlocksCleared)
+    with pytest.raises(ValueError, match="undecodable"):
+        decode_batch(b"\x01garbage")
+
+
+def test_round_trip_of_our_encoder() -> None:
+    b = batch(stored([1], None, [1, 2, 3, 4]))
+    assert decode_batch(encode_batch(b)) == b
+
+
+def test_index_keys_match_our_tokenisation_and_prefixes() -> None:
+    idx = KvIndex("m")
+    toks = list(range(100, 112))  # 3 blocks
+    idx.apply("a", batch(stored([1, 2], None, toks[:8])))
+    idx.apply("a", batch(stored([3], 2, toks[8:12])))
+    keys = block_keys(toks, BS, idx.seed)
+    assert idx.engine_keys("a") == set(keys)
+    assert idx.block_size == BS
+    m = idx.match(keys, ["a", "b"])
+    assert (m[0].gpu, m[1].gpu) == (3, 0)
+    # a prompt diverging in block 2 matches only the first block
+    other = block_keys([*toks[:4], 0, 0, 0, 0, *toks[8:]], BS, idx.seed)
+    assert idx.match(other, ["a"])[0].gpu == 1
+
+
+def test_removal_clear_and_orphans() -> None:
+    idx = KvIndex("m")
+    toks = list(range(8))
+    idx.apply("a", batch(stored([1, 2], None, toks)))
+    idx.apply("b", batch(stored([7, 8], None, toks)))  # same content, other engine, other hashes
+    keys = block_keys(toks, BS, idx.seed)
+    idx.apply("a", batch(BlockRemoved(block_hashes=[2])))
+    assert [m.gpu for m in idx.match(keys, ["a", "b"])] == [1, 2]
+    idx.apply("b", batch(AllBlocksCleared()))
+    assert [m.gpu for m in idx.match(keys, ["a", "b"])] == [1, 0]
+    idx.apply("a", batch(stored([9], 12345, [1, 1, 1, 1])))  # parent never seen
+    assert idx.engines["a"].orphans == 1
+    assert idx.clear_engine("a") == 1 and idx.size() == 0
+
+
+def test_lower_tiers_continue_the_chain() -> None:
+    idx = KvIndex("m")
+    toks = list(range(16))
+    idx.apply("a", batch(stored([1], None, toks[:4])))                       # GPU
+    idx.apply("a", batch(stored([2, 3], 1, toks[4:12], medium="CPU")))       # CPU
+    idx.apply("a", batch(stored([4], 3, toks[12:16], medium="STORAGE")))     # SSD
+    m = idx.match(block_keys(toks, BS, idx.seed), ["a"])[0]
+    assert (m.gpu, m.cpu, m.storage) == (1, 2, 1)
+    idx.apply("a", batch(BlockRemoved(block_hashes=[2], medium="CPU")))
+    m = idx.match(block_keys(toks, BS, idx.seed), ["a"])[0]
+    assert (m.gpu, m.cpu, m.storage) == (1, 0, 0)
+
+
+def test_pending_entries_expire_and_refresh() -> None:
+    idx = KvIndex("m", pending_ttl_s=10)
+    idx.block_size = BS
+    keys = block_keys(list(range(8)), BS, idx.seed)
+    idx.add_pending("a", keys)
+    assert idx.match(keys, ["a"])[0].gpu == 2
+    idx.expire_pending(now=1e18)
+    assert idx.match(keys, ["a"])[0].gpu == 0
+
+
+def test_memory_is_bounded_per_engine() -> None:
+    idx = KvIndex("m", max_blocks_per_engine=100)
+    for i in range(300):
+        idx.apply("a", batch(stored([i], None, [i, i, i, i])))
+    assert len(idx.engines["a"].hashes) <= 100 and idx.size() <= 100
