@@ -7,11 +7,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.config import GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.config import EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
 from kvmesh.engines import vllm_available
 from kvmesh.gateway import Gateway
 from kvmesh.models import demo
-from kvmesh.stack import Stack
+from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block
 
 
@@ -36,6 +36,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
     run_dir = tmp_path_factory.mktemp("run")
     cfg = StackConfig(
         model_size="tiny", models_dir=str(tiny_model.parent),
+        # dev mode: POST /reset_prefix_cache, which the KV-index contract tests use
+        engine=EngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
+                            env={"VLLM_SERVER_DEV_MODE": "1"}),
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
                                     restart_backoff_s=0.5),
         gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5),

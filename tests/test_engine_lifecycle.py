@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 import re
 import signal
 
@@ -48,9 +49,15 @@ def test_gateway_metrics(stack: Stack) -> None:
     assert re.search(r'kvmesh_gateway_requests_total\{endpoint="completions",status="200"\} [1-9]', text)
 
 
-def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_thread: LoopThread) -> None:
+def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_thread: LoopThread, make_gateway,  # type: ignore[no-untyped-def]
+                                                        tiny_model: pathlib.Path) -> None:
     victim = stack.engines[0]
     assert isinstance(victim, VllmEngine)
+    kv = make_gateway(backends=({"url": victim.url, "name": victim.name, "kv_events": victim.kv_events_endpoint},),
+                      policy="kv-aware", tokenizer=str(tiny_model), health_interval_s=0.5)
+    r = httpx.post(f"{victim.url}/v1/completions", json={"model": MODEL, "prompt": "x " * 300, "max_tokens": 1})
+    assert r.status_code == 200
+    wait_until(lambda: bool(kv.index.engine_keys(victim.name)), 30, "the index to learn engine-0's blocks")
     old_pid = victim.pid
     loop_thread.call(lambda: victim.kill(signal.SIGKILL))
     # Requests keep succeeding: the dead replica is bypassed (supervisor notice or connect-failure retry).
@@ -59,6 +66,7 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
                        json={"model": MODEL, "prompt": "still there?", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200, r.text
         assert r.headers["x-kvmesh-backend"] == "engine-1"
+    wait_until(lambda: not kv.index.engine_keys(victim.name), 30, "the index to drop the dead engine's blocks")
     wait_until(lambda: stack.supervisor.restarts["engine-0"] == 1, 30, "the supervisor to restart engine-0")
     assert victim.pid != old_pid
     backend = stack.gateway.pool.get("engine-0")
