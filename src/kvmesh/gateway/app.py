@@ -27,6 +27,7 @@ from kvmesh.gateway.tokens import TokenStage
 from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
 from kvmesh.index import IndexFeed, KvIndex
 from kvmesh.routing import NoCandidate, Policy, RequestContext, make_policy
+from kvmesh.routing.kv_aware import KvAwarePolicy
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -216,7 +217,9 @@ class Gateway:
             max_tokens=req.get("max_tokens") or req.get("max_completion_tokens"),
             session_id=request.headers.get(self.cfg.session_header))
         if self.tokens is not None:
-            ctx.token_ids = await self.tokens.token_ids(endpoint, req)
+            bs = self.policy.block_size() if isinstance(self.policy, KvAwarePolicy) else None
+            seed = self.policy.index.seed if isinstance(self.policy, KvAwarePolicy) else 0
+            ctx.token_ids, ctx.block_keys = await self.tokens.tokens(endpoint, req, bs, seed)
             if ctx.token_ids is not None:
                 ctx.prompt_tokens_estimate = len(ctx.token_ids)
         return ctx
@@ -296,6 +299,7 @@ class Gateway:
                                "prompt": q.get("prompt", "")}
         validate("completions", req)
         ctx = await self._context(request, "completions", req)
+        ctx.explain = []  # ask the scorers for their breakdown
         try:
             d = self.policy.choose(ctx, self.pool.backends)
         except NoCandidate as e:

@@ -33,26 +33,27 @@ def block_keys(token_ids: Sequence[int] | np.ndarray, block_size: int, seed: int
         n = min(n, max_blocks)
     if n == 0:
         return []
-    raw = memoryview(_u32_bytes(token_ids[: n * block_size]))
+    raw = _u32(token_ids[: n * block_size]).cast("B")
     step = block_size * 4
-    keys: list[BlockKey] = []
+    keys: list[int] = []
+    append = keys.append
     h = seed
     digest = xxhash.xxh3_64_intdigest
-    for i in range(n):
-        h = digest(raw[i * step:(i + 1) * step], h)
-        keys.append(BlockKey(h))
-    return keys
+    for start in range(0, n * step, step):
+        h = digest(raw[start:start + step], h)
+        append(h)
+    return keys  # type: ignore[return-value]  # BlockKey is int at run time; skip n NewType calls
 
 
 def chain_key(parent: int, tokens: Sequence[int]) -> BlockKey:
-    return BlockKey(xxhash.xxh3_64_intdigest(_u32_bytes(tokens), parent))
+    return BlockKey(xxhash.xxh3_64_intdigest(_u32(tokens), parent))
 
 
-def _u32_bytes(tokens: Sequence[int] | np.ndarray) -> bytes:
+def _u32(tokens: Sequence[int] | np.ndarray) -> memoryview:
     # array.array converts a Python list ~4x faster than numpy; keys are defined on little-endian bytes.
     if isinstance(tokens, np.ndarray):
-        return tokens.astype("<u4").tobytes()
+        return memoryview(np.ascontiguousarray(tokens, dtype="<u4").data)
     a = array.array("I", tokens)
     if _BIG_ENDIAN:
         a.byteswap()
-    return a.tobytes()
+    return memoryview(a)

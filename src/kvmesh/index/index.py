@@ -70,12 +70,12 @@ class KvIndex:
         self.max_blocks_per_engine = max_blocks_per_engine
         self.pending_ttl_s = pending_ttl_s
         self.max_pending = max_pending
-        self.tiers: list[dict[BlockKey, int]] = [{}, {}, {}]
+        self.tiers: list[dict[int, int]] = [{}, {}, {}]
         self.engines: dict[str, EngineEntry] = {}
         self._by_bit: dict[int, EngineEntry] = {}
-        self._pending: dict[BlockKey, int] = {}
-        self._pending_exp: dict[tuple[BlockKey, int], float] = {}  # latest expiry per (key, engine bit)
-        self._pending_q: collections.deque[tuple[float, BlockKey, int]] = collections.deque()
+        self._pending: dict[int, int] = {}
+        self._pending_exp: dict[tuple[int, int], float] = {}  # latest expiry per (key, engine bit)
+        self._pending_q: collections.deque[tuple[float, int, int]] = collections.deque()
         self.blocks_stored = 0
         self.blocks_removed = 0
 
@@ -186,7 +186,7 @@ class KvIndex:
             self._clear_bits(key, tiers, mask)
 
     # ---- speculative entries ---------------------------------------------------------------------
-    def add_pending(self, name: str, keys: Sequence[BlockKey], ttl_s: float | None = None) -> None:
+    def add_pending(self, name: str, keys: Sequence[int], ttl_s: float | None = None) -> None:
         bit = 1 << self.engine(name).bit
         expiry = time.monotonic() + (self.pending_ttl_s if ttl_s is None else ttl_s)
         for k in keys:
@@ -214,7 +214,7 @@ class KvIndex:
             self._expire_one()
 
     # ---- lookups ---------------------------------------------------------------------------------
-    def match(self, keys: Sequence[BlockKey], names: Sequence[str]) -> list[Match]:
+    def match(self, keys: Sequence[int], names: Sequence[str]) -> list[Match]:
         """Longest consecutive prefix of ``keys`` each engine in ``names`` holds, by tier.
 
         GPU (the engine's own prefix cache, plus pending entries) is matched first; the chain then
@@ -238,7 +238,7 @@ class KvIndex:
                 self._lower(keys, m, 1 << b)
         return out
 
-    def _gpu_prefix(self, keys: Sequence[BlockKey], alive: int) -> dict[int, int]:
+    def _gpu_prefix(self, keys: Sequence[int], alive: int) -> dict[int, int]:
         gpu, pending = self.tiers[0], self._pending
         lengths: dict[int, int] = {}
         for i, k in enumerate(keys):
@@ -257,7 +257,7 @@ class KvIndex:
             alive ^= low
         return lengths
 
-    def _lower(self, keys: Sequence[BlockKey], m: Match, bit: int) -> None:
+    def _lower(self, keys: Sequence[int], m: Match, bit: int) -> None:
         cpu, storage = self.tiers[1], self.tiers[2]
         for k in keys[m.gpu:]:
             if cpu.get(k, 0) & bit:
@@ -267,7 +267,7 @@ class KvIndex:
             else:
                 return
 
-    def engine_keys(self, name: str, medium: str = MEDIUM_GPU) -> set[BlockKey]:
+    def engine_keys(self, name: str, medium: str = MEDIUM_GPU) -> set[int]:
         e = self.engines.get(name)
         t = 1 << _TIER_OF[medium]
         return {k for k, tiers in e.hashes.values() if tiers & t} if e else set()

@@ -29,7 +29,7 @@ class RequestContext:
     session_id: str | None = None
     tenant: str | None = None
     # Filled by KV-aware scorers: the request's block keys and, per backend, the tokens it would prefill.
-    block_keys: list[int] | None = None
+    block_keys: Sequence[int] | None = None
     uncached: dict[str, int] = field(default_factory=dict)
     explain: list[dict[str, object]] | None = None
 

@@ -108,21 +108,27 @@ class KvCostScorer(Scorer):
         best = min(uncached)
         mdl = self.model
         costs: list[float] = []
-        explain: list[dict[str, object]] = []
-        for c, (gpu, cpu, st), unc in zip(cands, tiers, uncached, strict=True):
+        for c, (_, cpu, st), unc in zip(cands, tiers, uncached, strict=True):
             tps = mdl.tps(c.name)
             queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
             prefill_s = (unc + cpu * mdl.cpu_load_cost + st * mdl.storage_load_cost) / tps
-            waste_s = mdl.recompute_weight * (unc - best) / tps
+            costs.append(queue_s + prefill_s + mdl.recompute_weight * (unc - best) / tps)
             ctx.uncached[c.name] = unc
-            costs.append(queue_s + prefill_s + waste_s)
-            explain.append({"backend": c.name, "matched_tokens": {"GPU": gpu, "CPU": cpu, "STORAGE": st},
-                            "prompt_tokens": prompt, "in_flight": c.in_flight,
-                            "pending_prefill_tokens": c.pending_prefill_tokens, "engine_queue": c.engine_queue,
-                            "prefill_tps": round(tps, 1), "queue_s": queue_s, "prefill_s": prefill_s,
-                            "recompute_s": waste_s, "cost_s": costs[-1]})
-        ctx.explain = explain
+        if ctx.explain is not None:  # asked for by /debug/route: build the breakdown only then
+            ctx.explain = [self._explain(c, t, u, best, prompt) for c, t, u in zip(cands, tiers, uncached, strict=True)]
         return costs
+
+    def _explain(self, c: Candidate, tiers: tuple[int, int, int], unc: int, best: int,
+                 prompt: int) -> dict[str, object]:
+        mdl, tps = self.model, self.model.tps(c.name)
+        queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
+        prefill_s = (unc + tiers[1] * mdl.cpu_load_cost + tiers[2] * mdl.storage_load_cost) / tps
+        recompute_s = mdl.recompute_weight * (unc - best) / tps
+        return {"backend": c.name, "matched_tokens": dict(zip(("GPU", "CPU", "STORAGE"), tiers, strict=True)),
+                "prompt_tokens": prompt, "uncached_tokens": unc, "in_flight": c.in_flight,
+                "pending_prefill_tokens": c.pending_prefill_tokens, "engine_queue": c.engine_queue,
+                "prefill_tps": round(tps, 1), "queue_s": queue_s, "prefill_s": prefill_s,
+                "recompute_s": recompute_s, "cost_s": queue_s + prefill_s + recompute_s}
 
 
 class KvAwarePolicy(Policy):
@@ -142,6 +148,10 @@ class KvAwarePolicy(Policy):
         self.model = model
         self.learn_from_routing = learn_from_routing
         self.learned_ttl_s = learned_ttl_s
+
+    def block_size(self) -> int | None:
+        """Block size keys are cut at (learned from events, or fixed for ``prefix``); None until known."""
+        return self.scorer.block_size()
 
     def on_routed(self, ctx: RequestContext, backend: str) -> None:
         if ctx.block_keys:
