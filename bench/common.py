@@ -41,8 +41,9 @@ def wait_http(url: str, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
-def start_gateway(backends: list[str], port: int, policy: str = "round-robin") -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-m", "kvmesh", "gateway", "--port", str(port), "--policy", policy]
+def start_gateway(backends: list[str], port: int, policy: str = "round-robin",
+                  extra: list[str] | None = None) -> subprocess.Popen[bytes]:
+    args = [sys.executable, "-m", "kvmesh", "gateway", "--port", str(port), "--policy", policy, *(extra or [])]
     for b in backends:
         args += ["--backend", b]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -62,6 +62,9 @@ def test_index_holds_exactly_what_vllm_reported_and_routes_to_it(stack, make_gat
     assert len(expected) == len(tokens) // 128 >= 3
     wait_until(lambda: gw.index.engine_keys(a.name) == expected, 30, "A's blocks in the index")
     assert gw.index.block_size == 128 and not gw.index.engine_keys(b.name)
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert f'kvmesh_index_blocks{{engine="{a.name}",medium="GPU"}} {len(expected)}.0' in metrics
+    assert f'kvmesh_index_event_batches_total{{engine="{a.name}"}}' in metrics
 
     dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": DOC + " And then?"}).json()
     assert dbg["chosen"] == a.name

@@ -75,7 +75,9 @@ def _parse(schema: type[Any], **fields: Any) -> Any:
         return schema(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as e:
         first = e.errors()[0]
-        _fail(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}")
+        loc = [str(p) for p in first["loc"]]
+        flag = "backend" if loc[0] == "backends" else "-".join(loc).replace("_", "-")
+        _fail(f"--{flag}: {first['msg']}")
 
 
 @app.command()
@@ -128,9 +130,13 @@ def up(
 @app.command()
 def gateway(
     backend: Annotated[list[str] | None, typer.Option(help="Engine base URL (repeat for several)")] = None,
+    kv_events: Annotated[list[str] | None, typer.Option(help="KV-event endpoint of each --backend, in the "
+                                                               "same order ('-' for none)")] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Model dir with tokenizer.json (kv-aware, prefix)")] = None,
     host: str = "127.0.0.1",
     port: int = 8000,
-    policy: Annotated[str, typer.Option(help="random, round-robin or least-request")] = "least-request",
+    policy: Annotated[str, typer.Option(help="random, round-robin, least-request, kv-aware, prefix or "
+                                              "session")] = "least-request",
     max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413")] = None,
     verbose: bool = False,
 ) -> None:
@@ -138,11 +144,23 @@ def gateway(
     _setup_logging(verbose)
     if not backend:
         _fail("give at least one --backend URL (e.g. --backend http://127.0.0.1:8100)")
-    cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(backend or ()), host=host, port=port,
-                                policy=policy, max_body_bytes=max_body_bytes)
+    backend = backend or []
+    events = kv_events or []
+    if events and len(events) != len(backend):
+        _fail(f"give one --kv-events per --backend ({len(backend)}), or none")
+    specs = [{"url": u, "kv_events": None if not events or events[i] == "-" else events[i]}
+             for i, u in enumerate(backend)]
+    cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(specs), host=host, port=port, policy=policy,
+                                max_body_bytes=max_body_bytes, tokenizer=tokenizer)
     from kvmesh.gateway import Gateway
+    from kvmesh.tokenize import TokenizerError
 
-    gw = Gateway(cfg)
+    try:
+        gw = Gateway(cfg)
+    except TokenizerError as e:
+        _fail(f"--tokenizer: {e}")
+    if policy in ("kv-aware", "prefix") and tokenizer is None:
+        log.warning("no --tokenizer: %s routes text prompts on load only (token-id prompts still match)", policy)
     _serve(gw.start, gw.stop, lambda: typer.echo(f"kvmesh gateway on {gw.url} ({len(cfg.backends)} "
                                                   f"backends, policy {cfg.policy})"))
 

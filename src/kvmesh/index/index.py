@@ -272,5 +272,8 @@ class KvIndex:
         t = 1 << _TIER_OF[medium]
         return {k for k, tiers in e.hashes.values() if tiers & t} if e else set()
 
+    def pending_size(self) -> int:
+        return len(self._pending_exp)
+
     def size(self) -> int:
         return sum(len(d) for d in self.tiers)

@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from kvmesh.index.events import EventDecodeError, decode_batch
-from kvmesh.index.index import KvIndex
+from kvmesh.index.index import TIERS, KvIndex
 
 log = logging.getLogger(__name__)
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -122,12 +125,36 @@ class EventSubscriber:
         return ok
 
 
+class IndexCollector(Collector):
+    """Index size per engine and tier, read at scrape time (no bookkeeping on the hot path)."""
+
+    def __init__(self, index: KvIndex) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[Metric]:
+        blocks = GaugeMetricFamily("kvmesh_index_blocks", "Blocks the index holds per engine and tier",
+                                   labels=["engine", "medium"])
+        for name, e in self.index.engines.items():
+            counts = [0, 0, 0]
+            for _, tiers in e.hashes.values():
+                for t in range(3):
+                    counts[t] += tiers >> t & 1
+            for t, medium in enumerate(TIERS):
+                blocks.add_metric([name, medium], counts[t])
+        yield blocks
+        yield GaugeMetricFamily("kvmesh_index_keys", "Distinct block keys in the index (all tiers)",
+                                value=self.index.size())
+        yield GaugeMetricFamily("kvmesh_index_pending_blocks", "Speculative (routed, not yet reported) entries",
+                                value=self.index.pending_size())
+
+
 class IndexFeed:
     """All subscribers of one index; start/stop them together, add engines as they appear."""
 
     def __init__(self, index: KvIndex, registry: CollectorRegistry) -> None:
         self.index = index
         self.metrics = IndexMetrics(registry)
+        registry.register(IndexCollector(index))
         self.subs: dict[str, EventSubscriber] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
