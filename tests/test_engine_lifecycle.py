@@ -5,6 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 import signal
+import time
 
 import httpx
 import pytest
@@ -53,9 +54,11 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
                                                         tiny_model: pathlib.Path) -> None:
     victim = stack.engines[0]
     assert isinstance(victim, VllmEngine)
-    kv = make_gateway(backends=({"url": victim.url, "name": victim.name, "kv_events": victim.kv_events_endpoint},),
+    kv = make_gateway(backends=({"url": victim.url, "name": victim.name, "kv_events": victim.kv_events_endpoint,
+                                 "replay": victim.cfg.replay_endpoint},),
                       policy="kv-aware", tokenizer=str(tiny_model), health_interval_s=0.5)
-    r = httpx.post(f"{victim.url}/v1/completions", json={"model": MODEL, "prompt": "x " * 300, "max_tokens": 1})
+    prompt = f"kill test {time.time()} " + "x " * 300  # new content: the engine must store (and report) it
+    r = httpx.post(f"{victim.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
     assert r.status_code == 200
     wait_until(lambda: bool(kv.index.engine_keys(victim.name)), 30, "the index to learn engine-0's blocks")
     old_pid = victim.pid

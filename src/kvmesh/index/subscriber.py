@@ -54,12 +54,16 @@ class EventSubscriber:
         self.metrics = metrics
         self.ctx = ctx or zmq.asyncio.Context.instance()
         self.connected = asyncio.Event()
+        self._replayed_upto = -1
 
     async def run(self) -> None:
         sock = self.ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.endpoint)
+        if self.replay_endpoint is not None:
+            # Catch up on what the engine published before we subscribed (its replay buffer).
+            await self._replay(0, None)
         self.connected.set()
         try:
             while True:
@@ -73,6 +77,10 @@ class EventSubscriber:
 
     async def _handle(self, seq: int, payload: bytes) -> None:
         e = self.index.engine(self.engine)
+        if self._replayed_upto >= 0:
+            if seq <= self._replayed_upto and seq <= e.last_seq:
+                return  # already applied from the replay buffer
+            self._replayed_upto = -1  # caught up with the live stream
         if e.last_seq >= 0 and seq <= e.last_seq:
             # The publisher's counter went back: the engine restarted with an empty cache.
             n = self.index.clear_engine(self.engine)
@@ -98,8 +106,9 @@ class EventSubscriber:
         self.metrics.blocks.labels(self.engine).inc(n)
         self.metrics.lag.observe(max(0.0, time.time() - batch.ts))
 
-    async def _replay(self, start: int, upto: int) -> bool:
-        """Fetch batches [start, upto) from the replay endpoint; False if unavailable or incomplete."""
+    async def _replay(self, start: int, upto: int | None) -> bool:
+        """Fetch batches [start, upto) (or everything buffered from ``start`` when ``upto`` is None) from
+        the replay endpoint; False if unavailable or incomplete."""
         if self.replay_endpoint is None:
             return False
         sock = self.ctx.socket(zmq.DEALER)
@@ -113,13 +122,16 @@ class EventSubscriber:
                 if len(frames) < 4 or frames[2] == _END_SEQ:
                     break
                 seq = int.from_bytes(frames[2], "big")
-                if got <= seq < upto:
+                if got <= seq and (upto is None or seq < upto):
                     self._apply(seq, frames[3])
                     got = seq + 1
+                    self._replayed_upto = seq
         except TimeoutError:
             pass
         finally:
             sock.close(0)
+        if upto is None:
+            return True
         ok = got >= upto
         self.metrics.gaps.labels(self.engine, "replayed" if ok else "replay_failed").inc()
         return ok

@@ -1,0 +1,1 @@
+"""Benchmark building blocks: trace loaders and workload generators."""

@@ -1,0 +1,174 @@
+"""The engine model shared by the virtual-time simulator: continuous batching over a prefix-cached block pool.
+
+One ``step()`` is one engine iteration, as vLLM v1 schedules it: every running request that finished its
+prefill decodes one token; the remaining token budget goes to prefill chunks, first of requests already
+running (chunked prefill), then of waiting requests admitted in arrival order while blocks and batch slots
+last.  Admission looks up the request's cached prefix (full blocks only; the last prompt token is always
+computed).  The step's duration comes from a :class:`TimingProfile`.
+
+Token scale: a simulated token may stand for ``token_scale`` real tokens (traces scaled down so that
+millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
+Not thread-safe; driven by one caller.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from dataclasses import dataclass, field
+
+from kvmesh.sim.blockpool import BlockPool
+from kvmesh.sim.profiles import TimingProfile
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    rid: int
+    tokens: list[int]
+    keys: list[int]          # chained keys of the prompt's full blocks
+    max_tokens: int
+    arrival: float
+    engine: str = ""
+    cached: int = 0          # prompt tokens found in the cache at admission
+    computed: int = 0        # prompt tokens cached or computed so far
+    generated: int = 0
+    held: list[int] = field(default_factory=list)   # cached block keys this request references
+    extra_blocks: int = 0    # blocks allocated that are not (yet) cached
+    first_token_at: float = -1.0
+    done_at: float = -1.0
+
+    @property
+    def prefilling(self) -> bool:
+        return self.computed < len(self.tokens)
+
+
+@dataclass(slots=True)
+class StepResult:
+    duration: float
+    first_tokens: list[SimRequest]
+    finished: list[SimRequest]
+
+
+class EngineCore:
+    def __init__(self, name: str, profile: TimingProfile, block_size: int, token_scale: float = 1.0) -> None:
+        self.name = name
+        self.profile = profile
+        self.block_size = block_size
+        self.scale = token_scale
+        blocks = int(profile.kv_capacity_tokens / token_scale) // block_size
+        self.pool = BlockPool(blocks, block_size)
+        self.budget = max(1, int(profile.max_batch_tokens / token_scale))
+        self.waiting: collections.deque[SimRequest] = collections.deque()
+        self.running: list[SimRequest] = []
+
+    def add(self, req: SimRequest) -> None:
+        req.engine = self.name
+        self.waiting.append(req)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to compute on this engine (for the oracle; an estimate for waiting ones)."""
+        return sum(len(r.tokens) - r.computed for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+
+    # ---- one iteration ---------------------------------------------------------------------------
+    def step(self, now: float, horizon: float = math.inf) -> StepResult:
+        """Plan and account one iteration starting at ``now``; with only decodes left and nothing due
+        before ``horizon``, several decode iterations are fast-forwarded at once."""
+        if not self.waiting and self.running and not any(r.prefilling for r in self.running):
+            return self._decode_run(now, horizon)
+        decodes = [r for r in self.running if not r.prefilling]
+        for r in decodes:
+            self._grow(r)
+        budget = self.budget - len(decodes)
+        chunks: list[tuple[SimRequest, int]] = []
+        for r in self.running:
+            if r.prefilling and budget > 0:
+                n = min(len(r.tokens) - r.computed, budget)
+                chunks.append((r, n))
+                budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.profile.max_running:
+            if not self._admit(self.waiting[0]):
+                break
+            r = self.waiting.popleft()
+            self.running.append(r)
+            n = min(len(r.tokens) - r.computed, budget)
+            chunks.append((r, n))
+            budget -= n
+        return self._finish_step(now, decodes, chunks)
+
+    def _finish_step(self, now: float, decodes: list[SimRequest], chunks: list[tuple[SimRequest, int]]) -> StepResult:
+        attn = sum(n * (r.computed + n / 2) for r, n in chunks)
+        ctx = sum(len(r.tokens) + r.generated for r in decodes)
+        s = self.scale
+        dur = self.profile.step_seconds(int(sum(n for _, n in chunks) * s), attn * s * s, len(decodes), int(ctx * s))
+        end = now + dur
+        firsts: list[SimRequest] = []
+        for r, n in chunks:
+            self._compute(r, n)
+            if not r.prefilling:
+                r.generated = 1
+                r.first_token_at = end
+                firsts.append(r)
+        for r in decodes:
+            r.generated += 1
+        return StepResult(dur, firsts, self._reap(end))
+
+    def _decode_run(self, now: float, horizon: float) -> StepResult:
+        """k decode iterations in one go (no prefill pending): until the first request finishes, a new
+        block is needed, or ``horizon`` (the next outside event) is reached."""
+        ctx = sum(len(r.tokens) + r.generated for r in self.running)
+        step = self.profile.step_seconds(0, 0.0, len(self.running), int(ctx * self.scale))
+        k = min(r.max_tokens - r.generated for r in self.running)
+        k = min(k, min(self.block_size - (len(r.tokens) + r.generated) % self.block_size for r in self.running))
+        if horizon < math.inf:
+            k = min(k, max(1, int((horizon - now) / step)))
+        k = max(1, k)
+        for r in self.running:
+            self._grow(r)
+            r.generated += k
+        dur = step * k + self.profile.decode_s_per_ctx_token * len(self.running) * self.scale * k * (k - 1) / 2
+        return StepResult(dur, [], self._reap(now + dur))
+
+    # ---- bookkeeping -----------------------------------------------------------------------------
+    def _admit(self, r: SimRequest) -> bool:
+        bs = self.block_size
+        hit = self.pool.cached_prefix(r.keys)
+        if hit * bs >= len(r.tokens):  # always compute the last token
+            hit -= 1
+        need = math.ceil((len(r.tokens) - hit * bs) / bs)
+        if not self.pool.can_allocate(need):
+            return False
+        r.held = list(r.keys[:hit])
+        self.pool.acquire_prefix(r.held)
+        self.pool.allocate(need)
+        r.extra_blocks = need
+        r.cached = r.computed = hit * bs
+        self.pool.queries += len(r.tokens)
+        self.pool.hits += r.cached
+        return True
+
+    def _compute(self, r: SimRequest, n: int) -> None:
+        bs = self.block_size
+        before = r.computed // bs
+        r.computed += n
+        for i in range(before, min(r.computed // bs, len(r.keys))):
+            parent = r.keys[i - 1] if i else None
+            self.pool.store(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs])
+            r.held.append(r.keys[i])
+            r.extra_blocks -= 1
+
+    def _grow(self, r: SimRequest) -> None:
+        # a decode token that starts a new block needs one more (uncached) block
+        if (len(r.tokens) + r.generated) % self.block_size == 0 and self.pool.allocate(1):
+            r.extra_blocks += 1
+
+    def _reap(self, end: float) -> list[SimRequest]:
+        done = [r for r in self.running if not r.prefilling and r.generated >= r.max_tokens]
+        if done:
+            self.running = [r for r in self.running if r.prefilling or r.generated < r.max_tokens]
+            for r in done:
+                r.done_at = end
+                self.pool.release(r.held, r.extra_blocks)
+        return done

