@@ -187,6 +187,28 @@ def engine(
     _serve(sup.start, sup.stop, lambda: typer.echo(f"engine ready on {eng.url} (log {eng.log_path})"))
 
 
+@app.command()
+def sim(
+    trace: Annotated[pathlib.Path, typer.Option(help="Mooncake-format trace (jsonl with hash_ids)")],
+    replicas: int = 8,
+    policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle")] = None,
+    profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
+    tokens_per_block: Annotated[int, typer.Option(help="Simulated tokens per 512-token trace block")] = 16,
+    limit: Annotated[int | None, typer.Option(help="Only the first N requests")] = None,
+) -> None:
+    """Virtual-time simulation of N engines under kvmesh's real routing policies and KV index."""
+    from kvmesh.bench.workloads import TraceError
+    from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
+
+    if replicas < 1 or tokens_per_block < 1:
+        _fail("--replicas and --tokens-per-block must be >= 1")
+    try:
+        run = run_mooncake(trace, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, limit)
+    except (TraceError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(markdown(run))
+
+
 @model_app.command("demo")
 def model_demo(
     out: Annotated[pathlib.Path, typer.Option(help="Output directory")],

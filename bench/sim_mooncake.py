@@ -1,0 +1,63 @@
+"""Mooncake conversation trace, N simulated replicas, virtual time: every kvmesh policy and the oracle.
+
+Uses kvmesh's real policy objects and KV index (see ``kvmesh.sim``); GPU-class timing profile
+(Llama-3-8B on H100).  Prints the table and writes ``bench/results/sim_mooncake.json``.
+
+    python bench/sim_mooncake.py [--trace ../shared/traces/mooncake/conversation_trace.jsonl --replicas 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result
+from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
+
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--trace", type=pathlib.Path, default=DEFAULT_TRACE)
+    ap.add_argument("--replicas", type=int, default=8)
+    ap.add_argument("--profile", default="h100-llama3-8b")
+    ap.add_argument("--tokens-per-block", type=int, default=16)
+    ap.add_argument("--limit", type=int, default=None)
+    args = ap.parse_args()
+    if not args.trace.is_file():
+        sys.exit(f"trace not found: {args.trace} (the Mooncake trace lives in ../shared/traces/, see its README)")
+    run = run_mooncake(args.trace, args.replicas, DEFAULT_POLICIES, args.profile, args.tokens_per_block, args.limit)
+    print(markdown(run))
+    by = {r.policy: r for r in run.results}
+    kv, rr, oracle = by["kv-aware"], by["round-robin"], by["oracle"]
+    metrics: dict[str, object] = {
+        "replicas": args.replicas, "profile": args.profile, "requests": run.requests,
+        "tokens_per_block": args.tokens_per_block,
+        "kvaware_ttft_mean_over_rr": round(kv.ttft_mean_s / rr.ttft_mean_s, 3),
+        "kvaware_ttft_mean_over_oracle": round(kv.ttft_mean_s / oracle.ttft_mean_s, 3),
+        "kvaware_hit_over_oracle": round(kv.hit_rate / oracle.hit_rate, 3) if oracle.hit_rate else None,
+        "sim_speedup_x": round(run.trace_span_s / kv.wall_s, 1),
+        # Not measured in this release (see docs/benchmarks.md): needs the sglang-router side-by-side run
+        # and the real-vLLM fidelity run.
+        "kvaware_ttft_mean_over_sglang": None,
+        "sim_ttft_error_pct": None,
+        "ceiling_token_hit": round(run.ceiling_token_hit, 4),
+        "policies": {r.policy: {"ttft_mean_ms": round(r.ttft_mean_s * 1000, 1),
+                                "ttft_p50_ms": round(r.ttft_p50_s * 1000, 1),
+                                "ttft_p99_ms": round(r.ttft_p99_s * 1000, 1), "hit_rate": round(r.hit_rate, 4),
+                                "wall_s": round(r.wall_s, 2), "requests_per_engine": r.per_engine}
+                     for r in run.results},
+    }
+    print(f"\nkv-aware / round-robin mean TTFT x{metrics['kvaware_ttft_mean_over_rr']}; kv-aware / oracle mean TTFT "
+          f"x{metrics['kvaware_ttft_mean_over_oracle']}; kv-aware hit / oracle hit "
+          f"{metrics['kvaware_hit_over_oracle']}; simulator {metrics['sim_speedup_x']}x faster than real time")
+    print(f"wrote {write_result('sim_mooncake', metrics)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The simulation engine model and the virtual-time cluster simulator."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import random
+import subprocess
+import sys
+
+import pytest
+
+from kvmesh.bench.workloads import infinite_cache_hit_rate, load_mooncake, mooncake_prompt
+from kvmesh.index import BlockRemoved, BlockStored, EventBatch, KvIndex, block_keys, root_seed
+from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
+from kvmesh.sim.blockpool import BlockPool
+from kvmesh.sim.core import SimRequest
+
+MOONCAKE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+SEED = root_seed("kvmesh")
+
+
+def test_block_pool_lru_eviction_and_events() -> None:
+    pool = BlockPool(num_blocks=3, block_size=2)
+    assert pool.allocate(2)
+    pool.store(11, None, [1, 2])
+    pool.store(12, 11, [3, 4])
+    pool.release([11, 12], 0)              # both cached, unreferenced; 11 is least recently used
+    assert pool.acquire_prefix([11]) == 1  # 11 is used again: now 12 is the LRU one
+    pool.release([11], 0)
+    assert pool.allocate(3)                # needs every block: evicts 12 then 11
+    ev = pool.take_events()
+    assert [type(e) for e in ev] == [BlockStored, BlockStored, BlockRemoved, BlockRemoved]
+    assert [e.block_hashes for e in ev[2:]] == [[12], [11]]
+    assert not pool.allocate(1)
+
+
+def test_engine_core_prefix_hit_and_index_agree() -> None:
+    prof = get_profile("h100-llama3-8b")
+    core = EngineCore("e0", prof, block_size=16)
+    toks = list(range(100))
+    keys = list(block_keys(toks, 16, SEED))
+    r1, r2 = SimRequest(1, toks, keys, 4, 0.0), SimRequest(2, toks, keys, 4, 0.0)
+    core.add(r1)
+    t = 0.0
+    while core.has_work():
+        t += core.step(t).duration
+    assert r1.cached == 0 and r1.first_token_at > 0 and r1.done_at >= r1.first_token_at
+    idx = KvIndex("kvmesh")
+    idx.apply("e0", EventBatch(t, core.pool.take_events()))  # type: ignore[arg-type]
+    assert idx.engine_keys("e0") == set(keys)   # the simulated engine speaks the index's keys
+    core.add(r2)
+    t_added = t
+    while core.has_work():
+        t += core.step(t).duration
+    assert r2.cached == 96 and r2.first_token_at - t_added < r1.first_token_at  # cached prefill is faster
+
+
+def shared_prefix_workload(n: int = 600) -> tuple[list[list[int]], list[float], list[int]]:
+    # 160 documents of 512 tokens: 82k tokens, more than one engine's cache (60k) and less than four's.
+    rng = random.Random(1)
+    docs = [[rng.randrange(8000) for _ in range(512)] for _ in range(160)]
+    prompts = [rng.choice(docs) + [rng.randrange(8000) for _ in range(32)] for _ in range(n)]
+    return prompts, [i * 0.1 for i in range(n)], [16] * n
+
+
+def run(policy: str, replicas: int = 4) -> object:
+    p, a, o = shared_prefix_workload()
+    return Cluster(replicas, get_profile("cpu-demo-small"), policy, 16).run(make_requests(p, a, o, 16, SEED))
+
+
+def test_kv_aware_beats_round_robin_and_approaches_oracle() -> None:
+    rr, kv, oracle = run("round-robin"), run("kv-aware"), run("oracle")
+    assert rr.requests == kv.requests == oracle.requests == 600  # type: ignore[attr-defined]
+    assert kv.hit_rate > rr.hit_rate + 0.1  # type: ignore[attr-defined]
+    assert kv.hit_rate >= 0.9 * oracle.hit_rate  # type: ignore[attr-defined]
+    assert kv.ttft_mean_s < rr.ttft_mean_s  # type: ignore[attr-defined]
+
+
+def test_simulation_is_deterministic() -> None:
+    a, b = run("kv-aware"), run("kv-aware")
+    assert (a.ttft_mean_s, a.hit_rate, a.per_engine) == (b.ttft_mean_s, b.hit_rate, b.per_engine)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def small_trace(tmp_path: pathlib.Path) -> pathlib.Path:
+    """A generated Mooncake-format trace: 60 requests, shared first block, some shared documents."""
+    rng = random.Random(3)
+    lines = []
+    for i in range(60):
+        doc = rng.randrange(6)
+        ids = [0, 1000 + doc, 2000 + doc] + [10_000 + i * 10 + j for j in range(rng.randrange(1, 4))]
+        lines.append(json.dumps({"timestamp": i * 200, "input_length": len(ids) * 512 - 100,
+                                 "output_length": 20, "hash_ids": ids}))
+    p = tmp_path / "trace.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def test_loader_prompt_scaling_and_ceiling(small_trace: pathlib.Path) -> None:
+    reqs = load_mooncake(small_trace)
+    assert len(reqs) == 60 and reqs[1].arrival_s == 0.2
+    p0, p1 = mooncake_prompt(reqs[0], 16), mooncake_prompt(reqs[1], 16)
+    assert p0[:16] == p1[:16]  # same block id, same tokens
+    assert len(p0) == -(-reqs[0].input_tokens * 16 // 512)
+    blocks, tokens = infinite_cache_hit_rate(reqs)
+    assert 0 < blocks < 1 and 0 < tokens < 1
+
+
+def test_cli_sim(small_trace: pathlib.Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "kvmesh", "sim", "--trace", str(small_trace), "--replicas", "2",
+                        "--policy", "kv-aware", "--policy", "oracle"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "| kv-aware |" in r.stdout and "| oracle |" in r.stdout and "ceiling" in r.stdout
+
+
+@pytest.mark.skipif(not MOONCAKE.is_file(), reason="Mooncake trace not in ../shared/traces (see its README)")
+def test_mooncake_slice() -> None:
+    reqs = load_mooncake(MOONCAKE, limit=400)
+    prompts = [mooncake_prompt(r, 16) for r in reqs]
+    res = {}
+    for policy in ("round-robin", "kv-aware"):
+        sim = make_requests(prompts, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs], 16, SEED)
+        res[policy] = Cluster(8, get_profile("h100-llama3-8b"), policy, 16, 32.0).run(sim)
+    assert res["kv-aware"].hit_rate > res["round-robin"].hit_rate
+    assert max(res["kv-aware"].per_engine) < 0.3 * 400  # no hot spot despite the shared first block
