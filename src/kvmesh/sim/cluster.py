@@ -155,7 +155,7 @@ class Cluster:
             self.done.append(r)
         events = b.core.pool.take_events()
         if events:
-            self._push(now + self.event_delay_s, _EVENTS, (b.name, EventBatch(now, events)))  # type: ignore[arg-type]
+            self._push(now + self.event_delay_s, _EVENTS, (b.name, EventBatch(now, events)))
         b.stepping = False
         if b.core.has_work():
             self._step(now, b)

@@ -131,6 +131,23 @@ class EngineCore:
         dur = step * k + self.profile.decode_s_per_ctx_token * len(self.running) * self.scale * k * (k - 1) / 2
         return StepResult(dur, [], self._reap(now + dur))
 
+    def abort(self, req: SimRequest) -> None:
+        """Drop a request (client gone); its blocks are released like a finished request's."""
+        if req in self.waiting:
+            self.waiting.remove(req)
+            return
+        if any(r is req for r in self.running):
+            self.running = [r for r in self.running if r is not req]
+            self.pool.release(req.held, req.extra_blocks)
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every unreferenced cached block (vLLM's ``/reset_prefix_cache``); False while requests
+        hold blocks, as vLLM refuses then."""
+        if self.running:
+            return False
+        self.pool.clear()
+        return True
+
     # ---- bookkeeping -----------------------------------------------------------------------------
     def _admit(self, r: SimRequest) -> bool:
         bs = self.block_size
