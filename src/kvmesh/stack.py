@@ -31,7 +31,7 @@ def engine_template(cfg: StackConfig) -> EngineConfig:
     if cfg.engine is not None:
         return cfg.engine
     model = ensure_demo_model(cfg)
-    return EngineConfig(model=str(model), served_model_name=DEMO_MODEL_NAME,
+    return EngineConfig(kind=cfg.engine_kind, model=str(model), served_model_name=DEMO_MODEL_NAME,
                         max_model_len=demo.SPECS[cfg.model_size].max_positions)
 
 

@@ -92,6 +92,8 @@ class SimServer:
         app.router.add_post("/v1/completions", lambda r: self._generate(r, "completions"))
         app.router.add_post("/v1/chat/completions", lambda r: self._generate(r, "chat"))
         if self.kv_events_endpoint:
+            if self.kv_events_endpoint.startswith("ipc://"):
+                pathlib.Path(self.kv_events_endpoint[len("ipc://"):]).parent.mkdir(parents=True, exist_ok=True)
             self._pub = zmq.asyncio.Context.instance().socket(zmq.PUB)
             self._pub.setsockopt(zmq.LINGER, 0)
             self._pub.bind(self.kv_events_endpoint)
