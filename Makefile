@@ -6,7 +6,7 @@ MODEL_SIZE ?= small
 PORT       ?= 8000
 REPLICAS   ?= 2
 
-.PHONY: run test install lint bench clean
+.PHONY: run test install lint bench clean routers
 
 # (Re)install only when the venv is missing or pyproject.toml changed: `make run` twice is fast.
 $(STAMP): pyproject.toml
@@ -31,6 +31,13 @@ test: lint
 
 bench: install
 	$(PY) bench/gateway_overhead.py
+
+# The Rust routers kvmesh is compared against, in their own venv (bench/compare_routers.py).
+routers: .venv-routers/.installed
+.venv-routers/.installed:
+	python3 -m venv .venv-routers
+	.venv-routers/bin/pip install -q sglang-router vllm-router
+	@touch $@
 
 clean:
 	rm -rf $(VENV) run models .pytest_cache .mypy_cache .ruff_cache

@@ -63,11 +63,12 @@ class SimMetrics:
 class SimServer:
     def __init__(self, model_dir: str, served_name: str, profile: TimingProfile, host: str = "127.0.0.1",
                  port: int = 0, block_size: int = 16, time_scale: float = 1.0,
-                 kv_events_endpoint: str | None = None) -> None:
+                 kv_events_endpoint: str | None = None, token_scale: float = 1.0,
+                 max_model_len: int | None = None) -> None:
         self.tok = PromptTokenizer(model_dir)
-        self.max_model_len = _max_len(model_dir)
+        self.max_model_len = max_model_len or _max_len(model_dir)
         self.model = served_name
-        self.core = EngineCore("sim", profile, block_size)
+        self.core = EngineCore("sim", profile, block_size, token_scale)
         self.host, self.port = host, port
         self.time_scale = time_scale
         self.kv_events_endpoint = kv_events_endpoint
