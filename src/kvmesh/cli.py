@@ -142,6 +142,7 @@ def gateway(
     policy: Annotated[str, typer.Option(help="random, round-robin, least-request, kv-aware, prefix or "
                                               "session")] = "least-request",
     max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413")] = None,
+    tenants: Annotated[pathlib.Path | None, typer.Option(help="Tenants TOML: API keys (SHA-256), limits")] = None,
     verbose: bool = False,
 ) -> None:
     """Run only the gateway, in front of engines that are already running."""
@@ -155,7 +156,8 @@ def gateway(
     specs = [{"url": u, "kv_events": None if not events or events[i] == "-" else events[i]}
              for i, u in enumerate(backend)]
     cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(specs), host=host, port=port, policy=policy,
-                                max_body_bytes=max_body_bytes, tokenizer=tokenizer)
+                                max_body_bytes=max_body_bytes, tokenizer=tokenizer,
+                                tenants_file=str(tenants) if tenants else None)
     from kvmesh.gateway import Gateway
     from kvmesh.tokenize import TokenizerError
 
@@ -163,6 +165,8 @@ def gateway(
         gw = Gateway(cfg)
     except TokenizerError as e:
         _fail(f"--tokenizer: {e}")
+    except ValueError as e:  # the tenants file
+        _fail(f"--tenants: {e}")
     if policy in ("kv-aware", "prefix") and tokenizer is None:
         log.warning("no --tokenizer: %s routes text prompts on load only (token-id prompts still match)", policy)
     _serve(gw.start, gw.stop, lambda: typer.echo(f"kvmesh gateway on {gw.url} ({len(cfg.backends)} "

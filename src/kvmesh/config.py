@@ -103,7 +103,9 @@ class GatewayConfig(_Strict):
     policy: PolicyName = "least-request"
     tokenizer: str | None = Field(default=None, description="Model dir with tokenizer.json (KV-aware policies)")
     routing: RoutingConfig = RoutingConfig()
-    debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route")
+    debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route (admin key when tenants)")
+    tenants_file: str | None = Field(default=None, description="TOML with [[tenants]] and admin_key_sha256")
+    drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait this long for in-flight")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)

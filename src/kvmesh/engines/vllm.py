@@ -61,6 +61,7 @@ class VllmEngine(Engine):
         c = self.cfg
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model,
                "--host", c.host, "--port", str(c.port), "--enable-prefix-caching",
+               "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
                "--served-model-name", c.served_model_name or c.model]
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]

@@ -10,19 +10,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pathlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from kvmesh.config import GatewayConfig
 from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.proxy import CONNECT_ERRORS, Exchange, open_upstream, relay_stream, relay_whole
+from kvmesh.gateway.tenants import Tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
 from kvmesh.index import IndexFeed, KvIndex
@@ -33,6 +37,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 ENGINE_EXITED = "engine process exited"
+_json = msgspec.json.Encoder()
 
 
 class Gateway:
@@ -48,6 +53,10 @@ class Gateway:
         for i, spec in enumerate(cfg.backends):
             self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay)
         self.feed: IndexFeed | None = None
+        self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
+        self.draining = False
+        self._active = 0  # requests being forwarded or relayed
+        self._idle = asyncio.Event()
         self.port = cfg.port
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -65,6 +74,8 @@ class Gateway:
         app.router.add_get("/metrics", self._metrics)
         if self.cfg.debug_endpoints:
             app.router.add_get("/debug/route", self._debug_route)
+        app.router.add_post("/admin/reload", self._reload)
+        app.router.add_get("/openapi.json", self._openapi)
         return app
 
     async def start(self) -> None:
@@ -95,7 +106,26 @@ class Gateway:
         if self.feed is not None and b.kv_events and b.name not in self.feed.subs:
             self.feed.add(b.name, b.kv_events, b.replay)
 
+    async def drain(self, timeout_s: float | None = None) -> int:
+        """Stop taking requests (readiness goes false) and wait for in-flight ones, at most ``timeout_s``;
+        returns how many were still running when it gave up."""
+        self.draining = True
+        if self._active:
+            try:
+                await asyncio.wait_for(self._idle.wait(), self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
+            except TimeoutError:
+                pass
+        return self._active
+
+    def reload_tenants(self) -> None:
+        """Re-read the tenants file (keys, limits); raises ``ValueError`` and keeps the old set on error."""
+        self.tenants = Tenants(load_tenants(pathlib.Path(self.cfg.tenants_file) if self.cfg.tenants_file else None))
+
     async def stop(self) -> None:
+        if self._runner is not None and not self.draining:
+            left = await self.drain()
+            if left:
+                log.warning("stopping with %d requests still in flight after %.0fs", left, self.cfg.drain_timeout_s)
         if self.feed is not None:
             await self.feed.stop()
         if self.tokens is not None:
@@ -178,7 +208,24 @@ class Gateway:
 
     async def _ready(self, request: web.Request) -> web.Response:
         n = sum(b.healthy for b in self.pool.backends)
-        return web.json_response({"ready": n > 0, "healthy_backends": n}, status=200 if n else 503)
+        ready = n > 0 and not self.draining
+        return web.json_response({"ready": ready, "healthy_backends": n, "draining": self.draining},
+                                 status=200 if ready else 503)
+
+    def _require_admin(self, request: web.Request) -> None:
+        if not self.tenants.is_admin(request.headers.get("authorization")):
+            raise ApiError(401 if self.tenants.enabled else 403, "admin key required", kind="auth_admin")
+
+    async def _reload(self, request: web.Request) -> web.Response:
+        self._require_admin(request)
+        try:
+            self.reload_tenants()
+        except ValueError as e:
+            raise ApiError(400, str(e), kind="reload") from None
+        return web.json_response({"reloaded": True, "tenants": sorted(self.tenants.tenants)})
+
+    async def _openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(openapi_spec())
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
@@ -210,7 +257,8 @@ class Gateway:
             self.metrics.matched.observe(cached / len(ctx.token_ids))
         return b
 
-    async def _context(self, request: web.Request, endpoint: str, req: dict[str, Any]) -> RequestContext:
+    async def _context(self, request: web.Request, endpoint: str, req: dict[str, Any],
+                       salt: str | None = None) -> RequestContext:
         ctx = RequestContext(
             request_id=request.headers.get("x-request-id") or uuid.uuid4().hex, model=req["model"],
             endpoint=endpoint, prompt_tokens_estimate=prompt_size_estimate(endpoint, req),
@@ -218,7 +266,7 @@ class Gateway:
             session_id=request.headers.get(self.cfg.session_header))
         if self.tokens is not None:
             bs = self.policy.block_size() if isinstance(self.policy, KvAwarePolicy) else None
-            seed = self.policy.index.seed if isinstance(self.policy, KvAwarePolicy) else 0
+            seed = self.policy.index.seed_for(salt) if isinstance(self.policy, KvAwarePolicy) else 0
             ctx.token_ids, ctx.block_keys = await self.tokens.tokens(endpoint, req, bs, seed)
             if ctx.token_ids is not None:
                 ctx.prompt_tokens_estimate = len(ctx.token_ids)
@@ -226,16 +274,35 @@ class Gateway:
 
     async def _proxy(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         ex = Exchange(endpoint, time.perf_counter())
+        if self.draining:
+            raise ApiError(503, "the gateway is shutting down", kind="draining", retry_after=self.cfg.retry_after_s)
+        tenant = self.tenants.authenticate(request.headers.get("authorization"))
         body = await self._read_body(request)
         req = parse_json(body)
         validate(endpoint, req)
         self._check_model(req["model"])
-        ctx = await self._context(request, endpoint, req)
+        charged = 0
+        if tenant is not None:
+            charged = prompt_size_estimate(endpoint, req) + int(req.get("max_tokens") or
+                                                                req.get("max_completion_tokens") or 16)
+            self.tenants.admit(tenant, charged)
+            req["cache_salt"] = tenant.salt  # engines and caches never share KV across tenants
+            body = _json.encode(req)
+        try:
+            ctx = await self._context(request, endpoint, req, tenant.salt if tenant else None)
+            ctx.tenant = tenant.name if tenant else None
+            return await self._dispatch(request, body, ex, ctx, bool(req.get("stream")))
+        finally:
+            if tenant is not None:
+                self.tenants.release(tenant, charged, ex.used_tokens)
+
+    async def _dispatch(self, request: web.Request, body: bytes, ex: Exchange, ctx: RequestContext,
+                        stream: bool) -> web.StreamResponse:
         tried: set[str] = set()
         while True:
             b = self._route(ctx, tried)
             tried.add(b.name)
-            resp = await self._forward(request, b, body, ex, bool(req.get("stream")), ctx)
+            resp = await self._forward(request, b, body, ex, stream, ctx)
             if resp is not None:
                 return resp
             if len(tried) > self.cfg.max_connect_retries:
@@ -248,6 +315,8 @@ class Gateway:
         """Send to ``b`` and relay; None when the connection failed before any response (retryable)."""
         assert self._http is not None  # set in start(); not input validation
         b.in_flight += 1
+        self._active += 1
+        self._idle.clear()
         gauge = self.metrics.in_flight.labels(b.name)
         gauge.inc()
         # Prompt tokens this backend must prefill, counted until its first byte comes back.
@@ -280,8 +349,9 @@ class Gateway:
                 is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if stream and is_sse:
                     resp = await relay_stream(request, upstream, b, ex, self.metrics)
+                    ex.used_tokens = ctx.prompt_tokens_estimate + max(ex.chunks - 1, 0)
                 else:
-                    resp = await relay_whole(upstream, b)
+                    resp = await relay_whole(upstream, b, ex)
                     first_byte()
             self.metrics.e2e.labels(ex.endpoint).observe(time.perf_counter() - ex.t_arrival)
             return resp
@@ -289,10 +359,14 @@ class Gateway:
             if prefill >= 0:
                 b.pending_prefill_tokens -= prefill
             b.in_flight -= 1
+            self._active -= 1
+            if not self._active:
+                self._idle.set()
             gauge.dec()
 
     async def _debug_route(self, request: web.Request) -> web.Response:
         """``GET /debug/route?prompt=...&model=...``: what the policy would do, without sending anything."""
+        self._require_admin(request)
         q = request.query
         models = sorted(self.pool.known_models())
         req: dict[str, Any] = {"model": q.get("model") or (models[0] if models else ""),

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from kvmesh.gateway.backends import Backend
@@ -38,6 +39,7 @@ class Exchange:
     t_first: float = 0.0
     chunks: int = 0
     on_first: Callable[[], None] | None = None
+    used_tokens: int | None = None  # prompt + completion tokens, when the engine reported or we counted them
 
 
 async def open_upstream(http: aiohttp.ClientSession, b: Backend, path: str, body: bytes,
@@ -54,8 +56,16 @@ def _response_headers(b: Backend, upstream: aiohttp.ClientResponse) -> dict[str,
     return {"x-kvmesh-backend": b.name, "Content-Type": upstream.headers.get("Content-Type", "application/json")}
 
 
-async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend) -> web.Response:
+_usage = msgspec.json.Decoder(dict)
+
+
+async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, ex: Exchange | None = None) -> web.Response:
     body = await upstream.read()
+    if ex is not None and upstream.status == 200:
+        try:
+            ex.used_tokens = int(_usage.decode(body).get("usage", {}).get("total_tokens"))
+        except (msgspec.DecodeError, TypeError, ValueError, AttributeError):
+            pass
     return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream))
 
 

@@ -57,3 +57,8 @@ def _u32(tokens: Sequence[int] | np.ndarray) -> memoryview:
     if _BIG_ENDIAN:
         a.byteswap()
     return memoryview(a)
+
+
+def salted_seed(seed: int, salt: str | None) -> int:
+    """Root of the key chain for a tenant's cache salt (vLLM mixes ``cache_salt`` into the first block)."""
+    return seed if not salt else xxhash.xxh3_64_intdigest(salt.encode(), seed)

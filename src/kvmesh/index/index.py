@@ -30,7 +30,7 @@ from kvmesh.index.events import (
     EngineHash,
     EventBatch,
 )
-from kvmesh.index.hashing import BlockKey, chain_key, root_seed
+from kvmesh.index.hashing import BlockKey, chain_key, root_seed, salted_seed
 
 log = logging.getLogger(__name__)
 TIERS = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE)
@@ -62,6 +62,14 @@ class EngineEntry:
     clears: int = 0
 
 
+def _salt_of(ev: BlockStored) -> str | None:
+    # extra_keys[0] lists, in order: LoRA name, (mm id, offset) pairs, the cache_salt, embedding digests.
+    if not ev.extra_keys or not ev.extra_keys[0]:
+        return None
+    strs = [x for x in ev.extra_keys[0] if isinstance(x, str)]
+    return strs[-1] if strs else None
+
+
 class KvIndex:
     def __init__(self, namespace: str = "", max_blocks_per_engine: int = 4_000_000,
                  pending_ttl_s: float = 2.0, max_pending: int = 1_000_000) -> None:
@@ -78,6 +86,10 @@ class KvIndex:
         self._pending_q: collections.deque[tuple[float, int, int]] = collections.deque()
         self.blocks_stored = 0
         self.blocks_removed = 0
+
+    def seed_for(self, salt: str | None) -> int:
+        """Root of the key chain for a tenant's cache salt (vLLM mixes ``cache_salt`` into the first block)."""
+        return salted_seed(self.seed, salt)
 
     # ---- engines ---------------------------------------------------------------------------------
     def engine(self, name: str) -> EngineEntry:
@@ -135,7 +147,7 @@ class KvIndex:
             log.warning("engine %s uses block size %d, index uses %d; event ignored", e.name, bs, self.block_size)
             return 0
         if ev.parent_block_hash is None:
-            parent: int = self.seed
+            parent: int = self.seed_for(_salt_of(ev))
         else:
             known = e.hashes.get(ev.parent_block_hash)
             if known is None:  # we missed the parent's store: cannot key this chain

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Any
 
 from kvmesh.index.events import AllBlocksCleared, BlockRemoved, BlockStored, Event
 
@@ -62,7 +63,7 @@ class BlockPool:
         self.used += n
         return True
 
-    def store(self, key: int, parent: int | None, tokens: list[int]) -> None:
+    def store(self, key: int, parent: int | None, tokens: list[int], extra_keys: list[Any] | None = None) -> None:
         """A freshly computed (allocated, referenced) block becomes cached under ``key``."""
         if key in self.refs:  # computed twice (or cached meanwhile): keep one copy, free the other
             if self.refs[key] == 0:
@@ -72,7 +73,7 @@ class BlockPool:
             return
         self.refs[key] = 1
         self.events.append(BlockStored(block_hashes=[key], parent_block_hash=parent, token_ids=tokens,
-                                       block_size=self.block_size, medium=self.medium))
+                                       block_size=self.block_size, medium=self.medium, extra_keys=extra_keys))
 
     def release(self, keys: Sequence[int], uncached_blocks: int) -> None:
         """Drop a finished request's references; its uncached (partial/decode) blocks are freed."""

@@ -36,6 +36,7 @@ class SimRequest:
     extra_blocks: int = 0    # blocks allocated that are not (yet) cached
     first_token_at: float = -1.0
     done_at: float = -1.0
+    salt: str | None = None  # cache_salt: published with the first block, as vLLM does
 
     @property
     def prefilling(self) -> bool:
@@ -172,7 +173,8 @@ class EngineCore:
         r.computed += n
         for i in range(before, min(r.computed // bs, len(r.keys))):
             parent = r.keys[i - 1] if i else None
-            self.pool.store(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs])
+            extra = [(r.salt,)] if i == 0 and r.salt else None
+            self.pool.store(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs], extra)
             r.held.append(r.keys[i])
             r.extra_blocks -= 1
 

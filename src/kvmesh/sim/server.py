@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from kvmesh.gateway.validation import parse_json, validate
 from kvmesh.index import EventBatch, block_keys, encode_batch, root_seed
+from kvmesh.index.hashing import salted_seed
 from kvmesh.sim.core import EngineCore, SimRequest
 from kvmesh.sim.profiles import TimingProfile
 from kvmesh.tokenize import PromptTokenizer
@@ -199,8 +200,10 @@ class SimServer:
             return web.json_response({"error": {"message": msg, "type": "BadRequestError", "code": 400}}, status=400)
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 16)
         self._rid += 1
-        req = SimRequest(self._rid, ids, list(block_keys(ids, self.core.block_size, self.seed)), max_tokens,
-                         time.monotonic())
+        salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
+        seed = salted_seed(self.seed, salt)
+        req = SimRequest(self._rid, ids, list(block_keys(ids, self.core.block_size, seed)), max_tokens,
+                         time.monotonic(), salt=salt)
         lv = _Live(req)
         self.live[req.rid] = lv
         self.core.add(req)

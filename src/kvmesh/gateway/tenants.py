@@ -1,0 +1,172 @@
+"""Tenants: API keys (hashed at rest), per-tenant limits, the tenant's cache salt.
+
+A request's ``Authorization: Bearer <key>`` is hashed (SHA-256) and looked up; keys themselves are never
+stored, logged or exported — metrics carry the tenant's name only.  Limits are token buckets refilled
+continuously: requests per minute, and tokens per minute charged up front as prompt + max output tokens,
+then reconciled with the actual usage the engine reports.  ``max_concurrent`` caps requests in flight.
+All state lives on the gateway's event loop (no locks).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import pathlib
+import time
+import tomllib
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from kvmesh.gateway.errors import ApiError
+
+
+class TenantConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    key_sha256: tuple[str, ...] = Field(default=(), description="hex SHA-256 of each API key")
+    requests_per_min: float | None = Field(default=None, gt=0)
+    tokens_per_min: float | None = Field(default=None, gt=0)
+    max_concurrent: int | None = Field(default=None, gt=0)
+    priority: int = Field(default=0, description="Higher is served first when requests queue")
+    cache_salt: str | None = Field(default=None, description="Defaults to a secret derived from the name")
+
+
+class TenantsFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    admin_key_sha256: tuple[str, ...] = ()
+    tenants: tuple[TenantConfig, ...] = ()
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(slots=True)
+class Bucket:
+    """Token bucket holding up to one minute of ``rate``; may go negative after reconciliation."""
+
+    rate_per_min: float
+    level: float = 0.0
+    at: float = field(default_factory=time.monotonic)
+
+    def __post_init__(self) -> None:
+        self.level = self.rate_per_min
+
+    def refill(self, now: float) -> None:
+        self.level = min(self.rate_per_min, self.level + (now - self.at) * self.rate_per_min / 60.0)
+        self.at = now
+
+    def wait_s(self, cost: float) -> float:
+        """Seconds until ``cost`` fits (0 if it does now)."""
+        missing = min(cost, self.rate_per_min) - self.level
+        return 0.0 if missing <= 0 else missing * 60.0 / self.rate_per_min
+
+
+@dataclass(slots=True)
+class Tenant:
+    cfg: TenantConfig
+    salt: str
+    requests: Bucket | None = None
+    tokens: Bucket | None = None
+    in_flight: int = 0
+
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+
+class Tenants:
+    """Authentication and limits.  Empty (no tenants configured) means open access as tenant ``default``."""
+
+    def __init__(self, spec: TenantsFile, secret: str | None = None) -> None:
+        self.secret = secret or os.environ.get("KVMESH_SALT_SECRET", "kvmesh")
+        self.admin = set(spec.admin_key_sha256)
+        self.by_hash: dict[str, Tenant] = {}
+        self.tenants: dict[str, Tenant] = {}
+        for t in spec.tenants:
+            salt = t.cache_salt or hmac.new(self.secret.encode(), t.name.encode(), "sha256").hexdigest()[:32]
+            ten = Tenant(t, salt, Bucket(t.requests_per_min) if t.requests_per_min else None,
+                         Bucket(t.tokens_per_min) if t.tokens_per_min else None)
+            self.tenants[t.name] = ten
+            for h in t.key_sha256:
+                self.by_hash[h.lower()] = ten
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.tenants)
+
+    def authenticate(self, authorization: str | None) -> Tenant | None:
+        """The caller's tenant; None when auth is off.  Raises a 401 :class:`ApiError`."""
+        if not self.enabled:
+            return None
+        if not authorization or not authorization.lower().startswith("bearer "):
+            raise ApiError(401, "missing API key: send 'Authorization: Bearer <key>'", kind="auth_missing")
+        t = self.by_hash.get(hash_key(authorization[7:].strip()))
+        if t is None:
+            raise ApiError(401, "invalid API key", kind="auth_invalid")
+        return t
+
+    def is_admin(self, authorization: str | None) -> bool:
+        if not self.admin:
+            return not self.enabled  # no admin keys: admin endpoints are open only without auth
+        key = (authorization or "")[7:].strip() if (authorization or "").lower().startswith("bearer ") else ""
+        return bool(key) and hash_key(key) in self.admin
+
+    def admit(self, t: Tenant, cost_tokens: int) -> None:
+        """Charge one request of ``cost_tokens``; raises 429 (with Retry-After) when over a limit."""
+        now = time.monotonic()
+        if t.cfg.max_concurrent is not None and t.in_flight >= t.cfg.max_concurrent:
+            raise ApiError(429, f"tenant {t.name}: more than {t.cfg.max_concurrent} concurrent requests",
+                           kind="rate_concurrency", retry_after=1)
+        for b, cost, what in ((t.requests, 1.0, "requests"), (t.tokens, float(cost_tokens), "tokens")):
+            if b is not None:
+                b.refill(now)
+                wait = b.wait_s(cost)
+                if wait > 0:
+                    raise ApiError(429, f"tenant {t.name}: {what} per minute limit ({b.rate_per_min:g}) reached",
+                                   kind=f"rate_{what}", retry_after=max(1, math.ceil(wait)))
+        if t.requests is not None:
+            t.requests.level -= 1
+        if t.tokens is not None:
+            t.tokens.level -= cost_tokens
+        t.in_flight += 1
+
+    def release(self, t: Tenant, charged: int, used: int | None) -> None:
+        """The request ended; ``used`` (if known) replaces the up-front token charge."""
+        t.in_flight -= 1
+        if t.tokens is not None and used is not None:
+            t.tokens.level += charged - used
+
+
+def load_tenants(path: pathlib.Path | None) -> TenantsFile:
+    """Read a tenants TOML file (plus ``KVMESH_API_KEYS=tenant:key,...`` from the environment, hashed on
+    load).  Raises ``ValueError`` with a one-line message."""
+    data: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ValueError(f"tenants file {path}: {e}") from None
+    env = os.environ.get("KVMESH_API_KEYS", "")
+    try:
+        spec = TenantsFile.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ValueError(f"tenants file {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    if env:
+        extra: dict[str, list[str]] = {}
+        for item in env.split(","):
+            name, _, key = item.partition(":")
+            if not name or not key:
+                raise ValueError("KVMESH_API_KEYS must look like 'tenant:key,tenant2:key2'")
+            extra.setdefault(name.strip(), []).append(hash_key(key.strip()))
+        known = {t.name: t for t in spec.tenants}
+        merged = [t.model_copy(update={"key_sha256": (*t.key_sha256, *extra.pop(t.name, []))}) for t in spec.tenants]
+        merged += [TenantConfig(name=n, key_sha256=tuple(h)) for n, h in extra.items() if n not in known]
+        spec = spec.model_copy(update={"tenants": tuple(merged)})
+    return spec

@@ -1,0 +1,127 @@
+"""Tenants, API keys, limits, cache-salt isolation, admin endpoints and draining (both engine kinds)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import pathlib
+
+import httpx
+import pytest
+
+from kvmesh.gateway.tenants import hash_key
+from kvmesh.stack import DEMO_MODEL_NAME, Stack
+from tests.helpers import LoopThread, wait_until
+
+MODEL = DEMO_MODEL_NAME
+KEYS = {"alpha": "sk-alpha-secret", "beta": "sk-beta-secret", "slow": "sk-slow", "solo": "sk-solo"}
+ADMIN = "sk-admin"
+
+
+@pytest.fixture
+def tenants_file(tmp_path: pathlib.Path) -> pathlib.Path:
+    p = tmp_path / "tenants.toml"
+    p.write_text(f'''admin_key_sha256 = ["{hash_key(ADMIN)}"]
+[[tenants]]
+name = "alpha"
+key_sha256 = ["{hash_key(KEYS['alpha'])}"]
+[[tenants]]
+name = "beta"
+key_sha256 = ["{hash_key(KEYS['beta'])}"]
+[[tenants]]
+name = "slow"
+key_sha256 = ["{hash_key(KEYS['slow'])}"]
+requests_per_min = 3
+[[tenants]]
+name = "solo"
+key_sha256 = ["{hash_key(KEYS['solo'])}"]
+max_concurrent = 1
+''')
+    return p
+
+
+def auth(tenant: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {KEYS[tenant]}"}
+
+
+def complete(url: str, tenant: str | None, prompt: str = "hi", **kw: object) -> httpx.Response:
+    headers = auth(tenant) if tenant else {}
+    return httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 1, **kw},
+                      headers=headers, timeout=60)
+
+
+@pytest.fixture
+def gw(stack: Stack, make_gateway, tenants_file: pathlib.Path):  # type: ignore[no-untyped-def]
+    return make_gateway(backends=tuple(e.url for e in stack.engines), tenants_file=str(tenants_file))
+
+
+def test_api_keys(gw) -> None:  # type: ignore[no-untyped-def]
+    r = complete(gw.url, None)
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    r = httpx.post(f"{gw.url}/v1/completions", json={"model": MODEL, "prompt": "x"},
+                   headers={"Authorization": "Bearer sk-wrong"})
+    assert r.status_code == 401 and "invalid API key" in r.json()["error"]["message"]
+    assert complete(gw.url, "alpha").status_code == 200
+    metrics = httpx.get(f"{gw.url}/metrics").text
+    assert all(k not in metrics for k in KEYS.values())
+
+
+def test_requests_per_minute_limit(gw) -> None:  # type: ignore[no-untyped-def]
+    codes = [complete(gw.url, "slow").status_code for _ in range(3)]
+    assert codes == [200, 200, 200]
+    r = complete(gw.url, "slow")
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    assert "requests per minute" in r.json()["error"]["message"]
+    assert complete(gw.url, "alpha").status_code == 200  # other tenants are unaffected
+
+
+def test_max_concurrent(gw) -> None:  # type: ignore[no-untyped-def]
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, headers=auth("solo"), timeout=60) as held:
+        assert held.status_code == 200
+        r = complete(gw.url, "solo")
+        assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
+    wait_until(lambda: complete(gw.url, "solo").status_code == 200, 30, "the slot to be released")
+
+
+def test_cache_salt_isolates_tenants(stack: Stack, make_gateway, tenants_file: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    one = make_gateway(backends=(stack.engines[0].url,), tenants_file=str(tenants_file))  # same replica for all
+    doc = " ".join(f"tenant isolation paragraph {i} with some words" for i in range(60))
+
+    def cached(tenant: str) -> int:
+        r = complete(one.url, tenant, doc)
+        assert r.status_code == 200, r.text
+        return int(r.json()["usage"]["prompt_tokens_details"]["cached_tokens"])
+
+    cached("alpha")
+    assert cached("alpha") > 0   # the same tenant reuses its prefix ...
+    assert cached("beta") == 0   # ... another tenant never does, on any replica
+
+
+def test_admin_endpoints_need_the_admin_key(gw, tenants_file: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    assert httpx.get(f"{gw.url}/debug/route", params={"prompt": "x"}, headers=auth("alpha")).status_code == 401
+    ok = httpx.get(f"{gw.url}/debug/route", params={"prompt": "x"}, headers={"Authorization": f"Bearer {ADMIN}"})
+    assert ok.status_code == 200
+    gamma = hash_key("sk-gamma")
+    tenants_file.write_text(tenants_file.read_text() + f'[[tenants]]\nname = "gamma"\nkey_sha256 = ["{gamma}"]\n')
+    r = httpx.post(f"{gw.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"})
+    assert r.status_code == 200 and "gamma" in r.json()["tenants"]
+    r = httpx.post(f"{gw.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1},
+                   headers={"Authorization": "Bearer sk-gamma"})
+    assert r.status_code == 200
+
+
+def test_drain_finishes_in_flight_and_refuses_new(stack: Stack, make_gateway, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(backends=tuple(e.url for e in stack.engines))
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    with contextlib.ExitStack() as held:
+        r = held.enter_context(httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=60))
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        fut = asyncio.run_coroutine_threadsafe(gw.drain(60), loop_thread.loop)
+        wait_until(lambda: httpx.get(f"{gw.url}/ready").status_code == 503, 10, "readiness to go false")
+        refused = complete(gw.url, None)
+        assert refused.status_code == 503 and "shutting down" in refused.json()["error"]["message"]
+        rest = [x for x in lines if x.startswith("data: ")]
+        assert rest[-1] == "data: [DONE]"  # the in-flight stream was not cut
+    assert fut.result(30) == 0
