@@ -9,6 +9,7 @@ Uses kvmesh's real policy objects and KV index (see ``kvmesh.sim``); GPU-class t
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import sys
 
@@ -19,6 +20,15 @@ from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
 
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
 DEFAULT_TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
+
+
+def _from(result: str, key: str) -> object:
+    """A metric of another benchmark's result file (``bench/compare_routers.py``, ``bench/sim_fidelity.py``)."""
+    path = pathlib.Path(__file__).parent / "results" / f"{result}.json"
+    try:
+        return json.loads(path.read_text())["metrics"].get(key)
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def main() -> None:
@@ -42,10 +52,9 @@ def main() -> None:
         "kvaware_ttft_mean_over_oracle": round(kv.ttft_mean_s / oracle.ttft_mean_s, 3),
         "kvaware_hit_over_oracle": round(kv.hit_rate / oracle.hit_rate, 3) if oracle.hit_rate else None,
         "sim_speedup_x": round(run.trace_span_s / kv.wall_s, 1),
-        # Not measured in this release (see docs/benchmarks.md): needs the sglang-router side-by-side run
-        # and the real-vLLM fidelity run.
-        "kvaware_ttft_mean_over_sglang": None,
-        "sim_ttft_error_pct": None,
+        # Measured by their own scripts (real time / real vLLM), copied here when their results exist.
+        "kvaware_ttft_mean_over_sglang": _from("compare_routers", "kvaware_ttft_mean_over_sglang"),
+        "sim_ttft_error_pct": _from("sim_fidelity", "sim_ttft_error_pct"),
         "ceiling_token_hit": round(run.ceiling_token_hit, 4),
         "policies": {r.policy: {"ttft_mean_ms": round(r.ttft_mean_s * 1000, 1),
                                 "ttft_p50_ms": round(r.ttft_p50_s * 1000, 1),

@@ -15,8 +15,10 @@ from aiohttp import web
 
 
 class ScriptedEngine:
-    def __init__(self, name: str, model: str = "kvmesh-demo") -> None:
+    def __init__(self, name: str, model: str = "kvmesh-demo", hang: bool = False) -> None:
         self.name = name
+        self.hang = hang  # accept requests but never answer them (a hung engine)
+        self.stopped = asyncio.Event()
         self.model = model
         self.gates: list[asyncio.Event] = []
         self.open_streams = 0
@@ -35,6 +37,7 @@ class ScriptedEngine:
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
 
     async def stop(self) -> None:
+        self.stopped.set()
         for g in self.gates:
             g.set()
         if self.runner:
@@ -45,6 +48,9 @@ class ScriptedEngine:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        if self.hang:
+            await self.stopped.wait()
+            raise web.HTTPServiceUnavailable()
         n = int(body.get("max_tokens", 2))
         if not body.get("stream"):
             return web.json_response({"object": "text_completion", "choices": [{"text": "x" * n}]})

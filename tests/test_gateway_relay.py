@@ -55,3 +55,21 @@ def test_least_request_alternates_exactly(scripted, make_gateway, loop_thread) -
         release_all(loop_thread, scripted)
     assert collections.Counter(names) == {"backend-0": 5, "backend-1": 5}
     assert all(a != b for a, b in zip(names[::2], names[1::2], strict=True))
+
+
+def test_hung_engine_is_bypassed_by_the_first_token_timeout(make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]
+    hung, ok = (loop_thread.call(lambda h=h: ScriptedEngine("x", hang=h)) for h in (True, False))
+    for e in (hung, ok):
+        loop_thread.run(e.start())
+    try:
+        gw = make_gateway(backends=(hung.url, ok.url), policy="round-robin", ttft_timeout_s=0.5,
+                          health_interval_s=300)
+        body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=10) as r:
+            assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1"
+            assert [x for x in r.iter_lines() if x.startswith("data: ")][-1] == "data: [DONE]"
+        assert not gw.pool.backends[0].healthy
+        assert 'kvmesh_gateway_errors_total{kind="upstream_ttft_timeout"} 1.0' in httpx.get(f"{gw.url}/metrics").text
+    finally:
+        for e in (hung, ok):
+            loop_thread.run(e.stop())

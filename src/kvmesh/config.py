@@ -110,6 +110,8 @@ class GatewayConfig(_Strict):
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0, description="Max silence between upstream bytes")
+    ttft_timeout_s: float = Field(default=120.0, gt=0, description="Streams: first token within this, else "
+                                  "the request is retried on another backend")
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"

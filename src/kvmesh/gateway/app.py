@@ -40,6 +40,10 @@ ENGINE_EXITED = "engine process exited"
 _json = msgspec.json.Encoder()
 
 
+class FirstByteTimeout(Exception):
+    """A streaming backend sent no first token within ``ttft_timeout_s``."""
+
+
 class Gateway:
     def __init__(self, cfg: GatewayConfig, policy: Policy | None = None) -> None:
         self.cfg = cfg
@@ -81,6 +85,7 @@ class Gateway:
     async def start(self) -> None:
         # No connection limit (the engines apply back-pressure); keep-alive reuse saves a connect per call.
         conn = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # per phase: connect, then (streams) first token in _open, then the gap between chunks
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.cfg.connect_timeout_s,
                                         sock_read=self.cfg.read_timeout_s)
         self._http = aiohttp.ClientSession(connector=conn, timeout=timeout, auto_decompress=False)
@@ -336,11 +341,16 @@ class Gateway:
             ex.t_forward = time.perf_counter()
             self.metrics.overhead.observe(ex.t_forward - ex.t_arrival)
             try:
-                upstream = await open_upstream(self._http, b, _PATHS[ex.endpoint], body, request)
+                upstream, first = await self._open(b, body, request, ex, stream)
             except CONNECT_ERRORS as e:
                 self.metrics.errors.labels("upstream_connect").inc()
                 self.pool.set_health(b, False, f"connect failed: {type(e).__name__}")
                 self.pool.poke()
+                return None
+            except FirstByteTimeout:
+                # Nothing reached the client yet: bypass this (hung or overloaded) engine and retry.
+                self.metrics.errors.labels("upstream_ttft_timeout").inc()
+                self.pool.set_health(b, False, f"no first token within {self.cfg.ttft_timeout_s:g}s")
                 return None
             except TimeoutError:
                 self.metrics.errors.labels("upstream_timeout").inc()
@@ -348,7 +358,7 @@ class Gateway:
             async with upstream:
                 is_sse = upstream.headers.get("Content-Type", "").startswith("text/event-stream")
                 if stream and is_sse:
-                    resp = await relay_stream(request, upstream, b, ex, self.metrics)
+                    resp = await relay_stream(request, upstream, b, ex, self.metrics, first)
                     ex.used_tokens = ctx.prompt_tokens_estimate + max(ex.chunks - 1, 0)
                 else:
                     resp = await relay_whole(upstream, b, ex)
@@ -363,6 +373,26 @@ class Gateway:
             if not self._active:
                 self._idle.set()
             gauge.dec()
+
+    async def _open(self, b: Backend, body: bytes, request: web.Request, ex: Exchange,
+                    stream: bool) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Response headers (and, for streams, the first chunk) within ``ttft_timeout_s``; raises
+        :class:`FirstByteTimeout` after closing the upstream request."""
+        assert self._http is not None  # set in start(); not input validation
+        if not stream:
+            return await open_upstream(self._http, b, _PATHS[ex.endpoint], body, request), b""
+        upstream: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self.cfg.ttft_timeout_s):
+                upstream = await open_upstream(self._http, b, _PATHS[ex.endpoint], body, request)
+                first = b""
+                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                    first = await upstream.content.readany()
+                return upstream, first
+        except TimeoutError:
+            if upstream is not None:
+                upstream.close()
+            raise FirstByteTimeout from None
 
     async def _debug_route(self, request: web.Request) -> web.Response:
         """``GET /debug/route?prompt=...&model=...``: what the policy would do, without sending anything."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -69,16 +69,23 @@ async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, ex: Exchange
     return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream))
 
 
+async def _chunks(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    if first:
+        yield first
+    async for chunk in upstream.content.iter_any():
+        yield chunk
+
+
 async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, b: Backend,
-                       ex: Exchange, metrics: GatewayMetrics) -> web.StreamResponse:
-    """Relay an SSE stream; returns the (finished) response.  Raises CancelledError on client disconnect
-    after closing the upstream connection."""
+                       ex: Exchange, metrics: GatewayMetrics, first: bytes = b"") -> web.StreamResponse:
+    """Relay an SSE stream whose ``first`` chunk was already read; returns the (finished) response.  Raises
+    CancelledError on client disconnect after closing the upstream connection."""
     headers = _response_headers(b, upstream)
     headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     await resp.prepare(request)
     try:
-        async for chunk in upstream.content.iter_any():
+        async for chunk in _chunks(first, upstream):
             if not ex.chunks:
                 ex.t_first = time.perf_counter()
                 metrics.ttft.labels(ex.endpoint).observe(ex.t_first - ex.t_arrival)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -93,7 +94,7 @@ class Cluster:
                             decode_penalty_s=profile.decode_s_per_seq)
         if policy == "oracle":
             self.policy = Policy("oracle", [HealthyServingModel()], [(OracleScorer(profile, token_scale), 1.0)],
-                                 MinCostPicker())
+                                 MinCostPicker(random.Random(seed)))
         else:
             self.policy = make_policy(policy, seed=seed, index=self.index, cfg=cfg)
         self.policy_name = policy
