@@ -76,7 +76,7 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
     wait_until(lambda: not kv.index.engine_keys(victim.name), 30, "the index to drop the dead engine's blocks")
     wait_until(lambda: stack.supervisor.restarts["engine-0"] == 1, 30, "the supervisor to restart engine-0")
     if isinstance(victim, VllmEngine):
-        assert victim.pid != old_pid
+        wait_until(lambda: victim.pid != old_pid, 30, "a new engine-0 process")
     backend = stack.gateway.pool.get("engine-0")
     assert backend is not None
     wait_until(lambda: backend.healthy, 240, "engine-0 to be healthy again", interval=1.0)

@@ -106,6 +106,10 @@ class GatewayConfig(_Strict):
     debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route (admin key when tenants)")
     tenants_file: str | None = Field(default=None, description="TOML with [[tenants]] and admin_key_sha256")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait this long for in-flight")
+    max_in_flight_per_backend: int | None = Field(default=None, gt=0, description="Beyond this on every "
+                                                  "replica, requests queue fairly across tenants (VTC)")
+    max_queue: int = Field(default=1024, ge=0)
+    queue_timeout_s: float = Field(default=30.0, gt=0)
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)

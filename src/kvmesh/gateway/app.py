@@ -21,6 +21,7 @@ import msgspec
 from aiohttp import web
 
 from kvmesh.config import GatewayConfig
+from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
@@ -38,6 +39,11 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _PATHS = {"completions": "/v1/completions", "chat": "/v1/chat/completions"}
 ENGINE_EXITED = "engine process exited"
 _json = msgspec.json.Encoder()
+
+
+def ex_cost(endpoint: str, req: dict[str, Any]) -> int:
+    """Tokens a request is charged on admission: prompt estimate + requested output."""
+    return prompt_size_estimate(endpoint, req) + int(req.get("max_tokens") or req.get("max_completion_tokens") or 16)
 
 
 class FirstByteTimeout(Exception):
@@ -59,6 +65,8 @@ class Gateway:
         self.feed: IndexFeed | None = None
         self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
         self.draining = False
+        self.admission = Admission(self._capacity, cfg.max_queue, cfg.queue_timeout_s, cfg.retry_after_s)
+        self.metrics.queue_depth.set_function(self.admission.queued)
         self._active = 0  # requests being forwarded or relayed
         self._idle = asyncio.Event()
         self.port = cfg.port
@@ -154,8 +162,14 @@ class Gateway:
     def url(self) -> str:
         return f"http://{self.cfg.host}:{self.port}"
 
+    def _capacity(self) -> int | None:
+        per = self.cfg.max_in_flight_per_backend
+        return None if per is None else per * sum(b.healthy for b in self.pool.backends)
+
     def _health_changed(self, b: Backend, reason: str) -> None:
         self.metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
+        if b.healthy:
+            self.admission.pump()  # more capacity: admit waiters
         if not b.healthy and (reason.startswith("connect") or reason == ENGINE_EXITED):
             # The engine process is gone, and its cache with it.  (A mere timeout keeps the entries.)
             n = self.index.clear_engine(b.name)
@@ -288,15 +302,20 @@ class Gateway:
         self._check_model(req["model"])
         charged = 0
         if tenant is not None:
-            charged = prompt_size_estimate(endpoint, req) + int(req.get("max_tokens") or
-                                                                req.get("max_completion_tokens") or 16)
+            charged = ex_cost(endpoint, req)
             self.tenants.admit(tenant, charged)
             req["cache_salt"] = tenant.salt  # engines and caches never share KV across tenants
             body = _json.encode(req)
+        name, priority = (tenant.name, tenant.cfg.priority) if tenant else ("default", 0)
         try:
-            ctx = await self._context(request, endpoint, req, tenant.salt if tenant else None)
-            ctx.tenant = tenant.name if tenant else None
-            return await self._dispatch(request, body, ex, ctx, bool(req.get("stream")))
+            cost = charged or ex_cost(endpoint, req)
+            await self.admission.acquire(name, priority, cost)
+            try:
+                ctx = await self._context(request, endpoint, req, tenant.salt if tenant else None)
+                ctx.tenant = tenant.name if tenant else None
+                return await self._dispatch(request, body, ex, ctx, bool(req.get("stream")))
+            finally:
+                self.admission.release(name, (ex.used_tokens - cost) if ex.used_tokens is not None else 0)
         finally:
             if tenant is not None:
                 self.tenants.release(tenant, charged, ex.used_tokens)

@@ -38,5 +38,7 @@ class GatewayMetrics:
         self.decision = Histogram("kvmesh_routing_decision_seconds", "Time to choose a backend",
                                   buckets=_OVERHEAD, registry=r)
 
+        self.queue_depth = Gauge("kvmesh_gateway_queue_depth", "Requests waiting for a free replica", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
