@@ -26,13 +26,17 @@ def kv_gateway(stack: Stack, make_gateway, tiny_model: pathlib.Path) -> Gateway:
     for e in stack.engines:
         replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None
         specs.append({"url": e.url, "name": e.name, "kv_events": e.kv_events_endpoint, "replay": replay})
-    return make_gateway(backends=tuple(specs), policy="kv-aware", tokenizer=str(tiny_model),  # type: ignore[no-any-return]
-                        health_interval_s=0.5)
+    gw = make_gateway(backends=tuple(specs), policy="kv-aware", tokenizer=str(tiny_model), health_interval_s=0.5)
+    # subscribed, and caught up with what the engines published before (their replay buffers)
+    wait_until(lambda: all(s.connected.is_set() for s in gw.feed.subs.values()), 30, "the index to catch up")
+    return gw  # type: ignore[no-any-return]
 
 
 def reset(url: str) -> None:
     r = httpx.post(f"{url}/reset_prefix_cache", timeout=30)
     assert r.status_code == 200, r.text
+    # vLLM publishes AllBlocksCleared with its next scheduler step: give it one (shorter than a block)
+    httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
 
 
 def test_tokenisation_matches_vllm(stack: Stack, tiny_model: pathlib.Path) -> None:
@@ -81,6 +85,4 @@ def test_index_holds_exactly_what_vllm_reported_and_routes_to_it(stack, make_gat
         assert r.json()["usage"]["prompt_tokens_details"]["cached_tokens"] >= bs * len(expected)
 
     reset(a.url)
-    # vLLM publishes the AllBlocksCleared event with its next scheduler step: give it one (no full block).
-    httpx.post(f"{a.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
     wait_until(lambda: not gw.index.engine_keys(a.name), 30, "the index to forget A's cache after a reset")

@@ -47,7 +47,7 @@ class SimEngine(Engine):
     async def _end(self, code: int) -> None:
         server, self.server = self.server, None
         if server is not None:
-            await server.stop()
+            await server.stop(crash=code != 0)
         if self._exit is not None and not self._exit.done():
             self._exit.set_result(code)
 

@@ -61,6 +61,11 @@ _usage = msgspec.json.Decoder(dict)
 
 async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, ex: Exchange | None = None) -> web.Response:
     body = await upstream.read()
+    if upstream.status >= 400 and not upstream.headers.get("Content-Type", "").startswith("application/json"):
+        # keep the engine's status, but in the OpenAI error shape clients parse
+        text = body[:300].decode("utf-8", "replace").strip()
+        return ApiError(upstream.status, f"backend {b.name} answered {upstream.status}: {text}",
+                        kind="upstream_error").response()
     if ex is not None and upstream.status == 200:
         try:
             ex.used_tokens = int(_usage.decode(body).get("usage", {}).get("total_tokens"))

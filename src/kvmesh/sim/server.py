@@ -82,6 +82,7 @@ class SimServer:
         self._runner: web.AppRunner | None = None
         self._task: asyncio.Task[None] | None = None
         self._pub: zmq.asyncio.Socket | None = None
+        self._open: dict[int, web.Request] = {}  # requests being served, by id (Request is unhashable)
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -99,7 +100,7 @@ class SimServer:
             self._pub = zmq.asyncio.Context.instance().socket(zmq.PUB)
             self._pub.setsockopt(zmq.LINGER, 0)
             self._pub.bind(self.kv_events_endpoint)
-        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -108,7 +109,12 @@ class SimServer:
             self.port = server.sockets[0].getsockname()[1]
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
 
-    async def stop(self) -> None:
+    async def stop(self, crash: bool = False) -> None:
+        """Stop serving.  ``crash``: drop every open connection at once, as a dying process would."""
+        if crash:
+            for req in list(self._open.values()):
+                if req.transport is not None:
+                    req.transport.close()
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -184,6 +190,13 @@ class SimServer:
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 
     async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        self._open[id(request)] = request
+        try:
+            return await self._generate_inner(request, endpoint)
+        finally:
+            self._open.pop(id(request), None)
+
+    async def _generate_inner(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         try:
             body = parse_json(await request.read())
             validate(endpoint, body)
