@@ -84,3 +84,20 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
                        json={"model": MODEL, "prompt": "back?", "max_tokens": 1}).headers["x-kvmesh-backend"]
             for _ in range(4)}
     assert seen == {"engine-0", "engine-1"}
+
+
+def test_hung_engine_is_detected_and_bypassed(stack: Stack, make_gateway) -> None:  # type: ignore[no-untyped-def]
+    victim, healthy = stack.engines
+    if not isinstance(victim, VllmEngine):
+        pytest.skip("SIGSTOP needs an engine process (the scripted hung-upstream test covers the same path)")
+    gw = make_gateway(backends=(victim.url, healthy.url), policy="round-robin", ttft_timeout_s=2.0,
+                      health_interval_s=300)
+    victim.kill(signal.SIGSTOP)
+    try:
+        body = {"model": MODEL, "prompt": "are you there?", "max_tokens": 2, "stream": True}
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1"
+            assert [x for x in r.iter_lines() if x.startswith("data: ")][-1] == "data: [DONE]"
+        assert not gw.pool.backends[0].healthy
+    finally:
+        victim.kill(signal.SIGCONT)

@@ -32,6 +32,7 @@ key_sha256 = ["{hash_key(KEYS['beta'])}"]
 name = "slow"
 key_sha256 = ["{hash_key(KEYS['slow'])}"]
 requests_per_min = 3
+burst_s = 60
 [[tenants]]
 name = "solo"
 key_sha256 = ["{hash_key(KEYS['solo'])}"]

@@ -32,6 +32,7 @@ class TenantConfig(BaseModel):
     tokens_per_min: float | None = Field(default=None, gt=0)
     max_concurrent: int | None = Field(default=None, gt=0)
     priority: int = Field(default=0, description="Higher is served first when requests queue")
+    burst_s: float = Field(default=10.0, gt=0, le=60, description="Bucket size: this many seconds of the rate")
     cache_salt: str | None = Field(default=None, description="Defaults to a secret derived from the name")
 
 
@@ -48,22 +49,28 @@ def hash_key(key: str) -> str:
 
 @dataclass(slots=True)
 class Bucket:
-    """Token bucket holding up to one minute of ``rate``; may go negative after reconciliation."""
+    """Token bucket holding ``burst_s`` seconds of ``rate_per_min`` (at least one unit); it may go negative
+    after reconciliation with real usage, which delays the tenant's next requests accordingly."""
 
     rate_per_min: float
+    burst_s: float = 10.0
     level: float = 0.0
     at: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
-        self.level = self.rate_per_min
+        self.level = self.size
+
+    @property
+    def size(self) -> float:
+        return max(1.0, self.rate_per_min * self.burst_s / 60.0)
 
     def refill(self, now: float) -> None:
-        self.level = min(self.rate_per_min, self.level + (now - self.at) * self.rate_per_min / 60.0)
+        self.level = min(self.size, self.level + (now - self.at) * self.rate_per_min / 60.0)
         self.at = now
 
     def wait_s(self, cost: float) -> float:
         """Seconds until ``cost`` fits (0 if it does now)."""
-        missing = min(cost, self.rate_per_min) - self.level
+        missing = min(cost, self.size) - self.level
         return 0.0 if missing <= 0 else missing * 60.0 / self.rate_per_min
 
 
@@ -90,8 +97,8 @@ class Tenants:
         self.tenants: dict[str, Tenant] = {}
         for t in spec.tenants:
             salt = t.cache_salt or hmac.new(self.secret.encode(), t.name.encode(), "sha256").hexdigest()[:32]
-            ten = Tenant(t, salt, Bucket(t.requests_per_min) if t.requests_per_min else None,
-                         Bucket(t.tokens_per_min) if t.tokens_per_min else None)
+            ten = Tenant(t, salt, Bucket(t.requests_per_min, t.burst_s) if t.requests_per_min else None,
+                         Bucket(t.tokens_per_min, t.burst_s) if t.tokens_per_min else None)
             self.tenants[t.name] = ten
             for h in t.key_sha256:
                 self.by_hash[h.lower()] = ten

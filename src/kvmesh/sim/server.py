@@ -226,6 +226,8 @@ class SimServer:
             if body.get("stream"):
                 return await self._stream(request, endpoint, body, lv)
             return await self._whole(endpoint, lv)
+        except ConnectionResetError:  # the client went away mid-stream: abort below, as vLLM does
+            return web.Response(status=499)
         finally:
             if req.done_at < 0:  # client went away: abort like vLLM does
                 self.core.abort(req)
