@@ -17,7 +17,6 @@ import pathlib
 import random
 import sys
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,21 +25,13 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench.common import pct, write_result
 from kvmesh.index import BlockStored, EventBatch, KvIndex, block_keys, decode_batch, encode_batch
 from kvmesh.models import demo
+from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy
 from kvmesh.tokenize import PromptTokenizer
 
 BS = 128
 DOC_BLOCKS = 64  # 8k tokens
 
-
-@dataclass
-class Cand:
-    name: str
-    healthy: bool = True
-    in_flight: int = 0
-    models: frozenset[str] = frozenset()
-    pending_prefill_tokens: int = 0
-    engine_queue: int = -1
 
 
 def doc_tokens(doc_id: int) -> np.ndarray:

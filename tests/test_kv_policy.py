@@ -4,25 +4,16 @@ from __future__ import annotations
 
 import collections
 import random
-from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry
 
 from kvmesh.config import RoutingConfig
 from kvmesh.index import BlockStored, EventBatch, KvIndex
+from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy
 
 BS = 16
 
-
-@dataclass
-class Cand:
-    name: str
-    healthy: bool = True
-    in_flight: int = 0
-    models: frozenset[str] = frozenset()
-    pending_prefill_tokens: int = 0
-    engine_queue: int = -1
 
 
 def ctx(tokens: list[int], session: str | None = None) -> RequestContext:

@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
 
 import pytest
 
-from kvmesh.routing import NoCandidate, RequestContext, make_policy
+from kvmesh.routing import CandidateState, NoCandidate, RequestContext, make_policy
 
 
-@dataclass
-class Cand:
-    name: str
-    healthy: bool = True
-    in_flight: int = 0
-    models: frozenset[str] = frozenset({"m"})
-    pending_prefill_tokens: int = 0
-    engine_queue: int = -1
+def Cand(name: str, healthy: bool = True, in_flight: int = 0,
+         models: frozenset[str] = frozenset({"m"})) -> CandidateState:
+    return CandidateState(name, healthy, in_flight, models)
 
 
 def ctx(model: str = "m") -> RequestContext:

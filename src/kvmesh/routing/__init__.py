@@ -2,6 +2,7 @@
 
 from kvmesh.routing.base import (
     Candidate,
+    CandidateState,
     Decision,
     NoCandidate,
     Policy,
@@ -9,4 +10,5 @@ from kvmesh.routing.base import (
 )
 from kvmesh.routing.factory import POLICIES, make_policy
 
-__all__ = ["POLICIES", "Candidate", "Decision", "NoCandidate", "Policy", "RequestContext", "make_policy"]
+__all__ = ["POLICIES", "Candidate", "CandidateState", "Decision", "NoCandidate", "Policy", "RequestContext",
+           "make_policy"]

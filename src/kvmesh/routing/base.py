@@ -54,6 +54,18 @@ class Candidate(Protocol):
 
 
 @dataclass(slots=True)
+class CandidateState:
+    """A plain :class:`Candidate` (for simulations, benchmarks and tests of policies)."""
+
+    name: str
+    healthy: bool = True
+    in_flight: int = 0
+    models: frozenset[str] = frozenset()
+    pending_prefill_tokens: int = 0
+    engine_queue: int = -1
+
+
+@dataclass(slots=True)
 class Decision:
     backend: Candidate
     costs: dict[str, float] = field(default_factory=dict)
