@@ -191,6 +191,13 @@ class Gateway:
             if e.status >= 400:
                 return ApiError(e.status, f"{e.reason}: {request.method} {request.path}").response()
             raise
+        except (asyncio.CancelledError, ConnectionResetError):
+            raise
+        except Exception:
+            # A bug, not the client's fault: say so in the same JSON shape, keep serving.
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            self.metrics.errors.labels("internal").inc()
+            return ApiError(500, "internal gateway error").response()
 
     async def _read_body(self, request: web.Request) -> bytes:
         if request.content_length is not None and request.content_length > self.cfg.max_body_bytes:
@@ -380,7 +387,14 @@ class Gateway:
                     resp = await relay_stream(request, upstream, b, ex, self.metrics, first)
                     ex.used_tokens = ctx.prompt_tokens_estimate + max(ex.chunks - 1, 0)
                 else:
-                    resp = await relay_whole(upstream, b, ex)
+                    try:
+                        resp = await relay_whole(upstream, b, ex)
+                    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+                        # The engine died while answering; the client has received nothing: retry.
+                        self.metrics.errors.labels("upstream_broken").inc()
+                        self.pool.set_health(b, False, f"connect failed mid-response: {type(e).__name__}")
+                        self.pool.poke()
+                        return None
                     first_byte()
             self.metrics.e2e.labels(ex.endpoint).observe(time.perf_counter() - ex.t_arrival)
             return resp
