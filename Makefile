@@ -5,6 +5,7 @@ STAMP      := $(VENV)/.kvmesh-installed
 MODEL_SIZE ?= small
 PORT       ?= 8000
 REPLICAS   ?= 2
+POLICY     ?= kv-aware
 
 .PHONY: run test install lint bench clean routers
 
@@ -20,7 +21,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/kvmesh up --model-size $(MODEL_SIZE) --port $(PORT) --replicas $(REPLICAS)
+	$(VENV)/bin/kvmesh up --model-size $(MODEL_SIZE) --port $(PORT) --replicas $(REPLICAS) --policy $(POLICY)
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -369,14 +369,13 @@ class Gateway:
             try:
                 upstream, first = await self._open(b, body, request, ex, stream)
             except CONNECT_ERRORS as e:
-                self.metrics.errors.labels("upstream_connect").inc()
-                self.pool.set_health(b, False, f"connect failed: {type(e).__name__}")
-                self.pool.poke()
+                self._bypass(b, "upstream_connect", f"connect failed: {type(e).__name__}")
                 return None
             except FirstByteTimeout:
                 # Nothing reached the client yet: bypass this (hung or overloaded) engine and retry.
-                self.metrics.errors.labels("upstream_ttft_timeout").inc()
-                self.pool.set_health(b, False, f"no first token within {self.cfg.ttft_timeout_s:g}s")
+                # (no early health check: a hung engine often still answers /health)
+                self._bypass(b, "upstream_ttft_timeout", f"no first token within {self.cfg.ttft_timeout_s:g}s",
+                             poke=False)
                 return None
             except TimeoutError:
                 self.metrics.errors.labels("upstream_timeout").inc()
@@ -391,9 +390,7 @@ class Gateway:
                         resp = await relay_whole(upstream, b, ex)
                     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
                         # The engine died while answering; the client has received nothing: retry.
-                        self.metrics.errors.labels("upstream_broken").inc()
-                        self.pool.set_health(b, False, f"connect failed mid-response: {type(e).__name__}")
-                        self.pool.poke()
+                        self._bypass(b, "upstream_broken", f"connect failed mid-response: {type(e).__name__}")
                         return None
                     first_byte()
             self.metrics.e2e.labels(ex.endpoint).observe(time.perf_counter() - ex.t_arrival)
@@ -406,6 +403,13 @@ class Gateway:
             if not self._active:
                 self._idle.set()
             gauge.dec()
+
+    def _bypass(self, b: Backend, kind: str, reason: str, poke: bool = True) -> None:
+        """Take ``b`` out of rotation after a failure the client never saw; the caller retries elsewhere."""
+        self.metrics.errors.labels(kind).inc()
+        self.pool.set_health(b, False, reason)
+        if poke:
+            self.pool.poke()
 
     async def _open(self, b: Backend, body: bytes, request: web.Request, ex: Exchange,
                     stream: bool) -> tuple[aiohttp.ClientResponse, bytes]:

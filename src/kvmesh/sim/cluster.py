@@ -21,7 +21,7 @@ from typing import Any
 from kvmesh.config import RoutingConfig
 from kvmesh.index import EventBatch, KvIndex, block_keys
 from kvmesh.routing import Policy, RequestContext, make_policy
-from kvmesh.routing.base import Candidate, Scorer
+from kvmesh.routing.base import Candidate, CandidateState, Scorer
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
 from kvmesh.sim.profiles import TimingProfile
@@ -29,17 +29,11 @@ from kvmesh.sim.profiles import TimingProfile
 _ARRIVE, _STEP_DONE, _EVENTS = 0, 1, 2
 
 
-@dataclass(slots=True)
-class SimBackend:
-    """What a policy sees of a simulated engine (the gateway's ``Backend`` fields)."""
+@dataclass(slots=True, kw_only=True)
+class SimBackend(CandidateState):
+    """What a policy sees of a simulated engine (the gateway's ``Backend`` load fields), plus its core."""
 
-    name: str
     core: EngineCore
-    healthy: bool = True
-    in_flight: int = 0
-    models: frozenset[str] = frozenset()
-    pending_prefill_tokens: int = 0
-    engine_queue: int = -1
     stepping: bool = False
     pending_of: dict[int, int] = field(default_factory=dict)
 
@@ -87,7 +81,7 @@ class Cluster:
         self.block_size = block_size
         self.event_delay_s = event_delay_s
         self.index = KvIndex("kvmesh")
-        self.backends = [SimBackend(f"e{i}", EngineCore(f"e{i}", profile, block_size, token_scale))
+        self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
                          for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
         cfg = RoutingConfig(prefill_tps=profile.prefill_tps / token_scale, prefix_block_size=block_size,
