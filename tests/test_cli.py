@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -107,3 +108,15 @@ def test_up_serves_and_stops_cleanly(tmp_path: pathlib.Path, tiny_model: pathlib
         proc.wait(60)
     assert proc.returncode == 0
     wait_until(lambda: not any(_alive(k) for k in kids), 30, "every engine process to exit")
+
+
+def test_bench_against_the_stack(stack, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    r = subprocess.run([*KVMESH, "bench", "--url", stack.gateway.url, "--limit", "16", "--speedup", "4",
+                        "--max-tokens", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["ok"] == 16 and summary["ttft"]["p50_ms"] > 0 and summary["prefix_hit_rate"] is not None
+    lines = (tmp_path / "out" / "requests.jsonl").read_text().splitlines()
+    assert len(lines) == 16 and "| TTFT |" in r.stdout
+    assert set(summary["per_backend"]) <= {e.name for e in stack.engines}

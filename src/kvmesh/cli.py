@@ -232,6 +232,48 @@ def sim(
     typer.echo(markdown(run))
 
 
+@app.command()
+def bench(
+    url: Annotated[str, typer.Option(help="Gateway or engine base URL")] = "http://127.0.0.1:8000",
+    model: str = "kvmesh-demo",
+    trace: Annotated[pathlib.Path | None, typer.Option(help="Mooncake-format trace; default: shared-prefix "
+                                                             "groups")] = None,
+    limit: Annotated[int, typer.Option(help="Requests to send")] = 200,
+    mode: Annotated[str, typer.Option(help="trace (timestamps), poisson, closed")] = "trace",
+    speedup: float = 1.0,
+    rate: Annotated[float, typer.Option(help="Requests/s (poisson)")] = 2.0,
+    concurrency: Annotated[int, typer.Option(help="Clients (closed)")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Cap on output tokens per request")] = 64,
+    slo_ttft: float = 2.0,
+    slo_tpot: float = 0.2,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key (tenants)")] = None,
+    out: Annotated[pathlib.Path, typer.Option(help="Directory for requests.jsonl, summary, plots")] = pathlib.Path(
+        "bench-out"),
+) -> None:
+    """Replay a workload against an OpenAI-compatible URL; report TTFT/TPOT/E2E, goodput, hit rate."""
+    import time
+
+    from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
+    from kvmesh.bench.workloads import TraceError, load_mooncake, shared_prefix_groups
+
+    if mode not in ("trace", "poisson", "closed"):
+        _fail("--mode must be trace, poisson or closed")
+    if limit < 1 or speedup <= 0 or rate <= 0 or concurrency < 1:
+        _fail("--limit, --speedup, --rate and --concurrency must be positive")
+    try:
+        reqs = load_mooncake(trace, limit) if trace else shared_prefix_groups(max(1, limit // 8), 8)[:limit]
+    except TraceError as e:
+        _fail(str(e))
+    spec = LoadSpec(url.rstrip("/"), model, mode, speedup, rate, concurrency, max_tokens, slo_ttft, slo_tpot,
+                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    t0 = time.perf_counter()
+    results = asyncio.run(run_load(spec, reqs))
+    summary = summarize(results, spec, time.perf_counter() - t0)
+    files = write_outputs(out, results, summary)
+    typer.echo(markdown(summary))
+    typer.echo("wrote " + ", ".join(str(f) for f in files))
+
+
 @model_app.command("demo")
 def model_demo(
     out: Annotated[pathlib.Path, typer.Option(help="Output directory")],

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import pathlib
+import random
 from dataclasses import dataclass
 
 MOONCAKE_BLOCK = 512
@@ -83,3 +84,18 @@ def infinite_cache_hit_rate(reqs: list[TraceRequest]) -> tuple[float, float]:
                 hit_tokens += max(size, 0)
             seen.add(b)
     return hit_blocks / max(total_blocks, 1), hit_tokens / max(total_tokens, 1)
+
+
+def shared_prefix_groups(groups: int, per_group: int, prefix_blocks: int = 8, suffix_blocks: int = 1,
+                         output_tokens: int = 32, interval_s: float = 0.1, seed: int = 0) -> list[TraceRequest]:
+    """Synthetic workload: ``groups`` documents of ``prefix_blocks`` blocks, each asked ``per_group`` times
+    with its own suffix, interleaved at random, one every ``interval_s``."""
+    rng = random.Random(seed)
+    order = [g for g in range(groups) for _ in range(per_group)]
+    rng.shuffle(order)
+    out, next_id = [], 1_000_000
+    for i, g in enumerate(order):
+        ids = [g * 10_000 + j for j in range(prefix_blocks)] + list(range(next_id, next_id + suffix_blocks))
+        next_id += suffix_blocks
+        out.append(TraceRequest(i * interval_s, len(ids) * MOONCAKE_BLOCK, output_tokens, ids))
+    return out
