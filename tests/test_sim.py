@@ -124,3 +124,26 @@ def test_mooncake_slice() -> None:
         res[policy] = Cluster(8, get_profile("h100-llama3-8b"), policy, 16, 32.0).run(sim)
     assert res["kv-aware"].hit_rate > res["round-robin"].hit_rate
     assert max(res["kv-aware"].per_engine) < 0.3 * 400  # no hot spot despite the shared first block
+
+
+def test_azure_and_weka_loaders(tmp_path: pathlib.Path) -> None:
+    from kvmesh.bench.workloads import TraceError, load_trace
+
+    (tmp_path / "az.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                     "2023-11-16 18:15:46.6805900,1000,44\n2023-11-16 18:15:48.1805900,30,9\n")
+    az = load_trace(tmp_path / "az.csv", "azure")
+    assert [round(r.arrival_s, 2) for r in az] == [0.0, 1.5] and az[0].input_tokens == 1000
+    assert len(az[0].block_ids) == 2 and not set(az[0].block_ids) & set(az[1].block_ids)
+    conv = {"block_size": 64, "requests": [
+        {"t": 0.0, "in": 640, "out": 5, "hash_ids": list(range(1, 11))},
+        {"t": 3.0, "type": "subagent", "requests": [{"t": 1.0, "in": 128, "out": 2, "hash_ids": [50, 51]}]},
+        {"t": 9.0, "in": 1280, "out": 5, "hash_ids": list(range(1, 21))}]}
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "trace_a.json").write_text(json.dumps(conv))
+    wk = load_trace(tmp_path / "w", "weka")
+    assert [r.arrival_s for r in wk] == [0.0, 4.0, 9.0]
+    assert wk[2].block_ids[0] == wk[0].block_ids[0]  # the long request extends the first one's prefix
+    blocks, _ = infinite_cache_hit_rate(wk)
+    assert blocks > 0
+    with pytest.raises(TraceError):
+        load_trace(tmp_path / "az.csv", "nope")

@@ -212,7 +212,8 @@ def engine(
 
 @app.command()
 def sim(
-    trace: Annotated[pathlib.Path, typer.Option(help="Mooncake-format trace (jsonl with hash_ids)")],
+    trace: Annotated[pathlib.Path, typer.Option(help="Trace file (or a directory of Weka conversations)")],
+    trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
     replicas: int = 8,
     policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle")] = None,
     profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
@@ -226,7 +227,8 @@ def sim(
     if replicas < 1 or tokens_per_block < 1:
         _fail("--replicas and --tokens-per-block must be >= 1")
     try:
-        run = run_mooncake(trace, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, limit)
+        run = run_mooncake(trace, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, limit,
+                           fmt=trace_format)
     except (TraceError, ValueError) as e:
         _fail(str(e))
     typer.echo(markdown(run))
@@ -236,8 +238,8 @@ def sim(
 def bench(
     url: Annotated[str, typer.Option(help="Gateway or engine base URL")] = "http://127.0.0.1:8000",
     model: str = "kvmesh-demo",
-    trace: Annotated[pathlib.Path | None, typer.Option(help="Mooncake-format trace; default: shared-prefix "
-                                                             "groups")] = None,
+    trace: Annotated[pathlib.Path | None, typer.Option(help="Trace file/dir; default: shared-prefix groups")] = None,
+    trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
     limit: Annotated[int, typer.Option(help="Requests to send")] = 200,
     mode: Annotated[str, typer.Option(help="trace (timestamps), poisson, closed")] = "trace",
     speedup: float = 1.0,
@@ -254,14 +256,14 @@ def bench(
     import time
 
     from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
-    from kvmesh.bench.workloads import TraceError, load_mooncake, shared_prefix_groups
+    from kvmesh.bench.workloads import TraceError, load_trace, shared_prefix_groups
 
     if mode not in ("trace", "poisson", "closed"):
         _fail("--mode must be trace, poisson or closed")
     if limit < 1 or speedup <= 0 or rate <= 0 or concurrency < 1:
         _fail("--limit, --speedup, --rate and --concurrency must be positive")
     try:
-        reqs = load_mooncake(trace, limit) if trace else shared_prefix_groups(max(1, limit // 8), 8)[:limit]
+        reqs = load_trace(trace, trace_format, limit) if trace else shared_prefix_groups(max(1, limit // 8), 8)[:limit]
     except TraceError as e:
         _fail(str(e))
     spec = LoadSpec(url.rstrip("/"), model, mode, speedup, rate, concurrency, max_tokens, slo_ttft, slo_tpot,

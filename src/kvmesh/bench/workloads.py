@@ -14,6 +14,7 @@ import math
 import pathlib
 import random
 from dataclasses import dataclass
+from typing import Any
 
 MOONCAKE_BLOCK = 512
 
@@ -99,3 +100,86 @@ def shared_prefix_groups(groups: int, per_group: int, prefix_blocks: int = 8, su
         next_id += suffix_blocks
         out.append(TraceRequest(i * interval_s, len(ids) * MOONCAKE_BLOCK, output_tokens, ids))
     return out
+
+
+def load_azure(path: str | pathlib.Path, limit: int | None = None) -> list[TraceRequest]:
+    """Azure LLM inference trace 2023 (``TIMESTAMP, ContextTokens, GeneratedTokens``): arrivals and lengths
+    only; every request gets its own block ids (no prefix information in this trace)."""
+    import csv
+    import datetime as dt
+
+    p = pathlib.Path(path)
+    out: list[TraceRequest] = []
+    try:
+        with p.open(newline="", encoding="utf-8") as f:
+            t0: dt.datetime | None = None
+            for n, row in enumerate(csv.DictReader(f), 2):
+                try:
+                    ts = dt.datetime.fromisoformat(row["TIMESTAMP"][:26])
+                    ctx, gen = int(row["ContextTokens"]), int(row["GeneratedTokens"])
+                except (KeyError, ValueError, TypeError) as e:
+                    raise TraceError(f"{p}:{n}: not an Azure trace row ({e})") from None
+                t0 = t0 or ts
+                blocks = max(1, math.ceil(ctx / MOONCAKE_BLOCK))
+                out.append(TraceRequest((ts - t0).total_seconds(), ctx, gen,
+                                        [10_000_000 + len(out) * 1000 + j for j in range(blocks)]))
+                if limit is not None and len(out) >= limit:
+                    break
+    except OSError as e:
+        raise TraceError(f"cannot read trace {p}: {e.strerror}") from None
+    return out
+
+
+def load_weka(paths: list[str | pathlib.Path], limit: int | None = None) -> list[TraceRequest]:
+    """Weka agentic-coding traces (one conversation per JSON file, 64-token blocks with conversation-local
+    ids): conversations run side by side from t=0; ids are made global per file and rescaled to the
+    512-token block granularity of :class:`TraceRequest` (8 Weka blocks per id)."""
+    out: list[TraceRequest] = []
+    for k, path in enumerate(paths):
+        p = pathlib.Path(path)
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+            per = MOONCAKE_BLOCK // int(doc.get("block_size", 64))
+            for j, r in enumerate(_weka_leaves(doc["requests"], 0.0)):
+                ids = [int(h) for h in r.get("hash_ids") or ()]
+                if not ids:  # records without block ids (e.g. sub-agent calls): no reuse known
+                    ids = [-(j + 1) * 100_000 - i for i in range(max(1, math.ceil(int(r["in"]) / 64)))]
+                # a 512-token block is identified by the chain of Weka ids it covers
+                merged = [(k + 1) * 1_000_000_000 + hash(tuple(ids[: i + per])) % 1_000_000_000
+                          for i in range(0, len(ids), per)]
+                out.append(TraceRequest(float(r["t"]), int(r["in"]), int(r["out"]), merged))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise TraceError(f"{p}: not a Weka trace ({e})") from None
+    out.sort(key=lambda r: r.arrival_s)
+    return out[:limit] if limit is not None else out
+
+
+def _weka_leaves(reqs: list[dict[str, Any]], t0: float) -> list[dict[str, Any]]:
+    """Model calls of a Weka conversation, sub-agent calls (records with their own ``requests``) flattened;
+    a sub-agent's times are taken relative to its start when they precede it."""
+    out: list[dict[str, Any]] = []
+    for r in reqs:
+        t = float(r.get("t", 0.0))
+        t = t if t >= t0 else t0 + t
+        nested = r.get("requests")
+        if isinstance(nested, list):
+            out += _weka_leaves(nested, t)
+        elif "in" in r:
+            out.append({**r, "t": t})
+    return out
+
+
+TRACE_FORMATS = ("mooncake", "azure", "weka")
+
+
+def load_trace(path: str | pathlib.Path, fmt: str = "mooncake", limit: int | None = None) -> list[TraceRequest]:
+    """Any supported trace; a Weka path may be one file or a directory of ``*.json`` conversations."""
+    p = pathlib.Path(path)
+    if fmt == "mooncake":
+        return load_mooncake(p, limit)
+    if fmt == "azure":
+        return load_azure(p, limit)
+    if fmt == "weka":
+        files: list[str | pathlib.Path] = list(sorted(p.glob("*.json"))) if p.is_dir() else [p]
+        return load_weka(files, limit)
+    raise TraceError(f"unknown trace format {fmt!r}; choose one of {', '.join(TRACE_FORMATS)}")

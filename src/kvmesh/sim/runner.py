@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
-from kvmesh.bench.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_mooncake, mooncake_prompt
+from kvmesh.bench.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_trace, mooncake_prompt
 from kvmesh.index import root_seed
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
@@ -24,10 +24,10 @@ class TraceRun:
 
 def run_mooncake(path: str | pathlib.Path, replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, limit: int | None = None,
-                 event_delay_s: float = 0.01) -> TraceRun:
+                 event_delay_s: float = 0.01, fmt: str = "mooncake") -> TraceRun:
     """Raises ``TraceError`` for an unreadable trace and ``ValueError`` for an unknown profile/policy."""
     prof = get_profile(profile)
-    reqs = load_mooncake(path, limit)
+    reqs = load_trace(path, fmt, limit)
     prompts = [mooncake_prompt(r, tokens_per_block) for r in reqs]
     scale = MOONCAKE_BLOCK / tokens_per_block
     seed = root_seed("kvmesh")
