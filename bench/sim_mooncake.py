@@ -38,15 +38,18 @@ def main() -> None:
     ap.add_argument("--profile", default="h100-llama3-8b")
     ap.add_argument("--tokens-per-block", type=int, default=16)
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--format", default="mooncake", help="mooncake, azure or weka (a directory of conversations)")
+    ap.add_argument("--name", default="sim_mooncake", help="result file name under bench/results")
     args = ap.parse_args()
-    if not args.trace.is_file():
+    if not args.trace.exists():
         sys.exit(f"trace not found: {args.trace} (the Mooncake trace lives in ../shared/traces/, see its README)")
-    run = run_mooncake(args.trace, args.replicas, DEFAULT_POLICIES, args.profile, args.tokens_per_block, args.limit)
+    run = run_mooncake(args.trace, args.replicas, DEFAULT_POLICIES, args.profile, args.tokens_per_block, args.limit,
+                       fmt=args.format)
     print(markdown(run))
     by = {r.policy: r for r in run.results}
     kv, rr, oracle = by["kv-aware"], by["round-robin"], by["oracle"]
     metrics: dict[str, object] = {
-        "replicas": args.replicas, "profile": args.profile, "requests": run.requests,
+        "trace_format": args.format, "replicas": args.replicas, "profile": args.profile, "requests": run.requests,
         "tokens_per_block": args.tokens_per_block,
         "kvaware_ttft_mean_over_rr": round(kv.ttft_mean_s / rr.ttft_mean_s, 3),
         "kvaware_ttft_mean_over_oracle": round(kv.ttft_mean_s / oracle.ttft_mean_s, 3),
@@ -65,7 +68,7 @@ def main() -> None:
     print(f"\nkv-aware / round-robin mean TTFT x{metrics['kvaware_ttft_mean_over_rr']}; kv-aware / oracle mean TTFT "
           f"x{metrics['kvaware_ttft_mean_over_oracle']}; kv-aware hit / oracle hit "
           f"{metrics['kvaware_hit_over_oracle']}; simulator {metrics['sim_speedup_x']}x faster than real time")
-    print(f"wrote {write_result('sim_mooncake', metrics)}")
+    print(f"wrote {write_result(args.name, metrics)}")
 
 
 if __name__ == "__main__":
