@@ -1,153 +1,22 @@
-"""Side by side: kvmesh vs sglang-router vs vllm-router over the SAME simulated engine pool, real time.
+"""kvmesh vs sglang-router vs vllm-router over the same simulated engines (``kvmesh bench compare``).
 
-8 simulated engines (Llama-3-8B/H100 profile, 512-token trace blocks scaled to 16 text words, time scaled
-by ``--speedup``) run in this process and publish KV events.  Each router runs as its own process in
-front of all 8; a slice of the Mooncake conversation trace is replayed open-loop at ``--speedup`` times
-its timestamps (so the load matches the trace), with engine caches reset between routers.  Reported per
-router: client-side streaming TTFT mean/p50/p99, engine prefix-cache hit rate (engines' own counters),
-errors.  Needs ``make routers`` (sglang-router and vllm-router in ``.venv-routers``).
-
-    python bench/compare_routers.py [--requests 400 --speedup 4]
+    make routers && python bench/compare_routers.py --requests 600 --speedup 4 --load 6
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
 import pathlib
-import re
-import subprocess
 import sys
-import threading
-import time
-
-import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench.common import pct, wait_http, write_result
-from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceRequest, load_mooncake
+from bench.common import write_result
+from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
 from kvmesh.models import demo
-from kvmesh.sim.profiles import get_profile
-from kvmesh.sim.server import SimServer
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
-ROUTERS_BIN = ROOT / ".venv-routers" / "bin"
-MODEL = "kvmesh-demo"
-WORDS_PER_BLOCK = 16
-
-
-def block_text(h: int) -> str:
-    x = (h * 0x9E3779B1 + 12345) & 0xFFFFFFFF
-    words = []
-    for _ in range(WORDS_PER_BLOCK):
-        x = (x * 1_103_515_245 + 12_345) & 0x7FFFFFFF
-        words.append(f"w{x % 5000}")
-    return " ".join(words) + "\n"
-
-
-def prompt(r: TraceRequest) -> str:
-    return "".join(block_text(h) for h in r.block_ids)
-
-
-class EnginePool:
-    """N simulated engines on a background event loop."""
-
-    def __init__(self, n: int, model_dir: pathlib.Path, run_dir: pathlib.Path, time_scale: float) -> None:
-        self.loop = asyncio.new_event_loop()
-        threading.Thread(target=self.loop.run_forever, daemon=True).start()
-        run_dir.mkdir(parents=True, exist_ok=True)
-        # one block of 16 words ~ 32 tokens of the demo tokenizer stands for 512 trace tokens
-        self.servers = [SimServer(str(model_dir), MODEL, get_profile("h100-llama3-8b"), port=18500 + i,
-                                  block_size=16, time_scale=time_scale, token_scale=MOONCAKE_BLOCK / 32,
-                                  kv_events_endpoint=f"ipc://{run_dir}/sim{i}.sock", max_model_len=1 << 20)
-                        for i in range(n)]
-        for s in self.servers:
-            asyncio.run_coroutine_threadsafe(s.start(), self.loop).result()
-
-    def urls(self) -> list[str]:
-        return [s.url for s in self.servers]
-
-    def stop(self) -> None:
-        for s in self.servers:
-            asyncio.run_coroutine_threadsafe(s.stop(), self.loop).result()
-
-
-def router_cmd(name: str, urls: list[str], port: int, pool: EnginePool, model_dir: pathlib.Path) -> list[str]:
-    if name.startswith("kvmesh-"):
-        cmd = [sys.executable, "-m", "kvmesh", "gateway", "--port", str(port), "--policy", name[len("kvmesh-"):],
-               "--tokenizer", str(model_dir)]
-        for u, s in zip(urls, pool.servers, strict=True):
-            cmd += ["--backend", u, "--kv-events", s.kv_events_endpoint or "-"]
-        return cmd
-    if name.startswith("sglang-"):
-        return [str(ROUTERS_BIN / "python"), "-m", "sglang_router.launch_router", "--port", str(port),
-                "--policy", name[len("sglang-"):], "--worker-urls", *urls, "--log-level", "warn"]
-    return [str(ROUTERS_BIN / "vllm-router"), "--port", str(port), "--policy", name[len("vllm-router-"):],
-            "--worker-urls", *urls, "--log-level", "warning"]
-
-
-async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[list[float], int]:
-    """Open loop: request i is sent at its trace timestamp / ``speedup``."""
-    ttfts: list[float] = []
-    errors = 0
-    t0 = time.perf_counter()
-    base = reqs[0].arrival_s
-
-    async def one(http: httpx.AsyncClient, r: TraceRequest) -> None:
-        nonlocal errors
-        await asyncio.sleep(max(0.0, (r.arrival_s - base) / speedup - (time.perf_counter() - t0)))
-        body = {"model": MODEL, "prompt": prompt(r), "max_tokens": min(max(r.output_tokens, 1), 16),
-                "stream": True, "ignore_eos": True}
-        start = time.perf_counter()
-        try:
-            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
-                if resp.status_code != 200:
-                    errors += 1
-                    return
-                first = True
-                async for line in resp.aiter_lines():
-                    if first and line.startswith("data: {"):
-                        ttfts.append(time.perf_counter() - start)
-                        first = False
-        except httpx.HTTPError:
-            errors += 1
-
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000)) as http:
-        await asyncio.gather(*(one(http, r) for r in reqs))
-    return ttfts, errors
-
-
-def hit_counters(urls: list[str]) -> tuple[float, float]:
-    hits = queries = 0.0
-    for u in urls:
-        text = httpx.get(f"{u}/metrics").text
-        hits += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
-        queries += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} (\S+)$", text, re.M))
-    return hits, queries
-
-
-def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: argparse.Namespace,
-               model_dir: pathlib.Path, port: int) -> dict[str, object]:
-    urls = pool.urls()
-    for u in urls:
-        httpx.post(f"{u}/reset_prefix_cache").raise_for_status()
-    proc = subprocess.Popen(router_cmd(name, urls, port, pool, model_dir), stdout=subprocess.DEVNULL,
-                            stderr=open(ROOT / "run" / f"router-{name}.log", "wb"))  # noqa: SIM115
-    try:
-        wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
-        h0, q0 = hit_counters(urls)
-        ttfts, errors = asyncio.run(replay(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load))
-        h1, q1 = hit_counters(urls)
-    finally:
-        proc.terminate()
-        proc.wait(10)
-    return {"ttft_mean_ms": round(sum(ttfts) / max(len(ttfts), 1) * 1000, 1),
-            "ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1) if ttfts else None,
-            "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
-            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": errors}
 
 
 def main() -> None:
@@ -155,41 +24,16 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=400)
     ap.add_argument("--speedup", type=float, default=4.0, help="engines run this much faster than real time")
     ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's")
-    ap.add_argument("--routers", default="kvmesh-kv-aware,kvmesh-round-robin,sglang-cache_aware,"
-                                         "sglang-round_robin,vllm-router-round_robin,vllm-router-consistent_hash")
-    args = ap.parse_args()
-    # sglang-router probes workers with HTTP/2 (gRPC) at start-up; the simulated engines answer HTTP/1.1
-    # only and aiohttp logs each probe as a bad request.
-    logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    if not TRACE.is_file():
-        sys.exit(f"trace not found: {TRACE}")
+    ap.add_argument("--routers", default=DEFAULT_ROUTERS)
+    ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
+    a = ap.parse_args()
+    if not a.trace.is_file():
+        sys.exit(f"trace not found: {a.trace}")
     model_dir = ROOT / "models" / "demo-tiny"
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
-    reqs = load_mooncake(TRACE, args.requests)
-    pool = EnginePool(8, model_dir, ROOT / "run" / "compare", 1.0 / args.speedup)
-    results: dict[str, dict[str, object]] = {}
-    try:
-        for i, name in enumerate(args.routers.split(",")):
-            if not name.startswith("kvmesh-") and not ROUTERS_BIN.is_dir():
-                print(f"skip {name}: run `make routers` first")
-                continue
-            try:
-                results[name] = run_router(name, pool, reqs, args, model_dir, 18600 + i)
-            except (TimeoutError, OSError, httpx.HTTPError) as e:
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{name:32} {results[name]}")
-    finally:
-        pool.stop()
-    kv = results.get("kvmesh-kv-aware", {})
-    sg = results.get("sglang-cache_aware", {})
-    rr = results.get("kvmesh-round-robin", {})
-    metrics: dict[str, object] = {"requests": args.requests, "speedup": args.speedup, "load": args.load,
-                                  "routers": results}
-    if isinstance(kv.get("ttft_mean_ms"), float) and isinstance(sg.get("ttft_mean_ms"), float):
-        metrics["kvaware_ttft_mean_over_sglang"] = round(kv["ttft_mean_ms"] / sg["ttft_mean_ms"], 3)  # type: ignore[operator]
-    if isinstance(kv.get("ttft_mean_ms"), float) and isinstance(rr.get("ttft_mean_ms"), float):
-        metrics["kvaware_ttft_mean_over_rr"] = round(kv["ttft_mean_ms"] / rr["ttft_mean_ms"], 3)  # type: ignore[operator]
+    args = CompareArgs(a.requests, a.speedup, a.load, a.routers)
+    metrics = compare(a.trace, model_dir, ROOT / "run" / "compare", args)
     print(f"wrote {write_result('compare_routers', metrics)}")
 
 

@@ -13,11 +13,9 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import pathlib
 import random
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -28,41 +26,15 @@ from bench.common import write_result
 from kvmesh.config import EngineConfig, SupervisorConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
+from kvmesh.sim.calibrate import calibrate, stream_timing
 from kvmesh.sim.profiles import TimingProfile, get_profile
 from kvmesh.sim.server import SimServer
 
 MODEL = "kvmesh-demo"
 
 
-def ttft(http: httpx.Client, url: str, prompt: list[int], max_tokens: int = 1) -> tuple[float, float]:
-    """(TTFT, mean inter-token time) of one streamed request."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
-    t0 = time.perf_counter()
-    stamps = []
-    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith("data: {"):
-                stamps.append(time.perf_counter() - t0)
-    itl = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
-    return stamps[0], itl
-
-
-def calibrate(url: str, base: TimingProfile) -> TimingProfile:
-    rng = random.Random(7)
-    xs, ys = [], []
-    with httpx.Client(timeout=300) as http:
-        ttft(http, url, [rng.randrange(100, 8000) for _ in range(64)])  # warm-up
-        for n in (256, 512, 1024, 1536, 2048, 3072, 4096):
-            for _ in range(2):
-                t, _ = ttft(http, url, [rng.randrange(100, 8000) for _ in range(n)])
-                xs.append((1.0, n, n * n / 2))
-                ys.append(t)
-        _, itl = ttft(http, url, [rng.randrange(100, 8000) for _ in range(64)], max_tokens=64)
-    coef, *_ = np.linalg.lstsq(np.array(xs), np.array(ys), rcond=None)
-    overhead, per_token, attn = (max(float(c), 0.0) for c in coef)
-    return dataclasses.replace(base, overhead_s=overhead, prefill_tps=1.0 / max(per_token, 1e-7),
-                               attn_s_per_token2=attn, decode_s_per_seq=max(itl - overhead, 0.0))
+def calibrate_here(url: str, base: TimingProfile) -> TimingProfile:
+    return calibrate(url, MODEL, base)
 
 
 def held_out() -> list[list[int]]:
@@ -77,7 +49,7 @@ def held_out() -> list[list[int]]:
 
 def measure(url: str, prompts: list[list[int]]) -> list[float]:
     with httpx.Client(timeout=300) as http:
-        return [ttft(http, url, p)[0] for p in prompts]
+        return [stream_timing(http, url, MODEL, p)[0] for p in prompts]
 
 
 def main() -> None:
@@ -92,7 +64,7 @@ def main() -> None:
     loop = asyncio.new_event_loop()
     loop.run_until_complete(sup.start(wait=True))
     try:
-        prof = calibrate(eng.url, get_profile("cpu-demo-small"))
+        prof = calibrate_here(eng.url, get_profile("cpu-demo-small"))
         prompts = held_out()
         real = measure(eng.url, prompts)
     finally:

@@ -23,7 +23,8 @@ def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProc
 
 
 def test_help_everywhere() -> None:
-    for cmd in ([], ["up"], ["gateway"], ["engine"], ["model", "demo"]):
+    for cmd in ([], ["up"], ["gateway"], ["engine"], ["model", "demo"], ["sim"], ["bench", "run"],
+                ["bench", "compare"], ["calibrate"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
 
@@ -111,7 +112,7 @@ def test_up_serves_and_stops_cleanly(tmp_path: pathlib.Path, tiny_model: pathlib
 
 
 def test_bench_against_the_stack(stack, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
-    r = subprocess.run([*KVMESH, "bench", "--url", stack.gateway.url, "--limit", "16", "--speedup", "4",
+    r = subprocess.run([*KVMESH, "bench", "run", "--url", stack.gateway.url, "--limit", "16", "--speedup", "4",
                         "--max-tokens", "4", "--out", str(tmp_path / "out")], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

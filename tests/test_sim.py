@@ -147,3 +147,23 @@ def test_azure_and_weka_loaders(tmp_path: pathlib.Path) -> None:
     assert blocks > 0
     with pytest.raises(TraceError):
         load_trace(tmp_path / "az.csv", "nope")
+
+
+def test_calibration_recovers_a_simulated_engines_profile(loop_thread, tiny_model: pathlib.Path,  # type: ignore[no-untyped-def]
+                                                          tmp_path: pathlib.Path) -> None:
+    from kvmesh.engines import SimEngine
+    from kvmesh.sim.calibrate import calibrate, save_profile
+    from tests.helpers import free_port_block
+
+    truth = get_profile("cpu-demo-small")
+    eng = loop_thread.call(lambda: SimEngine("cal", str(tiny_model), "kvmesh-demo", free_port_block(1),
+                                             time_scale=0.25))
+    loop_thread.run(eng.start())
+    try:
+        fitted = calibrate(eng.url, "kvmesh-demo", truth, repeats=1, lengths=(256, 512, 1024, 2048, 3072))
+    finally:
+        loop_thread.run(eng.stop())
+    # the engine runs 4x faster than modelled, so the fit sees 4x the throughput
+    assert 0.7 < fitted.prefill_tps / (4 * truth.prefill_tps) < 1.3, fitted
+    save_profile(fitted, tmp_path / "p.json")
+    assert get_profile(str(tmp_path / "p.json")) == fitted

@@ -24,6 +24,8 @@ from kvmesh.config import ConfigError, EngineConfig, GatewayConfig, StackConfig,
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvmesh: KV-cache-centric LLM serving.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(model_app, name="model")
+bench_app = typer.Typer(no_args_is_help=True, help="Load generation and router comparisons.")
+app.add_typer(bench_app, name="bench")
 log = logging.getLogger("kvmesh")
 
 
@@ -199,10 +201,12 @@ def engine(
                                kv_events=kv_events is not None or kind == "vllm", sim_profile=profile,
                                sim_time_scale=time_scale, sim_block_size=block_size)
     if kind == "sim":
-        from kvmesh.sim.profiles import PROFILES
+        from kvmesh.sim.profiles import get_profile
 
-        if profile not in PROFILES:
-            _fail(f"--profile must be one of {', '.join(PROFILES)}")
+        try:
+            get_profile(profile)
+        except ValueError as e:
+            _fail(f"--profile: {e}")
         if not pathlib.Path(model, "tokenizer.json").is_file():
             _fail(f"--model {model}: no tokenizer.json there (the simulated engine tokenises like the model)")
     eng = make_engine("engine-0", cfg, run_dir)
@@ -234,8 +238,8 @@ def sim(
     typer.echo(markdown(run))
 
 
-@app.command()
-def bench(
+@bench_app.command("run")
+def bench_run(
     url: Annotated[str, typer.Option(help="Gateway or engine base URL")] = "http://127.0.0.1:8000",
     model: str = "kvmesh-demo",
     trace: Annotated[pathlib.Path | None, typer.Option(help="Trace file/dir; default: shared-prefix groups")] = None,
@@ -274,6 +278,62 @@ def bench(
     files = write_outputs(out, results, summary)
     typer.echo(markdown(summary))
     typer.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+@bench_app.command("compare")
+def bench_compare(
+    trace: Annotated[pathlib.Path, typer.Option(help="Mooncake-format trace")],
+    requests: int = 400,
+    speedup: Annotated[float, typer.Option(help="Simulated engines run this much faster than real time")] = 4.0,
+    load: Annotated[float, typer.Option(help="Arrivals this much denser than the trace's")] = 1.0,
+    routers: Annotated[str, typer.Option(help="Comma-separated: kvmesh-<policy>, sglang-<policy>, "
+                                              "vllm-router-<policy>")] = "",
+    out: Annotated[pathlib.Path, typer.Option(help="Result JSON")] = pathlib.Path("compare.json"),
+    run_dir: pathlib.Path = pathlib.Path("run/compare"),
+) -> None:
+    """The same trace through several routers over the SAME 8 simulated engines (caches reset between)."""
+    import json
+
+    from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
+    from kvmesh.bench.workloads import TraceError
+    from kvmesh.models import demo
+
+    model_dir = run_dir / "demo-tiny"
+    if not demo.is_complete(model_dir):
+        demo.generate("tiny", model_dir)
+    try:
+        m = compare(trace, model_dir, run_dir, CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS))
+    except TraceError as e:
+        _fail(str(e))
+    out.write_text(json.dumps(m, indent=2) + "\n")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def calibrate(
+    url: Annotated[str, typer.Option(help="A running engine (vLLM or any OpenAI-compatible server)")],
+    model: Annotated[str, typer.Option(help="Served model name")] = "kvmesh-demo",
+    base: Annotated[str, typer.Option(help="Profile whose other fields (capacity, batch) are kept")] = "cpu-demo-small",
+    out: Annotated[pathlib.Path, typer.Option(help="Where to write the fitted profile (JSON)")] = pathlib.Path(
+        "profile.json"),
+) -> None:
+    """Measure an engine's prefill and decode costs and write a timing profile for simulated engines."""
+    import httpx
+
+    from kvmesh.sim.calibrate import calibrate as fit
+    from kvmesh.sim.calibrate import save_profile
+    from kvmesh.sim.profiles import get_profile
+
+    try:
+        prof = fit(url.rstrip("/"), model, get_profile(base))
+    except ValueError as e:
+        _fail(str(e))
+    except httpx.HTTPError as e:
+        _fail(f"cannot measure {url}: {type(e).__name__}: {e}", 1)
+    save_profile(prof, out)
+    typer.echo(f"prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok², step "
+               f"overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq -> {out}\n"
+               f"use it with: kvmesh engine --kind sim --profile {out} ...")
 
 
 @model_app.command("demo")

@@ -20,6 +20,8 @@ Sources:
 
 from __future__ import annotations
 
+import json
+import pathlib
 from dataclasses import dataclass
 
 
@@ -55,7 +57,13 @@ PROFILES: dict[str, TimingProfile] = {
 
 
 def get_profile(name: str) -> TimingProfile:
-    try:
+    """A built-in profile by name, or a JSON file written by ``kvmesh calibrate``; raises ``ValueError``."""
+    if name in PROFILES:
         return PROFILES[name]
-    except KeyError:
-        raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)}") from None
+    path = pathlib.Path(name)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return TimingProfile(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"profile file {path}: {e}") from None
+    raise ValueError(f"unknown profile {name!r}; choose one of {', '.join(PROFILES)} or a calibrated .json file")
