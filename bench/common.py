@@ -8,16 +8,11 @@ import pathlib
 import shlex
 import subprocess
 import sys
-import time
 
-import httpx
-import numpy as np
+from kvmesh.bench.util import pct, wait_http
 
+__all__ = ["pct", "start_gateway", "wait_http", "write_result"]
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
 
 
 def write_result(name: str, metrics: dict[str, object]) -> pathlib.Path:
@@ -27,18 +22,6 @@ def write_result(name: str, metrics: dict[str, object]) -> pathlib.Path:
            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "metrics": metrics}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     return out
-
-
-def wait_http(url: str, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
 def start_gateway(backends: list[str], port: int, policy: str = "round-robin",

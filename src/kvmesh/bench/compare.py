@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 
 import httpx
-import numpy as np
 
+from kvmesh.bench.util import pct, wait_http
 from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceRequest, load_mooncake
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
@@ -123,22 +123,6 @@ def hit_counters(urls: list[str]) -> tuple[float, float]:
         hits += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
         queries += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} (\S+)$", text, re.M))
     return hits, queries
-
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not ready after {timeout}s")
 
 
 def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: CompareArgs,
