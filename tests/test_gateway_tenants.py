@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import pathlib
 
@@ -77,12 +78,16 @@ def test_requests_per_minute_limit(gw) -> None:  # type: ignore[no-untyped-def]
 
 
 def test_max_concurrent(gw) -> None:  # type: ignore[no-untyped-def]
-    body = {"model": MODEL, "prompt": "go", "max_tokens": 2000, "ignore_eos": True, "stream": True}
-    with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, headers=auth("solo"), timeout=60) as held:
-        assert held.status_code == 200
+    # A long non-streaming request holds its slot until the engine has generated everything (seconds).
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 800, "ignore_eos": True}
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        held = pool.submit(httpx.post, f"{gw.url}/v1/completions", json=body, headers=auth("solo"), timeout=120)
+        wait_until(lambda: gw.tenants.tenants["solo"].in_flight == 1 or held.done(), 30, "the first request")
+        assert not held.done(), "the engine finished 800 tokens before the check"
         r = complete(gw.url, "solo")
         assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
-    wait_until(lambda: complete(gw.url, "solo").status_code == 200, 30, "the slot to be released")
+        assert held.result(120).status_code == 200
+    assert complete(gw.url, "solo").status_code == 200  # the slot was released
 
 
 def test_cache_salt_isolates_tenants(stack: Stack, make_gateway, tenants_file: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
