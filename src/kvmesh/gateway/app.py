@@ -344,12 +344,7 @@ class Gateway:
     async def _forward(self, request: web.Request, b: Backend, body: bytes, ex: Exchange, stream: bool,
                        ctx: RequestContext) -> web.StreamResponse | None:
         """Send to ``b`` and relay; None when the connection failed before any response (retryable)."""
-        assert self._http is not None  # set in start(); not input validation
-        b.in_flight += 1
-        self._active += 1
-        self._idle.clear()
-        gauge = self.metrics.in_flight.labels(b.name)
-        gauge.inc()
+        self._enter(b)
         # Prompt tokens this backend must prefill, counted until its first byte comes back.
         prefill = ctx.uncached.get(b.name, ctx.prompt_tokens_estimate)
         queued = b.pending_prefill_tokens
@@ -398,11 +393,20 @@ class Gateway:
         finally:
             if prefill >= 0:
                 b.pending_prefill_tokens -= prefill
-            b.in_flight -= 1
-            self._active -= 1
-            if not self._active:
-                self._idle.set()
-            gauge.dec()
+            self._leave(b)
+
+    def _enter(self, b: Backend) -> None:
+        b.in_flight += 1
+        self._active += 1
+        self._idle.clear()
+        self.metrics.in_flight.labels(b.name).inc()
+
+    def _leave(self, b: Backend) -> None:
+        b.in_flight -= 1
+        self._active -= 1
+        if not self._active:
+            self._idle.set()  # drain() waits for this
+        self.metrics.in_flight.labels(b.name).dec()
 
     def _bypass(self, b: Backend, kind: str, reason: str, poke: bool = True) -> None:
         """Take ``b`` out of rotation after a failure the client never saw; the caller retries elsewhere."""
