@@ -34,6 +34,7 @@ def test_help_everywhere() -> None:
     (["gateway", "--backend", "localhost:1"], "http(s)://"),
     (["gateway", "--backend", "http://x", "--policy", "best"], "--policy"),
     (["model", "demo", "--out", "x", "--size", "huge"], "--size must be one of"),
+    (["up", "--port", "8101"], "collides with the engine ports 8100..8101"),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
     r = run(*args)

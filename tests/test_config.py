@@ -41,6 +41,7 @@ kv_events_endpoint = "ipc:///tmp/x.sock"
     ("[supervisor]\nreplicas = 0\n", "supervisor.replicas"),
     ("[engine]\nmodel='m'\nkv_events_endpoint='tcp://127.0.0.1:5557'\n", "ipc://"),
     ("[gateway\n", "not valid TOML"),
+    ("[gateway]\nport = 8101\n[supervisor]\nbase_port = 8100\nreplicas = 2\n", "collides with the engine ports"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path: pathlib.Path, text: str, needle: str) -> None:
     with pytest.raises(ConfigError) as ei:

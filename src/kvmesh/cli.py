@@ -78,6 +78,8 @@ def _parse(schema: type[Any], **fields: Any) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         loc = [str(p) for p in first["loc"]]
+        if not loc:  # a whole-model check (e.g. colliding ports)
+            _fail(str(first["msg"]).removeprefix("Value error, "))
         flag = "backend" if loc[0] == "backends" else "-".join(loc).replace("_", "-")
         _fail(f"--{flag}: {first['msg']}")
 

@@ -10,7 +10,7 @@ import pathlib
 import tomllib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 PolicyName = Literal["random", "round-robin", "least-request", "kv-aware", "prefix", "session"]
 
@@ -137,6 +137,14 @@ class StackConfig(_Strict):
     engine: EngineConfig | None = None
     supervisor: SupervisorConfig = SupervisorConfig()
     gateway: GatewayConfig = GatewayConfig()
+
+    @model_validator(mode="after")
+    def _ports_do_not_collide(self) -> StackConfig:
+        sup, gw = self.supervisor, self.gateway
+        if gw.port and sup.base_port <= gw.port < sup.base_port + sup.replicas:
+            raise ValueError(f"gateway port {gw.port} collides with the engine ports {sup.base_port}.."
+                             f"{sup.base_port + sup.replicas - 1} (set supervisor.base_port)")
+        return self
 
 
 class ConfigError(Exception):
