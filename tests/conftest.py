@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.config import EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
 from kvmesh.engines import vllm_available
 from kvmesh.gateway import Gateway
 from kvmesh.models import demo
@@ -44,6 +44,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
                                     restart_backoff_s=0.5),
         gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5),
+        cache=CacheNodeConfig(enabled=False),  # the cache node has its own engines (test_cache_vllm.py)
     )
     st = loop_thread.call(lambda: Stack(cfg))
     try:

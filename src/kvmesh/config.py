@@ -35,6 +35,8 @@ class EngineConfig(_Strict):
     max_model_len: int | None = Field(default=None, gt=0)
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
+    cache_node_socket: str | None = Field(default=None,
+                                          description="Attach kvmesh's KV connector to this cache node socket")
     sim_profile: str = Field(default="cpu-demo-small", description="Timing profile of kind=sim engines")
     sim_time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
     sim_block_size: int = Field(default=16, gt=0)
@@ -47,6 +49,22 @@ class EngineConfig(_Strict):
         if v is not None and not v.startswith("ipc://"):
             raise ValueError(f"KV event endpoints must be ipc:// paths, got {v!r}")
         return v
+
+
+class CacheNodeConfig(_Strict):
+    """The per-machine cache node: DRAM arena over an SSD directory."""
+
+    enabled: bool = Field(default=True, description="kvmesh up starts a node and connects vLLM engines to it")
+    socket: str | None = Field(default=None, description="Unix socket; <run_dir>/cache-node.sock when unset")
+    arena_path: str | None = Field(default=None, description="Shared-memory file; /dev/shm/kvmesh-<id> when unset")
+    dram_mib: int = Field(default=1024, ge=1)
+    ssd_dir: str | None = Field(default=None, description="SSD tier directory; <run_dir>/cache-ssd when unset")
+    ssd_mib: int = Field(default=8192, ge=0, description="0 disables the SSD tier")
+    eviction: Literal["lru", "s3fifo", "ttl"] = "lru"
+    ttl_s: float | None = Field(default=None, gt=0)
+    admit_after: int = Field(default=1, ge=1, description="Store a chunk only once offered this many times")
+    events: bool = Field(default=True, description="Publish tier changes as KV events")
+    http_port: int | None = Field(default=0, ge=0, le=65535, description="/metrics and /status; 0: any free port")
 
 
 class SupervisorConfig(_Strict):
@@ -137,6 +155,7 @@ class StackConfig(_Strict):
     engine: EngineConfig | None = None
     supervisor: SupervisorConfig = SupervisorConfig()
     gateway: GatewayConfig = GatewayConfig()
+    cache: CacheNodeConfig = CacheNodeConfig()
 
     @model_validator(mode="after")
     def _ports_do_not_collide(self) -> StackConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import pathlib
 
+from kvmesh.cache.node import CacheNode, node_settings
 from kvmesh.config import EngineConfig, StackConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
 from kvmesh.engines.vllm import replica_configs
@@ -47,6 +48,12 @@ class Stack:
         self.cfg = cfg
         run_dir = pathlib.Path(cfg.supervisor.run_dir)
         template = engine_template(cfg)
+        self.cache_node: CacheNode | None = None
+        if cfg.cache.enabled and template.kind == "vllm":
+            run_dir.mkdir(parents=True, exist_ok=True)
+            settings = node_settings(cfg.cache, run_dir)
+            self.cache_node = CacheNode(settings)
+            template = template.model_copy(update={"cache_node_socket": str(settings.socket_path.resolve())})
         sup = cfg.supervisor
         self.engines: list[Engine] = [
             make_engine(name, c, run_dir)
@@ -75,6 +82,8 @@ class Stack:
         """Start the gateway first (it answers 503 until a replica is ready), then the engines."""
         await self.gateway.start()
         try:
+            if self.cache_node is not None:
+                await self.cache_node.start()
             await self.supervisor.start(wait=wait)
         except BaseException:
             await self.stop()
@@ -85,3 +94,5 @@ class Stack:
     async def stop(self) -> None:
         await self.gateway.stop()
         await self.supervisor.stop()
+        if self.cache_node is not None:
+            await self.cache_node.stop()

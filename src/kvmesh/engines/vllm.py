@@ -38,6 +38,13 @@ def _die_with_parent() -> None:
         pass
 
 
+def connector_config(socket: str) -> dict[str, object]:
+    """vLLM's ``--kv-transfer-config`` for kvmesh's connector; failed loads are recomputed, never fatal."""
+    return {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.connector.vllm",
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {"socket": socket}}
+
+
 class VllmEngine(Engine):
     """One vLLM OpenAI server with prefix caching and (optionally) ZMQ KV events on an ipc:// socket."""
 
@@ -71,6 +78,8 @@ class VllmEngine(Engine):
             if c.replay_endpoint:
                 ev["replay_endpoint"] = c.replay_endpoint
             cmd += ["--kv-events-config", json.dumps(ev)]
+        if c.cache_node_socket:
+            cmd += ["--kv-transfer-config", json.dumps(connector_config(c.cache_node_socket))]
         return cmd + list(c.extra_args)
 
     def environment(self) -> dict[str, str]:

@@ -1,0 +1,226 @@
+"""The cache node daemon (``kvmesh cache-node``): one per machine, shared by the engines on it.
+
+Serves the control protocol (:mod:`kvmesh.cache.protocol`) on a Unix socket, keeps the tiered store, publishes
+what its tiers gain and lose as vLLM-format KV events (``medium`` CPU for DRAM, STORAGE for SSD) on a ZMQ
+``ipc://`` endpoint, and exposes Prometheus metrics and a JSON status on HTTP.  Engines whose node is down
+keep serving by recomputation (the connector treats every node error as a miss).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pathlib
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import msgspec
+import zmq
+import zmq.asyncio
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from kvmesh.cache import protocol as p
+from kvmesh.cache.keys import event_hash
+from kvmesh.cache.metrics import CacheMetrics
+from kvmesh.cache.ssd import ObjectMeta
+from kvmesh.cache.store import DRAM, StoreConfig, TieredStore, TierListener
+from kvmesh.config import CacheNodeConfig
+from kvmesh.index.events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored, EventBatch, encode_batch
+
+log = logging.getLogger(__name__)
+_reply_enc = msgspec.msgpack.Encoder()
+
+
+@dataclass(slots=True)
+class NodeSettings:
+    socket_path: pathlib.Path
+    store: StoreConfig
+    events_endpoint: str | None = None  # ipc://... ; None: no events
+    http_port: int | None = None        # /metrics and /status; 0 picks a free port
+    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+
+
+class EventPublisher:
+    """Batches tier changes per loop tick into one vLLM-format event batch (topic "", 8-byte seq, payload)."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.asyncio.Context.instance().socket(zmq.PUB)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(endpoint)
+        self.seq = 0
+        self._pending: list[BlockStored | BlockRemoved] = []
+        self._scheduled = False
+
+    def stored(self, tier: str, meta: ObjectMeta) -> None:
+        self._add(BlockStored(block_hashes=[event_hash(meta.key)],
+                              parent_block_hash=event_hash(meta.parent) if meta.parent else None,
+                              token_ids=meta.token_ids, block_size=meta.block_size,
+                              medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE))
+
+    def removed(self, tier: str, key: bytes) -> None:
+        self._add(BlockRemoved(block_hashes=[event_hash(key)],
+                               medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE))
+
+    def _add(self, ev: BlockStored | BlockRemoved) -> None:
+        self._pending.append(ev)
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        batch, self._pending = self._pending, []
+        payload = encode_batch(EventBatch(time.time(), list(batch), None))
+        self.sock.send_multipart([b"", self.seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
+        self.seq += 1
+
+    def close(self) -> None:
+        self.sock.close(0)
+
+
+class CacheNode:
+    """Lifecycle: ``await start()`` (re-indexes the SSD tier, then listens), ``await stop()``."""
+
+    def __init__(self, settings: NodeSettings) -> None:
+        self.settings = settings
+        self.metrics = CacheMetrics()
+        self.events = EventPublisher(settings.events_endpoint) if settings.events_endpoint else None
+        listener = TierListener(self.events.stored, self.events.removed) if self.events else None
+        self.store = TieredStore(settings.store, self.metrics, listener)
+        self._server: asyncio.AbstractServer | None = None
+        self._runner: web.AppRunner | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._conns: set[asyncio.StreamWriter] = set()
+        self.http_port: int | None = None
+
+    async def start(self) -> None:
+        n = await asyncio.get_running_loop().run_in_executor(None, self.store.reindex_ssd)
+        if n:
+            log.info("cache node %s: %d objects on the SSD tier re-indexed", self.settings.node_id, n)
+        path = self.settings.socket_path
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        self._server = await asyncio.start_unix_server(self._serve, path=str(path))
+        os.chmod(path, 0o600)
+        self._tasks.add(asyncio.get_running_loop().create_task(self._housekeeping()))
+        if self.settings.http_port is not None:
+            app = web.Application()
+            app.router.add_get("/metrics", self._metrics)
+            app.router.add_get("/status", self._status)
+            self._runner = web.AppRunner(app, access_log=None)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", self.settings.http_port)
+            await site.start()
+            self.http_port = self._runner.addresses[0][1]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._conns):  # engines see the node go away at once and recompute meanwhile
+                w.close()
+            await self._server.wait_closed()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+        if self.events:
+            self.events.close()
+        self.settings.socket_path.unlink(missing_ok=True)
+
+    async def _housekeeping(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.store.expire(time.monotonic())
+
+    # ---- control protocol --------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        leased: dict[bytes, int] = {}  # released when the engine goes away mid-read
+        self._conns.add(writer)
+        try:
+            while True:
+                head = await reader.readexactly(4)
+                n = int.from_bytes(head, "big")
+                if n > p.MAX_FRAME:
+                    break
+                body = await reader.readexactly(n)
+                try:
+                    req = p.request_decoder.decode(body)
+                    reply = await self._handle(req, leased)
+                except (msgspec.DecodeError, msgspec.ValidationError) as e:
+                    reply = p.Failure(f"bad request: {e}")
+                out = _reply_enc.encode(reply)
+                writer.write(len(out).to_bytes(4, "big") + out)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            keys = [k for k, c in leased.items() for _ in range(c)]
+            self.store.release(keys, [])
+            self._conns.discard(writer)
+            writer.close()
+
+    async def _handle(self, req: p.Request, leased: dict[bytes, int]) -> p.Reply:
+        self.metrics.requests.labels(type(req).__name__.lower()).inc()
+        st = self.store
+        if isinstance(req, p.Lookup):
+            return p.Count(st.count_prefix(req.keys))
+        if isinstance(req, p.Get):
+            objs = await st.lease(req.keys)
+            for o in objs:
+                leased[o.meta.key] = leased.get(o.meta.key, 0) + 1
+            return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs])
+        if isinstance(req, p.Release):
+            for k in req.keys:
+                c = leased.get(k, 0)
+                if c <= 1:
+                    leased.pop(k, None)
+                else:
+                    leased[k] = c - 1
+            st.release(req.keys, req.corrupt)
+            return p.Ok()
+        if isinstance(req, p.Put):
+            return p.PutReply([st.reserve(it.key, it.size) for it in req.items])
+        if isinstance(req, p.Commit):
+            for k in req.abort:
+                st.abort(k)
+            for it in req.items:
+                size = st.writing.get(it.key, (0, -1))[1]
+                st.commit(ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size))
+            return p.Ok()
+        if isinstance(req, p.Hello):
+            return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)
+        if isinstance(req, p.Stats):
+            return p.StatsReply(self.stats())
+        return p.Failure(f"unsupported request {type(req).__name__}")
+
+    def stats(self) -> dict[str, float]:
+        st = self.store
+        return {"dram_objects": len(st.dram), "dram_used_bytes": st.alloc.used, "dram_capacity_bytes": st.alloc.size,
+                "ssd_objects": len(st.ssd), "ssd_used_bytes": st.ssd_used, "ssd_capacity_bytes": st.cfg.ssd_bytes,
+                "writing": len(st.writing)}
+
+    # ---- HTTP --------------------------------------------------------------------------------------
+    async def _metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status(self, request: web.Request) -> web.Response:
+        return web.json_response({"node_id": self.settings.node_id, **self.stats()})
+
+
+def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
+    """Settings of a node from its config; unset paths go under ``run_dir`` (arena in /dev/shm)."""
+    node_id = uuid.uuid4().hex[:8]
+    shm = pathlib.Path("/dev/shm")
+    arena = pathlib.Path(cfg.arena_path) if cfg.arena_path else (shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}"
+    ssd = pathlib.Path(cfg.ssd_dir) if cfg.ssd_dir else run_dir / "cache-ssd"
+    store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
+                        ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
+                        eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after)
+    return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
+                        store=store, node_id=node_id, http_port=cfg.http_port,
+                        events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None)

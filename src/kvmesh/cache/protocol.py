@@ -1,0 +1,134 @@
+"""Control messages between engines (connector, benchmarks) and their cache node.
+
+Frames on a Unix stream socket: a 4-byte big-endian length, then one msgpack-encoded message (msgspec tagged
+union).  Only metadata travels here; KV bytes move through the shared-memory arena at the offsets the node
+hands out.  A request gets exactly one reply, in order, on the same connection.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import msgspec
+
+_LEN = struct.Struct(">I")
+MAX_FRAME = 64 << 20
+
+
+class Hello(msgspec.Struct, tag=True):
+    pass
+
+
+class Lookup(msgspec.Struct, tag=True):
+    """How many of ``keys``, from the first, the node holds (any tier).  No side effects."""
+    keys: list[bytes]
+
+
+class Get(msgspec.Struct, tag=True):
+    """Lease every held key (promoting SSD objects into the arena); the reply stops at the first miss."""
+    keys: list[bytes]
+
+
+class Release(msgspec.Struct, tag=True):
+    keys: list[bytes]
+    corrupt: list[bytes] = []  # leased objects whose checksum did not match: the node drops them
+
+
+class PutItem(msgspec.Struct, array_like=True):
+    key: bytes
+    size: int
+
+
+class Put(msgspec.Struct, tag=True):
+    """Reserve arena space; offsets are -1 for keys already held (or being written) and -2 when refused."""
+    items: list[PutItem]
+
+
+class CommitItem(msgspec.Struct, array_like=True):
+    key: bytes
+    checksum: bytes
+    parent: bytes | None
+    token_ids: list[int]
+    block_size: int
+
+
+class Commit(msgspec.Struct, tag=True):
+    """Publish written objects (they become readable only now: no torn reads); ``abort`` frees reservations."""
+    items: list[CommitItem]
+    abort: list[bytes] = []
+
+
+class Stats(msgspec.Struct, tag=True):
+    pass
+
+
+Request = Hello | Lookup | Get | Release | Put | Commit | Stats
+
+
+class HelloReply(msgspec.Struct, tag=True):
+    arena_path: str
+    arena_size: int
+    node_id: str
+
+
+class Count(msgspec.Struct, tag=True):
+    n: int
+
+
+class Extent(msgspec.Struct, array_like=True):
+    offset: int
+    size: int
+    checksum: bytes
+
+
+class GetReply(msgspec.Struct, tag=True):
+    extents: list[Extent]
+
+
+class PutReply(msgspec.Struct, tag=True):
+    offsets: list[int]
+
+
+class Ok(msgspec.Struct, tag=True):
+    pass
+
+
+class StatsReply(msgspec.Struct, tag=True):
+    stats: dict[str, float]
+
+
+class Failure(msgspec.Struct, tag=True):
+    message: str
+
+
+Reply = HelloReply | Count | GetReply | PutReply | Ok | StatsReply | Failure
+
+request_encoder = msgspec.msgpack.Encoder()
+request_decoder = msgspec.msgpack.Decoder(Request)
+reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def frame(msg: msgspec.Struct) -> bytes:
+    body = request_encoder.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+def recv_frame(sock: socket.socket) -> bytes:
+    head = _recv_exact(sock, 4)
+    (n,) = _LEN.unpack(head)
+    if n > MAX_FRAME:
+        raise ConnectionError(f"frame of {n} bytes exceeds the limit")
+    return _recv_exact(sock, n)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if not k:
+            raise ConnectionError("cache node closed the connection")
+        got += k
+    return bytes(buf)

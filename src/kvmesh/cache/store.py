@@ -1,0 +1,347 @@
+"""Tiered object store of a cache node: DRAM (shared-memory arena) over SSD (directory).
+
+Objects are immutable and content-addressed.  Life of an object: reserved (an engine is writing it into the
+arena) → committed in DRAM (readable; leased while an engine copies it out) → demoted to SSD when DRAM needs
+room (write-behind, in a thread) → promoted back into DRAM on an SSD hit → evicted.  A checksum mismatch
+anywhere is a miss, counted, and the object is dropped — never served.
+
+Concurrency: every method runs on the node's event loop; blocking file I/O goes to the default executor.
+Objects being written, leased or promoted are never evicted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import pathlib
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmesh.cache.arena import Arena, ExtentAllocator
+from kvmesh.cache.eviction import EvictionPolicy, make_policy
+from kvmesh.cache.metrics import CacheMetrics
+from kvmesh.cache.ssd import CorruptObject, DiskFull, ObjectMeta, SsdStore
+
+log = logging.getLogger(__name__)
+DRAM, SSD = "dram", "ssd"
+
+
+@dataclass(slots=True)
+class DramObject:
+    offset: int
+    meta: ObjectMeta
+    leases: int = 0
+    doomed: bool = False  # drop when the last lease goes (found corrupt)
+
+
+@dataclass(slots=True)
+class SsdObject:
+    disk_bytes: int
+    meta: ObjectMeta
+
+
+@dataclass(slots=True)
+class StoreConfig:
+    arena_path: pathlib.Path
+    dram_bytes: int
+    ssd_dir: pathlib.Path | None = None
+    ssd_bytes: int = 0
+    eviction: str = "lru"
+    ttl_s: float | None = None
+    admit_after: int = 1  # store a chunk only once it was offered this many times
+
+
+@dataclass(slots=True)
+class TierListener:
+    """Told about what each tier gains and loses (the node turns these into KV events)."""
+    stored: Callable[[str, ObjectMeta], None]
+    removed: Callable[[str, bytes], None]
+
+
+@dataclass(slots=True)
+class _Seen:
+    counts: collections.OrderedDict[bytes, int] = field(default_factory=collections.OrderedDict)
+    cap: int = 1_000_000
+
+    def bump(self, key: bytes) -> int:
+        n = self.counts.pop(key, 0) + 1
+        self.counts[key] = n
+        if len(self.counts) > self.cap:
+            self.counts.popitem(last=False)
+        return n
+
+
+class TieredStore:
+    def __init__(self, cfg: StoreConfig, metrics: CacheMetrics, listener: TierListener | None = None) -> None:
+        self.cfg = cfg
+        self.metrics = metrics
+        self.listener = listener
+        self.arena = Arena(cfg.arena_path, cfg.dram_bytes, create=True)
+        self.alloc = ExtentAllocator(cfg.dram_bytes)
+        self.dram: dict[bytes, DramObject] = {}
+        self.writing: dict[bytes, tuple[int, int]] = {}  # key -> (offset, size) reserved
+        self.ssd: dict[bytes, SsdObject] = {}
+        self.ssd_used = 0
+        self.dram_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
+        self.ssd_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
+        self.disk = SsdStore(cfg.ssd_dir) if cfg.ssd_dir is not None else None
+        self._seen = _Seen()
+        self._busy_ssd: set[bytes] = set()  # being demoted or promoted
+        self._demoting: dict[bytes, tuple[ObjectMeta, bytes]] = {}  # left DRAM, not yet on disk
+        self._bg: set[asyncio.Task[None]] = set()
+
+    # ---- start / stop ------------------------------------------------------------------------------
+    def reindex_ssd(self) -> int:
+        """Adopt the objects an earlier run left on disk (blocking: call before serving)."""
+        if self.disk is None:
+            return 0
+        for meta, nbytes, _ in sorted(self.disk.scan(), key=lambda t: t[2]):
+            self.ssd[meta.key] = SsdObject(nbytes, meta)
+            self.ssd_used += nbytes
+            self.ssd_policy.inserted(meta.key)
+        self._export()
+        return len(self.ssd)
+
+    async def close(self) -> None:
+        await self.settle()
+        self.arena.close(unlink=True)
+
+    # ---- lookups -----------------------------------------------------------------------------------
+    def holds(self, key: bytes) -> bool:
+        return key in self.dram or key in self.ssd
+
+    def count_prefix(self, keys: list[bytes]) -> int:
+        n = 0
+        for k in keys:
+            o = self.dram.get(k)
+            if (o is None or o.doomed) and k not in self.ssd and k not in self._demoting:
+                break
+            n += 1
+        return n
+
+    async def lease(self, keys: list[bytes]) -> list[DramObject]:
+        """Lease the longest held prefix of ``keys`` in DRAM, promoting SSD objects; stops at a miss."""
+        out: list[DramObject] = []
+        for k in keys:
+            t0 = time.perf_counter()
+            o = self.dram.get(k)
+            tier = DRAM
+            if o is None or o.doomed:
+                if k in self._demoting:
+                    o = self._undemote(k)
+                else:
+                    o = await self._promote(k) if k in self.ssd and k not in self._busy_ssd else None
+                tier = SSD
+            if o is None:
+                self.metrics.misses.inc()
+                break
+            o.leases += 1
+            self.dram_policy.accessed(k)
+            self.metrics.hits.labels(tier).inc()
+            self.metrics.bytes_read.labels(tier).inc(o.meta.size)
+            self.metrics.latency.labels(tier).observe(time.perf_counter() - t0)
+            out.append(o)
+        return out
+
+    def release(self, keys: list[bytes], corrupt: list[bytes]) -> None:
+        for k in corrupt:
+            if (o := self.dram.get(k)) is not None:
+                o.doomed = True
+                self.metrics.checksum_failures.labels(DRAM).inc()
+        for k in keys:
+            o = self.dram.get(k)
+            if o is None or o.leases == 0:
+                continue
+            o.leases -= 1
+            if o.doomed and o.leases == 0:
+                self._drop_dram(k)
+
+    # ---- writes ------------------------------------------------------------------------------------
+    def reserve(self, key: bytes, size: int) -> int:
+        """Arena offset to write ``size`` bytes at; -1 when already held or being written, -2 when refused."""
+        if key in self.dram or key in self.writing or key in self.ssd:
+            return -1
+        if self._seen.bump(key) < self.cfg.admit_after:
+            self.metrics.not_admitted.inc()
+            return -2
+        off = self._make_room(size)
+        if off is None:
+            self.metrics.refused.inc()
+            return -2
+        self.writing[key] = (off, size)
+        self._export()
+        return off
+
+    def commit(self, meta: ObjectMeta) -> bool:
+        res = self.writing.pop(meta.key, None)
+        if res is None or res[1] != meta.size:
+            return False
+        self.dram[meta.key] = DramObject(res[0], meta)
+        self.dram_policy.inserted(meta.key)
+        self.metrics.bytes_written.labels(DRAM).inc(meta.size)
+        if self.listener:
+            self.listener.stored(DRAM, meta)
+        self._export()
+        return True
+
+    def abort(self, key: bytes) -> None:
+        res = self.writing.pop(key, None)
+        if res is not None:
+            self.alloc.free(*res)
+
+    # ---- DRAM room, demotion, promotion ------------------------------------------------------------
+    def _make_room(self, size: int) -> int | None:
+        if size > self.alloc.size:
+            return None
+        while (off := self.alloc.alloc(size)) is None:
+            victim = self.dram_policy.victim(lambda k: (o := self.dram.get(k)) is not None and o.leases == 0)
+            if victim is None:
+                return None
+            self._evict_dram(victim)
+        return off
+
+    def _evict_dram(self, key: bytes) -> None:
+        o = self.dram[key]
+        if self.disk is not None and key not in self.ssd and key not in self._busy_ssd:
+            data = bytes(self.arena.view[o.offset:o.offset + o.meta.size])  # copy out, then free at once
+            self._busy_ssd.add(key)
+            self._demoting[key] = (o.meta, data)
+            self._spawn(self._demote(o.meta, data))
+        self.metrics.evictions.labels(DRAM).inc()
+        self._drop_dram(key)
+
+    def _drop_dram(self, key: bytes) -> None:
+        o = self.dram.pop(key)
+        self.dram_policy.removed(key)
+        self.alloc.free(o.offset, o.meta.size)
+        if self.listener:
+            self.listener.removed(DRAM, key)
+        self._export()
+
+    async def _demote(self, meta: ObjectMeta, data: bytes) -> None:
+        assert self.disk is not None
+        try:
+            nbytes = await asyncio.get_running_loop().run_in_executor(None, self.disk.write, meta, data)
+        except DiskFull as e:
+            self.metrics.errors.labels("disk_full").inc()
+            log.warning("SSD tier full, chunk not demoted: %s", e)
+            return
+        except OSError as e:
+            self.metrics.errors.labels("disk_io").inc()
+            log.warning("SSD tier write failed: %s", e)
+            return
+        finally:
+            self._busy_ssd.discard(meta.key)
+            self._demoting.pop(meta.key, None)
+        self.ssd[meta.key] = SsdObject(nbytes, meta)
+        self.ssd_used += nbytes
+        self.ssd_policy.inserted(meta.key)
+        self.metrics.bytes_written.labels(SSD).inc(meta.size)
+        if self.listener:
+            self.listener.stored(SSD, meta)
+        await self._trim_ssd()
+        self._export()
+
+    async def _trim_ssd(self) -> None:
+        assert self.disk is not None
+        while self.ssd_used > self.cfg.ssd_bytes:
+            victim = self.ssd_policy.victim(lambda k: k not in self._busy_ssd)
+            if victim is None:
+                return
+            await self._drop_ssd(victim)
+            self.metrics.evictions.labels(SSD).inc()
+
+    async def _drop_ssd(self, key: bytes) -> None:
+        assert self.disk is not None
+        s = self.ssd.pop(key, None)
+        if s is None:
+            return
+        self.ssd_used -= s.disk_bytes
+        self.ssd_policy.removed(key)
+        if self.listener:
+            self.listener.removed(SSD, key)
+        await asyncio.get_running_loop().run_in_executor(None, self.disk.delete, key)
+
+    def _undemote(self, key: bytes) -> DramObject | None:
+        """An SSD hit on an object still on its way to disk: copy it back from memory."""
+        meta, data = self._demoting[key]
+        off = self._make_room(meta.size)
+        if off is None:
+            return None
+        self.arena.view[off:off + meta.size] = data
+        o = self.dram[key] = DramObject(off, meta)
+        self.dram_policy.inserted(key)
+        if self.listener:
+            self.listener.stored(DRAM, meta)
+        return o
+
+    async def _promote(self, key: bytes) -> DramObject | None:
+        assert self.disk is not None
+        s = self.ssd[key]
+        off = self._make_room(s.meta.size)
+        if off is None:
+            return None
+        self._busy_ssd.add(key)
+        out = self.arena.view[off:off + s.meta.size]
+        try:
+            meta = await asyncio.get_running_loop().run_in_executor(None, self.disk.read_into, key, out)
+        except (CorruptObject, OSError) as e:
+            self.alloc.free(off, s.meta.size)
+            self._busy_ssd.discard(key)
+            self.metrics.checksum_failures.labels(SSD).inc()
+            log.warning("SSD tier: %s; dropped (a miss: the engine recomputes)", e)
+            await self._drop_ssd(key)
+            return None
+        finally:
+            out.release()
+        self._busy_ssd.discard(key)
+        o = DramObject(off, meta)
+        self.dram[key] = o
+        self.dram_policy.inserted(key)
+        self.ssd_policy.accessed(key)
+        if self.listener:
+            self.listener.stored(DRAM, meta)
+        return o
+
+    async def evict_dram(self) -> int:
+        """Evict every unleased DRAM object (demoting it to SSD) and wait for the writes; returns the count.
+        For operators (drain a node before maintenance) and tests."""
+        keys = [k for k, o in self.dram.items() if o.leases == 0]
+        for k in keys:
+            self._evict_dram(k)
+        await self.settle()
+        return len(keys)
+
+    async def settle(self) -> None:
+        """Wait until background demotions are on disk."""
+        while self._bg:
+            await asyncio.gather(*list(self._bg))
+
+    # ---- housekeeping ------------------------------------------------------------------------------
+    async def expire(self, now: float) -> None:
+        """Drop objects whose TTL ran out (a no-op for other policies)."""
+        for k in self.dram_policy.expired(now):
+            o = self.dram.get(k)
+            if o is not None and o.leases == 0:
+                self.dram_policy.inserted(k)  # _drop_dram forgets it again
+                self._drop_dram(k)
+        for k in self.ssd_policy.expired(now):
+            self.ssd_policy.inserted(k)
+            await self._drop_ssd(k)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(t)
+        t.add_done_callback(self._bg.discard)
+
+    def _export(self) -> None:
+        m = self.metrics
+        m.objects.labels(DRAM).set(len(self.dram))
+        m.objects.labels(SSD).set(len(self.ssd))
+        m.used.labels(DRAM).set(self.alloc.used)
+        m.used.labels(SSD).set(self.ssd_used)
+        m.capacity.labels(DRAM).set(self.alloc.size)
+        m.capacity.labels(SSD).set(self.cfg.ssd_bytes)
