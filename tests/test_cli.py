@@ -24,7 +24,7 @@ def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProc
 
 def test_help_everywhere() -> None:
     for cmd in ([], ["up"], ["gateway"], ["engine"], ["model", "demo"], ["sim"], ["bench", "run"],
-                ["bench", "compare"], ["calibrate"]):
+                ["bench", "compare"], ["calibrate"], ["cache-node"], ["cache", "status"]):
         r = run(*cmd, "--help")
         assert r.returncode == 0 and "Usage" in r.stdout, (cmd, r.stderr)
 
@@ -35,12 +35,18 @@ def test_help_everywhere() -> None:
     (["gateway", "--backend", "http://x", "--policy", "best"], "--policy"),
     (["model", "demo", "--out", "x", "--size", "huge"], "--size must be one of"),
     (["up", "--port", "8101"], "collides with the engine ports 8100..8101"),
+    (["cache-node", "--eviction", "mru"], "--eviction"),
 ])
 def test_bad_input_is_one_line_exit_2(args: list[str], needle: str) -> None:
     r = run(*args)
     assert r.returncode == 2, r
     line = r.stderr.strip()
     assert line.startswith("kvmesh: error:") and needle in line and "\n" not in line, line
+
+
+def test_cache_status_without_a_node(tmp_path: pathlib.Path) -> None:
+    r = run("cache", "status", "--socket", str(tmp_path / "none.sock"))
+    assert r.returncode == 1 and r.stderr.strip() == f"kvmesh: error: no cache node answers on {tmp_path / 'none.sock'}"
 
 
 def test_bad_config_file(tmp_path: pathlib.Path) -> None:
@@ -122,3 +128,23 @@ def test_bench_against_the_stack(stack, tmp_path: pathlib.Path) -> None:  # type
     lines = (tmp_path / "out" / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 16 and "| TTFT |" in r.stdout
     assert set(summary["per_backend"]) <= {e.name for e in stack.engines}
+
+
+def test_cache_node_daemon_and_status(tmp_path: pathlib.Path) -> None:
+    sock = tmp_path / "node.sock"
+    proc = subprocess.Popen([*KVMESH, "cache-node", "--socket", str(sock), "--run-dir", str(tmp_path),
+                             "--dram-mib", "8", "--ssd-dir", str(tmp_path / "ssd"), "--ssd-mib", "16"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: run("cache", "status", "--socket", str(sock), "--json").returncode == 0, 30,
+                   "the cache node to answer")
+        st = json.loads(run("cache", "status", "--socket", str(sock), "--json").stdout)
+        assert st["dram_capacity_bytes"] == 8 << 20 and st["ssd_capacity_bytes"] == 16 << 20
+        human = run("cache", "status", "--socket", str(sock)).stdout
+        assert "dram" in human and "8 MiB" in human
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert "attach vLLM: --kv-transfer-config" in out
+    assert not sock.exists() and not list(pathlib.Path("/dev/shm").glob(f"kvmesh-{st['node_id']}"))

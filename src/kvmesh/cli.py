@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import pathlib
@@ -26,6 +27,8 @@ model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(model_app, name="model")
 bench_app = typer.Typer(no_args_is_help=True, help="Load generation and router comparisons.")
 app.add_typer(bench_app, name="bench")
+cache_app = typer.Typer(no_args_is_help=True, help="The KV cache tier: node status.")
+app.add_typer(cache_app, name="cache")
 log = logging.getLogger("kvmesh")
 
 
@@ -336,6 +339,72 @@ def calibrate(
     typer.echo(f"prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok², step "
                f"overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq -> {out}\n"
                f"use it with: kvmesh engine --kind sim --profile {out} ...")
+
+
+@app.command("cache-node")
+def cache_node(
+    socket: Annotated[pathlib.Path, typer.Option(help="Unix socket the engines' connectors use")] = pathlib.Path(
+        "run/cache-node.sock"),
+    dram_mib: Annotated[int, typer.Option(help="DRAM tier (shared-memory arena) size")] = 1024,
+    ssd_dir: Annotated[pathlib.Path | None, typer.Option(help="SSD tier directory (kept across restarts)")] = None,
+    ssd_mib: Annotated[int, typer.Option(help="SSD tier size limit; 0 disables it")] = 8192,
+    eviction: Annotated[str, typer.Option(help="lru, s3fifo or ttl")] = "lru",
+    ttl_s: Annotated[float | None, typer.Option(help="Object lifetime (eviction=ttl)")] = None,
+    admit_after: Annotated[int, typer.Option(help="Store a chunk once offered this many times")] = 1,
+    http_port: Annotated[int, typer.Option(help="/metrics and /status port (0: any)")] = 0,
+    run_dir: pathlib.Path = pathlib.Path("run"),
+    verbose: bool = False,
+) -> None:
+    """Run this machine's KV cache node (DRAM → SSD) for the engines on it, until Ctrl-C."""
+    _setup_logging(verbose)
+    from kvmesh.cache.node import CacheNode, node_settings
+    from kvmesh.config import CacheNodeConfig
+
+    cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=str(socket), dram_mib=dram_mib,
+                                  ssd_dir=str(ssd_dir) if ssd_dir else None, ssd_mib=ssd_mib, eviction=eviction,
+                                  ttl_s=ttl_s, admit_after=admit_after, http_port=http_port)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        socket.parent.mkdir(parents=True, exist_ok=True)
+        node = CacheNode(node_settings(cfg, run_dir))
+    except OSError as e:
+        _fail(f"cannot create the cache node's files: {e}", 1)
+
+    def banner() -> None:
+        from kvmesh.engines.vllm import connector_config
+
+        s = node.settings
+        attach = json.dumps(connector_config(str(s.socket_path.resolve())))
+        typer.echo(f"cache node {s.node_id} on {s.socket_path} (DRAM {dram_mib} MiB, SSD "
+                   f"{ssd_mib if s.store.ssd_dir else 0} MiB, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
+                   f"  attach vLLM: --kv-transfer-config '{attach}'")
+
+    _serve(node.start, node.stop, banner)
+
+
+@cache_app.command("status")
+def cache_status(
+    socket: Annotated[pathlib.Path, typer.Option(help="The node's Unix socket")] = pathlib.Path("run/cache-node.sock"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
+) -> None:
+    """Capacity and usage per tier of a cache node."""
+    from kvmesh.cache import NodeClient
+
+    logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)  # the one-line error below says it
+    c = NodeClient(socket, timeout_s=3.0)
+    st = c.stats()
+    c.close()
+    if not st:
+        _fail(f"no cache node answers on {socket}", 1)
+    if as_json:
+        typer.echo(json.dumps({"node_id": c.node_id, **st}))
+        return
+    typer.echo(f"node {c.node_id} ({socket})")
+    for tier in ("dram", "ssd"):
+        used, cap = st[f"{tier}_used_bytes"], st[f"{tier}_capacity_bytes"]
+        pct = 100 * used / cap if cap else 0.0
+        typer.echo(f"  {tier:<5} {int(st[f'{tier}_objects']):>8} objects  {used / 2**20:>10.1f} / "
+                   f"{cap / 2**20:.0f} MiB  ({pct:.0f}%)")
 
 
 @model_app.command("demo")
