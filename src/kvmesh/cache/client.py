@@ -140,6 +140,11 @@ class NodeClient:
     def commit(self, items: Sequence[p.CommitItem], abort: Sequence[bytes] = ()) -> bool:
         return isinstance(self._call(p.Commit(list(items), list(abort))), p.Ok)
 
+    def evict_dram(self) -> int:
+        """Ask the node to demote its DRAM tier to SSD; returns the number of objects moved."""
+        r = self._call(p.Evict())
+        return r.n if isinstance(r, p.Count) else 0
+
     def stats(self) -> dict[str, float]:
         r = self._call(p.Stats())
         return r.stats if isinstance(r, p.StatsReply) else {}

@@ -196,6 +196,8 @@ class CacheNode:
             return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)
         if isinstance(req, p.Stats):
             return p.StatsReply(self.stats())
+        if isinstance(req, p.Evict):
+            return p.Count(await st.evict_dram())
         return p.Failure(f"unsupported request {type(req).__name__}")
 
     def stats(self) -> dict[str, float]:

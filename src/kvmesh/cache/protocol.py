@@ -63,7 +63,11 @@ class Stats(msgspec.Struct, tag=True):
     pass
 
 
-Request = Hello | Lookup | Get | Release | Put | Commit | Stats
+class Evict(msgspec.Struct, tag=True):
+    """Demote every unleased DRAM object to SSD and wait until it is on disk (maintenance, benchmarks)."""
+
+
+Request = Hello | Lookup | Get | Release | Put | Commit | Stats | Evict
 
 
 class HelloReply(msgspec.Struct, tag=True):
