@@ -203,7 +203,7 @@ def ttft(url: str, prompt: str) -> tuple[float, int]:
 
 
 def e2e(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
-    from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
+    from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig
     from kvmesh.stack import DEMO_MODEL_NAME, Stack
 
     loop = Loop()
@@ -221,7 +221,8 @@ def e2e(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
     url = st.engines[0].url
     node = st.cache_node
     assert node is not None
-    words = "the quick brown fox jumps over the lazy dog and keeps running through the field".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "and", "keeps", "running",
+             "through", "the", "field"]
 
     def prompt(i: int) -> str:
         rng = np.random.default_rng(i)
@@ -250,7 +251,7 @@ def e2e(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
     finally:
         loop.run(st.stop())
     med = {k: statistics.median(v) for k, v in rows.items()}
-    for k, v in rows.items():
+    for k, _v in rows.items():
         print(f"{k:>10}: median TTFT {med[k] * 1000:8.1f} ms  (cached tokens {cached[k]})")
     return {"ttft_median_s": med, "ttft_s": rows, "cached_tokens": cached, "prompt_tokens_approx": 4000}
 
