@@ -186,3 +186,33 @@ def test_engine_serves_while_node_down_then_restarted_node_serves_ssd(cstack: St
     wait_until(served_from_node, 30, "the engine to reconnect to the restarted node")
     assert outs[-1]["choices"][0]["text"] == cold["choices"][0]["text"]
     assert same_logprobs(outs[-1], hit)
+
+
+def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway, loop_thread: LoopThread,  # type: ignore[no-untyped-def]
+                                                    tiny_model: pathlib.Path) -> None:
+    from kvmesh.config import BackendSpec, CacheNodeSpec
+
+    node = cstack.cache_node
+    assert node is not None and node.settings.events_endpoint
+    backends = tuple(BackendSpec(url=e.url, name=e.name) for e in cstack.engines)  # no engine events: tiers only
+    gw = make_gateway(backends=backends, policy="kv-aware", tokenizer=str(tiny_model),
+                      cache_nodes=(CacheNodeSpec(kv_events=node.settings.events_endpoint),))
+    sub = gw.feed.subs["cache-node"]
+    loop_thread.run(sub.connected.wait())
+    a = cstack.engines[0].url
+    p = prompt("tiers")
+    complete(a, p)  # computed on engine-0, saved to the node's DRAM: CPU-tier events for both engines
+    names = [e.name for e in cstack.engines]
+
+    def cpu_blocks() -> list[int]:
+        return loop_thread.call(lambda: [len(gw.index.engine_keys(n, "CPU")) for n in names])
+
+    wait_until(lambda: min(cpu_blocks()) >= 8, 30, "CPU-tier blocks for both engines in the index")
+    dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": p}).json()
+    for c in dbg["candidates"]:
+        assert c["matched_tokens"]["CPU"] >= 8 * BLOCK, dbg  # loadable from the node: counted, with its cost
+        assert c["uncached_tokens"] < dbg["prompt_tokens"] - 7 * BLOCK
+    loop_thread.run(node.store.evict_dram())  # DRAM → SSD: CPU entries become STORAGE entries
+    wait_until(lambda: max(cpu_blocks()) == 0, 30, "CPU-tier entries to move")
+    dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": p}).json()
+    assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg

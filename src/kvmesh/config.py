@@ -112,12 +112,21 @@ class RoutingConfig(_Strict):
     session_slack: int = Field(default=4, ge=0)
 
 
+class CacheNodeSpec(_Strict):
+    """A cache node whose tier events (DRAM → medium CPU, SSD → STORAGE) the KV index follows."""
+
+    name: str = "cache-node"
+    kv_events: str = Field(description="The node's KV-event publisher (ipc://)")
+    engines: tuple[str, ...] = Field(default=(), description="Backends on the node's machine; empty: all")
+
+
 class GatewayConfig(_Strict):
     """The OpenAI-compatible front door."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     backends: tuple[BackendSpec, ...] = Field(default=(), description="Static engines")
+    cache_nodes: tuple[CacheNodeSpec, ...] = Field(default=(), description="Cache nodes whose tiers routing counts")
     policy: PolicyName = "least-request"
     tokenizer: str | None = Field(default=None, description="Model dir with tokenizer.json (KV-aware policies)")
     routing: RoutingConfig = RoutingConfig()

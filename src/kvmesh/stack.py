@@ -9,7 +9,7 @@ import logging
 import pathlib
 
 from kvmesh.cache.node import CacheNode, node_settings
-from kvmesh.config import EngineConfig, StackConfig
+from kvmesh.config import CacheNodeSpec, EngineConfig, StackConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
 from kvmesh.engines.vllm import replica_configs
 from kvmesh.gateway import Gateway
@@ -63,6 +63,11 @@ class Stack:
         gw_cfg = cfg.gateway
         if gw_cfg.tokenizer is None:  # the served model's own tokenizer, for KV-aware routing
             gw_cfg = gw_cfg.model_copy(update={"tokenizer": template.model})
+        if self.cache_node is not None and self.cache_node.settings.events_endpoint:
+            # every engine of this stack shares the node: its DRAM/SSD blocks are loadable by all of them
+            spec = CacheNodeSpec(name=f"cache-{self.cache_node.settings.node_id}",
+                                 kv_events=self.cache_node.settings.events_endpoint)
+            gw_cfg = gw_cfg.model_copy(update={"cache_nodes": (*gw_cfg.cache_nodes, spec)})
         self.gateway = Gateway(gw_cfg)
         for e in self.engines:
             replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer

@@ -59,7 +59,8 @@ class EventPublisher:
         self._add(BlockStored(block_hashes=[event_hash(meta.key)],
                               parent_block_hash=event_hash(meta.parent) if meta.parent else None,
                               token_ids=meta.token_ids, block_size=meta.block_size,
-                              medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE))
+                              medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE,
+                              extra_keys=[[meta.salt]] if meta.salt and not meta.parent else None))
 
     def removed(self, tier: str, key: bytes) -> None:
         self._add(BlockRemoved(block_hashes=[event_hash(key)],
@@ -190,7 +191,7 @@ class CacheNode:
                 st.abort(k)
             for it in req.items:
                 size = st.writing.get(it.key, (0, -1))[1]
-                st.commit(ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size))
+                st.commit(ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt))
             return p.Ok()
         if isinstance(req, p.Hello):
             return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)

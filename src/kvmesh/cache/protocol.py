@@ -51,6 +51,7 @@ class CommitItem(msgspec.Struct, array_like=True):
     parent: bytes | None
     token_ids: list[int]
     block_size: int
+    salt: str | None = None  # the tenant's cache salt (first blocks' events carry it, as vLLM's do)
 
 
 class Commit(msgspec.Struct, tag=True):

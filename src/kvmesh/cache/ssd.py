@@ -31,6 +31,7 @@ class ObjectMeta(msgspec.Struct, array_like=True):
     parent: bytes | None = None
     token_ids: list[int] = []
     block_size: int = 0
+    salt: str | None = None
 
 
 class CorruptObject(Exception):

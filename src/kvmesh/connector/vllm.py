@@ -68,6 +68,7 @@ class SaveSpec:
     keys: list[bytes]
     parents: list[bytes | None]
     tokens: list[list[int]]
+    salt: str | None = None
 
 
 @dataclass
@@ -80,6 +81,7 @@ class KvmeshMetadata(KVConnectorMetadata):
 class _ReqState:
     tokens: list[int]
     keys: list[ChunkKey]
+    salt: str | None = None
     block_ids: list[int] = field(default_factory=list)
     saved: int = 0            # prompt blocks already offered to the node
     load_from: int = 0        # first block to load (after the engine's own hit)
@@ -122,8 +124,9 @@ class KvmeshConnector(KVConnectorBase_V1):
         st = self._reqs.get(request.request_id)
         if st is None:
             toks = list(request.prompt_token_ids or [])
-            keys = chunk_keys(self.ns.seed(getattr(request, "cache_salt", None)), toks, self.block_size)
-            st = self._reqs[request.request_id] = _ReqState(toks, keys)
+            salt = getattr(request, "cache_salt", None)
+            keys = chunk_keys(self.ns.seed(salt), toks, self.block_size)
+            st = self._reqs[request.request_id] = _ReqState(toks, keys, salt)
         return st
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -175,7 +178,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         rng = range(st.saved, upto)
         meta.saves.append(SaveSpec(
             [st.block_ids[i] for i in rng], [st.keys[i] for i in rng],
-            [st.keys[i - 1] if i else None for i in rng], [st.tokens[i * bs:(i + 1) * bs] for i in rng]))
+            [st.keys[i - 1] if i else None for i in rng], [st.tokens[i * bs:(i + 1) * bs] for i in rng], st.salt))
         st.saved = upto
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
@@ -247,7 +250,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         dests = [torch.frombuffer(views[i], dtype=torch.uint8) for i in todo]  # type: ignore[arg-type]
         self.layout.save([spec.block_ids[i] for i in todo], dests)
         items = [CommitItem(spec.keys[i], checksum(views[i]), spec.parents[i], spec.tokens[i],  # type: ignore[arg-type]
-                            self.block_size) for i in todo]
+                            self.block_size, spec.salt) for i in todo]
         del dests
         for i in todo:
             views[i].release()  # type: ignore[union-attr]

@@ -35,6 +35,7 @@ from kvmesh.index.hashing import BlockKey, chain_key, root_seed, salted_seed
 log = logging.getLogger(__name__)
 TIERS = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE)
 _TIER_OF = {MEDIUM_GPU: 0, None: 0, MEDIUM_CPU: 1, MEDIUM_STORAGE: 2}
+LOWER_TIERS = 0b110  # CPU | STORAGE: what cache nodes publish
 
 
 @dataclass(slots=True)
@@ -112,6 +113,25 @@ class KvIndex:
         n = len(e.hashes)
         e.hashes.clear()
         e.clears += 1
+        return n
+
+    def clear_tiers(self, name: str, tiers: int) -> int:
+        """Forget what ``name`` holds in the given tiers only (bitmask over GPU/CPU/STORAGE); returns blocks."""
+        e = self.engines.get(name)
+        if e is None:
+            return 0
+        mask = ~(1 << e.bit)
+        n = 0
+        for h, (key, held) in list(e.hashes.items()):
+            gone = held & tiers
+            if not gone:
+                continue
+            self._clear_bits(key, gone, mask)
+            n += 1
+            if held & ~tiers:
+                e.hashes[h] = (key, held & ~tiers)
+            else:
+                del e.hashes[h]
         return n
 
     def _clear_bits(self, key: BlockKey, tiers: int, mask: int) -> None:

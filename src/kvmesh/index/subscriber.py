@@ -21,8 +21,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvmesh.index.events import EventDecodeError, decode_batch
-from kvmesh.index.index import TIERS, KvIndex
+from kvmesh.index.events import EventBatch, EventDecodeError, decode_batch
+from kvmesh.index.index import LOWER_TIERS, TIERS, KvIndex
 
 log = logging.getLogger(__name__)
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -75,21 +75,35 @@ class EventSubscriber:
         finally:
             sock.close(0)
 
+    # ---- what a subscriber feeds (an engine's own cache; see NodeSubscriber for a cache node's tiers) ----
+    @property
+    def last_seq(self) -> int:
+        return self.index.engine(self.engine).last_seq
+
+    @last_seq.setter
+    def last_seq(self, seq: int) -> None:
+        self.index.engine(self.engine).last_seq = seq
+
+    def _drop(self) -> int:
+        return self.index.clear_engine(self.engine)
+
+    def _apply_batch(self, batch: EventBatch) -> int:
+        return self.index.apply(self.engine, batch)
+
     async def _handle(self, seq: int, payload: bytes) -> None:
-        e = self.index.engine(self.engine)
+        last = self.last_seq
         if self._replayed_upto >= 0:
-            if seq <= self._replayed_upto and seq <= e.last_seq:
+            if seq <= self._replayed_upto and seq <= last:
                 return  # already applied from the replay buffer
             self._replayed_upto = -1  # caught up with the live stream
-        if e.last_seq >= 0 and seq <= e.last_seq:
+        if last >= 0 and seq <= last:
             # The publisher's counter went back: the engine restarted with an empty cache.
-            n = self.index.clear_engine(self.engine)
-            log.info("engine %s restarted (seq %d after %d); dropped %d blocks", self.engine, seq, e.last_seq, n)
+            n = self._drop()
+            log.info("%s restarted (seq %d after %d); dropped %d blocks", self.engine, seq, last, n)
             self.metrics.gaps.labels(self.engine, "restart").inc()
-        elif seq > e.last_seq + 1 and not await self._replay(e.last_seq + 1, seq):
-            n = self.index.clear_engine(self.engine)
-            log.warning("engine %s: missed events %d..%d; dropped %d blocks", self.engine,
-                        e.last_seq + 1, seq - 1, n)
+        elif seq > last + 1 and not await self._replay(last + 1, seq):
+            n = self._drop()
+            log.warning("%s: missed events %d..%d; dropped %d blocks", self.engine, last + 1, seq - 1, n)
             self.metrics.gaps.labels(self.engine, "dropped").inc()
         self._apply(seq, payload)
 
@@ -98,10 +112,10 @@ class EventSubscriber:
             batch = decode_batch(payload)
         except EventDecodeError as err:
             self.metrics.errors.labels(self.engine).inc()
-            log.warning("engine %s: %s", self.engine, err)
+            log.warning("%s: %s", self.engine, err)
             return
-        n = self.index.apply(self.engine, batch)
-        self.index.engine(self.engine).last_seq = seq
+        n = self._apply_batch(batch)
+        self.last_seq = seq
         self.metrics.batches.labels(self.engine).inc()
         self.metrics.blocks.labels(self.engine).inc(n)
         self.metrics.lag.observe(max(0.0, time.time() - batch.ts))
@@ -135,6 +149,32 @@ class EventSubscriber:
         ok = got >= upto
         self.metrics.gaps.labels(self.engine, "replayed" if ok else "replay_failed").inc()
         return ok
+
+
+class NodeSubscriber(EventSubscriber):
+    """Subscribes to a cache node's tier events (``medium`` CPU/STORAGE) and credits them to every engine the
+    node serves: a block in the node's DRAM is loadable by each of them.  A node restart or lost events
+    drop only those engines' CPU/STORAGE entries; their own (GPU) entries are untouched."""
+
+    def __init__(self, index: KvIndex, node: str, endpoint: str, engines: list[str], metrics: IndexMetrics,
+                 ctx: zmq.asyncio.Context | None = None) -> None:
+        super().__init__(index, node, endpoint, metrics, None, ctx)
+        self.engines = engines
+        self._seq = -1
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    @last_seq.setter
+    def last_seq(self, seq: int) -> None:
+        self._seq = seq
+
+    def _drop(self) -> int:
+        return sum(self.index.clear_tiers(e, LOWER_TIERS) for e in self.engines)
+
+    def _apply_batch(self, batch: EventBatch) -> int:
+        return sum(self.index.apply(e, batch) for e in self.engines)
 
 
 class IndexCollector(Collector):
@@ -174,6 +214,12 @@ class IndexFeed:
         sub = EventSubscriber(self.index, engine, endpoint, self.metrics, replay_endpoint)
         self.subs[engine] = sub
         self._tasks[engine] = asyncio.create_task(sub.run(), name=f"kv-events-{engine}")
+        return sub
+
+    def add_node(self, node: str, endpoint: str, engines: list[str]) -> NodeSubscriber:
+        sub = NodeSubscriber(self.index, node, endpoint, engines, self.metrics)
+        self.subs[node] = sub
+        self._tasks[node] = asyncio.create_task(sub.run(), name=f"kv-events-{node}")
         return sub
 
     async def stop(self) -> None:
