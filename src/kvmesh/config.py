@@ -65,6 +65,22 @@ class CacheNodeConfig(_Strict):
     admit_after: int = Field(default=1, ge=1, description="Store a chunk only once offered this many times")
     events: bool = Field(default=True, description="Publish tier changes as KV events")
     http_port: int | None = Field(default=0, ge=0, le=65535, description="/metrics and /status; 0: any free port")
+    node_id: str | None = Field(default=None, description="Stable id in the pool (random when unset)")
+    peer_port: int | None = Field(default=None, ge=0, le=65535,
+                                  description="Join a pool: serve peers on this TCP port (0: any); None: standalone")
+    peer_host: str = "127.0.0.1"
+    peers: tuple[str, ...] = Field(default=(), description="Static pool members as id=host:port")
+    replicas: int = Field(default=1, ge=1, le=8, description="Copies of each chunk in the pool")
+
+    @field_validator("peers")
+    @classmethod
+    def _peers(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            nid, _, addr = p.partition("=")
+            host, _, port = addr.rpartition(":")
+            if not nid or not host or not port.isdigit():
+                raise ValueError(f"peer {p!r} must look like id=host:port")
+        return v
 
 
 class SupervisorConfig(_Strict):

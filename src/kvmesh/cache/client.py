@@ -54,6 +54,8 @@ class NodeClient:
         s.connect(self.socket_path)
         self._sock = s
         hello = self._roundtrip(p.Hello())
+        if isinstance(hello, p.Failure):
+            raise ConnectionError(hello.message)
         if not isinstance(hello, p.HelloReply):
             raise ConnectionError("cache node did not say hello")
         if self._arena is not None:
@@ -107,11 +109,12 @@ class NodeClient:
                 self._arena = None
 
     # ---- operations ----------------------------------------------------------------------------------
-    def lookup(self, keys: Sequence[bytes]) -> int:
-        """How many of ``keys``, from the first, the node holds (0 when it is unreachable)."""
+    def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
+        """How many of ``keys``, from the first, the node (``local``: itself, not its pool) holds; 0 when it
+        is unreachable."""
         if not keys:
             return 0
-        r = self._call(p.Lookup(list(keys)))
+        r = self._call(p.Lookup(list(keys), local))
         return r.n if isinstance(r, p.Count) else 0
 
     def get(self, keys: Sequence[bytes]) -> list[Lease]:

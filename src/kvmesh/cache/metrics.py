@@ -27,4 +27,7 @@ class CacheMetrics:
         self.objects = Gauge("kvmesh_cache_objects", "Objects held, by tier", ["tier"], registry=r)
         self.used = Gauge("kvmesh_cache_used_bytes", "Bytes used, by tier", ["tier"], registry=r)
         self.capacity = Gauge("kvmesh_cache_capacity_bytes", "Capacity, by tier", ["tier"], registry=r)
+        self.misses_remote = Counter("kvmesh_cache_pool_misses", "Chunks no pool owner could supply", registry=r)
+        self.replicated = Counter("kvmesh_cache_pool_pushed", "Chunks pushed to their owners (replication, rebalance)",
+                                  registry=r)
         self.requests = Counter("kvmesh_cache_requests", "Control requests, by type", ["type"], registry=r)

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kvmesh.cache import protocol as p
 from kvmesh.cache.keys import event_hash
 from kvmesh.cache.metrics import CacheMetrics
+from kvmesh.cache.pool.pool import Pool, PoolSettings
 from kvmesh.cache.ssd import ObjectMeta
 from kvmesh.cache.store import DRAM, StoreConfig, TieredStore, TierListener
 from kvmesh.config import CacheNodeConfig
@@ -42,6 +43,7 @@ class NodeSettings:
     events_endpoint: str | None = None  # ipc://... ; None: no events
     http_port: int | None = None        # /metrics and /status; 0 picks a free port
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    pool: PoolSettings | None = None    # None: a standalone node
 
 
 class EventPublisher:
@@ -92,6 +94,8 @@ class CacheNode:
         self.events = EventPublisher(settings.events_endpoint) if settings.events_endpoint else None
         listener = TierListener(self.events.stored, self.events.removed) if self.events else None
         self.store = TieredStore(settings.store, self.metrics, listener)
+        self.pool = (Pool(settings.pool, self.store, self.metrics,
+                          lambda: settings.store.dram_bytes + settings.store.ssd_bytes) if settings.pool else None)
         self._server: asyncio.AbstractServer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -108,6 +112,8 @@ class CacheNode:
         self._server = await asyncio.start_unix_server(self._serve, path=str(path))
         os.chmod(path, 0o600)
         self._tasks.add(asyncio.get_running_loop().create_task(self._housekeeping()))
+        if self.pool is not None:
+            await self.pool.start()
         if self.settings.http_port is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics)
@@ -121,6 +127,8 @@ class CacheNode:
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        if self.pool is not None:
+            await self.pool.stop()
         if self._server is not None:
             self._server.close()
             for w in list(self._conns):  # engines see the node go away at once and recompute meanwhile
@@ -169,9 +177,16 @@ class CacheNode:
         self.metrics.requests.labels(type(req).__name__.lower()).inc()
         st = self.store
         if isinstance(req, p.Lookup):
-            return p.Count(st.count_prefix(req.keys))
+            n = st.count_prefix(req.keys)
+            if self.pool is not None and n < len(req.keys) and not req.local:
+                n += await self.pool.count_remote(req.keys[n:])
+            return p.Count(n)
         if isinstance(req, p.Get):
             objs = await st.lease(req.keys)
+            if self.pool is not None and len(objs) < len(req.keys):
+                rest = req.keys[len(objs):]
+                if await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
+                    objs += await st.lease(rest)
             for o in objs:
                 leased[o.meta.key] = leased.get(o.meta.key, 0) + 1
             return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs])
@@ -191,9 +206,17 @@ class CacheNode:
                 st.abort(k)
             for it in req.items:
                 size = st.writing.get(it.key, (0, -1))[1]
-                st.commit(ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt))
+                meta = ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt)
+                if st.commit(meta) and self.pool is not None:
+                    self.pool.replicate(meta)
             return p.Ok()
         if isinstance(req, p.Hello):
+            if not st.arena.path.exists():
+                # Someone removed the shared-memory file: engines already attached keep their mapping; new
+                # ones cannot attach and serve by recomputation until the node is restarted.
+                log.error("cache node %s: arena %s vanished; restart the node", self.settings.node_id,
+                          st.arena.path)
+                return p.Failure(f"the cache node's arena {st.arena.path} vanished; restart the node")
             return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)
         if isinstance(req, p.Stats):
             return p.StatsReply(self.stats())
@@ -202,10 +225,7 @@ class CacheNode:
         return p.Failure(f"unsupported request {type(req).__name__}")
 
     def stats(self) -> dict[str, float]:
-        st = self.store
-        return {"dram_objects": len(st.dram), "dram_used_bytes": st.alloc.used, "dram_capacity_bytes": st.alloc.size,
-                "ssd_objects": len(st.ssd), "ssd_used_bytes": st.ssd_used, "ssd_capacity_bytes": st.cfg.ssd_bytes,
-                "writing": len(st.writing)}
+        return {**self.store.stats(), **(self.pool.stats() if self.pool else {})}
 
     # ---- HTTP --------------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:
@@ -217,13 +237,22 @@ class CacheNode:
 
 def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
     """Settings of a node from its config; unset paths go under ``run_dir`` (arena in /dev/shm)."""
-    node_id = uuid.uuid4().hex[:8]
+    node_id = cfg.node_id or uuid.uuid4().hex[:8]
     shm = pathlib.Path("/dev/shm")
     arena = pathlib.Path(cfg.arena_path) if cfg.arena_path else (shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}"
     ssd = pathlib.Path(cfg.ssd_dir) if cfg.ssd_dir else run_dir / "cache-ssd"
     store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
                         ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
                         eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after)
+    pool = None
+    if cfg.peer_port is not None:
+        peers = {}
+        for spec in cfg.peers:
+            nid, _, addr = spec.partition("=")
+            host, _, port = addr.rpartition(":")
+            peers[nid] = (host, int(port))
+        pool = PoolSettings(node_id=node_id, host=cfg.peer_host, port=cfg.peer_port, replicas=cfg.replicas,
+                            peers=peers)
     return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
-                        store=store, node_id=node_id, http_port=cfg.http_port,
+                        store=store, node_id=node_id, http_port=cfg.http_port, pool=pool,
                         events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None)

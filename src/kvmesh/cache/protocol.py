@@ -21,8 +21,10 @@ class Hello(msgspec.Struct, tag=True):
 
 
 class Lookup(msgspec.Struct, tag=True):
-    """How many of ``keys``, from the first, the node holds (any tier).  No side effects."""
+    """How many of ``keys``, from the first, the node holds (any tier; ``local``: this node's own tiers only,
+    not the pool's).  No side effects."""
     keys: list[bytes]
+    local: bool = False
 
 
 class Get(msgspec.Struct, tag=True):

@@ -23,7 +23,7 @@ from typing import Any
 from kvmesh.cache.arena import Arena, ExtentAllocator
 from kvmesh.cache.eviction import EvictionPolicy, make_policy
 from kvmesh.cache.metrics import CacheMetrics
-from kvmesh.cache.ssd import CorruptObject, DiskFull, ObjectMeta, SsdStore
+from kvmesh.cache.ssd import CorruptObject, DiskFull, ObjectMeta, SsdStore, checksum
 
 log = logging.getLogger(__name__)
 DRAM, SSD = "dram", "ssd"
@@ -191,6 +191,49 @@ class TieredStore:
         res = self.writing.pop(key, None)
         if res is not None:
             self.alloc.free(*res)
+
+    # ---- raw placement (chunks arriving from peers or remote tiers) --------------------------------------
+    def reserve_raw(self, key: bytes, size: int) -> int | None:
+        """Arena space for a chunk that will be written by this node itself; None if held or no room."""
+        if key in self.dram or key in self.writing:
+            return None
+        off = self._make_room(size)
+        if off is not None:
+            self.writing[key] = (off, size)
+        return off
+
+    def unreserve_raw(self, key: bytes, off: int, size: int) -> None:
+        if self.writing.get(key) == (off, size):
+            del self.writing[key]
+            self.alloc.free(off, size)
+
+    def adopt(self, meta: ObjectMeta, off: int) -> bool:
+        """Publish bytes written at ``off`` after verifying them against ``meta.checksum``."""
+        view = self.arena.view[off:off + meta.size]
+        try:
+            ok = checksum(view) == meta.checksum
+        finally:
+            view.release()
+        if not ok:
+            self.metrics.checksum_failures.labels("remote").inc()
+            self.unreserve_raw(meta.key, off, meta.size)
+            return False
+        return self.commit(meta)
+
+    def put_bytes(self, meta: ObjectMeta, data: bytes) -> bool:
+        """Store a chunk a peer pushed (replication); True when held afterwards."""
+        if self.holds(meta.key):
+            return True
+        off = self.reserve_raw(meta.key, meta.size)
+        if off is None or len(data) != meta.size:
+            return False
+        self.arena.view[off:off + meta.size] = data
+        return self.adopt(meta, off)
+
+    def stats(self) -> dict[str, float]:
+        return {"dram_objects": len(self.dram), "dram_used_bytes": self.alloc.used,
+                "dram_capacity_bytes": self.alloc.size, "ssd_objects": len(self.ssd), "ssd_used_bytes": self.ssd_used,
+                "ssd_capacity_bytes": self.cfg.ssd_bytes, "writing": len(self.writing)}
 
     # ---- DRAM room, demotion, promotion ------------------------------------------------------------
     def _make_room(self, size: int) -> int | None:

@@ -1,0 +1,1 @@
+"""Cache nodes as one pool: consistent-hash placement, replication, peer transfers, membership."""

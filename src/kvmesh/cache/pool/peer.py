@@ -1,0 +1,156 @@
+"""Node-to-node transfers: a framed TCP protocol, msgspec header + raw payload.
+
+Frame: 4-byte big-endian header length, msgpack header, then the payload bytes the header announces (GET
+replies carry their chunks back to back; PUT requests carry one).  One request at a time per connection,
+replies in order.  The client receives payloads with ``sock_recv_into`` straight into the caller's buffer —
+the local arena — so a remote hit costs one copy on each side of the socket, none in between.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import struct
+from collections.abc import Callable
+
+import msgspec
+
+from kvmesh.cache.ssd import ObjectMeta
+
+_LEN = struct.Struct(">I")
+MAX_HEADER = 16 << 20
+
+
+class PHas(msgspec.Struct, tag=True):
+    keys: list[bytes]
+
+
+class PGet(msgspec.Struct, tag=True):
+    keys: list[bytes]
+
+
+class PPut(msgspec.Struct, tag=True):
+    meta: ObjectMeta
+
+
+class PStats(msgspec.Struct, tag=True):
+    pass
+
+
+PRequest = PHas | PGet | PPut | PStats
+
+
+class PHasReply(msgspec.Struct, tag=True):
+    held: list[bool]
+
+
+class PGetReply(msgspec.Struct, tag=True):
+    metas: list[ObjectMeta]  # the longest held prefix of the keys asked; payloads follow in this order
+
+
+class POk(msgspec.Struct, tag=True):
+    stored: bool
+
+
+class PStatsReply(msgspec.Struct, tag=True):
+    node_id: str
+    stats: dict[str, float]
+
+
+PReply = PHasReply | PGetReply | POk | PStatsReply
+
+_enc = msgspec.msgpack.Encoder()
+req_decoder = msgspec.msgpack.Decoder(PRequest)
+rep_decoder = msgspec.msgpack.Decoder(PReply)
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    body = _enc.encode(msg)
+    return _LEN.pack(len(body)) + body
+
+
+class PeerError(ConnectionError):
+    """The peer is unreachable or broke the protocol; callers try another owner or count a miss."""
+
+
+class PeerClient:
+    """A connection to one peer, created lazily and re-created after an error.  Coroutine-safe (a lock
+    serialises requests on the connection)."""
+
+    def __init__(self, host: str, port: int, timeout_s: float = 5.0) -> None:
+        self.host, self.port, self.timeout_s = host, port, timeout_s
+        self._sock: socket.socket | None = None
+        self._lock = asyncio.Lock()
+
+    async def _connect(self) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.wait_for(loop.sock_connect(s, (self.host, self.port)), self.timeout_s)
+        except (OSError, TimeoutError) as e:
+            s.close()
+            raise PeerError(f"{self.host}:{self.port}: {e}") from None
+        return s
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    async def _recv_into(self, view: memoryview) -> None:
+        assert self._sock is not None
+        loop = asyncio.get_running_loop()
+        got = 0
+        while got < len(view):
+            n = await loop.sock_recv_into(self._sock, view[got:])
+            if not n:
+                raise PeerError(f"{self.host}:{self.port} closed the connection")
+            got += n
+
+    async def _header(self) -> PReply:
+        head = bytearray(4)
+        await self._recv_into(memoryview(head))
+        (n,) = _LEN.unpack(head)
+        if n > MAX_HEADER:
+            raise PeerError(f"{self.host}:{self.port}: header of {n} bytes")
+        body = bytearray(n)
+        await self._recv_into(memoryview(body))
+        reply: PReply = rep_decoder.decode(body)
+        return reply
+
+    async def call(self, msg: msgspec.Struct, payload: memoryview | bytes | None = None,
+                   sink: Callable[[ObjectMeta], memoryview | None] | None = None) -> PReply:
+        """Send ``msg`` (+ ``payload``); for a GET, ``sink(meta)`` gives the buffer each chunk lands in
+        (None: read and drop).  Raises :class:`PeerError`; the connection is then dropped."""
+        async with self._lock:
+            try:
+                return await asyncio.wait_for(self._call(msg, payload, sink), self.timeout_s)
+            except (OSError, TimeoutError, msgspec.DecodeError, PeerError) as e:
+                self.close()
+                raise PeerError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
+
+    async def _call(self, msg: msgspec.Struct, payload: memoryview | bytes | None,
+                    sink: Callable[[ObjectMeta], memoryview | None] | None) -> PReply:
+        loop = asyncio.get_running_loop()
+        if self._sock is None:
+            self._sock = await self._connect()
+        await loop.sock_sendall(self._sock, encode(msg))
+        if payload is not None:
+            await loop.sock_sendall(self._sock, payload)
+        reply = await self._header()
+        if isinstance(reply, PGetReply):
+            for meta in reply.metas:
+                buf = sink(meta) if sink else None
+                await self._recv_into(buf if buf is not None else memoryview(bytearray(meta.size)))
+        return reply
+
+
+async def read_request(reader: asyncio.StreamReader) -> PRequest:
+    head = await reader.readexactly(4)
+    (n,) = _LEN.unpack(head)
+    if n > MAX_HEADER:
+        raise ConnectionError(f"header of {n} bytes")
+    req: PRequest = req_decoder.decode(await reader.readexactly(n))
+    return req

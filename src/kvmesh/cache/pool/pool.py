@@ -1,0 +1,372 @@
+"""One node's part in the cache pool.
+
+Placement: a chunk's *owners* are the first R live nodes on the consistent-hash ring.  A node that commits a
+chunk keeps a local copy (its engines read it from DRAM) and pushes it to the owners (write-behind).  A
+local miss asks the owners (the first that answers; a dead one is skipped at once, so with R ≥ 2 a node
+kill costs no read), and a fetched chunk lands straight in the local arena as a local copy.  When
+membership changes, each holder pushes the chunks whose owner set gained a node: ~1/N of the keys move, and
+reads keep working meanwhile (they fall back to the previous ring's owners).
+
+All methods run on the node's event loop.  Peer trouble is never an error to the engine: a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from kvmesh.cache.metrics import CacheMetrics
+from kvmesh.cache.pool.peer import (
+    PeerClient,
+    PeerError,
+    PGet,
+    PGetReply,
+    PHas,
+    PHasReply,
+    POk,
+    PPut,
+    PStats,
+    PStatsReply,
+    encode,
+    read_request,
+)
+from kvmesh.cache.pool.ring import Ring
+from kvmesh.cache.ssd import ObjectMeta
+from kvmesh.cache.store import DramObject, TieredStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Member:
+    node_id: str
+    host: str
+    port: int
+    capacity: int = 0
+    alive: bool = False
+    client: PeerClient | None = None
+
+
+@dataclass(slots=True)
+class PoolSettings:
+    node_id: str
+    host: str = "127.0.0.1"
+    port: int = 0
+    replicas: int = 1
+    health_interval_s: float = 1.0
+    peers: dict[str, tuple[str, int]] = field(default_factory=dict)  # static members: id -> (host, port)
+
+
+class Pool:
+    def __init__(self, settings: PoolSettings, store: TieredStore, metrics: CacheMetrics,
+                 capacity: Callable[[], int]) -> None:
+        self.s = settings
+        self.store = store
+        self.metrics = metrics
+        self.capacity = capacity
+        self.members: dict[str, Member] = {
+            nid: Member(nid, h, p) for nid, (h, p) in settings.peers.items() if nid != settings.node_id}
+        self.ring = Ring.build({settings.node_id: capacity()})
+        self.previous: Ring | None = None  # during a rebalance, reads also try the old owners
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._writers: set[asyncio.StreamWriter] = set()
+        self.port = settings.port
+
+    # ---- lifecycle -----------------------------------------------------------------------------------
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.s.host, self.s.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        await self.check_members()
+        self._spawn(self._health_loop())
+
+    async def stop(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._server is not None:
+            self._server.close()
+            for w in list(self._writers):
+                w.close()
+            await self._server.wait_closed()
+        for m in self.members.values():
+            if m.client:
+                m.client.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ---- membership ----------------------------------------------------------------------------------
+    def set_members(self, peers: dict[str, tuple[str, int]]) -> None:
+        """Replace the member list (from a discovery backend); health checks decide who is live."""
+        for nid in list(self.members):
+            if nid not in peers:
+                m = self.members.pop(nid)
+                if m.client:
+                    m.client.close()
+        for nid, (h, p) in peers.items():
+            if nid != self.s.node_id and nid not in self.members:
+                self.members[nid] = Member(nid, h, p)
+
+    async def _health_loop(self) -> None:
+        started = asyncio.get_running_loop().time()
+        while True:
+            # Right after start, peers are often still starting too: look again soon so rings converge fast.
+            young = asyncio.get_running_loop().time() - started < 10
+            missing = any(not m.alive for m in self.members.values())
+            await asyncio.sleep(min(self.s.health_interval_s, 0.2) if young and missing else self.s.health_interval_s)
+            await self.check_members()
+
+    def stats(self) -> dict[str, float]:
+        return {"pool_members": len(self.ring.nodes), "pool_replicas": self.s.replicas}
+
+    async def check_members(self) -> None:
+        async def probe(m: Member) -> None:
+            if m.client is None:
+                m.client = PeerClient(m.host, m.port, timeout_s=2.0)
+            try:
+                r = await m.client.call(PStats())
+            except PeerError:
+                m.alive = False
+                return
+            if isinstance(r, PStatsReply):
+                m.alive = True
+                m.capacity = int(r.stats.get("dram_capacity_bytes", 0) + r.stats.get("ssd_capacity_bytes", 0))
+
+        await asyncio.gather(*(probe(m) for m in self.members.values()))
+        self._rebuild()
+
+    def mark_dead(self, nid: str) -> None:
+        m = self.members.get(nid)
+        if m is not None and m.alive:
+            log.warning("cache pool: peer %s unreachable; taken out of the ring", nid)
+            m.alive = False
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        caps = {self.s.node_id: self.capacity()}
+        caps.update({m.node_id: m.capacity or 1 for m in self.members.values() if m.alive})
+        if frozenset(caps) == self.ring.nodes:
+            return
+        old, self.ring = self.ring, Ring.build(caps)
+        self.previous = old
+        log.info("cache pool: members now %s", sorted(caps))
+        self._spawn(self._rebalance(old, self.ring))
+
+    def owners(self, key: bytes) -> list[str]:
+        own = self.ring.owners(key, self.s.replicas)
+        if self.previous is not None:
+            own += [n for n in self.previous.owners(key, self.s.replicas) if n not in own]
+        return own
+
+    # ---- reads ---------------------------------------------------------------------------------------
+    async def count_remote(self, keys: list[bytes]) -> int:
+        """How many of ``keys``, from the first, some owner holds (one round trip per owner, in parallel)."""
+        held = await self._has(keys)
+        n = 0
+        for h in held:
+            if not h:
+                break
+            n += 1
+        return n
+
+    async def _has(self, keys: list[bytes]) -> list[bool]:
+        held = [self.store.holds(k) for k in keys]
+        pending = [i for i, h in enumerate(held) if not h]
+        for attempt in range(self.s.replicas + 2):
+            by_node: dict[str, list[int]] = {}
+            for i in pending:
+                own = [n for n in self.owners(keys[i]) if n != self.s.node_id and self._alive(n)]
+                if attempt < len(own):
+                    by_node.setdefault(own[attempt], []).append(i)
+            if not by_node:
+                break
+            replies = await asyncio.gather(*(self._ask_has(n, [keys[i] for i in ix]) for n, ix in by_node.items()))
+            pending = []
+            for (_, ix), rep in zip(by_node.items(), replies, strict=True):
+                if rep is None:
+                    pending += ix  # unreachable: ask the next owner
+                    continue
+                for i, h in zip(ix, rep, strict=True):
+                    held[i] = h
+                    if not h:
+                        pending.append(i)  # maybe a replica has it (e.g. during a rebalance)
+        return held
+
+    def _alive(self, nid: str) -> bool:
+        m = self.members.get(nid)
+        return m is not None and m.alive
+
+    async def _ask_has(self, nid: str, keys: list[bytes]) -> list[bool] | None:
+        m = self.members[nid]
+        assert m.client is not None
+        try:
+            r = await m.client.call(PHas(keys))
+        except PeerError:
+            self.mark_dead(nid)
+            return None
+        return r.held if isinstance(r, PHasReply) else None
+
+    async def fetch(self, keys: list[bytes]) -> int:
+        """Copy the longest remotely held prefix of ``keys`` into the local DRAM tier; returns its length."""
+        got = 0
+        for k in keys:
+            if k in self.store.dram:
+                got += 1
+                continue
+            if not await self._fetch_one(k):
+                break
+            got += 1
+        return got
+
+    async def _fetch_one(self, key: bytes) -> bool:
+        for nid in self.owners(key):
+            if nid == self.s.node_id or not self._alive(nid):
+                continue
+            if await self._fetch_from(nid, [key]) == 1:
+                return True
+        self.metrics.misses_remote.inc()
+        return False
+
+    async def fetch_batch(self, keys: list[bytes]) -> int:
+        """Like :meth:`fetch`, one pipelined request per owner (the batch path for long prefixes)."""
+        todo = [k for k in keys if k not in self.store.dram]
+        by_node: dict[str, list[bytes]] = {}
+        for k in todo:
+            own = [n for n in self.owners(k) if n != self.s.node_id and self._alive(n)]
+            if own:
+                by_node.setdefault(own[0], []).append(k)
+        await asyncio.gather(*(self._fetch_from(n, ks) for n, ks in by_node.items()))
+        return await self.fetch(keys)  # whatever the first owners missed: replicas, one by one
+
+    async def _fetch_from(self, nid: str, keys: list[bytes]) -> int:
+        m = self.members[nid]
+        assert m.client is not None
+        landed: list[tuple[ObjectMeta, int]] = []
+
+        def sink(meta: ObjectMeta) -> memoryview | None:
+            off = self.store.reserve_raw(meta.key, meta.size)
+            if off is None:
+                return None
+            landed.append((meta, off))
+            return self.store.arena.view[off:off + meta.size]
+
+        try:
+            r = await m.client.call(PGet(keys), sink=sink)
+        except PeerError:
+            for meta, off in landed:
+                self.store.unreserve_raw(meta.key, off, meta.size)
+            self.mark_dead(nid)
+            return 0
+        n = 0
+        for meta, off in landed:
+            if self.store.adopt(meta, off):  # verifies the checksum
+                n += 1
+                self.metrics.hits.labels("remote").inc()
+                self.metrics.bytes_read.labels("remote").inc(meta.size)
+        return n if isinstance(r, PGetReply) else 0
+
+    # ---- writes --------------------------------------------------------------------------------------
+    def replicate(self, meta: ObjectMeta) -> None:
+        """Push a chunk just committed here to its other owners (background)."""
+        targets = [n for n in self.ring.owners(meta.key, self.s.replicas) if n != self.s.node_id]
+        o = self.store.dram.get(meta.key)
+        if not targets or o is None:
+            return
+        data = bytes(self.store.arena.view[o.offset:o.offset + meta.size])
+        for n in targets:
+            self._spawn(self._push_bg(n, meta, data))
+
+    async def _push(self, nid: str, meta: ObjectMeta, data: bytes | memoryview) -> bool:
+        m = self.members.get(nid)
+        if m is None or m.client is None:
+            return False
+        try:
+            r = await m.client.call(PPut(meta), payload=data)
+        except PeerError:
+            self.mark_dead(nid)
+            return False
+        self.metrics.replicated.inc()
+        return isinstance(r, POk)
+
+    async def _push_bg(self, nid: str, meta: ObjectMeta, data: bytes) -> None:
+        await self._push(nid, meta, data)
+
+    async def _rebalance(self, old: Ring, new: Ring) -> None:
+        """Push the chunks whose owner set gained nodes; this node pushes those it is the first surviving
+        old owner of (so each chunk moves once)."""
+        moved = 0
+        try:
+            for key in list(self.store.dram) + list(self.store.ssd):
+                before = old.owners(key, self.s.replicas)
+                after = new.owners(key, self.s.replicas)
+                gained = [n for n in after if n not in before and n != self.s.node_id]
+                survivors = [n for n in before if n in new.nodes]
+                if not gained or (survivors and survivors[0] != self.s.node_id):
+                    continue
+                data = await self._read_local(key)
+                if data is None:
+                    continue
+                meta, payload = data
+                for n in gained:
+                    moved += await self._push(n, meta, payload)
+        finally:
+            if self.ring is new:
+                self.previous = None
+        if moved:
+            log.info("cache pool: rebalance pushed %d chunks", moved)
+
+    async def _read_local(self, key: bytes) -> tuple[ObjectMeta, bytes] | None:
+        objs = await self.store.lease([key])
+        if not objs:
+            return None
+        o = objs[0]
+        try:
+            return o.meta, bytes(self.store.arena.view[o.offset:o.offset + o.meta.size])
+        finally:
+            self.store.release([key], [])
+
+    # ---- serving peers -------------------------------------------------------------------------------
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                req = await read_request(reader)
+                if isinstance(req, PHas):
+                    writer.write(_frame(PHasReply([self.store.holds(k) for k in req.keys])))
+                elif isinstance(req, PGet):
+                    await self._serve_get(req, writer)
+                elif isinstance(req, PPut):
+                    data = await reader.readexactly(req.meta.size)
+                    writer.write(_frame(POk(self.store.put_bytes(req.meta, data))))
+                elif isinstance(req, PStats):
+                    writer.write(_frame(PStatsReply(self.s.node_id, {**self.store.stats(), **self.stats()})))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def _serve_get(self, req: PGet, writer: asyncio.StreamWriter) -> None:
+        objs: list[DramObject] = await self.store.lease(req.keys)
+        try:
+            writer.write(_frame(PGetReply([o.meta for o in objs])))
+            for o in objs:
+                writer.write(self.store.arena.view[o.offset:o.offset + o.meta.size])
+            await writer.drain()  # the leases hold the bytes until they are handed to the kernel
+        finally:
+            self.store.release([o.meta.key for o in objs], [])
+
+
+def _frame(msg: msgspec.Struct) -> bytes:
+    return encode(msg)

@@ -1,0 +1,200 @@
+"""Cache nodes as one pool: three or four real ``kvmesh cache-node`` processes on loopback, driven by the
+real client (the connector's) through each node's socket."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from kvmesh.cache import NodeClient
+from kvmesh.cache.pool.ring import Ring
+from kvmesh.cache.protocol import CommitItem
+from kvmesh.cache.ssd import checksum
+from tests.helpers import free_port_block, wait_until
+
+KB = 1 << 10
+
+
+class Pool:
+    def __init__(self, tmp: pathlib.Path, n: int, replicas: int, start: int | None = None) -> None:
+        self.tmp = tmp
+        self.ids = [f"n{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
+        base = free_port_block(n)
+        self.ports = {nid: base + i for i, nid in enumerate(self.ids)}
+        self.replicas = replicas
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        for nid in self.ids[:start if start is not None else n]:
+            self.start(nid)
+        self.converge()
+
+    def converge(self) -> None:
+        """Wait until every running node's ring holds every running node."""
+        for nid in self.procs:
+            c = self.client(nid)
+            wait_until(lambda c=c: c.stats().get("pool_members") == len(self.procs), 30, f"node {nid} to see the pool")
+
+    def sock(self, nid: str) -> pathlib.Path:
+        return self.tmp / nid / "node.sock"
+
+    def start(self, nid: str) -> None:
+        d = self.tmp / nid
+        d.mkdir(exist_ok=True)
+        peers = [f"--peer={o}=127.0.0.1:{p}" for o, p in self.ports.items()]
+        self.procs[nid] = subprocess.Popen(
+            [sys.executable, "-m", "kvmesh", "cache-node", "--socket", str(self.sock(nid)), "--run-dir", str(d),
+             "--node-id", nid, "--peer-port", str(self.ports[nid]), "--replicas", str(self.replicas),
+             "--dram-mib", "64", "--ssd-mib", "0", *peers],
+            stdout=subprocess.DEVNULL, stderr=open(d / "log", "ab"))  # noqa: SIM115
+
+    def client(self, nid: str) -> NodeClient:
+        return NodeClient(self.sock(nid), retry_s=0.0)
+
+    def kill(self, nid: str) -> None:
+        self.procs[nid].send_signal(signal.SIGKILL)
+        self.procs[nid].wait(10)
+
+    def stop(self) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs.values():
+            p.wait(30)
+
+
+@pytest.fixture
+def make_pool(tmp_path: pathlib.Path) -> Iterator[object]:
+    made: list[Pool] = []
+
+    def make(n: int = 3, replicas: int = 1, start: int | None = None) -> Pool:
+        p = Pool(tmp_path, n, replicas, start)
+        made.append(p)
+        return p
+
+    yield make
+    for p in made:
+        p.stop()
+
+
+def put(c: NodeClient, key: bytes, data: bytes) -> None:
+    [v] = c.reserve([(key, len(data))])
+    assert v is not None
+    v[:] = data
+    v.release()
+    assert c.commit([CommitItem(key, checksum(data), None, [1, 2], 2)])
+
+
+def chunks(n: int) -> dict[bytes, bytes]:
+    return {uuid.uuid4().bytes: os.urandom(64 * KB) for _ in range(n)}
+
+
+def wait_replicated(pool: Pool, data: dict[bytes, bytes]) -> None:
+    """Wait until every chunk is held by each of its owners (replication is write-behind)."""
+    ring = Ring.build({n: 64 << 20 for n in pool.procs})
+    clients = {n: pool.client(n) for n in pool.procs}
+
+    def done() -> bool:
+        return all(clients[o].lookup([k], local=True) for k in data for o in ring.owners(k, pool.replicas))
+
+    wait_until(done, 30, "every chunk on each of its owners")
+
+
+def read_all(c: NodeClient, data: dict[bytes, bytes]) -> tuple[int, int]:
+    """(found, wrong) over every key, each read through the node's shared memory."""
+    found = wrong = 0
+    for k, v in data.items():
+        leases = c.get([k])
+        if leases:
+            found += 1
+            wrong += bytes(leases[0].view) != v or not leases[0].verify()
+        c.release(leases)
+    return found, wrong
+
+
+def test_written_on_a_read_on_c(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3)
+    a, _, c = (pool.client(n) for n in pool.ids)
+    data = chunks(20)
+    for k, v in data.items():
+        put(a, k, v)
+    assert c.lookup(list(data)) in range(0, 21)
+    wait_until(lambda: c.lookup(list(data)) == 20, 30, "C to see every chunk through the pool")
+    assert read_all(c, data) == (20, 0)
+
+
+def test_r2_survives_a_node_kill_during_reads(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3, replicas=2)
+    a_id, b_id, c_id = pool.ids
+    a, c = pool.client(a_id), pool.client(c_id)
+    data = chunks(60)
+    for k, v in data.items():
+        put(a, k, v)
+    wait_replicated(pool, data)
+    items = list(data.items())
+    first = dict(items[:20])
+    assert read_all(c, first) == (20, 0)
+    pool.kill(b_id)  # mid-run: the remaining 40 reads go on
+    assert read_all(c, dict(items[20:])) == (40, 0)
+    assert read_all(a, data) == (60, 0)
+
+
+def test_r1_node_kill_gives_misses_never_errors(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3, replicas=1)
+    _, b_id, c_id = pool.ids
+    b, c = pool.client(b_id), pool.client(c_id)
+    data = chunks(60)
+    for k, v in data.items():
+        put(b, k, v)  # written on B: B's own keys exist nowhere else
+    wait_replicated(pool, data)
+    ring = Ring.build({n: 64 << 20 for n in pool.ids})
+    on_b = {k: v for k, v in data.items() if ring.owners(k)[0] == b_id}
+    elsewhere = {k: v for k, v in data.items() if k not in on_b}
+    assert on_b and elsewhere
+    pool.kill(b_id)
+    assert read_all(c, on_b) == (0, 0)  # misses (the engine recomputes), never errors or wrong bytes
+    assert read_all(c, elsewhere) == (len(elsewhere), 0)
+
+
+def test_join_moves_about_one_nth(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(4, replicas=1, start=3)
+    a = pool.client(pool.ids[0])
+    data = chunks(200)
+    for k, v in data.items():
+        put(a, k, v)
+    d_id = pool.ids[3]
+    pool.start(d_id)
+    d = pool.client(d_id)
+    pool.converge()
+    ring4 = Ring.build({n: 64 << 20 for n in pool.ids})
+    mine = [k for k in data if ring4.owners(k)[0] == d_id]
+    wait_until(lambda: d.stats().get("dram_objects", 0) >= len(mine), 30, "the rebalance to reach the new node")
+    moved = d.stats()["dram_objects"]
+    assert moved <= 1.5 * len(data) / 4, moved  # only the keys the new node now owns
+    assert read_all(d, {k: data[k] for k in mine}) == (len(mine), 0)
+
+
+def test_ring_moves_at_most_1_5_over_n() -> None:
+    keys = [uuid.uuid4().bytes for _ in range(20_000)]
+    for n in (3, 5, 8):
+        nodes = {f"n{i}": 1 << 30 for i in range(n)}
+        before = Ring.build(nodes)
+        after = Ring.build({**nodes, "new": 1 << 30})
+        moved = sum(before.owners(k) != after.owners(k) for k in keys) / len(keys)
+        assert moved <= 1.5 / (n + 1), (n, moved)
+        gone = Ring.build({k: v for k, v in nodes.items() if k != "n0"})
+        moved = sum(before.owners(k) != gone.owners(k) for k in keys) / len(keys)
+        assert moved <= 1.5 / n, (n, moved)
+
+
+def test_ring_weights_by_capacity() -> None:
+    keys = [uuid.uuid4().bytes for _ in range(20_000)]
+    ring = Ring.build({"small": 1 << 30, "big": 2 << 30})
+    share = sum(ring.owners(k)[0] == "big" for k in keys) / len(keys)
+    assert 0.6 < share < 0.73  # ~2/3
+    assert len(set(ring.owners(keys[0], 2))) == 2 and ring.owners(keys[0], 5) == ring.owners(keys[0], 2)
