@@ -71,6 +71,16 @@ class CacheNodeConfig(_Strict):
     peer_host: str = "127.0.0.1"
     peers: tuple[str, ...] = Field(default=(), description="Static pool members as id=host:port")
     replicas: int = Field(default=1, ge=1, le=8, description="Copies of each chunk in the pool")
+    remote: str | None = Field(default=None, description="Remote tier below SSD: redis://, redis+cluster://, "
+                                                         "valkey://, s3://bucket/prefix?endpoint=..., file:///path")
+    remote_ttl_s: float | None = Field(default=None, gt=0, description="Lifetime of remote objects (Redis)")
+
+    @field_validator("remote")
+    @classmethod
+    def _remote(cls, v: str | None) -> str | None:
+        if v is not None and v.split("://", 1)[0] not in ("redis", "rediss", "valkey", "redis+cluster", "s3", "file"):
+            raise ValueError(f"remote tier {v!r} must be a redis://, redis+cluster://, valkey://, s3:// or file:// URL")
+        return v
 
     @field_validator("peers")
     @classmethod

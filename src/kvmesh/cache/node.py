@@ -27,6 +27,7 @@ from kvmesh.cache import protocol as p
 from kvmesh.cache.keys import event_hash
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.pool import Pool, PoolSettings
+from kvmesh.cache.remote import RemoteCache, make_remote
 from kvmesh.cache.ssd import ObjectMeta
 from kvmesh.cache.store import DRAM, StoreConfig, TieredStore, TierListener
 from kvmesh.config import CacheNodeConfig
@@ -44,6 +45,8 @@ class NodeSettings:
     http_port: int | None = None        # /metrics and /status; 0 picks a free port
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     pool: PoolSettings | None = None    # None: a standalone node
+    remote_url: str | None = None       # a remote capacity tier below SSD (kvmesh.cache.remote)
+    remote_ttl_s: float | None = None
 
 
 class EventPublisher:
@@ -96,6 +99,8 @@ class CacheNode:
         self.store = TieredStore(settings.store, self.metrics, listener)
         self.pool = (Pool(settings.pool, self.store, self.metrics,
                           lambda: settings.store.dram_bytes + settings.store.ssd_bytes) if settings.pool else None)
+        self.remote = (RemoteCache(make_remote(settings.remote_url, settings.remote_ttl_s), self.metrics, self.store)
+                       if settings.remote_url else None)
         self._server: asyncio.AbstractServer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -136,6 +141,8 @@ class CacheNode:
             await self._server.wait_closed()
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.remote is not None:
+            await self.remote.close()
         await self.store.close()
         if self.events:
             self.events.close()
@@ -180,12 +187,18 @@ class CacheNode:
             n = st.count_prefix(req.keys)
             if self.pool is not None and n < len(req.keys) and not req.local:
                 n += await self.pool.count_remote(req.keys[n:])
+            if self.remote is not None and n < len(req.keys) and not req.local:
+                n += await self.remote.count(req.keys[n:])
             return p.Count(n)
         if isinstance(req, p.Get):
             objs = await st.lease(req.keys)
             if self.pool is not None and len(objs) < len(req.keys):
                 rest = req.keys[len(objs):]
                 if await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
+                    objs += await st.lease(rest)
+            if self.remote is not None and len(objs) < len(req.keys):
+                rest = req.keys[len(objs):]
+                if await self.remote.fetch(rest):
                     objs += await st.lease(rest)
             for o in objs:
                 leased[o.meta.key] = leased.get(o.meta.key, 0) + 1
@@ -207,8 +220,13 @@ class CacheNode:
             for it in req.items:
                 size = st.writing.get(it.key, (0, -1))[1]
                 meta = ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt)
-                if st.commit(meta) and self.pool is not None:
+                if not st.commit(meta):
+                    continue
+                if self.pool is not None:
                     self.pool.replicate(meta)
+                if self.remote is not None:
+                    o = st.dram[meta.key]
+                    self.remote.write_behind(meta, bytes(st.arena.view[o.offset:o.offset + meta.size]))
             return p.Ok()
         if isinstance(req, p.Hello):
             if not st.arena.path.exists():
@@ -255,4 +273,5 @@ def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
                             peers=peers)
     return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
                         store=store, node_id=node_id, http_port=cfg.http_port, pool=pool,
+                        remote_url=cfg.remote, remote_ttl_s=cfg.remote_ttl_s,
                         events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None)

