@@ -7,7 +7,7 @@ PORT       ?= 8000
 REPLICAS   ?= 2
 POLICY     ?= kv-aware
 
-.PHONY: run test install lint bench clean routers
+.PHONY: run test install lint bench clean routers services
 
 # (Re)install only when the venv is missing or pyproject.toml changed: `make run` twice is fast.
 $(STAMP): pyproject.toml
@@ -32,6 +32,14 @@ test: lint
 
 bench: install
 	$(PY) bench/gateway_overhead.py
+
+# Servers the cache tiers' tests run against (tests skip, saying why, when they are missing).
+services:
+	@command -v redis-server >/dev/null && command -v etcd >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null \
+	  || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null; } \
+	  || echo "make services: could not install redis-server/etcd; their tests will skip"; }
 
 # The Rust routers kvmesh is compared against, in their own venv (bench/compare_routers.py).
 routers: .venv-routers/.installed

@@ -22,7 +22,8 @@ KINDS = ["redis", "valkey", "s3", "fs"]
 
 
 @pytest.fixture(params=KINDS)
-def remote_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def remote_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path,
+               monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     kind = request.param
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "kvmesh-test")  # the test server takes any credentials
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kvmesh-test")
