@@ -18,13 +18,16 @@ from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.ssd import checksum
 from tests.helpers import free_port_block, wait_until
+from tests.servers import etcd_server
 
 KB = 1 << 10
 
 
 class Pool:
-    def __init__(self, tmp: pathlib.Path, n: int, replicas: int, start: int | None = None) -> None:
+    def __init__(self, tmp: pathlib.Path, n: int, replicas: int, start: int | None = None,
+                 etcd: str | None = None) -> None:
         self.tmp = tmp
+        self.etcd = etcd
         self.ids = [f"n{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
         base = free_port_block(n)
         self.ports = {nid: base + i for i, nid in enumerate(self.ids)}
@@ -46,7 +49,8 @@ class Pool:
     def start(self, nid: str) -> None:
         d = self.tmp / nid
         d.mkdir(exist_ok=True)
-        peers = [f"--peer={o}=127.0.0.1:{p}" for o, p in self.ports.items()]
+        peers = ([f"--etcd={self.etcd}", "--etcd-ttl-s=2"] if self.etcd
+                 else [f"--peer={o}=127.0.0.1:{p}" for o, p in self.ports.items()])
         self.procs[nid] = subprocess.Popen(
             [sys.executable, "-m", "kvmesh", "cache-node", "--socket", str(self.sock(nid)), "--run-dir", str(d),
              "--node-id", nid, "--peer-port", str(self.ports[nid]), "--replicas", str(self.replicas),
@@ -59,6 +63,12 @@ class Pool:
     def kill(self, nid: str) -> None:
         self.procs[nid].send_signal(signal.SIGKILL)
         self.procs[nid].wait(10)
+        del self.procs[nid]
+
+    def terminate(self, nid: str) -> None:
+        self.procs[nid].send_signal(signal.SIGTERM)
+        self.procs[nid].wait(30)
+        del self.procs[nid]
 
     def stop(self) -> None:
         for p in self.procs.values():
@@ -72,8 +82,8 @@ class Pool:
 def make_pool(tmp_path: pathlib.Path) -> Iterator[object]:
     made: list[Pool] = []
 
-    def make(n: int = 3, replicas: int = 1, start: int | None = None) -> Pool:
-        p = Pool(tmp_path, n, replicas, start)
+    def make(n: int = 3, replicas: int = 1, start: int | None = None, etcd: str | None = None) -> Pool:
+        p = Pool(tmp_path, n, replicas, start, etcd)
         made.append(p)
         return p
 
@@ -198,3 +208,22 @@ def test_ring_weights_by_capacity() -> None:
     share = sum(ring.owners(k)[0] == "big" for k in keys) / len(keys)
     assert 0.6 < share < 0.73  # ~2/3
     assert len(set(ring.owners(keys[0], 2))) == 2 and ring.owners(keys[0], 5) == ring.owners(keys[0], 2)
+
+
+def test_etcd_membership_join_leave_and_expiry(make_pool, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    with etcd_server(tmp_path) as etcd:
+        pool = make_pool(4, replicas=1, start=3, etcd=etcd)  # no static list: found through etcd
+        a_id, b_id, c_id, d_id = pool.ids
+        a, c = pool.client(a_id), pool.client(c_id)
+        data = chunks(30)
+        for k, v in data.items():
+            put(a, k, v)
+        wait_until(lambda: c.lookup(list(data)) == 30, 30, "C to find every chunk through the pool")
+        assert read_all(c, data) == (30, 0)
+        pool.start(d_id)  # joins without restarting anyone
+        pool.converge()
+        pool.terminate(c_id)  # a clean stop revokes its lease: the others drop it at once
+        pool.converge()
+        pool.kill(b_id)  # a crash: its lease expires (2 s here)
+        wait_until(lambda: a.stats().get("pool_members") == 2, 30, "B's lease to expire")
+        assert read_all(pool.client(d_id), data)[1] == 0  # never wrong bytes

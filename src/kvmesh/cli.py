@@ -356,6 +356,8 @@ def cache_node(
     peer_port: Annotated[int | None, typer.Option(help="Join a pool: serve peers on this TCP port")] = None,
     peer: Annotated[list[str] | None, typer.Option(help="Pool member id=host:port (repeat)")] = None,
     replicas: Annotated[int, typer.Option(help="Copies of each chunk in the pool")] = 1,
+    etcd: Annotated[str | None, typer.Option(help="Find pool members through etcd (http://host:port)")] = None,
+    etcd_ttl_s: Annotated[int, typer.Option(help="etcd lease TTL: how fast a dead node leaves")] = 5,
     remote: Annotated[str | None, typer.Option(help="Remote tier: redis://, valkey://, s3://, file://")] = None,
     remote_ttl_s: Annotated[float | None, typer.Option(help="Remote object lifetime (Redis)")] = None,
     run_dir: pathlib.Path = pathlib.Path("run"),
@@ -370,6 +372,7 @@ def cache_node(
                                   ssd_dir=str(ssd_dir) if ssd_dir else None, ssd_mib=ssd_mib, eviction=eviction,
                                   ttl_s=ttl_s, admit_after=admit_after, http_port=http_port, node_id=node_id,
                                   peer_port=peer_port, peers=tuple(peer or ()), replicas=replicas, remote=remote,
+                                  etcd=etcd, etcd_ttl_s=etcd_ttl_s,
                                   remote_ttl_s=remote_ttl_s)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,8 @@ class CacheNodeConfig(_Strict):
     peer_host: str = "127.0.0.1"
     peers: tuple[str, ...] = Field(default=(), description="Static pool members as id=host:port")
     replicas: int = Field(default=1, ge=1, le=8, description="Copies of each chunk in the pool")
+    etcd: str | None = Field(default=None, description="Discover pool members through etcd (http://host:port)")
+    etcd_ttl_s: int = Field(default=5, ge=1, description="Lease: a dead node leaves the pool after this long")
     remote: str | None = Field(default=None, description="Remote tier below SSD: redis://, redis+cluster://, "
                                                          "valkey://, s3://bucket/prefix?endpoint=..., file:///path")
     remote_ttl_s: float | None = Field(default=None, gt=0, description="Lifetime of remote objects (Redis)")

@@ -270,7 +270,7 @@ def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
             host, _, port = addr.rpartition(":")
             peers[nid] = (host, int(port))
         pool = PoolSettings(node_id=node_id, host=cfg.peer_host, port=cfg.peer_port, replicas=cfg.replicas,
-                            peers=peers)
+                            peers=peers, etcd=cfg.etcd, etcd_ttl_s=cfg.etcd_ttl_s)
     return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
                         store=store, node_id=node_id, http_port=cfg.http_port, pool=pool,
                         remote_url=cfg.remote, remote_ttl_s=cfg.remote_ttl_s,

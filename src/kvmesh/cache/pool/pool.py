@@ -22,6 +22,7 @@ from typing import Any
 import msgspec
 
 from kvmesh.cache.metrics import CacheMetrics
+from kvmesh.cache.pool.membership import EtcdMembership, Membership
 from kvmesh.cache.pool.peer import (
     PeerClient,
     PeerError,
@@ -61,6 +62,8 @@ class PoolSettings:
     replicas: int = 1
     health_interval_s: float = 1.0
     peers: dict[str, tuple[str, int]] = field(default_factory=dict)  # static members: id -> (host, port)
+    etcd: str | None = None   # discovery through etcd (http://host:port) instead of a static list
+    etcd_ttl_s: int = 5
 
 
 class Pool:
@@ -78,15 +81,26 @@ class Pool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = settings.port
+        self.membership: Membership | None = None  # None: the static peer list
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.s.host, self.s.port)
         self.port = self._server.sockets[0].getsockname()[1]
+        if self.s.etcd:
+            self.membership = EtcdMembership(self.s.etcd, ttl_s=self.s.etcd_ttl_s)
+            await self.membership.join(self.s.node_id, self.s.host, self.port, self.capacity())
+            self._spawn(self.membership.run(self._members_changed))
         await self.check_members()
         self._spawn(self._health_loop())
 
+    def _members_changed(self, peers: dict[str, tuple[str, int]]) -> None:
+        self.set_members(peers)
+        self._spawn(self.check_members())
+
     async def stop(self) -> None:
+        if self.membership is not None:
+            await self.membership.leave()  # peers drop this node at once instead of after the lease TTL
         for t in list(self._tasks):
             t.cancel()
         if self._server is not None:
@@ -114,6 +128,7 @@ class Pool:
         for nid, (h, p) in peers.items():
             if nid != self.s.node_id and nid not in self.members:
                 self.members[nid] = Member(nid, h, p)
+        self._rebuild()  # departures leave the ring now; arrivals join once a health check reaches them
 
     async def _health_loop(self) -> None:
         started = asyncio.get_running_loop().time()
