@@ -282,3 +282,32 @@ def test_connector_refuses_unsupported_vllm() -> None:
     check_vllm_version("0.32.0")
     with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.x; this is vLLM 0\.40\.1"):
         check_vllm_version("0.40.1")
+
+
+def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
+    n = CacheNode(settings(tmp_path, dram=8 * MB, ssd=0, tenant_quotas={"alpha": 2 * MB}))
+    n.settings.store.ssd_dir = None
+    loop_thread.run(n.start())
+    c = NodeClient(n.settings.socket_path)
+
+    def put_for(tenant: str, key: bytes) -> None:
+        [v] = c.reserve([(key, MB)], tenant=tenant)
+        assert v is not None
+        v[:] = os.urandom(MB)
+        c.commit([CommitItem(key, checksum(v), None, [], 16, f"{tenant}:secret")])
+        v.release()
+
+    try:
+        beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
+        for k in beta:
+            put_for("beta", k)
+        alpha = [b"alph" + bytes([i]) * 12 for i in range(4)]
+        for k in alpha:
+            put_for("alpha", k)
+        st = c.stats()
+        assert st["tenant:alpha:dram_bytes"] <= 2 * MB and st["tenant:alpha:quota_bytes"] == 2 * MB
+        assert c.lookup(alpha[2:], local=True) == 2 and c.lookup(alpha[:1], local=True) == 0  # its oldest went
+        assert all(c.lookup([k], local=True) for k in beta)  # the other tenant lost nothing
+    finally:
+        c.close()
+        loop_thread.run(n.stop())

@@ -216,3 +216,33 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     wait_until(lambda: max(cpu_blocks()) == 0, 30, "CPU-tier entries to move")
     dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": p}).json()
     assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
+
+
+def test_tenants_never_share_chunks_through_the_node(cstack: Stack, make_gateway,  # type: ignore[no-untyped-def]
+                                                     tmp_path: pathlib.Path) -> None:
+    from kvmesh.gateway.tenants import hash_key
+
+    keys = {"alpha": "sk-alpha", "beta": "sk-beta"}
+    tf = tmp_path / "tenants.toml"
+    tf.write_text("".join(f'[[tenants]]\nname = "{t}"\nkey_sha256 = ["{hash_key(k)}"]\n' for t, k in keys.items()))
+    a = cstack.engines[0]
+    gw = make_gateway(backends=(a.url,), tenants_file=str(tf))
+
+    def run(tenant: str) -> dict[str, Any]:
+        body = {"model": DEMO_MODEL_NAME, "prompt": prompt("tenant"), "max_tokens": 4, "temperature": 0}
+        r = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=120,
+                       headers={"Authorization": f"Bearer {keys[tenant]}"})
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
+
+    first = run("alpha")  # computed, saved to the node under alpha's salted keys
+    assert cached(first) == 0
+    reset(a.url)
+    assert cached(run("beta")) == 0  # the node holds this prompt, but only for alpha: a miss for beta
+    reset(a.url)
+    again = run("alpha")
+    assert cached(again) >= 8 * BLOCK  # alpha's own chunks come back from the node
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+    node = cstack.cache_node
+    assert node is not None and node.store.tenant_bytes["alpha"] > 0 and node.store.tenant_bytes["beta"] > 0

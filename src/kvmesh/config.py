@@ -63,6 +63,9 @@ class CacheNodeConfig(_Strict):
     eviction: Literal["lru", "s3fifo", "ttl"] = "lru"
     ttl_s: float | None = Field(default=None, gt=0)
     admit_after: int = Field(default=1, ge=1, description="Store a chunk only once offered this many times")
+    tenant_quota_mib: dict[str, int] = Field(default_factory=dict,
+                                             description="DRAM bytes per tenant (gateway tenant name); over it, "
+                                                         "the tenant's own chunks are evicted first")
     events: bool = Field(default=True, description="Publish tier changes as KV events")
     http_port: int | None = Field(default=0, ge=0, le=65535, description="/metrics and /status; 0: any free port")
     node_id: str | None = Field(default=None, description="Stable id in the pool (random when unset)")

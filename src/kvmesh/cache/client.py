@@ -132,9 +132,9 @@ class NodeClient:
         if keys:
             self._call(p.Release(keys, list(corrupt)))
 
-    def reserve(self, items: Sequence[tuple[bytes, int]]) -> list[memoryview | None]:
+    def reserve(self, items: Sequence[tuple[bytes, int]], tenant: str = "") -> list[memoryview | None]:
         """Arena space for each (key, size): a writable view, or None (held already, refused, or node down)."""
-        r = self._call(p.Put([p.PutItem(k, n) for k, n in items]))
+        r = self._call(p.Put([p.PutItem(k, n, tenant) for k, n in items]))
         if not isinstance(r, p.PutReply) or self._arena is None:
             return [None] * len(items)
         v = self._arena.view

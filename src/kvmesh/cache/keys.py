@@ -50,3 +50,8 @@ def chunk_keys(seed: ChunkKey, token_ids: Sequence[int], block_size: int) -> lis
 def event_hash(key: bytes) -> int:
     """The int id a chunk has in KV events (vLLM publishes int block hashes): the key's low 63 bits."""
     return int.from_bytes(key[:8], "little") & (2**63 - 1)
+
+
+def tenant_of(salt: str | None) -> str:
+    """The tenant a cache salt belongs to: the gateway writes salts as ``<tenant>:<secret>``; "" = no tenant."""
+    return (salt or "").split(":", 1)[0]

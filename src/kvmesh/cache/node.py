@@ -213,7 +213,7 @@ class CacheNode:
             st.release(req.keys, req.corrupt)
             return p.Ok()
         if isinstance(req, p.Put):
-            return p.PutReply([st.reserve(it.key, it.size) for it in req.items])
+            return p.PutReply([st.reserve(it.key, it.size, it.tenant) for it in req.items])
         if isinstance(req, p.Commit):
             for k in req.abort:
                 st.abort(k)
@@ -261,7 +261,8 @@ def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
     ssd = pathlib.Path(cfg.ssd_dir) if cfg.ssd_dir else run_dir / "cache-ssd"
     store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
                         ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
-                        eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after)
+                        eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after,
+                        tenant_quotas={t: mib << 20 for t, mib in cfg.tenant_quota_mib.items()})
     pool = None
     if cfg.peer_port is not None:
         peers = {}

@@ -40,6 +40,7 @@ class Release(msgspec.Struct, tag=True):
 class PutItem(msgspec.Struct, array_like=True):
     key: bytes
     size: int
+    tenant: str = ""  # charged against the tenant's byte quota (kvmesh.cache.keys.tenant_of)
 
 
 class Put(msgspec.Struct, tag=True):

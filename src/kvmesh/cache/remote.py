@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.ssd import MAGIC, CorruptObject, ObjectMeta, SsdStore, checksum
 from kvmesh.cache.store import TieredStore
@@ -254,7 +255,7 @@ class RemoteCache:
             self.metrics.checksum_failures.labels(self.tier.name).inc()
             log.warning("remote tier %s: object %s: %s (a miss)", self.tier.name, key.hex()[:16], e)
             return False
-        off = self.store.reserve_raw(key, meta.size)
+        off = self.store.reserve_raw(key, meta.size, tenant_of(meta.salt))
         if off is None:
             return False
         self.store.arena.view[off:off + meta.size] = payload

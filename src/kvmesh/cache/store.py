@@ -22,6 +22,7 @@ from typing import Any
 
 from kvmesh.cache.arena import Arena, ExtentAllocator
 from kvmesh.cache.eviction import EvictionPolicy, make_policy
+from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.ssd import CorruptObject, DiskFull, ObjectMeta, SsdStore, checksum
 
@@ -35,6 +36,7 @@ class DramObject:
     meta: ObjectMeta
     leases: int = 0
     doomed: bool = False  # drop when the last lease goes (found corrupt)
+    tenant: str = ""
 
 
 @dataclass(slots=True)
@@ -52,6 +54,7 @@ class StoreConfig:
     eviction: str = "lru"
     ttl_s: float | None = None
     admit_after: int = 1  # store a chunk only once it was offered this many times
+    tenant_quotas: dict[str, int] = field(default_factory=dict)  # DRAM bytes per tenant
 
 
 @dataclass(slots=True)
@@ -91,6 +94,7 @@ class TieredStore:
         self._seen = _Seen()
         self._busy_ssd: set[bytes] = set()  # being demoted or promoted
         self._demoting: dict[bytes, tuple[ObjectMeta, bytes]] = {}  # left DRAM, not yet on disk
+        self.tenant_bytes: collections.Counter[str] = collections.Counter()  # DRAM bytes by tenant
         self._bg: set[asyncio.Task[None]] = set()
 
     # ---- start / stop ------------------------------------------------------------------------------
@@ -160,12 +164,15 @@ class TieredStore:
                 self._drop_dram(k)
 
     # ---- writes ------------------------------------------------------------------------------------
-    def reserve(self, key: bytes, size: int) -> int:
+    def reserve(self, key: bytes, size: int, tenant: str = "") -> int:
         """Arena offset to write ``size`` bytes at; -1 when already held or being written, -2 when refused."""
         if key in self.dram or key in self.writing or key in self.ssd:
             return -1
         if self._seen.bump(key) < self.cfg.admit_after:
             self.metrics.not_admitted.inc()
+            return -2
+        if not self._within_quota(tenant, size):
+            self.metrics.refused.inc()
             return -2
         off = self._make_room(size)
         if off is None:
@@ -175,11 +182,25 @@ class TieredStore:
         self._export()
         return off
 
+    def _within_quota(self, tenant: str, size: int) -> bool:
+        """Make room under ``tenant``'s quota by evicting its own chunks (never another tenant's)."""
+        quota = self.cfg.tenant_quotas.get(tenant)
+        if quota is None:
+            return True
+        while self.tenant_bytes[tenant] + size > quota:
+            victim = self.dram_policy.victim(
+                lambda k: (o := self.dram.get(k)) is not None and o.leases == 0 and o.tenant == tenant)
+            if victim is None:
+                return False
+            self._evict_dram(victim)
+        return True
+
     def commit(self, meta: ObjectMeta) -> bool:
         res = self.writing.pop(meta.key, None)
         if res is None or res[1] != meta.size:
             return False
-        self.dram[meta.key] = DramObject(res[0], meta)
+        o = self.dram[meta.key] = DramObject(res[0], meta, tenant=tenant_of(meta.salt))
+        self.tenant_bytes[o.tenant] += meta.size
         self.dram_policy.inserted(meta.key)
         self.metrics.bytes_written.labels(DRAM).inc(meta.size)
         if self.listener:
@@ -193,9 +214,9 @@ class TieredStore:
             self.alloc.free(*res)
 
     # ---- raw placement (chunks arriving from peers or remote tiers) --------------------------------------
-    def reserve_raw(self, key: bytes, size: int) -> int | None:
+    def reserve_raw(self, key: bytes, size: int, tenant: str = "") -> int | None:
         """Arena space for a chunk that will be written by this node itself; None if held or no room."""
-        if key in self.dram or key in self.writing:
+        if key in self.dram or key in self.writing or not self._within_quota(tenant, size):
             return None
         off = self._make_room(size)
         if off is not None:
@@ -224,16 +245,23 @@ class TieredStore:
         """Store a chunk a peer pushed (replication); True when held afterwards."""
         if self.holds(meta.key):
             return True
-        off = self.reserve_raw(meta.key, meta.size)
+        off = self.reserve_raw(meta.key, meta.size, tenant_of(meta.salt))
         if off is None or len(data) != meta.size:
             return False
         self.arena.view[off:off + meta.size] = data
         return self.adopt(meta, off)
 
     def stats(self) -> dict[str, float]:
-        return {"dram_objects": len(self.dram), "dram_used_bytes": self.alloc.used,
-                "dram_capacity_bytes": self.alloc.size, "ssd_objects": len(self.ssd), "ssd_used_bytes": self.ssd_used,
-                "ssd_capacity_bytes": self.cfg.ssd_bytes, "writing": len(self.writing)}
+        out: dict[str, float] = {
+            "dram_objects": len(self.dram), "dram_used_bytes": self.alloc.used, "dram_capacity_bytes": self.alloc.size,
+            "ssd_objects": len(self.ssd), "ssd_used_bytes": self.ssd_used, "ssd_capacity_bytes": self.cfg.ssd_bytes,
+            "writing": len(self.writing)}
+        for t, n in self.tenant_bytes.items():
+            if n or t in self.cfg.tenant_quotas:
+                out[f"tenant:{t or '-'}:dram_bytes"] = n
+        for t, q in self.cfg.tenant_quotas.items():
+            out[f"tenant:{t}:quota_bytes"] = q
+        return out
 
     # ---- DRAM room, demotion, promotion ------------------------------------------------------------
     def _make_room(self, size: int) -> int | None:
@@ -258,6 +286,7 @@ class TieredStore:
 
     def _drop_dram(self, key: bytes) -> None:
         o = self.dram.pop(key)
+        self.tenant_bytes[o.tenant] -= o.meta.size
         self.dram_policy.removed(key)
         self.alloc.free(o.offset, o.meta.size)
         if self.listener:
@@ -315,7 +344,8 @@ class TieredStore:
         if off is None:
             return None
         self.arena.view[off:off + meta.size] = data
-        o = self.dram[key] = DramObject(off, meta)
+        o = self.dram[key] = DramObject(off, meta, tenant=tenant_of(meta.salt))
+        self.tenant_bytes[o.tenant] += meta.size
         self.dram_policy.inserted(key)
         if self.listener:
             self.listener.stored(DRAM, meta)
@@ -341,8 +371,9 @@ class TieredStore:
         finally:
             out.release()
         self._busy_ssd.discard(key)
-        o = DramObject(off, meta)
+        o = DramObject(off, meta, tenant=tenant_of(meta.salt))
         self.dram[key] = o
+        self.tenant_bytes[o.tenant] += meta.size
         self.dram_policy.inserted(key)
         self.ssd_policy.accessed(key)
         if self.listener:

@@ -33,7 +33,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvmesh.cache.client import NodeClient
-from kvmesh.cache.keys import ChunkKey, Namespace, chunk_keys
+from kvmesh.cache.keys import ChunkKey, Namespace, chunk_keys, tenant_of
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.ssd import checksum
 from kvmesh.connector.layout import KvLayout
@@ -243,7 +243,7 @@ class KvmeshConnector(KVConnectorBase_V1):
     def _save(self, spec: SaveSpec) -> None:
         assert self.layout is not None
         n = self.layout.chunk_bytes
-        views = self.client.reserve([(k, n) for k in spec.keys])
+        views = self.client.reserve([(k, n) for k in spec.keys], tenant_of(spec.salt))
         todo = [i for i, v in enumerate(views) if v is not None]
         if not todo:
             return

@@ -96,7 +96,9 @@ class Tenants:
         self.by_hash: dict[str, Tenant] = {}
         self.tenants: dict[str, Tenant] = {}
         for t in spec.tenants:
-            salt = t.cache_salt or hmac.new(self.secret.encode(), t.name.encode(), "sha256").hexdigest()[:32]
+            # "<name>:<secret>": unguessable, and cache nodes can charge a chunk to its tenant (byte quotas)
+            salt = t.cache_salt or f"{t.name}:" + hmac.new(self.secret.encode(), t.name.encode(),
+                                                           "sha256").hexdigest()[:32]
             ten = Tenant(t, salt, Bucket(t.requests_per_min, t.burst_s) if t.requests_per_min else None,
                          Bucket(t.tokens_per_min, t.burst_s) if t.tokens_per_min else None)
             self.tenants[t.name] = ten

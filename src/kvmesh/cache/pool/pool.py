@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 
+from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.membership import EtcdMembership, Membership
 from kvmesh.cache.pool.peer import (
@@ -267,7 +268,7 @@ class Pool:
         landed: list[tuple[ObjectMeta, int]] = []
 
         def sink(meta: ObjectMeta) -> memoryview | None:
-            off = self.store.reserve_raw(meta.key, meta.size)
+            off = self.store.reserve_raw(meta.key, meta.size, tenant_of(meta.salt))
             if off is None:
                 return None
             landed.append((meta, off))
