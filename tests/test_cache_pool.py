@@ -3,6 +3,7 @@ real client (the connector's) through each node's socket."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -136,6 +137,16 @@ def test_written_on_a_read_on_c(make_pool) -> None:  # type: ignore[no-untyped-d
     assert c.lookup(list(data)) in range(0, 21)
     wait_until(lambda: c.lookup(list(data)) == 20, 30, "C to see every chunk through the pool")
     assert read_all(c, data) == (20, 0)
+    # the cluster view, from any node
+    r = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2])),
+                        "--json"], capture_output=True, text=True, timeout=60)
+    view = json.loads(r.stdout)
+    assert sorted(view["nodes"]) == sorted(pool.ids)
+    assert view["nodes"][pool.ids[2]]["hits_remote"] >= 1  # C fetched from its peers
+    assert sum(st["dram_objects"] for st in view["nodes"].values()) >= 40  # A's copies + the owners'
+    human = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2]))],
+                           capture_output=True, text=True, timeout=60).stdout
+    assert human.count("node ") == 3 and "pool of 3 (R=1)" in human and "hit rate" in human
 
 
 def test_r2_survives_a_node_kill_during_reads(make_pool) -> None:  # type: ignore[no-untyped-def]

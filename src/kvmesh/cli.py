@@ -399,24 +399,34 @@ def cache_status(
     socket: Annotated[pathlib.Path, typer.Option(help="The node's Unix socket")] = pathlib.Path("run/cache-node.sock"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
-    """Capacity and usage per tier of a cache node."""
+    """Capacity, usage per tier and tenant, and hit rates of a cache node and of every live pool member."""
     from kvmesh.cache import NodeClient
 
     logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)  # the one-line error below says it
-    c = NodeClient(socket, timeout_s=3.0)
-    st = c.stats()
+    c = NodeClient(socket, timeout_s=5.0)
+    nodes = c.pool_stats()
     c.close()
-    if not st:
+    if not nodes:
         _fail(f"no cache node answers on {socket}", 1)
     if as_json:
-        typer.echo(json.dumps({"node_id": c.node_id, **st}))
+        typer.echo(json.dumps({"node_id": c.node_id, **nodes[c.node_id], "nodes": nodes}))
         return
-    typer.echo(f"node {c.node_id} ({socket})")
-    for tier in ("dram", "ssd"):
-        used, cap = st[f"{tier}_used_bytes"], st[f"{tier}_capacity_bytes"]
-        pct = 100 * used / cap if cap else 0.0
-        typer.echo(f"  {tier:<5} {int(st[f'{tier}_objects']):>8} objects  {used / 2**20:>10.1f} / "
-                   f"{cap / 2**20:.0f} MiB  ({pct:.0f}%)")
+    for nid, st in sorted(nodes.items()):
+        hits = sum(v for k, v in st.items() if k.startswith("hits_"))
+        rate = hits / (hits + st.get("misses", 0)) if hits + st.get("misses", 0) else 0.0
+        pool = f", pool of {int(st['pool_members'])} (R={int(st['pool_replicas'])})" if "pool_members" in st else ""
+        typer.echo(f"node {nid}{' (this one)' if nid == c.node_id else ''}{pool}: hit rate {rate:.0%} "
+                   f"({int(hits)} hits, {int(st.get('misses', 0))} misses)")
+        for tier in ("dram", "ssd"):
+            used, cap = st[f"{tier}_used_bytes"], st[f"{tier}_capacity_bytes"]
+            pct = 100 * used / cap if cap else 0.0
+            typer.echo(f"  {tier:<6} {int(st[f'{tier}_objects']):>8} objects  {used / 2**20:>10.1f} / "
+                       f"{cap / 2**20:.0f} MiB  ({pct:.0f}%)")
+        for k, v in sorted(st.items()):
+            if k.startswith("tenant:") and k.endswith(":dram_bytes"):
+                t = k.split(":")[1]
+                q = st.get(f"tenant:{t}:quota_bytes")
+                typer.echo(f"  tenant {t}: {v / 2**20:.1f} MiB in DRAM" + (f" of {q / 2**20:.0f} MiB" if q else ""))
 
 
 @model_app.command("demo")

@@ -151,3 +151,10 @@ class NodeClient:
     def stats(self) -> dict[str, float]:
         r = self._call(p.Stats())
         return r.stats if isinstance(r, p.StatsReply) else {}
+
+    def pool_stats(self) -> dict[str, dict[str, float]]:
+        """This node's stats and every live pool member's, by node id ({} when the node is unreachable)."""
+        r = self._call(p.Stats(pool=True))
+        if not isinstance(r, p.StatsReply):
+            return {}
+        return {self.node_id or "local": r.stats, **r.nodes}

@@ -31,3 +31,11 @@ class CacheMetrics:
         self.replicated = Counter("kvmesh_cache_pool_pushed", "Chunks pushed to their owners (replication, rebalance)",
                                   registry=r)
         self.requests = Counter("kvmesh_cache_requests", "Control requests, by type", ["type"], registry=r)
+
+    def counts(self) -> dict[str, float]:
+        """Hit/miss counters for status views (read through the registry's public API)."""
+        get = self.registry.get_sample_value
+        out = {f"hits_{t}": get("kvmesh_cache_hits_total", {"tier": t}) or 0.0
+               for t in ("dram", "ssd", "remote", "redis", "s3", "fs")}
+        out["misses"] = get("kvmesh_cache_misses_total") or 0.0
+        return {k: v for k, v in out.items() if v or k in ("hits_dram", "hits_ssd", "misses")}

@@ -237,13 +237,14 @@ class CacheNode:
                 return p.Failure(f"the cache node's arena {st.arena.path} vanished; restart the node")
             return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)
         if isinstance(req, p.Stats):
-            return p.StatsReply(self.stats())
+            nodes = await self.pool.member_stats() if (req.pool and self.pool is not None) else {}
+            return p.StatsReply(self.stats(), nodes)
         if isinstance(req, p.Evict):
             return p.Count(await st.evict_dram())
         return p.Failure(f"unsupported request {type(req).__name__}")
 
     def stats(self) -> dict[str, float]:
-        return {**self.store.stats(), **(self.pool.stats() if self.pool else {})}
+        return {**self.store.stats(), **(self.pool.stats() if self.pool else {}), **self.metrics.counts()}
 
     # ---- HTTP --------------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:

@@ -64,7 +64,7 @@ class Commit(msgspec.Struct, tag=True):
 
 
 class Stats(msgspec.Struct, tag=True):
-    pass
+    pool: bool = False  # also every live pool member's stats
 
 
 class Evict(msgspec.Struct, tag=True):
@@ -104,6 +104,7 @@ class Ok(msgspec.Struct, tag=True):
 
 class StatsReply(msgspec.Struct, tag=True):
     stats: dict[str, float]
+    nodes: dict[str, dict[str, float]] = {}  # pool members' stats, when asked
 
 
 class Failure(msgspec.Struct, tag=True):

@@ -143,6 +143,20 @@ class Pool:
     def stats(self) -> dict[str, float]:
         return {"pool_members": len(self.ring.nodes), "pool_replicas": self.s.replicas}
 
+    async def member_stats(self) -> dict[str, dict[str, float]]:
+        """Every live member's stats (for ``kvmesh cache status``)."""
+        async def one(m: Member) -> tuple[str, dict[str, float] | None]:
+            if m.client is None or not m.alive:
+                return m.node_id, None
+            try:
+                r = await m.client.call(PStats())
+            except PeerError:
+                return m.node_id, None
+            return m.node_id, (r.stats if isinstance(r, PStatsReply) else None)
+
+        got = await asyncio.gather(*(one(m) for m in self.members.values()))
+        return {nid: st for nid, st in got if st is not None}
+
     async def check_members(self) -> None:
         async def probe(m: Member) -> None:
             if m.client is None:
@@ -363,7 +377,8 @@ class Pool:
                     data = await reader.readexactly(req.meta.size)
                     writer.write(_frame(POk(self.store.put_bytes(req.meta, data))))
                 elif isinstance(req, PStats):
-                    writer.write(_frame(PStatsReply(self.s.node_id, {**self.store.stats(), **self.stats()})))
+                    writer.write(_frame(PStatsReply(self.s.node_id, {**self.store.stats(), **self.stats(),
+                                                                     **self.metrics.counts()})))
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ValueError):
             pass
