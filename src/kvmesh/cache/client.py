@@ -44,11 +44,13 @@ class NodeClient:
         self._arena: Arena | None = None
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._unread = 0  # replies to fire-and-forget requests (release) not read yet
         self.node_id = ""
         self.errors = 0
 
     # ---- connection ----------------------------------------------------------------------------------
     def _connect(self) -> None:
+        self._unread = 0
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.settimeout(self.timeout_s)
         s.connect(self.socket_path)
@@ -63,13 +65,19 @@ class NodeClient:
         self._arena = Arena(pathlib.Path(hello.arena_path), hello.arena_size, create=False)
         self.node_id = hello.node_id
 
-    def _roundtrip(self, msg: msgspec.Struct) -> p.Reply:
+    def _roundtrip(self, msg: msgspec.Struct, wait: bool = True) -> p.Reply:
         assert self._sock is not None
         self._sock.sendall(p.frame(msg))
+        if not wait:  # pipelined: its reply is read (and dropped) before the next request's
+            self._unread += 1
+            return p.Ok()
+        while self._unread:
+            p.recv_frame(self._sock)
+            self._unread -= 1
         reply: p.Reply = p.reply_decoder.decode(p.recv_frame(self._sock))
         return reply
 
-    def _call(self, msg: msgspec.Struct) -> p.Reply | None:
+    def _call(self, msg: msgspec.Struct, wait: bool = True) -> p.Reply | None:
         with self._lock:
             if self._sock is None:
                 if time.monotonic() < self._down_until:
@@ -80,7 +88,7 @@ class NodeClient:
                     self._fail(e)
                     return None
             try:
-                reply = self._roundtrip(msg)
+                reply = self._roundtrip(msg, wait)
             except (OSError, ConnectionError, msgspec.DecodeError) as e:
                 self._fail(e)
                 return None
@@ -98,6 +106,7 @@ class NodeClient:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+        self._unread = 0
 
     def close(self) -> None:
         with self._lock:
@@ -130,7 +139,7 @@ class NodeClient:
         for le in leases:
             le.view.release()
         if keys:
-            self._call(p.Release(keys, list(corrupt)))
+            self._call(p.Release(keys, list(corrupt)), wait=False)  # nothing to wait for: saves a round trip
 
     def reserve(self, items: Sequence[tuple[bytes, int]], tenant: str = "") -> list[memoryview | None]:
         """Arena space for each (key, size): a writable view, or None (held already, refused, or node down)."""

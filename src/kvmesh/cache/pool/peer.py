@@ -19,6 +19,7 @@ from kvmesh.cache.ssd import ObjectMeta
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 16 << 20
+SOCK_BUF = 4 << 20
 
 
 class PHas(msgspec.Struct, tag=True):
@@ -87,6 +88,7 @@ class PeerClient:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.setblocking(False)
         s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)  # fewer, larger reads of chunk payloads
         try:
             await asyncio.wait_for(loop.sock_connect(s, (self.host, self.port)), self.timeout_s)
         except (OSError, TimeoutError) as e:

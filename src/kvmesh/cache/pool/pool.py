@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.membership import EtcdMembership, Membership
 from kvmesh.cache.pool.peer import (
+    SOCK_BUF,
     PeerClient,
     PeerError,
     PGet,
@@ -366,6 +368,9 @@ class Pool:
     # ---- serving peers -------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
         try:
             while True:
                 req = await read_request(reader)

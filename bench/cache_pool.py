@@ -1,0 +1,250 @@
+"""The cache pool, side by side with Redis 7 in one run, and pooled vs per-node hit rates on Mooncake.
+
+1. Throughput: three ``kvmesh cache-node`` processes on loopback forming a pool (R=1) and one
+   ``redis-server``, the same objects (1, 4, 32 MB) and the same Python process as client.
+   - pool PUT: written through node A's shared memory, timed until the object sits on its owner node (keys
+     are picked so the owner is another node: every byte crosses the network); Redis: ``SET``.
+   - pool GET: read through node C's shared memory (lease, verify, copy out) of objects C does not hold, so
+     each is fetched from its owner over TCP first; Redis: ``GET`` (redis-py with hiredis).
+   Best of ``--reps`` per size, sides interleaved.
+2. Hit rate: the Mooncake conversation trace through 8 per-node LRU caches vs one pooled LRU cache of the
+   same total size (requests placed round-robin) — a trace-driven model of the tier (kvmesh.bench.cachesim),
+   not the engine simulator; reported at several sizes (fractions of the trace's unique blocks).
+
+    python bench/cache_pool.py [--reps 3] [--trace ../shared/traces/mooncake/conversation_trace.jsonl]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result
+from kvmesh.bench.cachesim import simulate
+from kvmesh.bench.workloads import infinite_cache_hit_rate, load_mooncake
+from kvmesh.cache import NodeClient
+from kvmesh.cache.pool.ring import Ring
+from kvmesh.cache.protocol import CommitItem
+from kvmesh.cache.ssd import checksum
+
+MB = 1 << 20
+SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
+DEFAULT_TRACE = SHARED / "traces" / "mooncake" / "conversation_trace.jsonl"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    def __init__(self, tmp: pathlib.Path, dram_mib: int) -> None:
+        self.ids = [f"node{i}-{uuid.uuid4().hex[:4]}" for i in range(3)]
+        self.ports = {n: free_port() for n in self.ids}
+        self.procs = []
+        peers = [f"--peer={n}=127.0.0.1:{p}" for n, p in self.ports.items()]
+        for n in self.ids:
+            d = tmp / n
+            d.mkdir()
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "kvmesh", "cache-node", "--socket", str(d / "s.sock"), "--run-dir", str(d),
+                 "--node-id", n, "--peer-port", str(self.ports[n]), "--dram-mib", str(dram_mib), "--ssd-mib", "0",
+                 *peers], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.clients = {n: NodeClient(tmp / n / "s.sock", retry_s=0.0, timeout_s=60) for n in self.ids}
+        self.ring = Ring.build({n: dram_mib << 20 for n in self.ids})
+        deadline = time.monotonic() + 60
+        while not all(c.stats().get("pool_members") == 3 for c in self.clients.values()):
+            if time.monotonic() > deadline:
+                raise SystemExit("the pool did not form")
+            time.sleep(0.1)
+
+    def keys_owned_by(self, owner: str, n: int) -> list[bytes]:
+        out: list[bytes] = []
+        while len(out) < n:
+            k = uuid.uuid4().bytes
+            if self.ring.owners(k)[0] == owner:
+                out.append(k)
+        return out
+
+    def stop(self) -> None:
+        for c in self.clients.values():
+            c.close()
+        for p in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            p.wait(30)
+
+
+def pool_put(cl: Cluster, writer: str, owner: str, objs: list[np.ndarray]) -> tuple[float, list[bytes]]:
+    keys = cl.keys_owned_by(owner, len(objs))
+    w, o = cl.clients[writer], cl.clients[owner]
+    t0 = time.perf_counter()
+    for k, x in zip(keys, objs, strict=True):
+        [v] = w.reserve([(k, x.nbytes)])
+        assert v is not None, "arena too small"
+        np.frombuffer(v, dtype=np.uint8)[:] = x
+        w.commit([CommitItem(k, checksum(v), None, [], 0)])
+        v.release()
+    while o.lookup(keys, local=True) < len(keys):  # write-behind: done when the owner holds every object
+        time.sleep(0.0005)
+    return time.perf_counter() - t0, keys
+
+
+def pool_get(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray]) -> float:
+    r = cl.clients[reader]
+    t0 = time.perf_counter()
+    for k, dst in zip(keys, out, strict=True):
+        leases = r.get([k])
+        assert len(leases) == 1 and leases[0].verify()
+        dst[:] = np.frombuffer(leases[0].view, dtype=np.uint8)
+        r.release(leases)
+    return time.perf_counter() - t0
+
+
+def pool_get_batch(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray]) -> float:
+    """One request for every object, as the connector asks for a prompt's chunks."""
+    r = cl.clients[reader]
+    t0 = time.perf_counter()
+    leases = r.get(keys)
+    assert len(leases) == len(keys)
+    for le, dst in zip(leases, out, strict=True):
+        assert le.verify()
+        dst[:] = np.frombuffer(le.view, dtype=np.uint8)
+    r.release(leases)
+    return time.perf_counter() - t0
+
+
+def redis_get_batch(r: Any, objs: list[np.ndarray]) -> float:
+    keys = [uuid.uuid4().hex for _ in objs]
+    for k, x in zip(keys, objs, strict=True):
+        r.set(k, x.tobytes())
+    t0 = time.perf_counter()
+    pipe = r.pipeline(transaction=False)
+    for k in keys:
+        pipe.get(k)
+    vals = pipe.execute()
+    t = time.perf_counter() - t0
+    assert all(v is not None for v in vals)
+    r.delete(*keys)
+    return t
+
+
+def redis_side(r: Any, objs: list[np.ndarray]) -> tuple[float, float]:
+    keys = [uuid.uuid4().hex for _ in objs]
+    t0 = time.perf_counter()
+    for k, x in zip(keys, objs, strict=True):
+        r.set(k, x.tobytes())  # redis-py needs bytes: the copy is part of its PUT path
+    put = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for k in keys:
+        v = r.get(k)
+        assert v is not None and len(v) == len(objs[0])
+    get = time.perf_counter() - t0
+    r.delete(*keys)
+    return put, get
+
+
+def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (make services)")
+    port = free_port()
+    rs = subprocess.Popen([binary, "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(tmp)],
+                          stdout=subprocess.DEVNULL)
+    cl = Cluster(tmp, dram_mib=1024)
+    r = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            r.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    a, b, c = cl.ids
+    out: dict[str, Any] = {}
+    try:
+        for size_mb in (1, 4, 32):
+            n = max(4, 64 // size_mb)
+            objs = [np.random.default_rng(i).integers(0, 255, size_mb * MB, dtype=np.uint8) for i in range(n)]
+            dst = [np.empty(size_mb * MB, dtype=np.uint8) for _ in range(n)]
+            best = {"pool_put": 1e9, "pool_get": 1e9, "redis_put": 1e9, "redis_get": 1e9,
+                    "pool_get_batch": 1e9, "redis_get_batch": 1e9}
+            for _ in range(args.reps):
+                t_put, keys = pool_put(cl, a, b, objs)  # written on A, owned by B
+                t_get = pool_get(cl, c, keys, dst)      # read on C: fetched from B
+                r_put, r_get = redis_side(r, objs)
+                _, keys2 = pool_put(cl, a, b, objs)
+                t_batch = pool_get_batch(cl, c, keys2, dst)
+                r_batch = redis_get_batch(r, objs)
+                best = {k: min(best[k], v) for k, v in
+                        zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch), strict=True)}
+                for node in cl.clients.values():
+                    node.evict_dram()  # (no SSD here: frees the arenas for the next round)
+            total = n * size_mb * MB
+            row = {k: total / v / 1e9 for k, v in best.items()}
+            row["get_over_redis"] = best["redis_get"] / best["pool_get"]
+            row["put_over_redis"] = best["redis_put"] / best["pool_put"]
+            row["batch_get_over_redis_pipeline"] = best["redis_get_batch"] / best["pool_get_batch"]
+            out[f"{size_mb}mb"] = row
+            print(f"{size_mb:>2} MB x{n}: pool PUT {row['pool_put']:.2f} GB/s vs Redis {row['redis_put']:.2f} "
+                  f"({row['put_over_redis']:.2f}x); pool GET {row['pool_get']:.2f} GB/s vs Redis "
+                  f"{row['redis_get']:.2f} ({row['get_over_redis']:.2f}x); batched GET {row['pool_get_batch']:.2f} "
+                  f"vs Redis pipeline {row['redis_get_batch']:.2f} ({row['batch_get_over_redis_pipeline']:.2f}x)")
+    finally:
+        cl.stop()
+        rs.terminate()
+        rs.wait(10)
+    return out
+
+
+def hit_rates(trace: pathlib.Path) -> dict[str, Any]:
+    reqs = load_mooncake(trace)
+    uniq = len({b for r in reqs for b in r.block_ids})
+    ceiling = infinite_cache_hit_rate(reqs)[1]
+    rows = {}
+    for frac in (0.02, 0.05, 0.1, 0.25):
+        h = simulate(reqs, 8, max(1, int(uniq * frac / 8)))
+        rows[str(frac)] = {"per_node": h.per_node, "pooled": h.pooled, "gain": h.gain}
+        print(f"total cache = {frac:.0%} of unique blocks: per-node hit {h.per_node:.3f}, pooled {h.pooled:.3f} "
+              f"({h.gain:.2f}x; infinite-cache ceiling {ceiling:.3f})")
+    return {"requests": len(reqs), "unique_blocks": uniq, "ceiling": ceiling, "by_capacity": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--trace", type=pathlib.Path, default=DEFAULT_TRACE)
+    args = ap.parse_args()
+    logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)
+    if not args.trace.is_file():
+        sys.exit(f"trace not found: {args.trace} (the Mooncake trace lives in ../shared/traces/, see its README)")
+    with tempfile.TemporaryDirectory() as d:
+        tp = throughput(args, pathlib.Path(d))
+    hr = hit_rates(args.trace)
+    metrics = {"get_1mb_over_redis": tp["1mb"]["get_over_redis"], "get_32mb_over_redis": tp["32mb"]["get_over_redis"],
+               "put_32mb_over_redis": tp["32mb"]["put_over_redis"],
+               "pooled_hit_over_local_hit": hr["by_capacity"]["0.1"]["gain"], "throughput": tp, "hit_rate": hr}
+    for k in ("get_1mb_over_redis", "get_32mb_over_redis", "put_32mb_over_redis", "pooled_hit_over_local_hit"):
+        print(f"{k}: {metrics[k]:.2f}")
+    print("wrote", write_result("cache_pool", metrics))
+
+
+if __name__ == "__main__":
+    main()
