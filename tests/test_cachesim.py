@@ -12,7 +12,7 @@ def test_pool_finds_what_round_robin_scatters() -> None:
     reqs = [TraceRequest(t, 512 * (t // 3 + 1), 1, [c * 100 + i for i in range(t // 3 + 1)])
             for t, c in ((t, t % 3) for t in range(60))]
     h = simulate(reqs, nodes=4, per_node_blocks=100)
-    assert h.pooled > 0.8 and h.gain > 1.5
+    assert h.pooled > 0.85 and h.gain > 1.3  # per-node caches see each conversation only every 12th turn
     small = simulate(reqs, nodes=4, per_node_blocks=1)
     assert small.pooled < h.pooled  # capacity matters
 
