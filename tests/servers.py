@@ -81,3 +81,28 @@ def etcd_server(tmp: pathlib.Path) -> Iterator[str]:
            "--initial-cluster", f"default={peer}", "--name", "default"]
     with server(cmd, base, "etcd"):
         yield client
+
+
+@contextlib.contextmanager
+def redis_cluster(tmp: pathlib.Path, nodes: int = 3) -> Iterator[str]:
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        pytest.skip("redis-server/redis-cli are not installed (.ci/run installs redis-server)")
+    base = free_port_block(nodes)
+    with contextlib.ExitStack() as stack:
+        for i in range(nodes):
+            d = tmp / f"cluster-{i}"
+            d.mkdir()
+            stack.enter_context(server(
+                [binary, "--port", str(base + i), "--bind", "127.0.0.1", "--cluster-enabled", "yes", "--save", "",
+                 "--appendonly", "no", "--dir", str(d), "--cluster-config-file", str(d / "nodes.conf")],
+                base + i, f"redis cluster node {i}"))
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{base + i}" for i in range(nodes)],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+
+        def ok() -> bool:
+            r = subprocess.run([cli, "-p", str(base), "cluster", "info"], capture_output=True, text=True)
+            return "cluster_state:ok" in r.stdout
+
+        wait_until(ok, 30, "the Redis cluster to be ok")
+        yield f"redis+cluster://127.0.0.1:{base}"

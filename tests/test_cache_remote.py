@@ -16,9 +16,9 @@ from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.remote import RemoteTier, make_remote, pack, unpack
 from kvmesh.cache.ssd import CorruptObject, ObjectMeta, checksum
 from tests.helpers import LoopThread
-from tests.servers import redis_like, s3_server
+from tests.servers import redis_cluster, redis_like, s3_server
 
-KINDS = ["redis", "valkey", "s3", "fs"]
+KINDS = ["redis", "redis-cluster", "valkey", "s3", "fs"]
 
 
 @pytest.fixture(params=KINDS)
@@ -29,6 +29,9 @@ def remote_url(request: pytest.FixtureRequest, tmp_path: pathlib.Path,
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "kvmesh-test")
     if kind in ("redis", "valkey"):
         with redis_like(kind, tmp_path) as url:
+            yield url
+    elif kind == "redis-cluster":
+        with redis_cluster(tmp_path) as url:
             yield url
     elif kind == "s3":
         with s3_server() as endpoint:

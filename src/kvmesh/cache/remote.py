@@ -73,14 +73,22 @@ class RedisTier:
     """Redis / Valkey, standalone or cluster (``redis.asyncio``); objects expire after ``ttl_s``."""
 
     def __init__(self, url: str, ttl_s: float | None = None, prefix: str = "kvmesh:") -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.cluster import RedisCluster
-
         self.name = "redis"
+        self.url = url.replace("valkey://", "redis://", 1)
         self.ttl_s, self.prefix = ttl_s, prefix.encode()
-        u = url.replace("valkey://", "redis://", 1)
-        self.r: Any = (RedisCluster.from_url(u.replace("redis+cluster://", "redis://", 1))
+        self._r: Any = None
+
+    @property
+    def r(self) -> Any:
+        """The client, created on first use inside the node's event loop (asyncio clients bind to it)."""
+        if self._r is None:
+            import redis.asyncio as aioredis
+            from redis.asyncio.cluster import RedisCluster
+
+            u = self.url
+            self._r = (RedisCluster.from_url(u.replace("redis+cluster://", "redis://", 1))
                        if u.startswith("redis+cluster://") else aioredis.from_url(u))
+        return self._r
 
     def _k(self, key: bytes) -> bytes:
         return self.prefix + key.hex().encode()
@@ -102,7 +110,8 @@ class RedisTier:
         return [bool(x) for x in await pipe.execute()]
 
     async def close(self) -> None:
-        await self.r.aclose()
+        if self._r is not None:
+            await self._r.aclose()
 
 
 class S3Tier:
