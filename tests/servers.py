@@ -100,9 +100,12 @@ def redis_cluster(tmp: pathlib.Path, nodes: int = 3) -> Iterator[str]:
         subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{base + i}" for i in range(nodes)],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
 
-        def ok() -> bool:
-            r = subprocess.run([cli, "-p", str(base), "cluster", "info"], capture_output=True, text=True)
-            return "cluster_state:ok" in r.stdout
+        def ok() -> bool:  # every node agrees the cluster is whole (gossip takes a moment after create)
+            for i in range(nodes):
+                r = subprocess.run([cli, "-p", str(base + i), "cluster", "info"], capture_output=True, text=True)
+                if "cluster_state:ok" not in r.stdout or f"cluster_known_nodes:{nodes}" not in r.stdout:
+                    return False
+            return True
 
         wait_until(ok, 30, "the Redis cluster to be ok")
         yield f"redis+cluster://127.0.0.1:{base}"
