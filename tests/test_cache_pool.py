@@ -76,7 +76,12 @@ class Pool:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
         for p in self.procs.values():
-            p.wait(30)
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        self.procs.clear()
 
 
 @pytest.fixture
@@ -238,3 +243,17 @@ def test_etcd_membership_join_leave_and_expiry(make_pool, tmp_path: pathlib.Path
         pool.kill(b_id)  # a crash: its lease expires (2 s here)
         wait_until(lambda: a.stats().get("pool_members") == 2, 30, "B's lease to expire")
         assert read_all(pool.client(d_id), data)[1] == 0  # never wrong bytes
+        pool.stop()  # while etcd still runs: the nodes revoke their leases
+
+
+def test_a_killed_nodes_arena_is_swept_by_the_next_node(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(1)
+    nid = pool.ids[0]
+    pid = pool.procs[nid].pid
+    arena = pathlib.Path("/dev/shm") / f"kvmesh-{nid}.{pid}"
+    assert arena.exists()
+    pool.kill(nid)  # SIGKILL: no chance to unlink
+    assert arena.exists()
+    pool.start(nid)
+    wait_until(lambda: bool(pool.client(nid).stats()), 30, "the restarted node")
+    assert not arena.exists()

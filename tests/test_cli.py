@@ -147,4 +147,4 @@ def test_cache_node_daemon_and_status(tmp_path: pathlib.Path) -> None:
         out, _ = proc.communicate(timeout=30)
     assert proc.returncode == 0, out
     assert "attach vLLM: --kv-transfer-config" in out
-    assert not sock.exists() and not list(pathlib.Path("/dev/shm").glob(f"kvmesh-{st['node_id']}"))
+    assert not sock.exists() and not list(pathlib.Path("/dev/shm").glob(f"kvmesh-{st['node_id']}*"))

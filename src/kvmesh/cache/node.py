@@ -108,6 +108,7 @@ class CacheNode:
         self.http_port: int | None = None
 
     async def start(self) -> None:
+        sweep_stale_arenas(self.settings.store.arena_path.parent)
         n = await asyncio.get_running_loop().run_in_executor(None, self.store.reindex_ssd)
         if n:
             log.info("cache node %s: %d objects on the SSD tier re-indexed", self.settings.node_id, n)
@@ -254,11 +255,32 @@ class CacheNode:
         return web.json_response({"node_id": self.settings.node_id, **self.stats()})
 
 
+def sweep_stale_arenas(directory: pathlib.Path) -> int:
+    """Remove default-named arenas (``kvmesh-<node>.<pid>``) whose node process is gone — a node killed with
+    SIGKILL cannot unlink its shared memory, which would otherwise stay allocated until reboot."""
+    n = 0
+    for path in directory.glob("kvmesh-*.*"):
+        pid = path.suffix[1:]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            n += 1
+            log.info("removed the arena of a dead cache node: %s", path)
+        except PermissionError:  # alive, another user's
+            pass
+    return n
+
+
 def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
     """Settings of a node from its config; unset paths go under ``run_dir`` (arena in /dev/shm)."""
     node_id = cfg.node_id or uuid.uuid4().hex[:8]
     shm = pathlib.Path("/dev/shm")
-    arena = pathlib.Path(cfg.arena_path) if cfg.arena_path else (shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}"
+    # default name kvmesh-<node>.<pid>: a later node can tell (and remove) an arena whose owner died
+    arena = (pathlib.Path(cfg.arena_path) if cfg.arena_path
+             else (shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}.{os.getpid()}")
     ssd = pathlib.Path(cfg.ssd_dir) if cfg.ssd_dir else run_dir / "cache-ssd"
     store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
                         ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
