@@ -168,6 +168,9 @@ class GatewayConfig(_Strict):
                                                   "replica, requests queue fairly across tenants (VTC)")
     max_queue: int = Field(default=1024, ge=0)
     queue_timeout_s: float = Field(default=30.0, gt=0)
+    admission_reserve: float = Field(default=0.25, ge=0, le=1, description="Share of the fleet's capacity, on "
+                                     "top of it, kept for tenants with nothing running: a quiet tenant starts "
+                                     "at once instead of waiting for a flood's slot to free")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)

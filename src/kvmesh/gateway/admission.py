@@ -6,6 +6,11 @@ served the fewest tokens: a virtual token counter per tenant (VTC, Sheng et al.,
 Language Models", OSDI'24).  A tenant that was idle has its counter lifted to the smallest counter among
 the tenants currently waiting or running, so idling earns no credit to burst later, and a flooding tenant
 cannot starve a quiet one.  The queue is bounded (→ 429) and waiting is bounded (→ 503 with Retry-After).
+
+Slots free only when requests end, and a flood of similar requests frees them in waves: a quiet tenant
+would wait for the next wave (seconds) although it is owed service now.  So a tenant with nothing running
+may start one request at once on a reserve above the capacity (``reserve`` × capacity, at least 1; 0
+turns it off) — the engines batch it with the others; the reserve bounds the overload.
 Runs on the gateway's event loop only.
 """
 
@@ -33,11 +38,13 @@ class Admission:
     max_queue: int = 1024
     queue_timeout_s: float = 30.0
     retry_after_s: int = 2
+    reserve: float = 0.25
     active: int = 0
     counters: dict[str, float] = field(default_factory=dict)
     running: collections.Counter[str] = field(default_factory=collections.Counter)
     queues: dict[str, collections.deque[_Waiter]] = field(default_factory=dict)
     admitted: list[str] = field(default_factory=list)  # admission order (bounded), for tests and debugging
+    reserved: int = 0  # admissions on the reserve (a counter for metrics and tests)
 
     def queued(self) -> int:
         return sum(len(q) for q in self.queues.values())
@@ -63,6 +70,11 @@ class Admission:
         cap = self.capacity_fn()
         if cap is None or (self.active < cap and not self.queued()):
             self._grant(tenant, cost)
+            return
+        extra = max(1, int(cap * self.reserve)) if self.reserve > 0 else 0
+        if not self.running[tenant] and self.active < cap + extra and not self.queues.get(tenant):
+            self.reserved += 1
+            self._grant(tenant, cost)  # owed service and idle: start now, on the reserve
             return
         if self.queued() >= self.max_queue:
             raise ApiError(429, "the gateway queue is full; retry later", kind="queue_full",

@@ -65,7 +65,8 @@ class Gateway:
         self.feed: IndexFeed | None = None
         self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
         self.draining = False
-        self.admission = Admission(self._capacity, cfg.max_queue, cfg.queue_timeout_s, cfg.retry_after_s)
+        self.admission = Admission(self._capacity, cfg.max_queue, cfg.queue_timeout_s, cfg.retry_after_s,
+                                   reserve=cfg.admission_reserve)
         self.metrics.queue_depth.set_function(self.admission.queued)
         self._active = 0  # requests being forwarded or relayed
         self._idle = asyncio.Event()
