@@ -128,7 +128,8 @@ class PeerClient:
         (None: read and drop).  Raises :class:`PeerError`; the connection is then dropped."""
         async with self._lock:
             try:
-                return await asyncio.wait_for(self._call(msg, payload, sink), self.timeout_s)
+                async with asyncio.timeout(self.timeout_s):  # no extra task per call (unlike wait_for)
+                    return await self._call(msg, payload, sink)
             except (OSError, TimeoutError, msgspec.DecodeError, PeerError) as e:
                 self.close()
                 raise PeerError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
