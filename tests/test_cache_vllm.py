@@ -214,7 +214,7 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
         assert c["uncached_tokens"] < dbg["prompt_tokens"] - 7 * BLOCK
     loop_thread.run(node.store.evict_dram())  # DRAM → SSD: CPU entries become STORAGE entries
     wait_until(lambda: max(cpu_blocks()) == 0, 30, "CPU-tier entries to move")
-    dbg = httpx.get(f"{gw.url}/debug/route", params={"prompt": p}).json()
+    dbg = httpx.post(f"{gw.url}/debug/route", json={"prompt": p * 3}).json()  # POST: longer than a URL may be
     assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
 
 

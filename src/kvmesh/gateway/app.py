@@ -87,6 +87,7 @@ class Gateway:
         app.router.add_get("/metrics", self._metrics)
         if self.cfg.debug_endpoints:
             app.router.add_get("/debug/route", self._debug_route)
+            app.router.add_post("/debug/route", self._debug_route)  # prompts too long for a URL
         app.router.add_post("/admin/reload", self._reload)
         app.router.add_get("/openapi.json", self._openapi)
         return app
@@ -439,14 +440,20 @@ class Gateway:
             raise FirstByteTimeout from None
 
     async def _debug_route(self, request: web.Request) -> web.Response:
-        """``GET /debug/route?prompt=...&model=...``: what the policy would do, without sending anything."""
+        """``GET /debug/route?prompt=...&model=...`` (or ``POST`` a completions/chat body): what the policy would
+        do, without sending anything."""
         self._require_admin(request)
         q = request.query
         models = sorted(self.pool.known_models())
-        req: dict[str, Any] = {"model": q.get("model") or (models[0] if models else ""),
-                               "prompt": q.get("prompt", "")}
-        validate("completions", req)
-        ctx = await self._context(request, "completions", req)
+        endpoint = "completions"
+        if request.method == "POST":
+            req: dict[str, Any] = parse_json(await self._read_body(request))
+            req.setdefault("model", models[0] if models else "")
+            endpoint = "chat" if "messages" in req else "completions"
+        else:
+            req = {"model": q.get("model") or (models[0] if models else ""), "prompt": q.get("prompt", "")}
+        validate(endpoint, req)
+        ctx = await self._context(request, endpoint, req)
         ctx.explain = []  # ask the scorers for their breakdown
         try:
             d = self.policy.choose(ctx, self.pool.backends)
