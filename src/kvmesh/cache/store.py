@@ -276,20 +276,23 @@ class TieredStore:
 
     def _evict_dram(self, key: bytes) -> None:
         o = self.dram[key]
-        if self.disk is not None and key not in self.ssd and key not in self._busy_ssd:
+        demote = self.disk is not None and key not in self.ssd and key not in self._busy_ssd
+        if demote:
             data = bytes(self.arena.view[o.offset:o.offset + o.meta.size])  # copy out, then free at once
             self._busy_ssd.add(key)
             self._demoting[key] = (o.meta, data)
             self._spawn(self._demote(o.meta, data))
         self.metrics.evictions.labels(DRAM).inc()
-        self._drop_dram(key)
+        # A demoted chunk's DRAM removal is announced once it is on SSD (stored-then-removed), so the KV
+        # index never loses the chain link that the chunk's children (demoted in any order) refer to.
+        self._drop_dram(key, announce=not demote)
 
-    def _drop_dram(self, key: bytes) -> None:
+    def _drop_dram(self, key: bytes, announce: bool = True) -> None:
         o = self.dram.pop(key)
         self.tenant_bytes[o.tenant] -= o.meta.size
         self.dram_policy.removed(key)
         self.alloc.free(o.offset, o.meta.size)
-        if self.listener:
+        if self.listener and announce:
             self.listener.removed(DRAM, key)
         self._export()
 
@@ -300,10 +303,12 @@ class TieredStore:
         except DiskFull as e:
             self.metrics.errors.labels("disk_full").inc()
             log.warning("SSD tier full, chunk not demoted: %s", e)
+            self._left_dram(meta.key)
             return
         except OSError as e:
             self.metrics.errors.labels("disk_io").inc()
             log.warning("SSD tier write failed: %s", e)
+            self._left_dram(meta.key)
             return
         finally:
             self._busy_ssd.discard(meta.key)
@@ -314,8 +319,14 @@ class TieredStore:
         self.metrics.bytes_written.labels(SSD).inc(meta.size)
         if self.listener:
             self.listener.stored(SSD, meta)
+        self._left_dram(meta.key)
         await self._trim_ssd()
         self._export()
+
+    def _left_dram(self, key: bytes) -> None:
+        """The deferred DRAM-removal event of a demotion (unless the chunk came back to DRAM meanwhile)."""
+        if self.listener and key not in self.dram:
+            self.listener.removed(DRAM, key)
 
     async def _trim_ssd(self) -> None:
         assert self.disk is not None
