@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import LoopThread
+from tests.helpers import LoopThread, wait_until
 from tests.scripted_engine import ScriptedEngine
 
 
@@ -72,4 +72,40 @@ def test_hung_engine_is_bypassed_by_the_first_token_timeout(make_gateway, loop_t
         assert 'kvmesh_gateway_errors_total{kind="upstream_ttft_timeout"} 1.0' in httpx.get(f"{gw.url}/metrics").text
     finally:
         for e in (hung, ok):
+            loop_thread.run(e.stop())
+
+
+def test_circuit_breaker_opens_probes_and_closes(make_gateway, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    hung = loop_thread.call(lambda: ScriptedEngine("hung", hang=True))
+    good = loop_thread.call(lambda: ScriptedEngine("good"))
+    for e in (hung, good):
+        loop_thread.run(e.start())
+    # Frequent health checks: a hung engine answers /health, which must NOT close its breaker.
+    gw = make_gateway(backends=(hung.url, good.url), policy="round-robin", ttft_timeout_s=0.5, health_interval_s=0.1)
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
+    b0 = gw.pool.backends[0]
+
+    def served() -> str:
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=30) as r:
+            assert r.status_code == 200
+            list(r.iter_lines())
+            return r.headers["x-kvmesh-backend"]
+
+    try:
+        while b0.breaker.trips == 0:
+            assert served() == "backend-1"  # the hung one timed out, the request was retried: never lost
+        assert b0.breaker.state == "open" and not b0.healthy
+        assert {served() for _ in range(3)} == {"backend-1"}  # open: skipped although /health says ok
+        wait_until(lambda: loop_thread.call(lambda: b0.healthy), 10, "the cooldown to end (half-open)")
+        for _ in range(2):  # round-robin reaches the half-open backend within two requests
+            assert served() == "backend-1"  # ... whose probe fails and is retried on the other one
+        assert b0.breaker.trips == 2 and b0.breaker.cooldown_s == 2.0  # backed off
+        hung.hang = False  # the engine recovers
+        wait_until(lambda: loop_thread.call(lambda: b0.healthy), 10, "the next half-open window")
+        assert "backend-0" in {served(), served()}  # the probe succeeded
+        assert b0.breaker.state == "closed"
+        assert sorted(served() for _ in range(4)) == ["backend-0", "backend-0", "backend-1", "backend-1"]
+        assert 'kvmesh_gateway_breaker_trips_total{backend="backend-0"} 2.0' in httpx.get(f"{gw.url}/metrics").text
+    finally:
+        for e in (hung, good):
             loop_thread.run(e.stop())

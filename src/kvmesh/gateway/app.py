@@ -232,7 +232,8 @@ class Gateway:
         return web.json_response({"object": "list", "data": self.pool.model_list()})
 
     async def _health(self, request: web.Request) -> web.Response:
-        backends = {b.name: {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight}
+        backends = {b.name: {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight,
+                             "breaker": b.breaker.state, "breaker_trips": b.breaker.trips}
                     for b in self.pool.backends}
         return web.json_response({"status": "ok", "policy": self.policy.name, "backends": backends})
 
@@ -356,6 +357,7 @@ class Gateway:
 
         def first_byte() -> None:
             nonlocal prefill
+            b.breaker.succeeded()
             if prefill >= 0:
                 b.pending_prefill_tokens -= prefill
                 prefill = -1
@@ -400,6 +402,7 @@ class Gateway:
             self._leave(b)
 
     def _enter(self, b: Backend) -> None:
+        b.breaker.routed()
         b.in_flight += 1
         self._active += 1
         self._idle.clear()
@@ -413,9 +416,16 @@ class Gateway:
         self.metrics.in_flight.labels(b.name).dec()
 
     def _bypass(self, b: Backend, kind: str, reason: str, poke: bool = True) -> None:
-        """Take ``b`` out of rotation after a failure the client never saw; the caller retries elsewhere."""
+        """Take ``b`` out of rotation after a failure the client never saw (its breaker opens; a refused
+        connection also marks it down until a health check passes); the caller retries elsewhere."""
         self.metrics.errors.labels(kind).inc()
-        self.pool.set_health(b, False, reason)
+        trips = b.breaker.trips
+        b.breaker.failed(time.monotonic())
+        if b.breaker.trips > trips:
+            self.metrics.breaker_trips.labels(b.name).inc()
+        log.warning("backend %s: %s; circuit open for %.1fs", b.name, reason, b.breaker.cooldown_s)
+        if kind == "upstream_connect":
+            self.pool.set_health(b, False, reason)
         if poke:
             self.pool.poke()
 

@@ -24,12 +24,51 @@ _QUEUE_RE = re.compile(rb"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.
 
 
 @dataclass(slots=True)
+class CircuitBreaker:
+    """Per-backend breaker for failures a request saw (connect refused, no first token in time, broken
+    response): closed → open for a cooldown → half-open, when ONE real request probes the backend →
+    closed on its success, or open again with twice the cooldown (up to ``max_s``).  Health checks cannot
+    close it: a hung engine often still answers ``/health``.  Touched only on the gateway's loop."""
+
+    base_s: float = 1.0
+    max_s: float = 30.0
+    state: str = "closed"  # closed | open (half-open = open, cooldown over, a probe allowed or in flight)
+    cooldown_s: float = 0.0
+    opened_at: float = 0.0
+    probing: bool = False
+    trips: int = 0
+
+    def admits(self, now: float) -> bool:
+        if self.state == "closed":
+            return True
+        return not self.probing and now - self.opened_at >= self.cooldown_s
+
+    def routed(self) -> None:
+        if self.state != "closed":
+            self.probing = True  # this request is the half-open probe; no other until it resolves
+
+    def failed(self, now: float) -> None:
+        if self.state == "closed":
+            self.cooldown_s = self.base_s
+            self.trips += 1
+        elif self.probing:  # the half-open probe failed: back off further
+            self.cooldown_s = min(self.cooldown_s * 2, self.max_s)
+            self.trips += 1
+        # else: another request sent before the breaker opened failed too; same cooldown, from now
+        self.state, self.opened_at, self.probing = "open", now, False
+
+    def succeeded(self) -> None:
+        self.state, self.cooldown_s, self.probing = "closed", 0.0, False
+
+
+@dataclass(slots=True)
 class Backend:
     name: str
     url: str
     kv_events: str | None = None
     replay: str | None = None
-    healthy: bool = False
+    up: bool = False  # health checks / connect results
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     in_flight: int = 0
     pending_prefill_tokens: int = 0
     engine_queue_value: int = 0
@@ -39,6 +78,11 @@ class Backend:
     last_error: str = ""
     failures: int = 0
     slow_checks: int = 0
+
+    @property
+    def healthy(self) -> bool:
+        """In rotation: up, and its breaker admits requests."""
+        return self.up and self.breaker.admits(time.monotonic())
 
     @property
     def engine_queue(self) -> int:
@@ -67,10 +111,10 @@ class BackendPool:
         return next((b for b in self.backends if b.name == name), None)
 
     def set_health(self, b: Backend, healthy: bool, reason: str = "") -> None:
-        if b.healthy != healthy:
+        if b.up != healthy:
             log.log(logging.INFO if healthy else logging.WARNING, "backend %s is now %s%s", b.name,
                     "healthy" if healthy else "unhealthy", f" ({reason})" if reason else "")
-        b.healthy = healthy
+        b.up = healthy
         if not healthy:
             b.last_error = reason
             b.failures += 1
@@ -94,7 +138,7 @@ class BackendPool:
         try:
             async with http.get(f"{b.url}/health") as r:
                 ok = r.status == 200
-            if ok and (not b.models or not b.healthy):
+            if ok and (not b.models or not b.up):
                 async with http.get(f"{b.url}/v1/models") as r:
                     cards = (await r.json()).get("data", [])
                 b.model_cards = [c for c in cards if isinstance(c, dict)]
@@ -115,7 +159,7 @@ class BackendPool:
             # A busy engine can be slow to answer /health: only repeated failures take it out of rotation
             # (a refused connection, above, does at once).
             b.slow_checks += 1
-            if b.slow_checks >= self.fail_threshold or not b.healthy:
+            if b.slow_checks >= self.fail_threshold or not b.up:
                 self.set_health(b, False, f"health check: {type(e).__name__} x{b.slow_checks}")
 
     async def check_all(self, http: aiohttp.ClientSession) -> None:

@@ -25,6 +25,8 @@ class GatewayMetrics:
                                   "forwarding: read, parse, validate, route", buckets=_OVERHEAD, registry=r)
         self.in_flight = Gauge("kvmesh_gateway_backend_in_flight", "Requests in flight per backend",
                                ["backend"], registry=r)
+        self.breaker_trips = Counter("kvmesh_gateway_breaker_trips", "Circuit-breaker openings per backend",
+                                     ["backend"], registry=r)
         self.healthy = Gauge("kvmesh_gateway_backend_healthy", "1 when the backend is in rotation",
                              ["backend"], registry=r)
         self.routed = Counter("kvmesh_gateway_routed", "Requests routed per backend and policy",
