@@ -109,3 +109,52 @@ def test_circuit_breaker_opens_probes_and_closes(make_gateway, loop_thread: Loop
     finally:
         for e in (hung, good):
             loop_thread.run(e.stop())
+
+
+def test_reload_applies_config_without_dropping_streams(make_gateway, loop_thread: LoopThread,  # type: ignore[no-untyped-def]
+                                                        tmp_path) -> None:
+    engines = [loop_thread.call(lambda i=i: ScriptedEngine(f"s{i}")) for i in range(3)]
+    for e in engines:
+        loop_thread.run(e.start())
+    conf = tmp_path / "kvmesh.toml"
+
+    def write(backends: list[str], policy: str, per_backend: int) -> None:
+        urls = ", ".join(f'{{url = "{e.url}", name = "b{i}"}}' for i, e in enumerate(engines) if f"b{i}" in backends)
+        conf.write_text(f"[gateway]\nport = 0\npolicy = \"{policy}\"\nbackends = [{urls}]\n"
+                        f"max_in_flight_per_backend = {per_backend}\nttft_timeout_s = 60\n")
+
+    write(["b0", "b1"], "round-robin", 4)
+    from kvmesh.config import load_stack_config
+
+    gw = make_gateway(**load_stack_config(conf).gateway.model_dump(exclude={"port"}))
+    gw.config_path = conf
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 3, "stream": True}
+    try:
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=30) as held:
+            lines = held.iter_lines()
+            assert next(x for x in lines if x.startswith("data: "))  # a stream is open across the reload
+            write(["b1", "b2"], "least-request", 8)
+            r = httpx.post(f"{gw.url}/admin/reload", timeout=10)
+            assert r.status_code == 200, r.text
+            rep = r.json()
+            assert rep["backends_added"] == ["b2"] and rep["backends_removed"] == ["b0"]
+            assert rep["needs_restart"] == ["policy"] and "max_in_flight_per_backend" in rep["changed"]
+            assert gw.cfg.max_in_flight_per_backend == 8 and gw.policy.name == "round-robin"
+            loop_thread.call(lambda: [g.set() for e in engines for g in e.gates])
+            assert [x for x in lines if x.startswith("data: ")][-1] == "data: [DONE]"  # finished normally
+        names = {served(gw.url) for _ in range(4)}
+        assert names == {"b1", "b2"}
+        conf.write_text("[gateway]\nmax_queue = 'lots'\n")
+        bad = httpx.post(f"{gw.url}/admin/reload", timeout=10)
+        assert bad.status_code == 400 and "max_queue" in bad.json()["error"]["message"]
+        assert gw.cfg.max_in_flight_per_backend == 8  # nothing applied
+    finally:
+        for e in engines:
+            loop_thread.run(e.stop())
+
+
+def served(url: str) -> str:
+    r = httpx.post(f"{url}/v1/completions", json={"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1},
+                   timeout=10)
+    assert r.status_code == 200
+    return r.headers["x-kvmesh-backend"]

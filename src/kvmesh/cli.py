@@ -43,8 +43,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Awaitable[None]],
-           banner: Callable[[], None]) -> None:
-    """Run ``start`` then wait for SIGINT/SIGTERM, then ``stop`` (always, even if start failed)."""
+           banner: Callable[[], None], on_hup: Callable[[], None] | None = None) -> None:
+    """Run ``start`` then wait for SIGINT/SIGTERM, then ``stop`` (always, even if start failed); SIGHUP
+    calls ``on_hup`` (a config reload) when given."""
     try:
         import uvloop
         uvloop.install()
@@ -56,6 +57,8 @@ def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Aw
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, done.set)
+        if on_hup is not None:
+            loop.add_signal_handler(signal.SIGHUP, on_hup)
         try:
             starting = asyncio.create_task(start())
             waiter = asyncio.create_task(done.wait())
@@ -135,7 +138,15 @@ def up(
                    f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid "
                    f"{os.getpid()})\n")
 
-    _serve(stack.start, stack.stop, banner)
+    stack.gateway.config_path = config
+
+    def reload() -> None:
+        try:
+            log.info("SIGHUP: reloaded %s", stack.gateway.reload())
+        except (ValueError, ConfigError) as e:
+            log.error("SIGHUP: reload failed, running config kept: %s", e)
+
+    _serve(stack.start, stack.stop, banner, on_hup=reload)
 
 
 @app.command()

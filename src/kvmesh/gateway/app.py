@@ -20,13 +20,14 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from kvmesh.config import GatewayConfig
+from kvmesh.config import ConfigError, GatewayConfig, load_stack_config
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.proxy import CONNECT_ERRORS, Exchange, open_upstream, relay_stream, relay_whole
+from kvmesh.gateway.reconfig import reconfigure
 from kvmesh.gateway.tenants import Tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
@@ -71,6 +72,7 @@ class Gateway:
         self._active = 0  # requests being forwarded or relayed
         self._idle = asyncio.Event()
         self.port = cfg.port
+        self.config_path: pathlib.Path | None = None  # set by `kvmesh up --config`: reloads re-read it
         self._runner: web.AppRunner | None = None
         self._http: aiohttp.ClientSession | None = None
         self._health_http: aiohttp.ClientSession | None = None
@@ -248,12 +250,25 @@ class Gateway:
             raise ApiError(401 if self.tenants.enabled else 403, "admin key required", kind="auth_admin")
 
     async def _reload(self, request: web.Request) -> web.Response:
+        """Re-read the tenants file, and the gateway's config file when it has one (``config_path``)."""
         self._require_admin(request)
         try:
-            self.reload_tenants()
-        except ValueError as e:
+            report = self.reload()
+        except (ValueError, ConfigError) as e:
             raise ApiError(400, str(e), kind="reload") from None
-        return web.json_response({"reloaded": True, "tenants": sorted(self.tenants.tenants)})
+        return web.json_response({"reloaded": True, "tenants": sorted(self.tenants.tenants), **report})
+
+    def reload(self) -> dict[str, Any]:
+        """Apply the config file's ``[gateway]`` table (if any) and re-read the tenants file; see
+        :mod:`kvmesh.gateway.reconfig`.  Raises ``ValueError``/``ConfigError`` and changes nothing on bad input."""
+        if self.config_path is None:
+            self.reload_tenants()
+            return {}
+        new = load_stack_config(self.config_path).gateway
+        report = reconfigure(self, new)
+        if "tenants_file" not in report["changed"]:
+            self.reload_tenants()  # the file's contents may have changed
+        return report
 
     async def _openapi(self, request: web.Request) -> web.Response:
         return web.json_response(openapi_spec())
