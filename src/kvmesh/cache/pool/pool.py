@@ -379,6 +379,8 @@ class Pool:
                 elif isinstance(req, PGet):
                     await self._serve_get(req, writer)
                 elif isinstance(req, PPut):
+                    if not 0 <= req.meta.size <= self.store.alloc.size:
+                        break  # no chunk is larger than the arena: a broken or hostile peer
                     data = await reader.readexactly(req.meta.size)
                     writer.write(_frame(POk(self.store.put_bytes(req.meta, data))))
                 elif isinstance(req, PStats):
