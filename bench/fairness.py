@@ -9,7 +9,7 @@ across tenants) and without it (everything goes straight to the engines' own FCF
 quiet tenant's p50/p99 TTFT per phase and the flood/solo p99 ratio (goal ≤ 2 with admission), plus the
 noisy tenant's throughput.
 
-    python bench/fairness.py [--duration 30] [--flood 32]
+    python bench/fairness.py [--duration 30] [--flood 32] [--engine-kind vllm --name fairness_vllm]
 """
 
 from __future__ import annotations
@@ -90,12 +90,14 @@ def run(args: argparse.Namespace, admission: bool, tmp: pathlib.Path) -> dict[st
     limits = f"max_in_flight_per_backend = {args.per_backend}\n" if admission else ""
     conf = tmp / f"stack-{admission}.toml"
     conf.write_text(f"""model_size = "tiny"
-engine_kind = "sim"
+engine_kind = "{args.engine_kind}"
 [engine]
-kind = "sim"
+kind = "{args.engine_kind}"
 model = "{model}"
 served_model_name = "{DEMO_MODEL_NAME}"
 max_model_len = 4096
+[cache]
+enabled = false
 [supervisor]
 replicas = 2
 base_port = {args.port}
@@ -111,7 +113,7 @@ queue_timeout_s = 300
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_http(f"{url}/ready", 60)
+        wait_http(f"{url}/ready", 300)
         solo = asyncio.run(phase(url, args, flood=False))
         flooded = asyncio.run(phase(url, args, flood=True))
     finally:
@@ -131,6 +133,9 @@ def main() -> None:
     ap.add_argument("--flood", type=int, default=32)
     ap.add_argument("--per-backend", type=int, default=4)
     ap.add_argument("--port", type=int, default=28900)
+    ap.add_argument("--engine-kind", choices=["sim", "vllm"], default="sim",
+                    help="sim: two simulated engines (default); vllm: two vLLM-CPU engines, tiny demo model")
+    ap.add_argument("--name", default="fairness", help="result file name (bench/results/NAME.json)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         with_adm = run(args, True, pathlib.Path(d))
@@ -138,7 +143,8 @@ def main() -> None:
     metrics = {"quiet_p99_flood_over_solo": with_adm["p99_flood_over_solo"],
                "quiet_p99_flood_over_solo_without_admission": without["p99_flood_over_solo"],
                "with_admission": with_adm, "without_admission": without}
-    print("wrote", write_result("fairness", metrics))
+    metrics["engine_kind"] = args.engine_kind
+    print("wrote", write_result(args.name, metrics))
 
 
 if __name__ == "__main__":
