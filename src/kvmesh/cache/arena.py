@@ -90,7 +90,8 @@ class Arena:
                 os.close(fd)
                 path.unlink(missing_ok=True)
                 raise OSError(e.errno, f"cannot allocate a {size >> 20} MiB shared-memory arena at {path}: "
-                                       f"{e.strerror}") from None
+                                       f"{e.strerror} (lower the DRAM tier: [cache] dram_mib / --dram-mib, or "
+                                       f"[cache] enabled = false)") from None
             else:
                 os.close(fd)
         else:
