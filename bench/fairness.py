@@ -36,10 +36,13 @@ from kvmesh.stack import DEMO_MODEL_NAME
 KEYS = {"quiet": "sk-quiet", "noisy": "sk-noisy"}
 
 
-async def ttft(http: httpx.AsyncClient, url: str, key: str, max_tokens: int) -> float | None:
+async def ttft(http: httpx.AsyncClient, url: str, key: str, max_tokens: int, stream: bool = True) -> float | None:
     body = {"model": DEMO_MODEL_NAME, "prompt": "fairness probe " * 20, "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": stream}
     t0 = time.perf_counter()
+    if not stream:  # the flood: the engines work as hard, the gateway and this client relay one body each
+        r = await http.post(f"{url}/v1/completions", json=body, headers={"Authorization": f"Bearer {key}"})
+        return time.perf_counter() - t0 if r.status_code == 200 else None
     first = None
     async with http.stream("POST", f"{url}/v1/completions", json=body,
                            headers={"Authorization": f"Bearer {key}"}) as r:
@@ -59,7 +62,7 @@ async def phase(url: str, args: argparse.Namespace, flood: bool) -> dict[str, An
     async def noisy_worker(http: httpx.AsyncClient) -> None:
         nonlocal noisy_done
         while not stop.is_set():
-            if await ttft(http, url, KEYS["noisy"], 64) is not None:
+            if await ttft(http, url, KEYS["noisy"], 64, stream=args.stream_flood) is not None:
                 noisy_done += 1
 
     quiet: list[float] = []
@@ -135,6 +138,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=28900)
     ap.add_argument("--engine-kind", choices=["sim", "vllm"], default="sim",
                     help="sim: two simulated engines (default); vllm: two vLLM-CPU engines, tiny demo model")
+    ap.add_argument("--stream-flood", action=argparse.BooleanOptionalAction, default=True,
+                    help="the noisy tenant streams (default) or not (less relay work on a small machine)")
     ap.add_argument("--name", default="fairness", help="result file name (bench/results/NAME.json)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
