@@ -55,3 +55,13 @@ def event_hash(key: bytes) -> int:
 def tenant_of(salt: str | None) -> str:
     """The tenant a cache salt belongs to: the gateway writes salts as ``<tenant>:<secret>``; "" = no tenant."""
     return (salt or "").split(":", 1)[0]
+
+
+def prefix_len(held: Sequence[bool]) -> int:
+    """Length of the leading run of True: how much of a prefix is available (chunks are loaded in order)."""
+    n = 0
+    for h in held:
+        if not h:
+            break
+        n += 1
+    return n

@@ -216,18 +216,7 @@ class CacheNode:
         if isinstance(req, p.Put):
             return p.PutReply([st.reserve(it.key, it.size, it.tenant) for it in req.items])
         if isinstance(req, p.Commit):
-            for k in req.abort:
-                st.abort(k)
-            for it in req.items:
-                size = st.writing.get(it.key, (0, -1))[1]
-                meta = ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt)
-                if not st.commit(meta):
-                    continue
-                if self.pool is not None:
-                    self.pool.replicate(meta)
-                if self.remote is not None:
-                    o = st.dram[meta.key]
-                    self.remote.write_behind(meta, bytes(st.arena.view[o.offset:o.offset + meta.size]))
+            self._commit(req)
             return p.Ok()
         if isinstance(req, p.Hello):
             if not st.arena.path.exists():
@@ -243,6 +232,23 @@ class CacheNode:
         if isinstance(req, p.Evict):
             return p.Count(await st.evict_dram())
         return p.Failure(f"unsupported request {type(req).__name__}")
+
+    def _commit(self, req: p.Commit) -> None:
+        """Publish written chunks, then fan them out: pool owners and the remote tier (both write-behind)."""
+        st = self.store
+        for k in req.abort:
+            st.abort(k)
+        for it in req.items:
+            size = st.writing.get(it.key, (0, -1))[1]
+            meta = ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt)
+            if not st.commit(meta) or (self.pool is None and self.remote is None):
+                continue
+            o = st.dram[meta.key]
+            data = bytes(st.arena.view[o.offset:o.offset + meta.size])  # one copy for both, off the arena
+            if self.pool is not None:
+                self.pool.replicate(meta, data)
+            if self.remote is not None:
+                self.remote.write_behind(meta, data)
 
     def stats(self) -> dict[str, float]:
         return {**self.store.stats(), **(self.pool.stats() if self.pool else {}), **self.metrics.counts()}

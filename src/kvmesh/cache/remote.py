@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from kvmesh.cache.keys import tenant_of
+from kvmesh.cache.keys import prefix_len
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.ssd import MAGIC, CorruptObject, ObjectMeta, SsdStore, checksum
 from kvmesh.cache.store import TieredStore
@@ -231,12 +231,7 @@ class RemoteCache:
         except Exception as e:  # any client/transport error of any backend is a miss
             self._failed("exists", e)
             return 0
-        n = 0
-        for h in held:
-            if not h:
-                break
-            n += 1
-        return n
+        return prefix_len(held)
 
     async def fetch(self, keys: list[bytes]) -> int:
         """Copy the longest held prefix of ``keys`` into local DRAM; returns its length."""
@@ -264,11 +259,7 @@ class RemoteCache:
             self.metrics.checksum_failures.labels(self.tier.name).inc()
             log.warning("remote tier %s: object %s: %s (a miss)", self.tier.name, key.hex()[:16], e)
             return False
-        off = self.store.reserve_raw(key, meta.size, tenant_of(meta.salt))
-        if off is None:
-            return False
-        self.store.arena.view[off:off + meta.size] = payload
-        if not self.store.adopt(meta, off):
+        if not self.store.put_bytes(meta, payload):
             return False
         self.metrics.hits.labels(self.tier.name).inc()
         self.metrics.bytes_read.labels(self.tier.name).inc(meta.size)

@@ -241,8 +241,8 @@ class TieredStore:
             return False
         return self.commit(meta)
 
-    def put_bytes(self, meta: ObjectMeta, data: bytes) -> bool:
-        """Store a chunk a peer pushed (replication); True when held afterwards."""
+    def put_bytes(self, meta: ObjectMeta, data: bytes | memoryview) -> bool:
+        """Store a chunk that arrived whole (a peer's push, a remote tier's read); True when held afterwards."""
         if self.holds(meta.key):
             return True
         off = self.reserve_raw(meta.key, meta.size, tenant_of(meta.salt))

@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from kvmesh.cache.keys import tenant_of
+from kvmesh.cache.keys import prefix_len, tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.membership import EtcdMembership, Membership
 from kvmesh.cache.pool.peer import (
@@ -201,13 +201,7 @@ class Pool:
     # ---- reads ---------------------------------------------------------------------------------------
     async def count_remote(self, keys: list[bytes]) -> int:
         """How many of ``keys``, from the first, some owner holds (one round trip per owner, in parallel)."""
-        held = await self._has(keys)
-        n = 0
-        for h in held:
-            if not h:
-                break
-            n += 1
-        return n
+        return prefix_len(await self._has(keys))
 
     async def _has(self, keys: list[bytes]) -> list[bool]:
         held = [self.store.holds(k) for k in keys]
@@ -306,15 +300,11 @@ class Pool:
         return n if isinstance(r, PGetReply) else 0
 
     # ---- writes --------------------------------------------------------------------------------------
-    def replicate(self, meta: ObjectMeta) -> None:
+    def replicate(self, meta: ObjectMeta, data: bytes) -> None:
         """Push a chunk just committed here to its other owners (background)."""
-        targets = [n for n in self.ring.owners(meta.key, self.s.replicas) if n != self.s.node_id]
-        o = self.store.dram.get(meta.key)
-        if not targets or o is None:
-            return
-        data = bytes(self.store.arena.view[o.offset:o.offset + meta.size])
-        for n in targets:
-            self._spawn(self._push_bg(n, meta, data))
+        for n in self.ring.owners(meta.key, self.s.replicas):
+            if n != self.s.node_id:
+                self._spawn(self._push_bg(n, meta, data))
 
     async def _push(self, nid: str, meta: ObjectMeta, data: bytes | memoryview) -> bool:
         m = self.members.get(nid)
