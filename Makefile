@@ -27,7 +27,7 @@ lint: install
 	$(VENV)/bin/ruff check src tests bench scripts
 	$(VENV)/bin/mypy
 
-test: lint
+test: lint services
 	$(VENV)/bin/pytest -q -ra
 
 bench: install
@@ -36,7 +36,7 @@ bench: install
 # Servers the cache tiers' tests run against (tests skip, saying why, when they are missing).
 services:
 	@command -v redis-server >/dev/null && command -v etcd >/dev/null || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null \
 	  || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null; } \
 	  || echo "make services: could not install redis-server/etcd; their tests will skip"; }
