@@ -6,10 +6,12 @@ import asyncio
 import concurrent.futures
 import contextlib
 import pathlib
+import signal
 
 import httpx
 import pytest
 
+from kvmesh.engines import VllmEngine
 from kvmesh.gateway.tenants import hash_key
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, wait_until
@@ -77,16 +79,27 @@ def test_requests_per_minute_limit(gw) -> None:  # type: ignore[no-untyped-def]
     assert complete(gw.url, "alpha").status_code == 200  # other tenants are unaffected
 
 
-def test_max_concurrent(gw) -> None:  # type: ignore[no-untyped-def]
-    # A long non-streaming request holds its slot until the engine has generated everything (seconds).
+def test_max_concurrent(gw, stack: Stack) -> None:  # type: ignore[no-untyped-def]
+    # The first request must still hold its slot when the second arrives: real engines are paused
+    # (SIGSTOP; the kernel still accepts the connection), simulated ones take seconds for 800 tokens.
+    engines = [e for e in stack.engines if isinstance(e, VllmEngine)]
     body = {"model": MODEL, "prompt": "go", "max_tokens": 800, "ignore_eos": True}
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        held = pool.submit(httpx.post, f"{gw.url}/v1/completions", json=body, headers=auth("solo"), timeout=120)
-        wait_until(lambda: gw.tenants.tenants["solo"].in_flight == 1 or held.done(), 30, "the first request")
-        assert not held.done(), "the engine finished 800 tokens before the check"
-        r = complete(gw.url, "solo")
-        assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
-        assert held.result(120).status_code == 200
+    for e in engines:
+        e.kill(signal.SIGSTOP)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            held = pool.submit(httpx.post, f"{gw.url}/v1/completions", json=body, headers=auth("solo"),
+                               timeout=120)
+            wait_until(lambda: gw.tenants.tenants["solo"].in_flight == 1 or held.done(), 30, "the first request")
+            assert not held.done(), "the engine finished 800 tokens before the check"
+            r = complete(gw.url, "solo")
+            assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
+            for e in engines:
+                e.kill(signal.SIGCONT)
+            assert held.result(120).status_code == 200
+    finally:
+        for e in engines:
+            e.kill(signal.SIGCONT)
     assert complete(gw.url, "solo").status_code == 200  # the slot was released
 
 
