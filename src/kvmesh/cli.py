@@ -90,20 +90,9 @@ def _parse(schema: type[Any], **fields: Any) -> Any:
         _fail(f"--{flag}: {first['msg']}")
 
 
-@app.command()
-def up(
-    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with [gateway], [supervisor], "
-                                                            "[engine] tables")] = None,
-    model_size: Annotated[str | None, typer.Option(help="Demo model size: tiny or small")] = None,
-    replicas: Annotated[int | None, typer.Option(help="Engine replicas")] = None,
-    port: Annotated[int | None, typer.Option(help="Gateway port")] = None,
-    policy: Annotated[str | None, typer.Option(help="random, round-robin, least-request, kv-aware, prefix, "
-                                                     "session")] = None,
-    engine_kind: Annotated[str | None, typer.Option(help="vllm (default) or sim (simulated engines)")] = None,
-    verbose: bool = False,
-) -> None:
-    """Start the local stack: demo model (generated if missing), N engine replicas and the gateway."""
-    _setup_logging(verbose)
+def _stack_config(config: pathlib.Path | None, model_size: str | None, replicas: int | None, port: int | None,
+                  policy: str | None, engine_kind: str | None) -> StackConfig:
+    """The config file (or defaults) with the command-line flags applied on top."""
     try:
         base = load_stack_config(config)
     except ConfigError as e:
@@ -120,6 +109,24 @@ def up(
     if engine_kind:
         data["engine_kind"] = engine_kind
     cfg: StackConfig = _parse(StackConfig, **data)
+    return cfg
+
+
+@app.command()
+def up(
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with [gateway], [supervisor], "
+                                                            "[engine] tables")] = None,
+    model_size: Annotated[str | None, typer.Option(help="Demo model size: tiny or small")] = None,
+    replicas: Annotated[int | None, typer.Option(help="Engine replicas")] = None,
+    port: Annotated[int | None, typer.Option(help="Gateway port")] = None,
+    policy: Annotated[str | None, typer.Option(help="random, round-robin, least-request, kv-aware, prefix, "
+                                                     "session")] = None,
+    engine_kind: Annotated[str | None, typer.Option(help="vllm (default) or sim (simulated engines)")] = None,
+    verbose: bool = False,
+) -> None:
+    """Start the local stack: demo model (generated if missing), N engine replicas and the gateway."""
+    _setup_logging(verbose)
+    cfg = _stack_config(config, model_size, replicas, port, policy, engine_kind)
     from kvmesh.engines import vllm_available
     from kvmesh.stack import DEMO_MODEL_NAME, Stack
 

@@ -10,9 +10,11 @@ needing a restart and keep their running values.
 
 from __future__ import annotations
 
+import pathlib
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.config import GatewayConfig
+from kvmesh.gateway.tenants import Tenants, load_tenants
 
 if TYPE_CHECKING:
     from kvmesh.gateway.app import Gateway
@@ -34,10 +36,8 @@ def reconfigure(gw: Gateway, new: GatewayConfig) -> dict[str, Any]:
     merged = new.model_copy(update={f: getattr(old, f) for f in needs_restart} | {"port": old.port})
     changed = [f for f in GatewayConfig.model_fields if getattr(merged, f) != getattr(old, f)]
     if "tenants_file" in changed:
-        from kvmesh.gateway.tenants import Tenants, load_tenants
-
-        tenants = Tenants(load_tenants(_path(merged.tenants_file)))  # ValueError: nothing applied
-        gw.tenants = tenants
+        path = pathlib.Path(merged.tenants_file) if merged.tenants_file else None
+        gw.tenants = Tenants(load_tenants(path))  # ValueError: raised before anything is applied
     gw.cfg = merged
     adm = gw.admission
     adm.max_queue, adm.queue_timeout_s = merged.max_queue, merged.queue_timeout_s
@@ -47,12 +47,6 @@ def reconfigure(gw: Gateway, new: GatewayConfig) -> dict[str, Any]:
     adm.pump()  # a larger capacity admits waiters now
     return {"changed": changed, "needs_restart": needs_restart, "backends_added": added,
             "backends_removed": removed}
-
-
-def _path(p: str | None) -> Any:
-    import pathlib
-
-    return pathlib.Path(p) if p else None
 
 
 def _sync_backends(gw: Gateway, cfg: GatewayConfig) -> tuple[list[str], list[str]]:
