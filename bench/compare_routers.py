@@ -1,6 +1,9 @@
 """kvmesh vs sglang-router vs vllm-router over the same simulated engines (``kvmesh bench compare``).
 
     make routers && python bench/compare_routers.py --requests 600 --speedup 4 --load 6
+    python bench/compare_routers.py --workload chat --requests 480 --name compare_routers_chat
+
+Writes bench/results/NAME.json and NAME.png (TTFT CDF per router).
 """
 
 from __future__ import annotations
@@ -26,15 +29,18 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's")
     ap.add_argument("--routers", default=DEFAULT_ROUTERS)
     ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
+    ap.add_argument("--workload", choices=("mooncake", "chat"), default="mooncake")
+    ap.add_argument("--name", default="compare_routers", help="result name (bench/results/NAME.json)")
     a = ap.parse_args()
-    if not a.trace.is_file():
+    if a.workload == "mooncake" and not a.trace.is_file():
         sys.exit(f"trace not found: {a.trace}")
     model_dir = ROOT / "models" / "demo-tiny"
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
-    args = CompareArgs(a.requests, a.speedup, a.load, a.routers)
+    plot = ROOT / "bench" / "results" / f"{a.name}.png"
+    args = CompareArgs(a.requests, a.speedup, a.load, a.routers, a.workload, plot)
     metrics = compare(a.trace, model_dir, ROOT / "run" / "compare", args)
-    print(f"wrote {write_result('compare_routers', metrics)}")
+    print(f"wrote {write_result(a.name, metrics)} and {plot}")
 
 
 if __name__ == "__main__":

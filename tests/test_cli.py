@@ -130,6 +130,22 @@ def test_bench_against_the_stack(stack, tmp_path: pathlib.Path) -> None:  # type
     assert set(summary["per_backend"]) <= {e.name for e in stack.engines}
 
 
+def test_bench_chat_sessions(stack, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    r = subprocess.run([*KVMESH, "bench", "run", "--url", stack.gateway.url, "--workload", "chat", "--limit", "8",
+                        "--turns", "4", "--rate", "20", "--speedup", "8", "--max-tokens", "2", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "out" / "requests.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and not any(x["error"] for x in rows)
+    assert sorted({x["session"] for x in rows}) == ["chat-0", "chat-1"]
+    # each turn re-sends the previous turn's prompt, so later turns are longer
+    for sid in ("chat-0", "chat-1"):
+        lens = [x["prompt_tokens"] for x in sorted(rows, key=lambda x: x["sent_at"]) if x["session"] == sid]
+        assert lens == sorted(lens) and lens[0] < lens[-1]
+    bad = subprocess.run([*KVMESH, "bench", "run", "--workload", "nope"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "--workload must be groups or chat" in bad.stderr
+
+
 def test_cache_node_daemon_and_status(tmp_path: pathlib.Path) -> None:
     sock = tmp_path / "node.sock"
     proc = subprocess.Popen([*KVMESH, "cache-node", "--socket", str(sock), "--run-dir", str(tmp_path),

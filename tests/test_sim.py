@@ -167,3 +167,31 @@ def test_calibration_recovers_a_simulated_engines_profile(loop_thread, tiny_mode
     assert 0.7 < fitted.prefill_tps / (4 * truth.prefill_tps) < 1.3, fitted
     save_profile(fitted, tmp_path / "p.json")
     assert get_profile(str(tmp_path / "p.json")) == fitted
+
+
+def test_multi_turn_chat_sessions_extend_their_own_history() -> None:
+    from kvmesh.bench.workloads import multi_turn_chat
+
+    reqs = multi_turn_chat(6, 4, rate=1.0, think_s=2.0, system_blocks=2, seed=3)
+    assert len(reqs) == 24 and [r.arrival_s for r in reqs] == sorted(r.arrival_s for r in reqs)
+    by_session: dict[str, list[list[int]]] = {}
+    for r in reqs:
+        by_session.setdefault(r.session, []).append(r.block_ids)
+        assert r.input_tokens == len(r.block_ids) * 512
+    assert len(by_session) == 6
+    for turns in by_session.values():
+        assert len(turns) == 4 and all(t[:2] == turns[0][:2] for t in turns)  # shared system prompt
+        for prev, nxt in zip(turns, turns[1:], strict=False):
+            assert nxt[: len(prev)] == prev and len(nxt) == len(prev) + 2  # + answer + next user message
+    firsts = [t[0] for t in by_session.values()]
+    assert len({tuple(f[2:]) for f in firsts}) == 6  # sessions differ after the system prompt
+    with pytest.raises(ValueError):
+        multi_turn_chat(0, 4)
+    # replayed in virtual time, kv-aware keeps each session's history where it is cached
+    prompts = [mooncake_prompt(r, 16) for r in reqs]
+    hit = {}
+    for policy in ("round-robin", "kv-aware"):
+        sim = make_requests(prompts, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs], 16, SEED)
+        hit[policy] = Cluster(4, get_profile("h100-llama3-8b"), policy, 16, 32.0).run(sim).hit_rate
+    ceiling = infinite_cache_hit_rate(reqs)[1]
+    assert hit["round-robin"] < hit["kv-aware"] <= ceiling + 1e-9 and hit["kv-aware"] > 0.9 * ceiling

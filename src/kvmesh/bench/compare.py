@@ -24,15 +24,17 @@ from dataclasses import dataclass
 import httpx
 
 from kvmesh.bench.util import pct, wait_http
-from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceRequest, load_mooncake
+from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
 
 ROUTERS_BIN = pathlib.Path(".venv-routers") / "bin"
 DEFAULT_ROUTERS = ("kvmesh-kv-aware,kvmesh-round-robin,sglang-cache_aware,sglang-round_robin,"
-                   "vllm-router-round_robin,vllm-router-consistent_hash")
+                   "vllm-router-round_robin,vllm-router-consistent_hash,vllm-router-cache_aware,"
+                   "vllm-router-kv_aware")
 MODEL = "kvmesh-demo"
 WORDS_PER_BLOCK = 16
+BLOCK_SIZE = 16  # simulated engines' KV block (tokens)
 
 
 def block_text(h: int) -> str:
@@ -57,8 +59,8 @@ class EnginePool:
         run_dir.mkdir(parents=True, exist_ok=True)
         # one block of 16 words ~ 32 tokens of the demo tokenizer stands for 512 trace tokens
         self.servers = [SimServer(str(model_dir), MODEL, get_profile("h100-llama3-8b"), port=18500 + i,
-                                  block_size=16, time_scale=time_scale, token_scale=MOONCAKE_BLOCK / 32,
-                                  kv_events_endpoint=f"ipc://{run_dir}/sim{i}.sock", max_model_len=1 << 20)
+                                  block_size=BLOCK_SIZE, time_scale=time_scale, token_scale=MOONCAKE_BLOCK / 32,
+                                  kv_events_endpoint=f"tcp://127.0.0.1:{18700 + i}", max_model_len=1 << 20)
                         for i in range(n)]
         for s in self.servers:
             asyncio.run_coroutine_threadsafe(s.start(), self.loop).result()
@@ -81,8 +83,14 @@ def router_cmd(name: str, urls: list[str], port: int, pool: EnginePool, model_di
     if name.startswith("sglang-"):
         return [str(ROUTERS_BIN / "python"), "-m", "sglang_router.launch_router", "--port", str(port),
                 "--policy", name[len("sglang-"):], "--worker-urls", *urls, "--log-level", "warn"]
-    return [str(ROUTERS_BIN / "vllm-router"), "--port", str(port), "--policy", name[len("vllm-router-"):],
-            "--worker-urls", *urls, "--log-level", "warning"]
+    policy = name[len("vllm-router-"):]
+    cmd = [str(ROUTERS_BIN / "vllm-router"), "--port", str(port), "--policy", policy, "--worker-urls", *urls,
+           "--log-level", "warning"]
+    if policy == "kv_aware":  # its KV index is fed by the same ZMQ event streams as kvmesh's
+        cmd += ["--kv-event-block-size", str(BLOCK_SIZE), "--kv-event-model", MODEL]
+        for u, s in zip(urls, pool.servers, strict=True):
+            cmd += ["--kv-event-source", f"{u}={s.kv_events_endpoint}"]
+    return cmd
 
 
 async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[list[float], int]:
@@ -97,9 +105,10 @@ async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[li
         await asyncio.sleep(max(0.0, (r.arrival_s - base) / speedup - (time.perf_counter() - t0)))
         body = {"model": MODEL, "prompt": prompt(r), "max_tokens": min(max(r.output_tokens, 1), 16),
                 "stream": True, "ignore_eos": True}
+        headers = {"x-session-id": r.session} if r.session else {}
         start = time.perf_counter()
         try:
-            async with http.stream("POST", f"{url}/v1/completions", json=body) as resp:
+            async with http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
                 if resp.status_code != 200:
                     errors += 1
                     return
@@ -116,13 +125,20 @@ async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[li
     return ttfts, errors
 
 
-def hit_counters(urls: list[str]) -> tuple[float, float]:
+def _counter(text: str, name: str) -> float:
+    return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+
+def engine_counters(urls: list[str]) -> tuple[float, float, list[float]]:
+    """(prefix-cache hits, queries) over all engines and each engine's prompt tokens, from their /metrics."""
     hits = queries = 0.0
+    prompt_tokens = []
     for u in urls:
         text = httpx.get(f"{u}/metrics").text
-        hits += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_hits_total\{[^}]*\} (\S+)$", text, re.M))
-        queries += sum(float(v) for v in re.findall(r"^vllm:prefix_cache_queries_total\{[^}]*\} (\S+)$", text, re.M))
-    return hits, queries
+        hits += _counter(text, "vllm:prefix_cache_hits_total")
+        queries += _counter(text, "vllm:prefix_cache_queries_total")
+        prompt_tokens.append(_counter(text, "vllm:prompt_tokens_total"))
+    return hits, queries, prompt_tokens
 
 
 def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: CompareArgs,
@@ -134,16 +150,20 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
                             stderr=open(log_dir / f"router-{name}.log", "wb"))  # noqa: SIM115
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
-        h0, q0 = hit_counters(urls)
+        h0, q0, p0 = engine_counters(urls)
         ttfts, errors = asyncio.run(replay(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load))
-        h1, q1 = hit_counters(urls)
+        h1, q1, p1 = engine_counters(urls)
     finally:
         proc.terminate()
         proc.wait(10)
+    load = [b - a for a, b in zip(p0, p1, strict=True)]
     return {"ttft_mean_ms": round(sum(ttfts) / max(len(ttfts), 1) * 1000, 1),
             "ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1) if ttfts else None,
             "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
-            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": errors}
+            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": errors,
+            # prompt tokens per engine / the mean: 1.0 everywhere = perfectly even
+            "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3),
+            "ttfts_ms": sorted(round(t * 1000, 1) for t in ttfts)}
 
 
 @dataclass(slots=True)
@@ -152,15 +172,52 @@ class CompareArgs:
     speedup: float = 4.0
     load: float = 1.0
     routers: str = DEFAULT_ROUTERS
+    workload: str = "mooncake"  # mooncake (needs the trace) | chat (multi-turn sessions, generated)
+    plot: pathlib.Path | None = None  # PNG: TTFT CDF per router
 
 
-def compare(trace: pathlib.Path, model_dir: pathlib.Path, run_dir: pathlib.Path,
+def load_workload(trace: pathlib.Path | None, args: CompareArgs) -> list[TraceRequest]:
+    if args.workload == "chat":
+        # 8 turns per session, turns ~4 s apart, 0.5 sessions/s starting; a 4-block system prompt shared by all
+        return multi_turn_chat(-(-args.requests // 8), 8, rate=0.5, think_s=4.0, system_blocks=4,
+                               user_blocks=2, answer_blocks=1, output_tokens=16)[: args.requests]
+    if args.workload != "mooncake":
+        raise TraceError(f"unknown workload {args.workload!r}: mooncake or chat")
+    if trace is None:
+        raise TraceError("the mooncake workload needs --trace (the Mooncake conversation trace)")
+    return load_mooncake(trace, args.requests)
+
+
+def plot_cdfs(results: dict[str, dict[str, object]], path: pathlib.Path, title: str) -> None:
+    """TTFT CDF per router, one line each (needs matplotlib: ``pip install 'kvmesh[plots]'``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for name, m in results.items():
+        xs = m.get("ttfts_ms")
+        if isinstance(xs, list) and xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("TTFT (ms, client side, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathlib.Path,
             args: CompareArgs) -> dict[str, object]:
     """Run every router of ``args.routers`` over the same 8 simulated engines; returns the metrics."""
     # sglang-router probes workers with HTTP/2 (gRPC) at start-up; the simulated engines answer HTTP/1.1
     # only and aiohttp logs each probe as a bad request.
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
-    reqs = load_mooncake(trace, args.requests)
+    reqs = load_workload(trace, args)
     run_dir.mkdir(parents=True, exist_ok=True)
     pool = EnginePool(8, model_dir, run_dir, 1.0 / args.speedup)
     results: dict[str, dict[str, object]] = {}
@@ -173,11 +230,15 @@ def compare(trace: pathlib.Path, model_dir: pathlib.Path, run_dir: pathlib.Path,
                 results[name] = run_router(name, pool, reqs, args, model_dir, 18600 + i, run_dir)
             except (TimeoutError, OSError, httpx.HTTPError) as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{name:32} {results[name]}")
+            print(f"{name:32} " + str({k: v for k, v in results[name].items() if k != "ttfts_ms"}))
     finally:
         pool.stop()
-    metrics: dict[str, object] = {"requests": args.requests, "speedup": args.speedup, "load": args.load,
-                                  "routers": results}
+    if args.plot is not None:
+        plot_cdfs(results, args.plot, f"{args.workload}: {len(reqs)} requests, 8 simulated engines")
+    for m in results.values():
+        m.pop("ttfts_ms", None)
+    metrics: dict[str, object] = {"workload": args.workload, "requests": len(reqs), "speedup": args.speedup,
+                                  "load": args.load, "routers": results}
     kv, sg, rr = (results.get(k, {}) for k in ("kvmesh-kv-aware", "sglang-cache_aware", "kvmesh-round-robin"))
     for key, other in (("kvaware_ttft_mean_over_sglang", sg), ("kvaware_ttft_mean_over_rr", rr)):
         a, b = kv.get("ttft_mean_ms"), other.get("ttft_mean_ms")

@@ -38,6 +38,7 @@ class Result:
     prompt_tokens: int = 0
     cached_tokens: int = 0
     backend: str = ""
+    session: str = ""
     error: str = ""
 
 
@@ -65,10 +66,11 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, i: int, r: TraceRequest,
     body = {"model": spec.model, "prompt": _prompt_text(r),
             "max_tokens": max(1, min(r.output_tokens, spec.max_tokens_cap)),
             "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    headers = {**spec.headers, "x-session-id": r.session} if r.session else spec.headers
     t0 = time.perf_counter()
     stamps: list[float] = []
     try:
-        async with http.stream("POST", f"{spec.url}/v1/completions", json=body, headers=spec.headers) as resp:
+        async with http.stream("POST", f"{spec.url}/v1/completions", json=body, headers=headers) as resp:
             res.backend = resp.headers.get("x-kvmesh-backend", "")
             if resp.status_code != 200:
                 res.error = f"http_{resp.status_code}"
@@ -98,7 +100,7 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, i: int, r: TraceRequest,
 
 async def run_load(spec: LoadSpec, reqs: list[TraceRequest], progress: bool = True) -> list[Result]:
     """Send every request of ``reqs``; never raises for request failures (they are recorded)."""
-    results = [Result(i, 0.0) for i in range(len(reqs))]
+    results = [Result(i, 0.0, session=r.session) for i, r in enumerate(reqs)]
     rng = random.Random(spec.seed)
     start = time.perf_counter()
     base = reqs[0].arrival_s if reqs else 0.0

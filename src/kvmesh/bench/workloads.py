@@ -29,6 +29,7 @@ class TraceRequest:
     input_tokens: int
     output_tokens: int
     block_ids: list[int]
+    session: str = ""  # conversation id (sent as ``x-session-id``) where the workload has one
 
 
 def load_mooncake(path: str | pathlib.Path, limit: int | None = None) -> list[TraceRequest]:
@@ -102,6 +103,33 @@ def shared_prefix_groups(groups: int, per_group: int, prefix_blocks: int = 8, su
     return out
 
 
+def multi_turn_chat(sessions: int, turns: int, rate: float = 2.0, think_s: float = 5.0, system_blocks: int = 2,
+                    user_blocks: int = 1, answer_blocks: int = 1, output_tokens: int = 64,
+                    seed: int = 0) -> list[TraceRequest]:
+    """Synthetic chat sessions: ``sessions`` conversations start as a Poisson process at ``rate``/s; turn
+    ``k`` arrives ``think_s`` (exponential) after turn ``k-1`` and its prompt is the shared system prompt
+    (``system_blocks``, the same for everyone), then the whole history — every earlier user message and
+    answer — then the new user message.  So each turn extends the previous turn's prompt: the reuse a
+    session-aware or KV-aware router should keep on one replica.  Sorted by arrival; ``session`` set."""
+    if sessions < 1 or turns < 1 or rate <= 0 or think_s < 0:
+        raise ValueError("multi_turn_chat: sessions and turns must be >= 1, rate > 0, think_s >= 0")
+    rng = random.Random(seed)
+    system = [900_000_000 + j for j in range(system_blocks)]
+    out: list[TraceRequest] = []
+    start = 0.0
+    for s in range(sessions):
+        start += rng.expovariate(rate)
+        t, history = start, list(system)
+        for k in range(turns):
+            base = 1_000_000_000 + (s * 1000 + k) * 100
+            history += [base + j for j in range(user_blocks)]
+            out.append(TraceRequest(t, len(history) * MOONCAKE_BLOCK, output_tokens, list(history), f"chat-{s}"))
+            history += [base + 50 + j for j in range(answer_blocks)]
+            t += rng.expovariate(1.0 / think_s) if think_s > 0 else 0.0
+    out.sort(key=lambda r: r.arrival_s)
+    return out
+
+
 def load_azure(path: str | pathlib.Path, limit: int | None = None) -> list[TraceRequest]:
     """Azure LLM inference trace 2023 (``TIMESTAMP, ContextTokens, GeneratedTokens``): arrivals and lengths
     only; every request gets its own block ids (no prefix information in this trace)."""
@@ -147,7 +175,7 @@ def load_weka(paths: list[str | pathlib.Path], limit: int | None = None) -> list
                 # a 512-token block is identified by the chain of Weka ids it covers
                 merged = [(k + 1) * 1_000_000_000 + hash(tuple(ids[: i + per])) % 1_000_000_000
                           for i in range(0, len(ids), per)]
-                out.append(TraceRequest(float(r["t"]), int(r["in"]), int(r["out"]), merged))
+                out.append(TraceRequest(float(r["t"]), int(r["in"]), int(r["out"]), merged, f"weka-{k}"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise TraceError(f"{p}: not a Weka trace ({e})") from None
     out.sort(key=lambda r: r.arrival_s)
