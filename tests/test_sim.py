@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import random
@@ -181,7 +182,7 @@ def test_multi_turn_chat_sessions_extend_their_own_history() -> None:
     assert len(by_session) == 6
     for turns in by_session.values():
         assert len(turns) == 4 and all(t[:2] == turns[0][:2] for t in turns)  # shared system prompt
-        for prev, nxt in zip(turns, turns[1:], strict=False):
+        for prev, nxt in itertools.pairwise(turns):
             assert nxt[: len(prev)] == prev and len(nxt) == len(prev) + 2  # + answer + next user message
     firsts = [t[0] for t in by_session.values()]
     assert len({tuple(f[2:]) for f in firsts}) == 6  # sessions differ after the system prompt

@@ -141,6 +141,16 @@ def engine_counters(urls: list[str]) -> tuple[float, float, list[float]]:
     return hits, queries, prompt_tokens
 
 
+def gateway_overhead_ms(url: str) -> float | None:
+    """kvmesh's own mean pre-forward time (tokenise, route, admit) from its /metrics."""
+    text = httpx.get(f"{url}/metrics").text
+    total = re.search(r"^kvmesh_gateway_overhead_seconds_sum (\S+)$", text, re.M)
+    count = re.search(r"^kvmesh_gateway_overhead_seconds_count (\S+)$", text, re.M)
+    if not total or not count or float(count.group(1)) == 0:
+        return None
+    return round(float(total.group(1)) / float(count.group(1)) * 1000, 2)
+
+
 def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: CompareArgs,
                model_dir: pathlib.Path, port: int, log_dir: pathlib.Path) -> dict[str, object]:
     urls = pool.urls()
@@ -153,6 +163,7 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
         h0, q0, p0 = engine_counters(urls)
         ttfts, errors = asyncio.run(replay(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load))
         h1, q1, p1 = engine_counters(urls)
+        overhead = gateway_overhead_ms(f"http://127.0.0.1:{port}") if name.startswith("kvmesh-") else None
     finally:
         proc.terminate()
         proc.wait(10)
@@ -163,6 +174,7 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
             "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": errors,
             # prompt tokens per engine / the mean: 1.0 everywhere = perfectly even
             "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3),
+            **({"gateway_pre_forward_ms": overhead} if overhead is not None else {}),
             "ttfts_ms": sorted(round(t * 1000, 1) for t in ttfts)}
 
 
