@@ -10,12 +10,19 @@ quiet tenant's p50/p99 TTFT per phase and the flood/solo p99 ratio (goal ≤ 2 w
 noisy tenant's throughput.
 
     python bench/fairness.py [--duration 30] [--flood 32] [--engine-kind vllm --name fairness_vllm]
+    python bench/fairness.py --engine-kind vllm --replicas 1 --engine-cores 1 --gateway-cores 0 \
+        --name fairness_vllm_isolated
+
+``--engine-cores`` / ``--gateway-cores`` keep the engines' processes (vLLM-CPU busy-polls between its API
+server, engine core and worker) off the cores the gateway and this load generator run on, as separate
+machines would; without them, everything shares every core.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import pathlib
 import signal
 import subprocess
@@ -29,6 +36,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import pct, wait_http, write_result
+from kvmesh.config import parse_cpu_list
 from kvmesh.gateway.tenants import hash_key
 from kvmesh.models import demo
 from kvmesh.stack import DEMO_MODEL_NAME
@@ -91,6 +99,7 @@ def run(args: argparse.Namespace, admission: bool, tmp: pathlib.Path) -> dict[st
         demo.generate("tiny", model)
     port = args.port + 10
     limits = f"max_in_flight_per_backend = {args.per_backend}\n" if admission else ""
+    pin = f'cpu_affinity = "{args.engine_cores}"\ncpu_bind = "{args.engine_cores}"\n' if args.engine_cores else ""
     conf = tmp / f"stack-{admission}.toml"
     conf.write_text(f"""model_size = "tiny"
 engine_kind = "{args.engine_kind}"
@@ -99,10 +108,10 @@ kind = "{args.engine_kind}"
 model = "{model}"
 served_model_name = "{DEMO_MODEL_NAME}"
 max_model_len = 4096
-[cache]
+{pin}[cache]
 enabled = false
 [supervisor]
-replicas = 2
+replicas = {args.replicas}
 base_port = {args.port}
 run_dir = "{tmp / 'run'}"
 [gateway]
@@ -112,8 +121,10 @@ tenants_file = "{tf}"
 max_queue = 10000
 queue_timeout_s = 300
 {limits}""")
+    gw_cores = parse_cpu_list(args.gateway_cores) if args.gateway_cores else None
     proc = subprocess.Popen([sys.executable, "-m", "kvmesh", "up", "--config", str(conf)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, gw_cores)) if gw_cores else None)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/ready", 300)
@@ -140,15 +151,21 @@ def main() -> None:
                     help="sim: two simulated engines (default); vllm: two vLLM-CPU engines, tiny demo model")
     ap.add_argument("--stream-flood", action=argparse.BooleanOptionalAction, default=True,
                     help="the noisy tenant streams (default) or not (less relay work on a small machine)")
+    ap.add_argument("--replicas", type=int, default=2)
+    ap.add_argument("--engine-cores", help="CPU list for every engine process (e.g. '1'); default: all")
+    ap.add_argument("--gateway-cores", help="CPU list for the gateway and this load generator (e.g. '0')")
     ap.add_argument("--name", default="fairness", help="result file name (bench/results/NAME.json)")
     args = ap.parse_args()
+    if args.gateway_cores:
+        os.sched_setaffinity(0, parse_cpu_list(args.gateway_cores))
     with tempfile.TemporaryDirectory() as d:
         with_adm = run(args, True, pathlib.Path(d))
         without = run(args, False, pathlib.Path(d))
     metrics = {"quiet_p99_flood_over_solo": with_adm["p99_flood_over_solo"],
                "quiet_p99_flood_over_solo_without_admission": without["p99_flood_over_solo"],
                "with_admission": with_adm, "without_admission": without}
-    metrics["engine_kind"] = args.engine_kind
+    metrics.update(engine_kind=args.engine_kind, replicas=args.replicas, engine_cores=args.engine_cores,
+                   gateway_cores=args.gateway_cores, flood=args.flood, stream_flood=args.stream_flood)
     print("wrote", write_result(args.name, metrics))
 
 

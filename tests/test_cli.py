@@ -174,3 +174,44 @@ def test_arena_that_does_not_fit_is_one_line(tmp_path: pathlib.Path, tiny_model:
     r = run("up", "--config", str(tmp_path / "k.toml"), "--port", str(free_port_block(1)), cwd=tmp_path)
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
     assert "shared-memory arena" in r.stderr and "dram_mib" in r.stderr
+
+
+def test_sighup_reloads_the_gateway_table(tmp_path: pathlib.Path, tiny_model: pathlib.Path) -> None:
+    """``kvmesh up --config F``: SIGHUP re-reads F and applies its [gateway] table in place; a broken file
+    is logged and changes nothing; the process keeps serving throughout."""
+    gw_port, eng_port = free_port_block(1), free_port_block(1)
+    conf = tmp_path / "k.toml"
+
+    def write(max_body: int | str) -> None:
+        conf.write_text(f'model_size = "tiny"\nmodels_dir = "{tiny_model.parent}"\nengine_kind = "sim"\n'
+                        f'[supervisor]\nreplicas = 1\nbase_port = {eng_port}\nrun_dir = "{tmp_path / "run"}"\n'
+                        f'[gateway]\nport = {gw_port}\nmax_body_bytes = {max_body}\n')
+
+    write(100_000)
+    proc = subprocess.Popen([*KVMESH, "up", "--config", str(conf)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    url = f"http://127.0.0.1:{gw_port}/v1/completions"
+    body = {"model": "kvmesh-demo", "prompt": "x" * 5000, "max_tokens": 1}
+    try:
+        wait_until(lambda: _status(f"http://127.0.0.1:{gw_port}/ready") == 200, 120, "the stack to be ready")
+        assert httpx.post(url, json=body, timeout=30).status_code == 200
+        write(2000)
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: httpx.post(url, json=body, timeout=30).status_code == 413, 30, "the new limit")
+        write("'not a number'")
+        proc.send_signal(signal.SIGHUP)
+        small = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1}
+        wait_until(lambda: httpx.post(url, json=small, timeout=30).status_code == 200, 30, "serving on")
+        assert httpx.post(url, json=body, timeout=30).status_code == 413  # the running config was kept
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert "SIGHUP: reloaded" in out and "SIGHUP: reload failed, running config kept" in out, out[-3000:]
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0

@@ -41,6 +41,7 @@ kv_events_endpoint = "ipc:///tmp/x.sock"
     ("[supervisor]\nreplicas = 0\n", "supervisor.replicas"),
     ("[engine]\nmodel='m'\nkv_events_endpoint='tcp://127.0.0.1:5557'\n", "ipc://"),
     ("[gateway\n", "not valid TOML"),
+    ("[engine]\nmodel='m'\ncpu_affinity='1-x'\n", "not a CPU list"),
     ("[gateway]\nport = 8101\n[supervisor]\nbase_port = 8100\nreplicas = 2\n", "collides with the engine ports"),
 ])
 def test_bad_config_is_one_clear_error(tmp_path: pathlib.Path, text: str, needle: str) -> None:
@@ -66,3 +67,28 @@ def test_vllm_command_line(tmp_path: pathlib.Path) -> None:
     ev = cmd[cmd.index("--kv-events-config") + 1]
     assert '"endpoint": "ipc://' in ev and '"replay_endpoint": "ipc:///r"' in ev
     assert e.environment()["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+
+
+def test_engine_cpu_affinity_applies_to_its_process(tmp_path: pathlib.Path) -> None:
+    """The affinity is set between fork and exec, so vLLM and every process it starts inherit it."""
+    import asyncio
+    import sys
+
+    from kvmesh.engines import VllmEngine
+
+    out = tmp_path / "cpus"
+
+    class Probe(VllmEngine):
+        def command(self) -> list[str]:  # the real start() path, with a process that reports its CPUs
+            code = f"import os; open({str(out)!r}, 'w').write(str(sorted(os.sched_getaffinity(0))))"
+            return [sys.executable, "-c", code]
+
+    async def run(cfg: EngineConfig) -> int:
+        e = Probe("engine-0", cfg, tmp_path)
+        await e.start()
+        return await e.wait_exit()
+
+    assert asyncio.run(run(EngineConfig(model="/m", cpu_affinity="0"))) == 0
+    assert out.read_text() == "[0]"
+    with pytest.raises(RuntimeError, match="names a CPU this machine lacks"):
+        asyncio.run(run(EngineConfig(model="/m", cpu_affinity="4096")))

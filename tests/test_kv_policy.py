@@ -112,27 +112,6 @@ def test_learns_prefill_throughput_from_ttft() -> None:
     assert p.model.tps("a") > 7500  # type: ignore[attr-defined]
 
 
-def test_learns_the_delay_running_requests_add() -> None:
-    """TTFTs the prefill estimate does not explain are charged per running request, and then steer new
-    requests away from the busy engine even where its cache saves some prefill."""
-    idx = KvIndex("m")
-    p = make_policy("kv-aware", index=idx, cfg=RoutingConfig(prefill_tps=10_000, decode_penalty_s=0.001))
-    doc = list(range(2000))
-    warm(idx, "busy", doc[:320])  # the busy engine holds a short shared prefix (320 tokens = 32 ms)
-    first = ctx(doc)
-    p.choose(first, [Cand("busy", in_flight=8), Cand("idle")])
-    assert p.choose(ctx(doc), [Cand("busy", in_flight=8), Cand("idle")]).backend.name == "busy"  # 8 ms penalty
-    for _ in range(30):  # on "busy", 1,680 uncached tokens behind 8 running took 0.168 s + 0.4 s
-        first.running["busy"] = 8
-        p.on_first_token(first, "busy", 0.568, queued_tokens=0)
-    assert 0.045 < p.model.penalty("busy") <= 0.05  # type: ignore[attr-defined]
-    assert p.model.tps("busy") == 10_000  # type: ignore[attr-defined]  # not a throughput sample
-    assert p.choose(ctx(doc), [Cand("busy", in_flight=8), Cand("idle")]).backend.name == "idle"
-    for _ in range(60):  # explained by prefill alone: the penalty decays
-        p.on_first_token(first, "busy", 0.168, queued_tokens=0)
-    assert p.model.penalty("busy") < 0.001  # type: ignore[attr-defined]
-
-
 def test_prefix_policy_learns_from_routing_without_events() -> None:
     p = make_policy("prefix", seed=7)
     cands = [Cand("a"), Cand("b"), Cand("c")]

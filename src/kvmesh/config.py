@@ -19,6 +19,21 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def parse_cpu_list(spec: str) -> set[int]:
+    """'0-3,6' -> {0, 1, 2, 3, 6}; ValueError with the offending part otherwise."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.strip().partition("-")
+        try:
+            a, b = int(lo), int(hi or lo)
+        except ValueError:
+            raise ValueError(f"not a CPU list: {spec!r} (expected e.g. '1' or '0-3,6')") from None
+        if a < 0 or b < a:
+            raise ValueError(f"not a CPU list: {spec!r} (expected e.g. '1' or '0-3,6')")
+        cpus.update(range(a, b + 1))
+    return cpus
+
+
 class EngineConfig(_Strict):
     """One engine replica (a vLLM OpenAI server subprocess)."""
 
@@ -31,6 +46,9 @@ class EngineConfig(_Strict):
     kv_events_endpoint: str | None = Field(default=None, description="ipc:// path; derived when unset")
     replay_endpoint: str | None = None
     cpu_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'")
+    cpu_affinity: str | None = Field(default=None, description="CPUs the whole engine process tree may run on "
+                                     "(e.g. '1' or '2-7,10'); keeps its busy-polling processes off the "
+                                     "gateway's cores")
     kv_cache_gib: float = Field(default=1.0, gt=0)
     max_model_len: int | None = Field(default=None, gt=0)
     extra_args: tuple[str, ...] = ()
@@ -40,6 +58,13 @@ class EngineConfig(_Strict):
     sim_profile: str = Field(default="cpu-demo-small", description="Timing profile of kind=sim engines")
     sim_time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
     sim_block_size: int = Field(default=16, gt=0)
+
+    @field_validator("cpu_affinity")
+    @classmethod
+    def _cpu_list(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_cpu_list(v)
+        return v
 
     @field_validator("kv_events_endpoint", "replay_endpoint")
     @classmethod

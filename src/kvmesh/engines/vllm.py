@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
-from kvmesh.config import EngineConfig
+from kvmesh.config import EngineConfig, parse_cpu_list
 from kvmesh.engines.base import Engine, EngineState
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,11 @@ class VllmEngine(Engine):
             cmd += ["--kv-transfer-config", json.dumps(connector_config(c.cache_node_socket))]
         return cmd + list(c.extra_args)
 
+    def _preexec(self) -> None:
+        _die_with_parent()
+        if self.cfg.cpu_affinity is not None:  # inherited by every process vLLM starts
+            os.sched_setaffinity(0, parse_cpu_list(self.cfg.cpu_affinity))
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cfg.kv_cache_gib:g}")
@@ -94,12 +99,16 @@ class VllmEngine(Engine):
         if self._proc is not None and self._proc.returncode is None:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        ncpu = os.cpu_count() or 1
+        if self.cfg.cpu_affinity is not None and max(parse_cpu_list(self.cfg.cpu_affinity)) >= ncpu:
+            raise RuntimeError(f"engine {self.name}: cpu_affinity {self.cfg.cpu_affinity!r} names a CPU this "
+                               f"machine lacks (it has 0-{ncpu - 1})")
         with self.log_path.open("ab") as logf:
             logf.write(f"\n=== kvmesh: starting {' '.join(self.command())}\n".encode())
             self._proc = await asyncio.create_subprocess_exec(
                 *self.command(), env=self.environment(), stdin=asyncio.subprocess.DEVNULL,
                 stdout=logf, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent,
+                start_new_session=True, preexec_fn=self._preexec,
             )
         self.state = EngineState.STARTING
         log.info("engine %s started (pid %d, %s, log %s)", self.name, self._proc.pid, self.url, self.log_path)

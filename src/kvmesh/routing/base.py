@@ -31,7 +31,6 @@ class RequestContext:
     # Filled by KV-aware scorers: the request's block keys and, per backend, the tokens it would prefill.
     block_keys: Sequence[int] | None = None
     uncached: dict[str, int] = field(default_factory=dict)
-    running: dict[str, int] = field(default_factory=dict)  # per backend: requests ahead of it when scored
     explain: list[dict[str, object]] | None = None
 
 

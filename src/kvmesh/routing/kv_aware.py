@@ -3,7 +3,7 @@
 For every candidate engine e:
 
     cost(e)    = queue(e) + prefill(e) + recompute_weight * (uncached(e) - min_e' uncached(e')) / tps(e)
-    queue(e)   = pending_prefill_tokens(e) / tps(e) + penalty(e) * running(e)
+    queue(e)   = pending_prefill_tokens(e) / tps(e) + decode_penalty * running(e)
     prefill(e) = (uncached_tokens(e) + cpu_tokens(e) * cpu_cost + storage_tokens(e) * storage_cost) / tps(e)
 
 The first two terms estimate this request's time to first token.  The last charges the prefill work the
@@ -14,10 +14,7 @@ equal on a cold engine), recomputing the prefix everywhere and costing every lat
 where the cached prefix comes from the :class:`KvIndex` (longest consecutive prefix; the engine's own cache
 first, then blocks it can load from lower tiers, which cost a fraction of recomputing), ``tps(e)`` is the
 engine's prefill throughput (configured, then learned online from observed TTFTs of requests that did not
-queue), ``penalty(e)`` is the first-token delay each request already running there adds (configured, then
-learned online from the TTFTs of requests that did queue behind running ones: whatever the prefill estimate
-does not explain — batch steps, the engine's own CPU overhead — is charged to the running requests), and
-``pending_prefill_tokens`` counts prompt tokens the gateway has sent and not yet seen answered.
+queue), and ``pending_prefill_tokens`` counts prompt tokens the gateway has sent and not yet seen answered.
 Because each routed request adds its uncached tokens to its engine's queue at once, a prefix shared by
 every request (the Mooncake trace's first block) cannot pull them all to one replica: as soon as the warm
 replica's queue costs more than the prefix saves, the next request goes elsewhere.
@@ -52,30 +49,17 @@ class CostModel:
     learn: bool = True
     learn_alpha: float = 0.2
     learned_tps: dict[str, float] = field(default_factory=dict)
-    learned_penalty: dict[str, float] = field(default_factory=dict)
 
     def tps(self, name: str) -> float:
         return self.learned_tps.get(name, self.prefill_tps)
 
-    def penalty(self, name: str) -> float:
-        return self.learned_penalty.get(name, self.decode_penalty_s)
-
-    def observe(self, name: str, uncached: int, ttft_s: float, running: int = 0, queued: int = 0) -> None:
-        """Fold one TTFT into ``name``'s estimates.  Alone on the engine (nothing running, nothing queued)
-        it measures prefill throughput; behind others, whatever ``(queued + uncached) / tps`` does not explain,
-        per request that was there, is the engine's load penalty (batch steps, its own CPU overhead)."""
-        if not self.learn or ttft_s <= 0:
+    def observe(self, name: str, uncached: int, ttft_s: float) -> None:
+        """Fold one TTFT of a request that did not queue into ``name``'s throughput estimate."""
+        if not self.learn or uncached < 64 or ttft_s <= 0:
             return
-        a = self.learn_alpha
-        if running <= 0 and queued <= 0:
-            if uncached >= 64:
-                sample = min(max(uncached / ttft_s, self.prefill_tps / 20), self.prefill_tps * 20)
-                self.learned_tps[name] = (1 - a) * self.tps(name) + a * sample
-            return
-        resid = ttft_s - (queued + uncached) / self.tps(name)
-        # bounded: a single stalled request must not make an engine look unusable for long
-        sample = min(max(resid / max(running, 1), 0.0), 0.25)
-        self.learned_penalty[name] = (1 - a) * self.penalty(name) + a * sample
+        sample = min(max(uncached / ttft_s, self.prefill_tps / 20), self.prefill_tps * 20)
+        old = self.learned_tps.get(name, self.prefill_tps)
+        self.learned_tps[name] = (1 - self.learn_alpha) * old + self.learn_alpha * sample
 
 
 class KvCostScorer(Scorer):
@@ -125,12 +109,11 @@ class KvCostScorer(Scorer):
         mdl = self.model
         costs: list[float] = []
         for c, (_, cpu, st), unc in zip(cands, tiers, uncached, strict=True):
-            tps, running = mdl.tps(c.name), max(c.in_flight, c.engine_queue)
-            queue_s = c.pending_prefill_tokens / tps + mdl.penalty(c.name) * running
+            tps = mdl.tps(c.name)
+            queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
             prefill_s = (unc + cpu * mdl.cpu_load_cost + st * mdl.storage_load_cost) / tps
             costs.append(queue_s + prefill_s + mdl.recompute_weight * (unc - best) / tps)
             ctx.uncached[c.name] = unc
-            ctx.running[c.name] = running
         if ctx.explain is not None:  # asked for by /debug/route: build the breakdown only then
             ctx.explain = [self._explain(c, t, u, best, prompt) for c, t, u in zip(cands, tiers, uncached, strict=True)]
         return costs
@@ -138,14 +121,13 @@ class KvCostScorer(Scorer):
     def _explain(self, c: Candidate, tiers: tuple[int, int, int], unc: int, best: int,
                  prompt: int) -> dict[str, object]:
         mdl, tps = self.model, self.model.tps(c.name)
-        queue_s = c.pending_prefill_tokens / tps + mdl.penalty(c.name) * max(c.in_flight, c.engine_queue)
+        queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
         prefill_s = (unc + tiers[1] * mdl.cpu_load_cost + tiers[2] * mdl.storage_load_cost) / tps
         recompute_s = mdl.recompute_weight * (unc - best) / tps
         return {"backend": c.name, "matched_tokens": dict(zip(("GPU", "CPU", "STORAGE"), tiers, strict=True)),
                 "prompt_tokens": prompt, "uncached_tokens": unc, "in_flight": c.in_flight,
                 "pending_prefill_tokens": c.pending_prefill_tokens, "engine_queue": c.engine_queue,
-                "prefill_tps": round(tps, 1), "running_penalty_s": mdl.penalty(c.name), "queue_s": queue_s,
-                "prefill_s": prefill_s,
+                "prefill_tps": round(tps, 1), "queue_s": queue_s, "prefill_s": prefill_s,
                 "recompute_s": recompute_s, "cost_s": queue_s + prefill_s + recompute_s}
 
 
@@ -177,8 +159,8 @@ class KvAwarePolicy(Policy):
             self.index.add_pending(backend, ctx.block_keys, ttl)  # type: ignore[arg-type]
 
     def on_first_token(self, ctx: RequestContext, backend: str, ttft_s: float, queued_tokens: int) -> None:
-        if backend in ctx.uncached:
-            self.model.observe(backend, ctx.uncached[backend], ttft_s, ctx.running.get(backend, 0), queued_tokens)
+        if queued_tokens == 0 and backend in ctx.uncached:
+            self.model.observe(backend, ctx.uncached[backend], ttft_s)
 
 
 class SessionPicker(Picker):
