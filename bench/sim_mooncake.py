@@ -57,6 +57,7 @@ def main() -> None:
         "sim_speedup_x": round(run.trace_span_s / kv.wall_s, 1),
         # Measured by their own scripts (real time / real vLLM), copied here when their results exist.
         "kvaware_ttft_mean_over_sglang": _from("compare_routers", "kvaware_ttft_mean_over_sglang"),
+        "kvaware_ttft_mean_over_sglang_chat": _from("compare_routers_chat", "kvaware_ttft_mean_over_sglang"),
         "sim_ttft_error_pct": _from("sim_fidelity", "sim_ttft_error_pct"),
         "ceiling_token_hit": round(run.ceiling_token_hit, 4),
         "policies": {r.policy: {"ttft_mean_ms": round(r.ttft_mean_s * 1000, 1),

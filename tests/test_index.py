@@ -111,6 +111,19 @@ def test_pending_entries_expire_and_refresh() -> None:
     assert idx.match(keys, ["a"])[0].gpu == 0
 
 
+def test_pending_entries_follow_the_given_clock() -> None:
+    """The virtual-time simulator passes its own clock: speculative entries expire in simulated time."""
+    now = [100.0]
+    idx = KvIndex("m", pending_ttl_s=2, clock=lambda: now[0])
+    idx.block_size = BS
+    keys = block_keys(list(range(8)), BS, idx.seed)
+    idx.add_pending("a", keys)
+    now[0] = 101.9
+    assert idx.match(keys, ["a"])[0].gpu == 2
+    now[0] = 102.1
+    assert idx.match(keys, ["a"])[0].gpu == 0
+
+
 def test_memory_is_bounded_per_engine() -> None:
     idx = KvIndex("m", max_blocks_per_engine=100)
     for i in range(300):

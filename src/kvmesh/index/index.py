@@ -17,7 +17,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from kvmesh.index.events import (
@@ -73,8 +73,10 @@ def _salt_of(ev: BlockStored) -> str | None:
 
 class KvIndex:
     def __init__(self, namespace: str = "", max_blocks_per_engine: int = 4_000_000,
-                 pending_ttl_s: float = 2.0, max_pending: int = 1_000_000) -> None:
+                 pending_ttl_s: float = 2.0, max_pending: int = 1_000_000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.seed = root_seed(namespace)
+        self.clock = clock  # expires speculative entries; the virtual-time simulator passes its own
         self.block_size: int | None = None
         self.max_blocks_per_engine = max_blocks_per_engine
         self.pending_ttl_s = pending_ttl_s
@@ -220,7 +222,7 @@ class KvIndex:
     # ---- speculative entries ---------------------------------------------------------------------
     def add_pending(self, name: str, keys: Sequence[int], ttl_s: float | None = None) -> None:
         bit = 1 << self.engine(name).bit
-        expiry = time.monotonic() + (self.pending_ttl_s if ttl_s is None else ttl_s)
+        expiry = self.clock() + (self.pending_ttl_s if ttl_s is None else ttl_s)
         for k in keys:
             self._pending[k] = self._pending.get(k, 0) | bit
             self._pending_exp[(k, bit)] = expiry
@@ -240,7 +242,7 @@ class KvIndex:
             self._pending.pop(k, None)
 
     def expire_pending(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        now = self.clock() if now is None else now
         q = self._pending_q
         while q and q[0][0] <= now:
             self._expire_one()

@@ -80,7 +80,8 @@ class Cluster:
         self.profile = profile
         self.block_size = block_size
         self.event_delay_s = event_delay_s
-        self.index = KvIndex("kvmesh")
+        self.now = 0.0
+        self.index = KvIndex("kvmesh", clock=lambda: self.now)  # speculative entries expire in virtual time
         self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
                          for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
@@ -107,6 +108,7 @@ class Cluster:
         now = 0.0
         while self._heap:
             now, _, kind, obj = heapq.heappop(self._heap)
+            self.now = now
             if kind == _ARRIVE:
                 self._arrive(now, obj)
             elif kind == _STEP_DONE:

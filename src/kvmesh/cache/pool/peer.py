@@ -2,8 +2,10 @@
 
 Frame: 4-byte big-endian header length, msgpack header, then the payload bytes the header announces (GET
 replies carry their chunks back to back; PUT requests carry one).  One request at a time per connection,
-replies in order.  The client receives payloads with ``sock_recv_into`` straight into the caller's buffer —
-the local arena — so a remote hit costs one copy on each side of the socket, none in between.
+replies in order.  Both sides use raw non-blocking sockets: payloads are received with ``sock_recv_into``
+straight into the arena (a fetched chunk on the client side, a pushed chunk on the server side) and sent
+with ``sock_sendall`` straight from it, so a transfer costs one copy on each side of the socket, none in
+between.
 """
 
 from __future__ import annotations
@@ -86,9 +88,7 @@ class PeerClient:
     async def _connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.setblocking(False)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)  # fewer, larger reads of chunk payloads
+        tune(s)
         try:
             await asyncio.wait_for(loop.sock_connect(s, (self.host, self.port)), self.timeout_s)
         except (OSError, TimeoutError) as e:
@@ -103,23 +103,11 @@ class PeerClient:
 
     async def _recv_into(self, view: memoryview) -> None:
         assert self._sock is not None
-        loop = asyncio.get_running_loop()
-        got = 0
-        while got < len(view):
-            n = await loop.sock_recv_into(self._sock, view[got:])
-            if not n:
-                raise PeerError(f"{self.host}:{self.port} closed the connection")
-            got += n
+        await recv_into(self._sock, view)
 
     async def _header(self) -> PReply:
-        head = bytearray(4)
-        await self._recv_into(memoryview(head))
-        (n,) = _LEN.unpack(head)
-        if n > MAX_HEADER:
-            raise PeerError(f"{self.host}:{self.port}: header of {n} bytes")
-        body = bytearray(n)
-        await self._recv_into(memoryview(body))
-        reply: PReply = rep_decoder.decode(body)
+        assert self._sock is not None
+        reply: PReply = rep_decoder.decode(await recv_frame(self._sock))
         return reply
 
     async def call(self, msg: msgspec.Struct, payload: memoryview | bytes | None = None,
@@ -150,10 +138,40 @@ class PeerClient:
         return reply
 
 
-async def read_request(reader: asyncio.StreamReader) -> PRequest:
-    head = await reader.readexactly(4)
+async def recv_into(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; raises :class:`PeerError` when the peer closes first."""
+    loop = asyncio.get_running_loop()
+    got = 0
+    while got < len(view):
+        n = await loop.sock_recv_into(sock, view[got:])
+        if not n:
+            raise PeerError("the peer closed the connection")
+        got += n
+
+
+async def recv_frame(sock: socket.socket) -> bytearray:
+    """One length-prefixed msgpack header."""
+    head = bytearray(4)
+    await recv_into(sock, memoryview(head))
     (n,) = _LEN.unpack(head)
     if n > MAX_HEADER:
-        raise ConnectionError(f"header of {n} bytes")
-    req: PRequest = req_decoder.decode(await reader.readexactly(n))
-    return req
+        raise PeerError(f"header of {n} bytes")
+    body = bytearray(n)
+    await recv_into(sock, memoryview(body))
+    return body
+
+
+async def discard(sock: socket.socket, size: int) -> None:
+    """Read and drop ``size`` payload bytes (a chunk this node will not keep)."""
+    scratch = memoryview(bytearray(min(size, 1 << 20)))
+    while size > 0:
+        n = min(size, len(scratch))
+        await recv_into(sock, scratch[:n])
+        size -= n
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setblocking(False)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCK_BUF)  # fewer, larger reads of chunk payloads
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)

@@ -13,7 +13,6 @@ All methods run on the node's event loop.  Peer trouble is never an error to the
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 from collections.abc import Callable, Coroutine
@@ -26,7 +25,6 @@ from kvmesh.cache.keys import prefix_len, tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.membership import EtcdMembership, Membership
 from kvmesh.cache.pool.peer import (
-    SOCK_BUF,
     PeerClient,
     PeerError,
     PGet,
@@ -37,8 +35,12 @@ from kvmesh.cache.pool.peer import (
     PPut,
     PStats,
     PStatsReply,
+    discard,
     encode,
-    read_request,
+    recv_frame,
+    recv_into,
+    req_decoder,
+    tune,
 )
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.ssd import ObjectMeta
@@ -80,16 +82,18 @@ class Pool:
             nid: Member(nid, h, p) for nid, (h, p) in settings.peers.items() if nid != settings.node_id}
         self.ring = Ring.build({settings.node_id: capacity()})
         self.previous: Ring | None = None  # during a rebalance, reads also try the old owners
-        self._server: asyncio.AbstractServer | None = None
+        self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: set[asyncio.StreamWriter] = set()
+        self._conns: set[socket.socket] = set()
         self.port = settings.port
         self.membership: Membership | None = None  # None: the static peer list
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.s.host, self.s.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        self._listener = socket.create_server((self.s.host, self.s.port), backlog=128)
+        self._listener.setblocking(False)
+        self.port = self._listener.getsockname()[1]
+        self._spawn(self._accept_loop(self._listener))
         if self.s.etcd:
             self.membership = EtcdMembership(self.s.etcd, ttl_s=self.s.etcd_ttl_s)
             await self.membership.join(self.s.node_id, self.s.host, self.port, self.capacity())
@@ -104,13 +108,15 @@ class Pool:
     async def stop(self) -> None:
         if self.membership is not None:
             await self.membership.leave()  # peers drop this node at once instead of after the lease TTL
-        for t in list(self._tasks):
+        tasks = list(self._tasks)
+        for t in tasks:
             t.cancel()
-        if self._server is not None:
-            self._server.close()
-            for w in list(self._writers):
-                w.close()
-            await self._server.wait_closed()
+        # the handlers unregister their sockets from the loop as they unwind; close the sockets after
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._listener is not None:
+            self._listener.close()
+        for c in list(self._conns):
+            c.close()
         for m in self.members.values():
             if m.client:
                 m.client.close()
@@ -356,42 +362,61 @@ class Pool:
             self.store.release([key], [])
 
     # ---- serving peers -------------------------------------------------------------------------------
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCK_BUF)
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            tune(conn)
+            self._spawn(self._serve(conn))
+
+    async def _serve(self, sock: socket.socket) -> None:
+        """One peer connection: requests one at a time, replies in order; payloads straight to and from the
+        arena.  A protocol error or a closed connection ends it (the peer reconnects)."""
+        loop = asyncio.get_running_loop()
+        self._conns.add(sock)
         try:
             while True:
-                req = await read_request(reader)
+                req = req_decoder.decode(await recv_frame(sock))
                 if isinstance(req, PHas):
-                    writer.write(_frame(PHasReply([self.store.holds(k) for k in req.keys])))
+                    await loop.sock_sendall(sock, _frame(PHasReply([self.store.holds(k) for k in req.keys])))
                 elif isinstance(req, PGet):
-                    await self._serve_get(req, writer)
+                    await self._serve_get(req, sock)
                 elif isinstance(req, PPut):
                     if not 0 <= req.meta.size <= self.store.alloc.size:
                         break  # no chunk is larger than the arena: a broken or hostile peer
-                    data = await reader.readexactly(req.meta.size)
-                    writer.write(_frame(POk(self.store.put_bytes(req.meta, data))))
+                    await loop.sock_sendall(sock, _frame(POk(await self._receive_put(req.meta, sock))))
                 elif isinstance(req, PStats):
-                    writer.write(_frame(PStatsReply(self.s.node_id, {**self.store.stats(), **self.stats(),
-                                                                     **self.metrics.counts()})))
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError):
-            pass
+                    await loop.sock_sendall(sock, _frame(PStatsReply(
+                        self.s.node_id, {**self.store.stats(), **self.stats(), **self.metrics.counts()})))
+        except (ConnectionError, OSError, msgspec.DecodeError):
+            pass  # PeerError is a ConnectionError
         finally:
-            self._writers.discard(writer)
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            self._conns.discard(sock)
+            sock.close()
 
-    async def _serve_get(self, req: PGet, writer: asyncio.StreamWriter) -> None:
+    async def _receive_put(self, meta: ObjectMeta, sock: socket.socket) -> bool:
+        """Receive a pushed chunk straight into reserved arena space; True when held afterwards."""
+        if self.store.holds(meta.key):
+            await discard(sock, meta.size)
+            return True
+        off = self.store.reserve_raw(meta.key, meta.size, tenant_of(meta.salt))
+        if off is None:
+            await discard(sock, meta.size)
+            return False
+        try:
+            await recv_into(sock, self.store.arena.view[off:off + meta.size])
+        except BaseException:
+            self.store.unreserve_raw(meta.key, off, meta.size)
+            raise
+        return self.store.adopt(meta, off)  # verifies the checksum
+
+    async def _serve_get(self, req: PGet, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
         objs: list[DramObject] = await self.store.lease(req.keys)
         try:
-            writer.write(_frame(PGetReply([o.meta for o in objs])))
-            for o in objs:
-                writer.write(self.store.arena.view[o.offset:o.offset + o.meta.size])
-            await writer.drain()  # the leases hold the bytes until they are handed to the kernel
+            await loop.sock_sendall(sock, _frame(PGetReply([o.meta for o in objs])))
+            for o in objs:  # the leases hold the bytes until the kernel has them
+                await loop.sock_sendall(sock, self.store.arena.view[o.offset:o.offset + o.meta.size])
         finally:
             self.store.release([o.meta.key for o in objs], [])
 
