@@ -185,16 +185,17 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
             objs = [np.random.default_rng(i).integers(0, 255, size_mb * MB, dtype=np.uint8) for i in range(n)]
             dst = [np.empty(size_mb * MB, dtype=np.uint8) for _ in range(n)]
             best = {"pool_put": 1e9, "pool_get": 1e9, "redis_put": 1e9, "redis_get": 1e9,
-                    "pool_get_batch": 1e9, "redis_get_batch": 1e9}
+                    "pool_get_batch": 1e9, "redis_get_batch": 1e9, "pool_get_local": 1e9}
             for _ in range(args.reps):
                 t_put, keys = pool_put(cl, a, b, objs)  # written on A, owned by B
                 t_get = pool_get(cl, c, keys, dst)      # read on C: fetched from B
+                t_local = pool_get(cl, c, keys, dst)    # read again: C holds them now (one hop, no network)
                 r_put, r_get = redis_side(r, objs)
                 _, keys2 = pool_put(cl, a, b, objs)
                 t_batch = pool_get_batch(cl, c, keys2, dst)
                 r_batch = redis_get_batch(r, objs)
                 best = {k: min(best[k], v) for k, v in
-                        zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch), strict=True)}
+                        zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch, t_local), strict=True)}
                 for node in cl.clients.values():
                     node.evict_dram()  # (no SSD here: frees the arenas for the next round)
             total = n * size_mb * MB
@@ -202,11 +203,16 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
             row["get_over_redis"] = best["redis_get"] / best["pool_get"]
             row["put_over_redis"] = best["redis_put"] / best["pool_put"]
             row["batch_get_over_redis_pipeline"] = best["redis_get_batch"] / best["pool_get_batch"]
+            row["local_get_over_redis"] = best["redis_get"] / best["pool_get_local"]
+            row["get_ms"] = best["pool_get"] / n * 1000
+            row["local_get_ms"] = best["pool_get_local"] / n * 1000
             out[f"{size_mb}mb"] = row
             print(f"{size_mb:>2} MB x{n}: pool PUT {row['pool_put']:.2f} GB/s vs Redis {row['redis_put']:.2f} "
                   f"({row['put_over_redis']:.2f}x); pool GET {row['pool_get']:.2f} GB/s vs Redis "
                   f"{row['redis_get']:.2f} ({row['get_over_redis']:.2f}x); batched GET {row['pool_get_batch']:.2f} "
-                  f"vs Redis pipeline {row['redis_get_batch']:.2f} ({row['batch_get_over_redis_pipeline']:.2f}x)")
+                  f"vs Redis pipeline {row['redis_get_batch']:.2f} ({row['batch_get_over_redis_pipeline']:.2f}x); "
+                  f"per GET {row['get_ms']:.2f} ms fetched, {row['local_get_ms']:.2f} ms once local "
+                  f"({row['local_get_over_redis']:.2f}x Redis)")
     finally:
         cl.stop()
         rs.terminate()
