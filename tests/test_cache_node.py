@@ -311,3 +311,18 @@ def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, lo
     finally:
         c.close()
         loop_thread.run(n.stop())
+
+
+def test_inventory_is_announced_parents_first_and_only_whole_chains() -> None:
+    from kvmesh.cache.events import parent_first
+    from kvmesh.cache.ssd import ObjectMeta
+
+    def meta(key: bytes, parent: bytes | None) -> ObjectMeta:
+        return ObjectMeta(key, 1, b"", parent)
+
+    # chain a <- b <- c, chain d <- e, and f whose parent x is gone (evicted): f cannot be keyed
+    metas = [meta(b"c", b"b"), meta(b"f", b"x"), meta(b"e", b"d"), meta(b"a", None), meta(b"b", b"a"),
+             meta(b"d", None)]
+    order = [m.key for m in parent_first(metas)]
+    assert sorted(order) == [b"a", b"b", b"c", b"d", b"e"]
+    assert order.index(b"a") < order.index(b"b") < order.index(b"c") and order.index(b"d") < order.index(b"e")

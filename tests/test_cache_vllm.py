@@ -196,7 +196,8 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     assert node is not None and node.settings.events_endpoint
     backends = tuple(BackendSpec(url=e.url, name=e.name) for e in cstack.engines)  # no engine events: tiers only
     gw = make_gateway(backends=backends, policy="kv-aware", tokenizer=str(tiny_model),
-                      cache_nodes=(CacheNodeSpec(kv_events=node.settings.events_endpoint),))
+                      cache_nodes=(CacheNodeSpec(kv_events=node.settings.events_endpoint,
+                                                 replay=node.settings.events_replay_endpoint),))
     sub = gw.feed.subs["cache-node"]
     loop_thread.run(sub.connected.wait())
     a = cstack.engines[0].url
@@ -216,6 +217,28 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     wait_until(lambda: max(cpu_blocks()) == 0, 30, "CPU-tier entries to move")
     dbg = httpx.post(f"{gw.url}/debug/route", json={"prompt": p * 3}).json()  # POST: longer than a URL may be
     assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
+
+    # A restarted node announces its SSD inventory before the gateway has reconnected; the gateway learns it
+    # from the node's replay buffer (the node's heartbeat shows it the gap), after dropping the old tiers.
+    from kvmesh.cache import CacheNode
+
+    loop_thread.run(node.stop())
+    fresh = CacheNode(node.settings)
+    loop_thread.run(fresh.start())
+    cstack.cache_node = fresh
+    reg = gw.metrics.registry
+    wait_until(lambda: (reg.get_sample_value("kvmesh_index_gaps_total",
+                                             {"engine": "cache-node", "action": "replayed"}) or 0) >= 1,
+               30, "the gateway to replay the restarted node's events")
+    # the replayed range starts with the new node's AllBlocksCleared: these entries come from its inventory
+    dbg = httpx.post(f"{gw.url}/debug/route", json={"prompt": p * 3}).json()
+    assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
+
+    def served_from_node() -> bool:  # leave the engines connected to the new node for the next tests
+        reset(a)
+        return cached(complete(a, p)) >= 8 * BLOCK
+
+    wait_until(served_from_node, 30, "the engine to reconnect to the restarted node")
 
 
 def test_tenants_never_share_chunks_through_the_node(cstack: Stack, make_gateway,  # type: ignore[no-untyped-def]

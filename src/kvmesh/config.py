@@ -173,6 +173,8 @@ class CacheNodeSpec(_Strict):
 
     name: str = "cache-node"
     kv_events: str = Field(description="The node's KV-event publisher (ipc://)")
+    replay: str | None = Field(default=None, description="The node's replay endpoint: what it published before "
+                               "the gateway subscribed, e.g. its SSD inventory after a restart")
     engines: tuple[str, ...] = Field(default=(), description="Backends on the node's machine; empty: all")
 
 

@@ -66,7 +66,8 @@ class Stack:
         if self.cache_node is not None and self.cache_node.settings.events_endpoint:
             # every engine of this stack shares the node: its DRAM/SSD blocks are loadable by all of them
             spec = CacheNodeSpec(name=f"cache-{self.cache_node.settings.node_id}",
-                                 kv_events=self.cache_node.settings.events_endpoint)
+                                 kv_events=self.cache_node.settings.events_endpoint,
+                                 replay=self.cache_node.settings.events_replay_endpoint)
             gw_cfg = gw_cfg.model_copy(update={"cache_nodes": (*gw_cfg.cache_nodes, spec)})
         self.gateway = Gateway(gw_cfg)
         for e in self.engines:

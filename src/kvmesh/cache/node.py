@@ -18,20 +18,17 @@ import uuid
 from dataclasses import dataclass, field
 
 import msgspec
-import zmq
-import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvmesh.cache import protocol as p
-from kvmesh.cache.keys import event_hash
+from kvmesh.cache.events import EventPublisher, parent_first
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.pool import Pool, PoolSettings
 from kvmesh.cache.remote import RemoteCache, make_remote
 from kvmesh.cache.ssd import ObjectMeta
-from kvmesh.cache.store import DRAM, StoreConfig, TieredStore, TierListener
+from kvmesh.cache.store import SSD, StoreConfig, TieredStore, TierListener
 from kvmesh.config import CacheNodeConfig
-from kvmesh.index.events import MEDIUM_CPU, MEDIUM_STORAGE, BlockRemoved, BlockStored, EventBatch, encode_batch
 
 log = logging.getLogger(__name__)
 _reply_enc = msgspec.msgpack.Encoder()
@@ -42,50 +39,12 @@ class NodeSettings:
     socket_path: pathlib.Path
     store: StoreConfig
     events_endpoint: str | None = None  # ipc://... ; None: no events
+    events_replay_endpoint: str | None = None  # ROUTER for subscribers catching up (vLLM's replay protocol)
     http_port: int | None = None        # /metrics and /status; 0 picks a free port
     node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     pool: PoolSettings | None = None    # None: a standalone node
     remote_url: str | None = None       # a remote capacity tier below SSD (kvmesh.cache.remote)
     remote_ttl_s: float | None = None
-
-
-class EventPublisher:
-    """Batches tier changes per loop tick into one vLLM-format event batch (topic "", 8-byte seq, payload)."""
-
-    def __init__(self, endpoint: str) -> None:
-        self.sock = zmq.asyncio.Context.instance().socket(zmq.PUB)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
-        self.seq = 0
-        self._pending: list[BlockStored | BlockRemoved] = []
-        self._scheduled = False
-
-    def stored(self, tier: str, meta: ObjectMeta) -> None:
-        self._add(BlockStored(block_hashes=[event_hash(meta.key)],
-                              parent_block_hash=event_hash(meta.parent) if meta.parent else None,
-                              token_ids=meta.token_ids, block_size=meta.block_size,
-                              medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE,
-                              extra_keys=[[meta.salt]] if meta.salt and not meta.parent else None))
-
-    def removed(self, tier: str, key: bytes) -> None:
-        self._add(BlockRemoved(block_hashes=[event_hash(key)],
-                               medium=MEDIUM_CPU if tier == DRAM else MEDIUM_STORAGE))
-
-    def _add(self, ev: BlockStored | BlockRemoved) -> None:
-        self._pending.append(ev)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
-
-    def _flush(self) -> None:
-        self._scheduled = False
-        batch, self._pending = self._pending, []
-        payload = encode_batch(EventBatch(time.time(), list(batch), None))
-        self.sock.send_multipart([b"", self.seq.to_bytes(8, "big"), payload], zmq.NOBLOCK)
-        self.seq += 1
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 class CacheNode:
@@ -94,7 +53,8 @@ class CacheNode:
     def __init__(self, settings: NodeSettings) -> None:
         self.settings = settings
         self.metrics = CacheMetrics()
-        self.events = EventPublisher(settings.events_endpoint) if settings.events_endpoint else None
+        self.events = (EventPublisher(settings.events_endpoint, settings.events_replay_endpoint)
+                       if settings.events_endpoint else None)
         listener = TierListener(self.events.stored, self.events.removed) if self.events else None
         self.store = TieredStore(settings.store, self.metrics, listener)
         self.pool = (Pool(settings.pool, self.store, self.metrics,
@@ -112,6 +72,10 @@ class CacheNode:
         n = await asyncio.get_running_loop().run_in_executor(None, self.store.reindex_ssd)
         if n:
             log.info("cache node %s: %d objects on the SSD tier re-indexed", self.settings.node_id, n)
+        if self.events is not None:
+            self.events.start()
+            # routers learn what survived the restart (and, through the replay buffer, any that join later)
+            self.events.announce(SSD, parent_first(o.meta for o in self.store.ssd.values()))
         path = self.settings.socket_path
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
@@ -146,7 +110,7 @@ class CacheNode:
             await self.remote.close()
         await self.store.close()
         if self.events:
-            self.events.close()
+            await self.events.close()
         self.settings.socket_path.unlink(missing_ok=True)
 
     async def _housekeeping(self) -> None:
@@ -304,4 +268,6 @@ def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
     return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
                         store=store, node_id=node_id, http_port=cfg.http_port, pool=pool,
                         remote_url=cfg.remote, remote_ttl_s=cfg.remote_ttl_s,
-                        events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None)
+                        events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None,
+                        events_replay_endpoint=(f"ipc://{run_dir.resolve()}/cache-node-kv-replay.sock"
+                                                if cfg.events else None))

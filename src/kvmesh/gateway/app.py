@@ -107,7 +107,8 @@ class Gateway:
             for b in self.pool.backends:
                 self.subscribe(b)
             for n in self.cfg.cache_nodes:
-                self.feed.add_node(n.name, n.kv_events, list(n.engines) or [b.name for b in self.pool.backends])
+                self.feed.add_node(n.name, n.kv_events, list(n.engines) or [b.name for b in self.pool.backends],
+                                   n.replay)
         await self.pool.check_all(self._health_http)
         self._health_task = asyncio.create_task(self.pool.run(self._health_http), name="health")
         # handler_cancellation: a client disconnect cancels its handler, which closes the upstream request.

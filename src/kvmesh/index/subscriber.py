@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from kvmesh.index.events import EventBatch, EventDecodeError, decode_batch
+from kvmesh.index.events import AllBlocksCleared, EventBatch, EventDecodeError, decode_batch
 from kvmesh.index.index import LOWER_TIERS, TIERS, KvIndex
 
 log = logging.getLogger(__name__)
@@ -154,11 +154,15 @@ class EventSubscriber:
 class NodeSubscriber(EventSubscriber):
     """Subscribes to a cache node's tier events (``medium`` CPU/STORAGE) and credits them to every engine the
     node serves: a block in the node's DRAM is loadable by each of them.  A node restart or lost events
-    drop only those engines' CPU/STORAGE entries; their own (GPU) entries are untouched."""
+    drop only those engines' CPU/STORAGE entries; their own (GPU) entries are untouched.
+
+    A node starts its sequence numbers at its start time (µs), so a restarted node always continues *above*
+    the old one, with ``AllBlocksCleared`` then its SSD inventory first: the forward jump is replayed from
+    the node's buffer, the clear drops the old tiers and the inventory re-adds what survived on disk."""
 
     def __init__(self, index: KvIndex, node: str, endpoint: str, engines: list[str], metrics: IndexMetrics,
-                 ctx: zmq.asyncio.Context | None = None) -> None:
-        super().__init__(index, node, endpoint, metrics, None, ctx)
+                 replay_endpoint: str | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
+        super().__init__(index, node, endpoint, metrics, replay_endpoint, ctx)
         self.engines = engines
         self._seq = -1
 
@@ -174,7 +178,13 @@ class NodeSubscriber(EventSubscriber):
         return sum(self.index.clear_tiers(e, LOWER_TIERS) for e in self.engines)
 
     def _apply_batch(self, batch: EventBatch) -> int:
-        return sum(self.index.apply(e, batch) for e in self.engines)
+        evs = batch.events
+        cleared = [i for i, ev in enumerate(evs) if isinstance(ev, AllBlocksCleared)]
+        n = 0
+        if cleared:  # the node restarted: its tiers are gone (never the engines' own GPU entries)
+            n = self._drop()
+            batch = EventBatch(batch.ts, evs[cleared[-1] + 1:], batch.data_parallel_rank)
+        return n + sum(self.index.apply(e, batch) for e in self.engines)
 
 
 class IndexCollector(Collector):
@@ -216,8 +226,9 @@ class IndexFeed:
         self._tasks[engine] = asyncio.create_task(sub.run(), name=f"kv-events-{engine}")
         return sub
 
-    def add_node(self, node: str, endpoint: str, engines: list[str]) -> NodeSubscriber:
-        sub = NodeSubscriber(self.index, node, endpoint, engines, self.metrics)
+    def add_node(self, node: str, endpoint: str, engines: list[str],
+                 replay_endpoint: str | None = None) -> NodeSubscriber:
+        sub = NodeSubscriber(self.index, node, endpoint, engines, self.metrics, replay_endpoint)
         self.subs[node] = sub
         self._tasks[node] = asyncio.create_task(sub.run(), name=f"kv-events-{node}")
         return sub
