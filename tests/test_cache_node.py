@@ -326,3 +326,34 @@ def test_inventory_is_announced_parents_first_and_only_whole_chains() -> None:
     order = [m.key for m in parent_first(metas)]
     assert sorted(order) == [b"a", b"b", b"c", b"d", b"e"]
     assert order.index(b"a") < order.index(b"b") < order.index(b"c") and order.index(b"d") < order.index(b"e")
+
+
+def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathlib.Path,
+                                                                   loop_thread: LoopThread) -> None:
+    quota = 2 * MB + 64 * 1024  # two chunks with their on-disk headers
+    n = CacheNode(settings(tmp_path, dram=8 * MB, ssd=64 * MB, tenant_ssd_quotas={"alpha": quota}))
+    loop_thread.run(n.start())
+    c = NodeClient(n.settings.socket_path)
+
+    def put_for(tenant: str, key: bytes) -> None:
+        [v] = c.reserve([(key, MB)], tenant=tenant)
+        assert v is not None
+        v[:] = os.urandom(MB)
+        c.commit([CommitItem(key, checksum(v), None, [], 16, f"{tenant}:secret")])
+        v.release()
+
+    try:
+        beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
+        alpha = [b"alph" + bytes([i]) * 12 for i in range(4)]
+        for k in beta + alpha:
+            put_for("alpha" if k in alpha else "beta", k)
+        loop_thread.run(n.store.evict_dram())  # everything to SSD: alpha's 4 MB against its 2 MB SSD quota
+        loop_thread.run(n.store.settle())
+        st = c.stats()
+        assert st["tenant:alpha:ssd_bytes"] <= quota and st["tenant:alpha:ssd_quota_bytes"] == quota
+        held = [k for k in alpha if k in n.store.ssd]
+        assert len(held) == 2 and alpha[0] not in held  # its oldest went
+        assert all(k in n.store.ssd for k in beta)  # the other tenant lost nothing
+    finally:
+        c.close()
+        loop_thread.run(n.stop())

@@ -468,11 +468,13 @@ def cache_status(
             pct = 100 * used / cap if cap else 0.0
             typer.echo(f"  {tier:<6} {int(st[f'{tier}_objects']):>8} objects  {used / 2**20:>10.1f} / "
                        f"{cap / 2**20:.0f} MiB  ({pct:.0f}%)")
-        for k, v in sorted(st.items()):
-            if k.startswith("tenant:") and k.endswith(":dram_bytes"):
-                t = k.split(":")[1]
-                q = st.get(f"tenant:{t}:quota_bytes")
-                typer.echo(f"  tenant {t}: {v / 2**20:.1f} MiB in DRAM" + (f" of {q / 2**20:.0f} MiB" if q else ""))
+        for t in sorted({k.split(":")[1] for k in st if k.startswith("tenant:")}):
+            parts = []
+            for tier, used_key, quota_key in (("DRAM", "dram_bytes", "quota_bytes"), ("SSD", "ssd_bytes",
+                                                                                     "ssd_quota_bytes")):
+                used, q = st.get(f"tenant:{t}:{used_key}", 0.0), st.get(f"tenant:{t}:{quota_key}")
+                parts.append(f"{used / 2**20:.1f} MiB in {tier}" + (f" of {q / 2**20:.0f} MiB" if q else ""))
+            typer.echo(f"  tenant {t}: " + ", ".join(parts))
 
 
 @model_app.command("demo")

@@ -91,6 +91,9 @@ class CacheNodeConfig(_Strict):
     tenant_quota_mib: dict[str, int] = Field(default_factory=dict,
                                              description="DRAM bytes per tenant (gateway tenant name); over it, "
                                                          "the tenant's own chunks are evicted first")
+    tenant_ssd_quota_mib: dict[str, int] = Field(default_factory=dict,
+                                                 description="SSD bytes per tenant; over it, the tenant's own "
+                                                             "chunks leave the SSD tier first")
     events: bool = Field(default=True, description="Publish tier changes as KV events")
     http_port: int | None = Field(default=0, ge=0, le=65535, description="/metrics and /status; 0: any free port")
     node_id: str | None = Field(default=None, description="Stable id in the pool (random when unset)")

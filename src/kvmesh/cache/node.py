@@ -255,7 +255,8 @@ def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
     store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
                         ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
                         eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after,
-                        tenant_quotas={t: mib << 20 for t, mib in cfg.tenant_quota_mib.items()})
+                        tenant_quotas={t: mib << 20 for t, mib in cfg.tenant_quota_mib.items()},
+                        tenant_ssd_quotas={t: mib << 20 for t, mib in cfg.tenant_ssd_quota_mib.items()})
     pool = None
     if cfg.peer_port is not None:
         peers = {}

@@ -55,6 +55,7 @@ class StoreConfig:
     ttl_s: float | None = None
     admit_after: int = 1  # store a chunk only once it was offered this many times
     tenant_quotas: dict[str, int] = field(default_factory=dict)  # DRAM bytes per tenant
+    tenant_ssd_quotas: dict[str, int] = field(default_factory=dict)  # SSD bytes per tenant
 
 
 @dataclass(slots=True)
@@ -95,6 +96,7 @@ class TieredStore:
         self._busy_ssd: set[bytes] = set()  # being demoted or promoted
         self._demoting: dict[bytes, tuple[ObjectMeta, bytes]] = {}  # left DRAM, not yet on disk
         self.tenant_bytes: collections.Counter[str] = collections.Counter()  # DRAM bytes by tenant
+        self.tenant_ssd_bytes: collections.Counter[str] = collections.Counter()  # SSD (disk) bytes by tenant
         self._bg: set[asyncio.Task[None]] = set()
 
     # ---- start / stop ------------------------------------------------------------------------------
@@ -105,6 +107,7 @@ class TieredStore:
         for meta, nbytes, _ in sorted(self.disk.scan(), key=lambda t: t[2]):
             self.ssd[meta.key] = SsdObject(nbytes, meta)
             self.ssd_used += nbytes
+            self.tenant_ssd_bytes[tenant_of(meta.salt)] += nbytes
             self.ssd_policy.inserted(meta.key)
         self._export()
         return len(self.ssd)
@@ -261,6 +264,11 @@ class TieredStore:
                 out[f"tenant:{t or '-'}:dram_bytes"] = n
         for t, q in self.cfg.tenant_quotas.items():
             out[f"tenant:{t}:quota_bytes"] = q
+        for t, n in self.tenant_ssd_bytes.items():
+            if n or t in self.cfg.tenant_ssd_quotas:
+                out[f"tenant:{t or '-'}:ssd_bytes"] = n
+        for t, q in self.cfg.tenant_ssd_quotas.items():
+            out[f"tenant:{t}:ssd_quota_bytes"] = q
         return out
 
     # ---- DRAM room, demotion, promotion ------------------------------------------------------------
@@ -315,12 +323,13 @@ class TieredStore:
             self._demoting.pop(meta.key, None)
         self.ssd[meta.key] = SsdObject(nbytes, meta)
         self.ssd_used += nbytes
+        self.tenant_ssd_bytes[tenant_of(meta.salt)] += nbytes
         self.ssd_policy.inserted(meta.key)
         self.metrics.bytes_written.labels(SSD).inc(meta.size)
         if self.listener:
             self.listener.stored(SSD, meta)
         self._left_dram(meta.key)
-        await self._trim_ssd()
+        await self._trim_ssd(tenant_of(meta.salt))
         self._export()
 
     def _left_dram(self, key: bytes) -> None:
@@ -328,8 +337,18 @@ class TieredStore:
         if self.listener and key not in self.dram:
             self.listener.removed(DRAM, key)
 
-    async def _trim_ssd(self) -> None:
+    async def _trim_ssd(self, tenant: str = "") -> None:
+        """Over ``tenant``'s SSD quota: evict that tenant's own chunks; then over the tier: anyone's."""
         assert self.disk is not None
+        quota = self.cfg.tenant_ssd_quotas.get(tenant)
+        while quota is not None and self.tenant_ssd_bytes[tenant] > quota:
+            victim = self.ssd_policy.victim(
+                lambda k: k not in self._busy_ssd and (s := self.ssd.get(k)) is not None
+                and tenant_of(s.meta.salt) == tenant)
+            if victim is None:
+                break
+            await self._drop_ssd(victim)
+            self.metrics.evictions.labels(SSD).inc()
         while self.ssd_used > self.cfg.ssd_bytes:
             victim = self.ssd_policy.victim(lambda k: k not in self._busy_ssd)
             if victim is None:
@@ -343,6 +362,7 @@ class TieredStore:
         if s is None:
             return
         self.ssd_used -= s.disk_bytes
+        self.tenant_ssd_bytes[tenant_of(s.meta.salt)] -= s.disk_bytes
         self.ssd_policy.removed(key)
         if self.listener:
             self.listener.removed(SSD, key)
