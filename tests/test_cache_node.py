@@ -357,3 +357,20 @@ def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathl
     finally:
         c.close()
         loop_thread.run(n.stop())
+
+
+def test_client_logs_an_outage_once_and_its_end(tmp_path: pathlib.Path, loop_thread: LoopThread,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    n = CacheNode(settings(tmp_path))
+    c = NodeClient(n.settings.socket_path, retry_s=0.0)
+    with caplog.at_level("WARNING", logger="kvmesh.cache.client"):
+        for _ in range(5):
+            assert c.lookup([b"k" * 16]) == 0  # no node yet: a miss, never an error
+        loop_thread.run(n.start())
+        try:
+            assert c.stats()["dram_capacity_bytes"] == 8 * MB
+        finally:
+            c.close()
+            loop_thread.run(n.stop())
+    msgs = [r.getMessage() for r in caplog.records]
+    assert sum("unavailable" in m for m in msgs) == 1 and sum("is back" in m for m in msgs) == 1, msgs

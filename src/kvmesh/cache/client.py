@@ -44,6 +44,7 @@ class NodeClient:
         self._arena: Arena | None = None
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._down = False  # an outage is logged once, when it starts, and once when it ends
         self._unread = 0  # replies to fire-and-forget requests (release) not read yet
         self.node_id = ""
         self.errors = 0
@@ -87,6 +88,9 @@ class NodeClient:
                 except (OSError, ConnectionError, msgspec.DecodeError) as e:
                     self._fail(e)
                     return None
+                if self._down:
+                    log.warning("cache node at %s is back", self.socket_path)
+                    self._down = False
             try:
                 reply = self._roundtrip(msg, wait)
             except (OSError, ConnectionError, msgspec.DecodeError) as e:
@@ -99,9 +103,10 @@ class NodeClient:
 
     def _fail(self, e: BaseException) -> None:
         self.errors += 1
-        if time.monotonic() >= self._down_until:
-            log.warning("cache node at %s unavailable (%s); serving without it for %.1fs", self.socket_path, e,
-                        self.retry_s)
+        if not self._down:
+            log.warning("cache node at %s unavailable (%s); serving without it, retrying every %.1fs",
+                        self.socket_path, e, self.retry_s)
+            self._down = True
         self._down_until = time.monotonic() + self.retry_s
         if self._sock is not None:
             self._sock.close()
