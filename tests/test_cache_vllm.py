@@ -218,19 +218,19 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     dbg = httpx.post(f"{gw.url}/debug/route", json={"prompt": p * 3}).json()  # POST: longer than a URL may be
     assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
 
-    # A restarted node announces its SSD inventory before the gateway has reconnected; the gateway learns it
-    # from the node's replay buffer (the node's heartbeat shows it the gap), after dropping the old tiers.
+    # A restarted node publishes AllBlocksCleared and its SSD inventory, usually before the gateway has
+    # reconnected: the gateway then learns them from the node's replay buffer (the node's heartbeat shows
+    # it the gap); either way the old tiers are dropped first.
     from kvmesh.cache import CacheNode
 
     loop_thread.run(node.stop())
     fresh = CacheNode(node.settings)
     loop_thread.run(fresh.start())
     cstack.cache_node = fresh
-    reg = gw.metrics.registry
-    wait_until(lambda: (reg.get_sample_value("kvmesh_index_gaps_total",
-                                             {"engine": "cache-node", "action": "replayed"}) or 0) >= 1,
-               30, "the gateway to replay the restarted node's events")
-    # the replayed range starts with the new node's AllBlocksCleared: these entries come from its inventory
+    assert fresh.events is not None
+    announced = fresh.events.seq - 1  # the last inventory batch
+    wait_until(lambda: sub.last_seq >= announced, 30, "the gateway to catch up with the restarted node")
+    # the new node's stream starts with AllBlocksCleared: these entries come from its inventory
     dbg = httpx.post(f"{gw.url}/debug/route", json={"prompt": p * 3}).json()
     assert all(c["matched_tokens"]["STORAGE"] >= 8 * BLOCK for c in dbg["candidates"]), dbg
 

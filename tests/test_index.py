@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pathlib
+
 import msgspec
 import pytest
 
@@ -129,3 +131,35 @@ def test_memory_is_bounded_per_engine() -> None:
     for i in range(300):
         idx.apply("a", batch(stored([i], None, [i, i, i, i])))
     assert len(idx.engines["a"].hashes) <= 100 and idx.size() <= 100
+
+
+def test_replay_with_a_hole_is_incomplete_unless_it_restarts_fresh(tmp_path: pathlib.Path) -> None:
+    """Gap repair over vLLM's replay protocol, against kvmesh's own publisher (which speaks it): batches the
+    publisher no longer buffers must not be skipped silently — unless what follows starts with a clear."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from kvmesh.cache.events import EventPublisher
+    from kvmesh.index.subscriber import EventSubscriber, IndexMetrics
+
+    def stored(i: int) -> list[BlockStored]:
+        return [BlockStored(block_hashes=[i], parent_block_hash=None, token_ids=list(range(BS)), block_size=BS)]
+
+    async def scenario() -> tuple[bool, bool]:
+        pub = EventPublisher(f"ipc://{tmp_path}/ev.sock", f"ipc://{tmp_path}/replay.sock", buffer=2)
+        pub.start()  # seq s0: AllBlocksCleared
+        s0 = pub.seq - 1
+        for i in range(4):  # s0+1 .. s0+4; the buffer keeps the last two
+            pub._send(stored(i))
+        sub = EventSubscriber(KvIndex("m"), "e", f"ipc://{tmp_path}/ev.sock", IndexMetrics(CollectorRegistry()),
+                              f"ipc://{tmp_path}/replay.sock")
+        holed = await sub._replay(s0 + 1, s0 + 5)  # s0+1, s0+2 are gone
+        pub._send([AllBlocksCleared()])  # s0+5: a fresh start
+        pub._send(stored(9))             # s0+6; the buffer now holds s0+5, s0+6
+        fresh = await sub._replay(s0 + 4, s0 + 7)  # s0+4 is gone, but s0+5 starts with a clear
+        await pub.close()
+        return holed, fresh
+
+    holed, fresh = asyncio.run(scenario())
+    assert holed is False and fresh is True

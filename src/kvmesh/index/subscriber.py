@@ -101,6 +101,8 @@ class EventSubscriber:
             n = self._drop()
             log.info("%s restarted (seq %d after %d); dropped %d blocks", self.engine, seq, last, n)
             self.metrics.gaps.labels(self.engine, "restart").inc()
+        elif seq > last + 1 and _starts_fresh(payload):
+            self.metrics.gaps.labels(self.engine, "fresh_start").inc()  # it clears: nothing missed matters
         elif seq > last + 1 and not await self._replay(last + 1, seq):
             n = self._drop()
             log.warning("%s: missed events %d..%d; dropped %d blocks", self.engine, last + 1, seq - 1, n)
@@ -122,13 +124,15 @@ class EventSubscriber:
 
     async def _replay(self, start: int, upto: int | None) -> bool:
         """Fetch batches [start, upto) (or everything buffered from ``start`` when ``upto`` is None) from
-        the replay endpoint; False if unavailable or incomplete."""
+        the replay endpoint; False if unavailable or incomplete.  A hole — batches the publisher no longer
+        buffers — makes a gap repair incomplete (a missed removal would leave stale entries), unless the
+        batch after it starts with ``AllBlocksCleared`` (a fresh start: nothing before it matters)."""
         if self.replay_endpoint is None:
             return False
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(self.replay_endpoint)
-        got = start
+        got, complete = start, True
         try:
             await sock.send_multipart((b"", start.to_bytes(8, "big")))
             while True:
@@ -136,19 +140,31 @@ class EventSubscriber:
                 if len(frames) < 4 or frames[2] == _END_SEQ:
                     break
                 seq = int.from_bytes(frames[2], "big")
-                if got <= seq and (upto is None or seq < upto):
-                    self._apply(seq, frames[3])
-                    got = seq + 1
-                    self._replayed_upto = seq
+                if seq < got or (upto is not None and seq >= upto):
+                    continue
+                if seq > got and upto is not None and not _starts_fresh(frames[3]):
+                    complete = False
+                    break
+                self._apply(seq, frames[3])
+                got = seq + 1
+                self._replayed_upto = seq
         except TimeoutError:
             pass
         finally:
             sock.close(0)
         if upto is None:
             return True
-        ok = got >= upto
+        ok = complete and got >= upto
         self.metrics.gaps.labels(self.engine, "replayed" if ok else "replay_failed").inc()
         return ok
+
+
+def _starts_fresh(payload: bytes) -> bool:
+    try:
+        events = decode_batch(payload).events
+    except EventDecodeError:
+        return False
+    return bool(events) and isinstance(events[0], AllBlocksCleared)
 
 
 class NodeSubscriber(EventSubscriber):
