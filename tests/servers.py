@@ -6,15 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import pathlib
+import random
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import free_port_block, wait_until
+from tests.helpers import free_port_block, port_is_free, wait_until
 
 
 def _listening(port: int) -> bool:
@@ -33,18 +35,22 @@ def valkey_binary() -> str | None:
 
 @contextlib.contextmanager
 def server(cmd: list[str], port: int, what: str) -> Iterator[int]:
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until(lambda: _listening(port) or proc.poll() is not None, 30, f"{what} to listen")
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what} exited with {proc.returncode}: {' '.join(cmd)}")
-        yield port
-    finally:
-        proc.terminate()
+    # output to a file, not a pipe: a chatty server can neither block on a full pipe nor get SIGPIPE
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            wait_until(lambda: _listening(port) or proc.poll() is not None, 30, f"{what} to listen")
+            if proc.poll() is not None:
+                log.seek(0)
+                out = log.read().decode(errors="replace")[-1500:]
+                raise RuntimeError(f"{what} exited with {proc.returncode}: {' '.join(cmd)}\n{out}")
+            yield port
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
 
 
 @contextlib.contextmanager
@@ -83,12 +89,23 @@ def etcd_server(tmp: pathlib.Path) -> Iterator[str]:
         yield client
 
 
+def _cluster_ports(n: int) -> int:
+    """``n`` consecutive free ports whose cluster-bus ports (port + 10000) are free too, all below the
+    kernel's ephemeral range (32768+), where an outgoing connection could hold the bus port."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, 22000 - n)
+        if all(port_is_free(base + i) and port_is_free(base + 10000 + i) for i in range(n)):
+            return base
+    raise RuntimeError("no free port block for a Redis cluster")
+
+
 @contextlib.contextmanager
 def redis_cluster(tmp: pathlib.Path, nodes: int = 3) -> Iterator[str]:
     binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
     if binary is None or cli is None:
         pytest.skip("redis-server/redis-cli are not installed (.ci/run installs redis-server)")
-    base = free_port_block(nodes)
+    base = _cluster_ports(nodes)
     with contextlib.ExitStack() as stack:
         for i in range(nodes):
             d = tmp / f"cluster-{i}"
