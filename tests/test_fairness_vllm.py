@@ -21,7 +21,7 @@ from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackCon
 from kvmesh.engines import vllm_available
 from kvmesh.gateway.tenants import hash_key
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
-from tests.helpers import LoopThread, free_port_block
+from tests.helpers import LoopThread, free_port_block, wait_until
 
 pytestmark = pytest.mark.vllm
 KEYS = {"quiet": "sk-quiet", "noisy": "sk-noisy"}
@@ -110,6 +110,8 @@ def test_quiet_tenant_ttft_under_a_flood(pinned_stack: Stack) -> None:
     finally:
         _pin_process(old)
     gw = pinned_stack.gateway
-    assert served > 16 and gw.admission.active == 0
+    assert served > 16
+    # a stream's last byte reaches the client just before its handler gives the slot back
+    wait_until(lambda: gw.admission.active == 0, 10, "every admission slot to be released")
     p99_solo, p99_flood = solo[-1], flooded[-1]  # 24 samples: the max is the p99 (and then some)
     assert p99_flood <= 2 * max(p99_solo, FLOOR_S), (solo, flooded)
