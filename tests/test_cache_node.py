@@ -284,26 +284,28 @@ def test_connector_refuses_unsupported_vllm() -> None:
         check_vllm_version("0.40.1")
 
 
+def put_for(c: NodeClient, tenant: str, key: bytes) -> None:
+    """A 1 MB chunk written for ``tenant`` (its salt carries the tenant name)."""
+    [v] = c.reserve([(key, MB)], tenant=tenant)
+    assert v is not None
+    v[:] = os.urandom(MB)
+    c.commit([CommitItem(key, checksum(v), None, [], 16, f"{tenant}:secret")])
+    v.release()
+
+
 def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
     n = CacheNode(settings(tmp_path, dram=8 * MB, ssd=0, tenant_quotas={"alpha": 2 * MB}))
     n.settings.store.ssd_dir = None
     loop_thread.run(n.start())
     c = NodeClient(n.settings.socket_path)
 
-    def put_for(tenant: str, key: bytes) -> None:
-        [v] = c.reserve([(key, MB)], tenant=tenant)
-        assert v is not None
-        v[:] = os.urandom(MB)
-        c.commit([CommitItem(key, checksum(v), None, [], 16, f"{tenant}:secret")])
-        v.release()
-
     try:
         beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
         for k in beta:
-            put_for("beta", k)
+            put_for(c, "beta", k)
         alpha = [b"alph" + bytes([i]) * 12 for i in range(4)]
         for k in alpha:
-            put_for("alpha", k)
+            put_for(c, "alpha", k)
         st = c.stats()
         assert st["tenant:alpha:dram_bytes"] <= 2 * MB and st["tenant:alpha:quota_bytes"] == 2 * MB
         assert c.lookup(alpha[2:], local=True) == 2 and c.lookup(alpha[:1], local=True) == 0  # its oldest went
@@ -335,18 +337,11 @@ def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathl
     loop_thread.run(n.start())
     c = NodeClient(n.settings.socket_path)
 
-    def put_for(tenant: str, key: bytes) -> None:
-        [v] = c.reserve([(key, MB)], tenant=tenant)
-        assert v is not None
-        v[:] = os.urandom(MB)
-        c.commit([CommitItem(key, checksum(v), None, [], 16, f"{tenant}:secret")])
-        v.release()
-
     try:
         beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
         alpha = [b"alph" + bytes([i]) * 12 for i in range(4)]
         for k in beta + alpha:
-            put_for("alpha" if k in alpha else "beta", k)
+            put_for(c, "alpha" if k in alpha else "beta", k)
         loop_thread.run(n.store.evict_dram())  # everything to SSD: alpha's 4 MB against its 2 MB SSD quota
         loop_thread.run(n.store.settle())
         st = c.stats()
