@@ -99,18 +99,19 @@ def pool_put(cl: Cluster, writer: str, owner: str, objs: list[np.ndarray]) -> tu
         [v] = w.reserve([(k, x.nbytes)])
         assert v is not None, "arena too small"
         np.frombuffer(v, dtype=np.uint8)[:] = x
-        w.commit([CommitItem(k, checksum(v), None, [], 0)])
+        w.commit([CommitItem(k, checksum(v), None, [], 0)], wait=False)  # pipelined, as the connector does
         v.release()
     while o.lookup(keys, local=True) < len(keys):  # write-behind: done when the owner holds every object
         time.sleep(0.0005)
     return time.perf_counter() - t0, keys
 
 
-def pool_get(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray]) -> float:
+def pool_get(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray], direct: bool = True) -> float:
     r = cl.clients[reader]
+    size = out[0].nbytes if direct else 0  # the chunk size, as the connector passes it: direct reads
     t0 = time.perf_counter()
     for k, dst in zip(keys, out, strict=True):
-        leases = r.get([k])
+        leases = r.get([k], fetch_size=size)
         assert len(leases) == 1 and leases[0].verify()
         dst[:] = np.frombuffer(leases[0].view, dtype=np.uint8)
         r.release(leases)
@@ -121,7 +122,7 @@ def pool_get_batch(cl: Cluster, reader: str, keys: list[bytes], out: list[np.nda
     """One request for every object, as the connector asks for a prompt's chunks."""
     r = cl.clients[reader]
     t0 = time.perf_counter()
-    leases = r.get(keys)
+    leases = r.get(keys, fetch_size=out[0].nbytes)
     assert len(leases) == len(keys)
     for le, dst in zip(leases, out, strict=True):
         assert le.verify()
@@ -130,7 +131,7 @@ def pool_get_batch(cl: Cluster, reader: str, keys: list[bytes], out: list[np.nda
     return time.perf_counter() - t0
 
 
-def redis_get_batch(r: Any, objs: list[np.ndarray]) -> float:
+def redis_get_batch(r: Any, objs: list[np.ndarray], out: list[np.ndarray]) -> float:
     keys = [uuid.uuid4().hex for _ in objs]
     for k, x in zip(keys, objs, strict=True):
         r.set(k, x.tobytes())
@@ -139,22 +140,23 @@ def redis_get_batch(r: Any, objs: list[np.ndarray]) -> float:
     for k in keys:
         pipe.get(k)
     vals = pipe.execute()
+    for v, dst in zip(vals, out, strict=True):
+        dst[:] = np.frombuffer(v, dtype=np.uint8)  # delivered where the reader wants it, as on the pool side
     t = time.perf_counter() - t0
-    assert all(v is not None for v in vals)
     r.delete(*keys)
     return t
 
 
-def redis_side(r: Any, objs: list[np.ndarray]) -> tuple[float, float]:
+def redis_side(r: Any, objs: list[np.ndarray], out: list[np.ndarray]) -> tuple[float, float]:
     keys = [uuid.uuid4().hex for _ in objs]
     t0 = time.perf_counter()
     for k, x in zip(keys, objs, strict=True):
         r.set(k, x.tobytes())  # redis-py needs bytes: the copy is part of its PUT path
     put = time.perf_counter() - t0
     t0 = time.perf_counter()
-    for k in keys:
+    for k, dst in zip(keys, out, strict=True):
         v = r.get(k)
-        assert v is not None and len(v) == len(objs[0])
+        dst[:] = np.frombuffer(v, dtype=np.uint8)  # delivered where the reader wants it, as on the pool side
     get = time.perf_counter() - t0
     r.delete(*keys)
     return put, get
@@ -185,17 +187,19 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
             objs = [np.random.default_rng(i).integers(0, 255, size_mb * MB, dtype=np.uint8) for i in range(n)]
             dst = [np.empty(size_mb * MB, dtype=np.uint8) for _ in range(n)]
             best = {"pool_put": 1e9, "pool_get": 1e9, "redis_put": 1e9, "redis_get": 1e9,
-                    "pool_get_batch": 1e9, "redis_get_batch": 1e9, "pool_get_local": 1e9}
+                    "pool_get_batch": 1e9, "redis_get_batch": 1e9, "pool_get_local": 1e9, "pool_get_mediated": 1e9}
             for _ in range(args.reps):
                 t_put, keys = pool_put(cl, a, b, objs)  # written on A, owned by B
                 t_get = pool_get(cl, c, keys, dst)      # read on C: fetched from B
                 t_local = pool_get(cl, c, keys, dst)    # read again: C holds them now (one hop, no network)
-                r_put, r_get = redis_side(r, objs)
+                r_put, r_get = redis_side(r, objs, dst)
                 _, keys2 = pool_put(cl, a, b, objs)
                 t_batch = pool_get_batch(cl, c, keys2, dst)
-                r_batch = redis_get_batch(r, objs)
+                r_batch = redis_get_batch(r, objs, dst)
+                _, keys3 = pool_put(cl, a, b, objs)
+                t_med = pool_get(cl, c, keys3, dst, direct=False)  # the node fetches (two hops)
                 best = {k: min(best[k], v) for k, v in
-                        zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch, t_local), strict=True)}
+                        zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch, t_local, t_med), strict=True)}
                 for node in cl.clients.values():
                     node.evict_dram()  # (no SSD here: frees the arenas for the next round)
             total = n * size_mb * MB
@@ -204,6 +208,7 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
             row["put_over_redis"] = best["redis_put"] / best["pool_put"]
             row["batch_get_over_redis_pipeline"] = best["redis_get_batch"] / best["pool_get_batch"]
             row["local_get_over_redis"] = best["redis_get"] / best["pool_get_local"]
+            row["mediated_get_over_redis"] = best["redis_get"] / best["pool_get_mediated"]
             row["get_ms"] = best["pool_get"] / n * 1000
             row["local_get_ms"] = best["pool_get_local"] / n * 1000
             out[f"{size_mb}mb"] = row

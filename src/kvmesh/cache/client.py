@@ -20,7 +20,8 @@ import msgspec
 
 from kvmesh.cache import protocol as p
 from kvmesh.cache.arena import Arena
-from kvmesh.cache.ssd import checksum
+from kvmesh.cache.pool.direct import PeerReader
+from kvmesh.cache.ssd import ObjectMeta, checksum
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ class Lease:
     key: bytes
     view: memoryview
     checksum: bytes
+    checked: bool = False  # verified already (a direct read checks what it received)
 
     def verify(self) -> bool:
-        return checksum(self.view) == self.checksum
+        return self.checked or checksum(self.view) == self.checksum
 
 
 class NodeClient:
@@ -48,6 +50,7 @@ class NodeClient:
         self._unread = 0  # replies to fire-and-forget requests (release) not read yet
         self.node_id = ""
         self.errors = 0
+        self._peers = PeerReader(timeout_s, retry_s)
 
     # ---- connection ----------------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -121,6 +124,7 @@ class NodeClient:
             if self._arena is not None:
                 self._arena.close()
                 self._arena = None
+        self._peers.close()
 
     # ---- operations ----------------------------------------------------------------------------------
     def lookup(self, keys: Sequence[bytes], local: bool = False) -> int:
@@ -131,13 +135,62 @@ class NodeClient:
         r = self._call(p.Lookup(list(keys), local))
         return r.n if isinstance(r, p.Count) else 0
 
-    def get(self, keys: Sequence[bytes]) -> list[Lease]:
-        """Lease the longest held prefix of ``keys``; call :meth:`release` with the same keys when copied."""
-        r = self._call(p.Get(list(keys)))
-        if not isinstance(r, p.GetReply) or self._arena is None:
+    def get(self, keys: Sequence[bytes], fetch_size: int = 0, tenant: str = "") -> list[Lease]:
+        """Lease the longest held prefix of ``keys``; call :meth:`release` with the same keys when copied.
+
+        ``fetch_size``: the chunks' size in bytes, when known (the connector knows it from the KV layout).
+        Then chunks that only pool peers hold are read from them directly by this process (one network hop;
+        :mod:`kvmesh.cache.pool.direct`) into space the node reserved, and become the node's local copies.
+        Without it, the node fetches them itself (two hops)."""
+        r = self._call(p.Get(list(keys), fetch_size, tenant))
+        arena = self._arena
+        if not isinstance(r, p.GetReply) or arena is None:
             return []
-        v = self._arena.view
-        return [Lease(k, v[e.offset:e.offset + e.size], e.checksum) for k, e in zip(keys, r.extents, strict=False)]
+        v = arena.view
+        out = [Lease(k, v[e.offset:e.offset + e.size], e.checksum) for k, e in zip(keys, r.extents, strict=False)]
+        if r.fetch:
+            out += self._read_direct(keys[len(out):len(out) + len(r.fetch)], r.fetch, fetch_size, v)
+            if r.remote and len(out) < len(keys):  # what the pool lacks may sit in the node's remote tier
+                r2 = self._call(p.Get(list(keys[len(out):]), pool=False))
+                if isinstance(r2, p.GetReply) and self._arena is arena:
+                    out += [Lease(k, v[e.offset:e.offset + e.size], e.checksum)
+                            for k, e in zip(keys[len(out):], r2.extents, strict=False)]
+        return out
+
+    def _read_direct(self, keys: Sequence[bytes], plan: list[p.Fetch], size: int, arena: memoryview) -> list[Lease]:
+        """Read planned chunks from their owners (the next owner for what one lacks or when it fails), verify
+        them, and give the verified prefix to the node as leased local copies; free the rest."""
+        metas: list[ObjectMeta | None] = [None] * len(plan)
+        pending = list(range(len(plan)))
+        for attempt in range(max(len(f.owners) for f in plan)):
+            by_addr: dict[str, list[int]] = {}
+            for i in pending:
+                if attempt < len(plan[i].owners):
+                    by_addr.setdefault(plan[i].owners[attempt], []).append(i)
+            pending = []
+            for addr, ix in by_addr.items():
+                offsets = [plan[i].offset for i in ix]
+
+                def sink(j: int, m: ObjectMeta, offsets: list[int] = offsets) -> memoryview | None:
+                    return arena[offsets[j]:offsets[j] + size] if m.size == size else None
+
+                got = self._peers.get(addr, [keys[i] for i in ix], sink)
+                for j, i in enumerate(ix):
+                    if j < len(got) and got[j].size == size:
+                        metas[i] = got[j]
+                    else:
+                        pending.append(i)
+            if not pending:
+                break
+        out: list[Lease] = []
+        for i, m in enumerate(metas):
+            view = arena[plan[i].offset:plan[i].offset + size]
+            if m is None or checksum(view) != m.checksum:
+                break
+            out.append(Lease(m.key, view, m.checksum, checked=True))
+        fetched = [m for m in metas[:len(out)] if m is not None]
+        self._call(p.Commit([], list(keys[len(out):]), fetched), wait=False)
+        return out
 
     def release(self, leases: Sequence[Lease], corrupt: Sequence[bytes] = ()) -> None:
         keys = [le.key for le in leases]
@@ -154,8 +207,11 @@ class NodeClient:
         v = self._arena.view
         return [v[off:off + n] if off >= 0 else None for off, (_, n) in zip(r.offsets, items, strict=True)]
 
-    def commit(self, items: Sequence[p.CommitItem], abort: Sequence[bytes] = ()) -> bool:
-        return isinstance(self._call(p.Commit(list(items), list(abort))), p.Ok)
+    def commit(self, items: Sequence[p.CommitItem], abort: Sequence[bytes] = (), wait: bool = True) -> bool:
+        """Publish written chunks.  ``wait=False`` pipelines the request (no round trip; this client's later
+        requests still see the chunks, since the node handles a connection's requests in order); True then
+        only means the request was sent."""
+        return isinstance(self._call(p.Commit(list(items), list(abort)), wait), p.Ok)
 
     def evict_dram(self) -> int:
         """Ask the node to demote its DRAM tier to SSD; returns the number of objects moved."""

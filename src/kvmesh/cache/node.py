@@ -15,6 +15,7 @@ import os
 import pathlib
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import msgspec
@@ -120,7 +121,7 @@ class CacheNode:
 
     # ---- control protocol --------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        leased: dict[bytes, int] = {}  # released when the engine goes away mid-read
+        conn = _Conn()  # its leases and reservations are released when the engine goes away mid-read
         self._conns.add(writer)
         try:
             while True:
@@ -131,7 +132,7 @@ class CacheNode:
                 body = await reader.readexactly(n)
                 try:
                     req = p.request_decoder.decode(body)
-                    reply = await self._handle(req, leased)
+                    reply = await self._handle(req, conn)
                 except (msgspec.DecodeError, msgspec.ValidationError) as e:
                     reply = p.Failure(f"bad request: {e}")
                 out = _reply_enc.encode(reply)
@@ -140,12 +141,13 @@ class CacheNode:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         finally:
-            keys = [k for k, c in leased.items() for _ in range(c)]
-            self.store.release(keys, [])
+            self.store.release([k for k, c in conn.leased.items() for _ in range(c)], [])
+            for k in conn.reserved:
+                self.store.abort(k)
             self._conns.discard(writer)
             writer.close()
 
-    async def _handle(self, req: p.Request, leased: dict[bytes, int]) -> p.Reply:
+    async def _handle(self, req: p.Request, conn: _Conn) -> p.Reply:
         self.metrics.requests.labels(type(req).__name__.lower()).inc()
         st = self.store
         if isinstance(req, p.Lookup):
@@ -156,31 +158,21 @@ class CacheNode:
                 n += await self.remote.count(req.keys[n:])
             return p.Count(n)
         if isinstance(req, p.Get):
-            objs = await st.lease(req.keys)
-            if self.pool is not None and len(objs) < len(req.keys):
-                rest = req.keys[len(objs):]
-                if await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
-                    objs += await st.lease(rest)
-            if self.remote is not None and len(objs) < len(req.keys):
-                rest = req.keys[len(objs):]
-                if await self.remote.fetch(rest):
-                    objs += await st.lease(rest)
-            for o in objs:
-                leased[o.meta.key] = leased.get(o.meta.key, 0) + 1
-            return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs])
+            return await self._get(req, conn)
         if isinstance(req, p.Release):
-            for k in req.keys:
-                c = leased.get(k, 0)
-                if c <= 1:
-                    leased.pop(k, None)
-                else:
-                    leased[k] = c - 1
+            conn.unlease(req.keys)
             st.release(req.keys, req.corrupt)
             return p.Ok()
         if isinstance(req, p.Put):
-            return p.PutReply([st.reserve(it.key, it.size, it.tenant) for it in req.items])
+            offsets = [st.reserve(it.key, it.size, it.tenant) for it in req.items]
+            conn.reserved.update(it.key for it, off in zip(req.items, offsets, strict=True) if off >= 0)
+            return p.PutReply(offsets)
         if isinstance(req, p.Commit):
+            req.abort = [k for k in req.abort if k in conn.reserved]  # only its own reservations
+            conn.reserved.difference_update(req.abort)
+            conn.reserved.difference_update(it.key for it in req.items)
             self._commit(req)
+            self._adopt_fetched(req.fetched, conn)
             return p.Ok()
         if isinstance(req, p.Hello):
             if not st.arena.path.exists():
@@ -197,6 +189,54 @@ class CacheNode:
             return p.Count(await st.evict_dram())
         return p.Failure(f"unsupported request {type(req).__name__}")
 
+    async def _get(self, req: p.Get, conn: _Conn) -> p.GetReply:
+        """Local tiers first; then the pool (fetched here, or planned for the client's direct read); then the
+        remote tier."""
+        st = self.store
+        objs = await st.lease(req.keys)
+        plan: list[p.Fetch] = []
+        if self.pool is not None and req.pool and len(objs) < len(req.keys):
+            rest = req.keys[len(objs):]
+            if req.fetch_size > 0:
+                plan = self._plan_fetch(rest, req.fetch_size, req.tenant, conn)
+            elif await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
+                objs += await st.lease(rest)
+        if self.remote is not None and len(objs) < len(req.keys) and not plan:
+            rest = req.keys[len(objs):]
+            if await self.remote.fetch(rest):
+                objs += await st.lease(rest)
+        conn.lease(o.meta.key for o in objs)
+        return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs], plan,
+                          remote=self.remote is not None and bool(plan))
+
+    def _plan_fetch(self, keys: list[bytes], size: int, tenant: str, conn: _Conn) -> list[p.Fetch]:
+        """Reserve arena space for the pool chunks the client will read itself; stops at the first key no
+        live peer owns or no space is left for."""
+        assert self.pool is not None
+        plan: list[p.Fetch] = []
+        for k in keys:
+            owners = self.pool.owner_addresses(k)
+            off = self.store.reserve_raw(k, size, tenant) if owners else None
+            if off is None:
+                break
+            conn.reserved.add(k)
+            plan.append(p.Fetch(off, owners))
+        return plan
+
+    def _adopt_fetched(self, metas: list[ObjectMeta], conn: _Conn) -> None:
+        """Publish the chunks a client read from the pool into its reservations (verified by the client, as a
+        commit's checksum is) and lease them to it."""
+        st = self.store
+        for meta in metas:
+            conn.reserved.discard(meta.key)
+            if st.writing.get(meta.key, (0, -1))[1] != meta.size or not st.commit(meta):
+                st.abort(meta.key)
+                continue
+            st.pin(meta.key)
+            conn.lease([meta.key])
+            self.metrics.hits.labels("remote").inc()
+            self.metrics.bytes_read.labels("remote").inc(meta.size)
+
     def _commit(self, req: p.Commit) -> None:
         """Publish written chunks, then fan them out: pool owners and the remote tier (both write-behind)."""
         st = self.store
@@ -207,12 +247,12 @@ class CacheNode:
             meta = ObjectMeta(it.key, size, it.checksum, it.parent, it.token_ids, it.block_size, it.salt)
             if not st.commit(meta) or (self.pool is None and self.remote is None):
                 continue
-            o = st.dram[meta.key]
-            data = bytes(st.arena.view[o.offset:o.offset + meta.size])  # one copy for both, off the arena
-            if self.pool is not None:
-                self.pool.replicate(meta, data)
             if self.remote is not None:
-                self.remote.write_behind(meta, data)
+                o = st.dram[meta.key]
+                with st.arena.view[o.offset:o.offset + meta.size] as view:
+                    self.remote.write_behind(meta, view)  # packs (copies) the bytes at once
+            if self.pool is not None:
+                self.pool.replicate(meta)  # sends straight from the arena, the chunk pinned meanwhile
 
     def stats(self) -> dict[str, float]:
         return {**self.store.stats(), **(self.pool.stats() if self.pool else {}), **self.metrics.counts()}
@@ -223,6 +263,25 @@ class CacheNode:
 
     async def _status(self, request: web.Request) -> web.Response:
         return web.json_response({"node_id": self.settings.node_id, **self.stats()})
+
+
+@dataclass(slots=True)
+class _Conn:
+    """What one engine connection holds: leases (counted per key) and arena reservations."""
+    leased: dict[bytes, int] = field(default_factory=dict)
+    reserved: set[bytes] = field(default_factory=set)
+
+    def lease(self, keys: Iterable[bytes]) -> None:
+        for k in keys:
+            self.leased[k] = self.leased.get(k, 0) + 1
+
+    def unlease(self, keys: Iterable[bytes]) -> None:
+        for k in keys:
+            c = self.leased.get(k, 0)
+            if c <= 1:
+                self.leased.pop(k, None)
+            else:
+                self.leased[k] = c - 1
 
 
 def sweep_stale_arenas(directory: pathlib.Path) -> int:

@@ -12,6 +12,8 @@ import struct
 
 import msgspec
 
+from kvmesh.cache.ssd import ObjectMeta
+
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 << 20
 
@@ -28,8 +30,17 @@ class Lookup(msgspec.Struct, tag=True):
 
 
 class Get(msgspec.Struct, tag=True):
-    """Lease every held key (promoting SSD objects into the arena); the reply stops at the first miss."""
+    """Lease every held key (promoting SSD objects into the arena); the reply stops at the first miss.
+
+    ``fetch_size`` > 0 asks for a *direct* read of what the pool holds: instead of fetching pool chunks
+    itself (two hops), the node reserves ``fetch_size`` bytes of arena per missing key and answers with a
+    :class:`Fetch` plan; the client reads each chunk from its owners straight into that space and hands it
+    back with ``Commit.fetched`` (or frees it with ``Commit.abort``).  ``pool=False``: skip the pool (the
+    client already asked it), consult only the remote tier."""
     keys: list[bytes]
+    fetch_size: int = 0
+    tenant: str = ""
+    pool: bool = True
 
 
 class Release(msgspec.Struct, tag=True):
@@ -58,9 +69,14 @@ class CommitItem(msgspec.Struct, array_like=True):
 
 
 class Commit(msgspec.Struct, tag=True):
-    """Publish written objects (they become readable only now: no torn reads); ``abort`` frees reservations."""
+    """Publish written objects (they become readable only now: no torn reads); ``abort`` frees reservations.
+
+    ``fetched``: chunks the client read from pool peers into a :class:`Fetch` reservation and verified; the
+    node keeps them as local copies (not pushed back to the pool) and leases them to this connection, so the
+    client's :meth:`release` applies to them as to any lease."""
     items: list[CommitItem]
     abort: list[bytes] = []
+    fetched: list[ObjectMeta] = []
 
 
 class Stats(msgspec.Struct, tag=True):
@@ -90,8 +106,16 @@ class Extent(msgspec.Struct, array_like=True):
     checksum: bytes
 
 
+class Fetch(msgspec.Struct, array_like=True):
+    """Where to read one chunk the pool holds: arena space reserved for it, and its owners in order."""
+    offset: int
+    owners: list[str]  # "host:port" of pool peers
+
+
 class GetReply(msgspec.Struct, tag=True):
     extents: list[Extent]
+    fetch: list[Fetch] = []  # for the keys after ``extents``, in order (direct reads only)
+    remote: bool = False     # the node has a remote tier: ask again with ``pool=False`` for what the pool lacks
 
 
 class PutReply(msgspec.Struct, tag=True):

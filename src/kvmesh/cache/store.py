@@ -153,6 +153,15 @@ class TieredStore:
             out.append(o)
         return out
 
+    def pin(self, key: bytes) -> DramObject | None:
+        """Lease a DRAM object without counting a read (the node's own use: pushing it to a peer); release
+        it with :meth:`release`."""
+        o = self.dram.get(key)
+        if o is None or o.doomed:
+            return None
+        o.leases += 1
+        return o
+
     def release(self, keys: list[bytes], corrupt: list[bytes]) -> None:
         for k in corrupt:
             if (o := self.dram.get(k)) is not None:

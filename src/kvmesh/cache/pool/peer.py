@@ -22,6 +22,8 @@ from kvmesh.cache.ssd import ObjectMeta
 _LEN = struct.Struct(">I")
 MAX_HEADER = 16 << 20
 SOCK_BUF = 4 << 20
+LOWAT_FROM = 256 << 10  # payloads from this size wait for big pieces (SO_RCVLOWAT)
+LOWAT_MAX = 1 << 20
 
 
 class PHas(msgspec.Struct, tag=True):
@@ -77,13 +79,15 @@ class PeerError(ConnectionError):
 
 
 class PeerClient:
-    """A connection to one peer, created lazily and re-created after an error.  Coroutine-safe (a lock
-    serialises requests on the connection)."""
+    """Connections to one peer, opened lazily (up to ``max_conns``, so pushes and fetches to one peer run
+    side by side instead of queueing behind one round trip each), reused, and dropped after an error.
+    Coroutine-safe: each call has a connection to itself for its request and reply."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 5.0) -> None:
+    def __init__(self, host: str, port: int, timeout_s: float = 5.0, max_conns: int = 4) -> None:
         self.host, self.port, self.timeout_s = host, port, timeout_s
-        self._sock: socket.socket | None = None
-        self._lock = asyncio.Lock()
+        self._idle: list[socket.socket] = []
+        self._open: set[socket.socket] = set()
+        self._slots = asyncio.Semaphore(max_conns)
 
     async def _connect(self) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -97,44 +101,49 @@ class PeerClient:
         return s
 
     def close(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    async def _recv_into(self, view: memoryview) -> None:
-        assert self._sock is not None
-        await recv_into(self._sock, view)
-
-    async def _header(self) -> PReply:
-        assert self._sock is not None
-        reply: PReply = rep_decoder.decode(await recv_frame(self._sock))
-        return reply
+        for s in self._open:
+            s.close()
+        self._open.clear()
+        self._idle.clear()
 
     async def call(self, msg: msgspec.Struct, payload: memoryview | bytes | None = None,
                    sink: Callable[[ObjectMeta], memoryview | None] | None = None) -> PReply:
         """Send ``msg`` (+ ``payload``); for a GET, ``sink(meta)`` gives the buffer each chunk lands in
         (None: read and drop).  Raises :class:`PeerError`; the connection is then dropped."""
-        async with self._lock:
+        async with self._slots:
+            sock = self._idle.pop() if self._idle else None
             try:
                 async with asyncio.timeout(self.timeout_s):  # no extra task per call (unlike wait_for)
-                    return await self._call(msg, payload, sink)
+                    if sock is None:
+                        sock = await self._connect()
+                        self._open.add(sock)
+                    reply = await self._call(sock, msg, payload, sink)
             except (OSError, TimeoutError, msgspec.DecodeError, PeerError) as e:
-                self.close()
+                if sock is not None:
+                    self._open.discard(sock)
+                    sock.close()
                 raise PeerError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
+            except BaseException:  # cancelled mid-exchange: the connection's state is unknown
+                if sock is not None:
+                    self._open.discard(sock)
+                    sock.close()
+                raise
+            if sock in self._open:  # (close() may have run meanwhile)
+                self._idle.append(sock)
+            return reply
 
-    async def _call(self, msg: msgspec.Struct, payload: memoryview | bytes | None,
+    @staticmethod
+    async def _call(sock: socket.socket, msg: msgspec.Struct, payload: memoryview | bytes | None,
                     sink: Callable[[ObjectMeta], memoryview | None] | None) -> PReply:
         loop = asyncio.get_running_loop()
-        if self._sock is None:
-            self._sock = await self._connect()
-        await loop.sock_sendall(self._sock, encode(msg))
+        await loop.sock_sendall(sock, encode(msg))
         if payload is not None:
-            await loop.sock_sendall(self._sock, payload)
-        reply = await self._header()
+            await loop.sock_sendall(sock, payload)
+        reply: PReply = rep_decoder.decode(await recv_frame(sock))
         if isinstance(reply, PGetReply):
             for meta in reply.metas:
                 buf = sink(meta) if sink else None
-                await self._recv_into(buf if buf is not None else memoryview(bytearray(meta.size)))
+                await recv_into(sock, buf if buf is not None else memoryview(bytearray(meta.size)))
         return reply
 
 
@@ -142,11 +151,20 @@ async def recv_into(sock: socket.socket, view: memoryview) -> None:
     """Fill ``view`` from ``sock``; raises :class:`PeerError` when the peer closes first."""
     loop = asyncio.get_running_loop()
     got = 0
-    while got < len(view):
-        n = await loop.sock_recv_into(sock, view[got:])
-        if not n:
-            raise PeerError("the peer closed the connection")
-        got += n
+    lowat = len(view) >= LOWAT_FROM
+    try:
+        while got < len(view):
+            if lowat:
+                # Wake when a large piece is queued, not for every segment that arrives (a 1 MB chunk
+                # otherwise costs dozens of loop wake-ups).
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, min(len(view) - got, LOWAT_MAX))
+            n = await loop.sock_recv_into(sock, view[got:])
+            if not n:
+                raise PeerError("the peer closed the connection")
+            got += n
+    finally:
+        if lowat:  # back to the default, or a short header would never wake the loop
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
 
 
 async def recv_frame(sock: socket.socket) -> bytearray:

@@ -204,6 +204,15 @@ class Pool:
             own += [n for n in self.previous.owners(key, self.s.replicas) if n not in own]
         return own
 
+    def owner_addresses(self, key: bytes) -> list[str]:
+        """``host:port`` of the live peers that own ``key``, in the order to ask them (for direct reads)."""
+        out = []
+        for nid in self.owners(key):
+            m = self.members.get(nid)
+            if m is not None and m.alive:
+                out.append(f"{m.host}:{m.port}")
+        return out
+
     # ---- reads ---------------------------------------------------------------------------------------
     async def count_remote(self, keys: list[bytes]) -> int:
         """How many of ``keys``, from the first, some owner holds (one round trip per owner, in parallel)."""
@@ -306,11 +315,20 @@ class Pool:
         return n if isinstance(r, PGetReply) else 0
 
     # ---- writes --------------------------------------------------------------------------------------
-    def replicate(self, meta: ObjectMeta, data: bytes) -> None:
-        """Push a chunk just committed here to its other owners (background)."""
+    def replicate(self, meta: ObjectMeta) -> None:
+        """Push a chunk just committed here to its other owners (background), straight from the arena."""
         for n in self.ring.owners(meta.key, self.s.replicas):
-            if n != self.s.node_id:
-                self._spawn(self._push_bg(n, meta, data))
+            if n != self.s.node_id and self.store.pin(meta.key) is not None:
+                self._spawn(self._push_pinned(n, meta))
+
+    async def _push_pinned(self, nid: str, meta: ObjectMeta) -> None:
+        o = self.store.dram[meta.key]  # pinned: neither evicted nor moved until released
+        view = self.store.arena.view[o.offset:o.offset + meta.size]
+        try:
+            await self._push(nid, meta, view)
+        finally:
+            view.release()
+            self.store.release([meta.key], [])
 
     async def _push(self, nid: str, meta: ObjectMeta, data: bytes | memoryview) -> bool:
         m = self.members.get(nid)
@@ -323,9 +341,6 @@ class Pool:
             return False
         self.metrics.replicated.inc()
         return isinstance(r, POk)
-
-    async def _push_bg(self, nid: str, meta: ObjectMeta, data: bytes) -> None:
-        await self._push(nid, meta, data)
 
     async def _rebalance(self, old: Ring, new: Ring) -> None:
         """Push the chunks whose owner set gained nodes; this node pushes those it is the first surviving
