@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvmesh.cache import NodeClient
+from kvmesh.cache import protocol as proto
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.ssd import checksum
@@ -26,9 +27,10 @@ KB = 1 << 10
 
 class Pool:
     def __init__(self, tmp: pathlib.Path, n: int, replicas: int, start: int | None = None,
-                 etcd: str | None = None) -> None:
+                 etcd: str | None = None, extra: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.etcd = etcd
+        self.extra = extra
         self.ids = [f"n{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
         base = free_port_block(n)
         self.ports = {nid: base + i for i, nid in enumerate(self.ids)}
@@ -55,7 +57,7 @@ class Pool:
         self.procs[nid] = subprocess.Popen(
             [sys.executable, "-m", "kvmesh", "cache-node", "--socket", str(self.sock(nid)), "--run-dir", str(d),
              "--node-id", nid, "--peer-port", str(self.ports[nid]), "--replicas", str(self.replicas),
-             "--dram-mib", "64", "--ssd-mib", "0", *peers],
+             "--dram-mib", "64", "--ssd-mib", "0", *peers, *self.extra],
             stdout=subprocess.DEVNULL, stderr=open(d / "log", "ab"))  # noqa: SIM115
 
     def client(self, nid: str) -> NodeClient:
@@ -88,8 +90,9 @@ class Pool:
 def make_pool(tmp_path: pathlib.Path) -> Iterator[object]:
     made: list[Pool] = []
 
-    def make(n: int = 3, replicas: int = 1, start: int | None = None, etcd: str | None = None) -> Pool:
-        p = Pool(tmp_path, n, replicas, start, etcd)
+    def make(n: int = 3, replicas: int = 1, start: int | None = None, etcd: str | None = None,
+             extra: tuple[str, ...] = ()) -> Pool:
+        p = Pool(tmp_path, n, replicas, start, etcd, extra)
         made.append(p)
         return p
 
@@ -121,11 +124,12 @@ def wait_replicated(pool: Pool, data: dict[bytes, bytes]) -> None:
     wait_until(done, 30, "every chunk on each of its owners")
 
 
-def read_all(c: NodeClient, data: dict[bytes, bytes]) -> tuple[int, int]:
-    """(found, wrong) over every key, each read through the node's shared memory."""
+def read_all(c: NodeClient, data: dict[bytes, bytes], direct: bool = False) -> tuple[int, int]:
+    """(found, wrong) over every key, each read through the node's shared memory; ``direct``: chunks only
+    peers hold are read from them by this process (the connector's way), else fetched by the node."""
     found = wrong = 0
     for k, v in data.items():
-        leases = c.get([k])
+        leases = c.get([k], fetch_size=len(v) if direct else 0)
         if leases:
             found += 1
             wrong += bytes(leases[0].view) != v or not leases[0].verify()
@@ -133,7 +137,8 @@ def read_all(c: NodeClient, data: dict[bytes, bytes]) -> tuple[int, int]:
     return found, wrong
 
 
-def test_written_on_a_read_on_c(make_pool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])
+def test_written_on_a_read_on_c(make_pool, direct: bool) -> None:  # type: ignore[no-untyped-def]
     pool = make_pool(3)
     a, _, c = (pool.client(n) for n in pool.ids)
     data = chunks(20)
@@ -141,7 +146,10 @@ def test_written_on_a_read_on_c(make_pool) -> None:  # type: ignore[no-untyped-d
         put(a, k, v)
     assert c.lookup(list(data)) in range(0, 21)
     wait_until(lambda: c.lookup(list(data)) == 20, 30, "C to see every chunk through the pool")
-    assert read_all(c, data) == (20, 0)
+    held_before = c.lookup(list(data), local=True)
+    assert read_all(c, data, direct) == (20, 0)
+    assert c.lookup(list(data), local=True) == 20 > held_before  # C kept local copies for its engines
+    assert read_all(c, data, direct) == (20, 0)  # now from C's own DRAM
     # the cluster view, from any node
     r = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2])),
                         "--json"], capture_output=True, text=True, timeout=60)
@@ -154,7 +162,8 @@ def test_written_on_a_read_on_c(make_pool) -> None:  # type: ignore[no-untyped-d
     assert human.count("node ") == 3 and "pool of 3 (R=1)" in human and "hit rate" in human
 
 
-def test_r2_survives_a_node_kill_during_reads(make_pool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])
+def test_r2_survives_a_node_kill_during_reads(make_pool, direct: bool) -> None:  # type: ignore[no-untyped-def]
     pool = make_pool(3, replicas=2)
     a_id, b_id, c_id = pool.ids
     a, c = pool.client(a_id), pool.client(c_id)
@@ -164,13 +173,14 @@ def test_r2_survives_a_node_kill_during_reads(make_pool) -> None:  # type: ignor
     wait_replicated(pool, data)
     items = list(data.items())
     first = dict(items[:20])
-    assert read_all(c, first) == (20, 0)
+    assert read_all(c, first, direct) == (20, 0)
     pool.kill(b_id)  # mid-run: the remaining 40 reads go on
-    assert read_all(c, dict(items[20:])) == (40, 0)
-    assert read_all(a, data) == (60, 0)
+    assert read_all(c, dict(items[20:]), direct) == (40, 0)
+    assert read_all(a, data, direct) == (60, 0)
 
 
-def test_r1_node_kill_gives_misses_never_errors(make_pool) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])
+def test_r1_node_kill_gives_misses_never_errors(make_pool, direct: bool) -> None:  # type: ignore[no-untyped-def]
     pool = make_pool(3, replicas=1)
     _, b_id, c_id = pool.ids
     b, c = pool.client(b_id), pool.client(c_id)
@@ -183,8 +193,77 @@ def test_r1_node_kill_gives_misses_never_errors(make_pool) -> None:  # type: ign
     elsewhere = {k: v for k, v in data.items() if k not in on_b}
     assert on_b and elsewhere
     pool.kill(b_id)
-    assert read_all(c, on_b) == (0, 0)  # misses (the engine recomputes), never errors or wrong bytes
-    assert read_all(c, elsewhere) == (len(elsewhere), 0)
+    assert read_all(c, on_b, direct) == (0, 0)  # misses (the engine recomputes), never errors or wrong bytes
+    assert read_all(c, elsewhere, direct) == (len(elsewhere), 0)
+
+
+def test_direct_batch_read_and_reservation_hygiene(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3)
+    a, c = pool.client(pool.ids[0]), pool.client(pool.ids[2])
+    data = chunks(12)
+    for k, v in data.items():
+        put(a, k, v)
+    wait_replicated(pool, data)
+    keys = list(data)
+    used = c.stats()["dram_used_bytes"]
+    # The wrong chunk size (a misconfigured engine): nothing is read, and the space reserved for it is freed.
+    assert c.get(keys, fetch_size=32 * KB) == []
+    wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "the reservations to be freed")
+    # A batch: local copies first, then one request per owner; every byte right.
+    leases = c.get(keys, fetch_size=64 * KB)
+    assert [le.key for le in leases] == keys
+    assert all(bytes(le.view) == data[le.key] for le in leases)
+    c.release(leases)
+    assert c.lookup(keys, local=True) == len(keys)
+    # An engine that goes away with reservations open (killed mid-read) leaves no space behind.
+    ring = Ring.build({n: 64 << 20 for n in pool.ids})
+    more = {k: v for k, v in chunks(12).items() if ring.owners(k)[0] != pool.ids[2]}  # C does not hold them
+    for k, v in more.items():
+        put(a, k, v)
+    wait_replicated(pool, more)
+    used = c.stats()["dram_used_bytes"]
+    dying = pool.client(pool.ids[2])
+    dying._call(proto.Get(list(more), 64 * KB))  # the plan's space is reserved; the engine never reads or commits
+    assert c.stats()["dram_used_bytes"] == used + len(more) * 64 * KB
+    dying.close()
+    wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "a gone engine's reservations to be freed")
+    assert read_all(c, more, direct=True) == (len(more), 0)
+
+
+def test_direct_read_of_a_corrupt_copy_is_a_miss(make_pool) -> None:  # type: ignore[no-untyped-def]
+    pool = make_pool(3)
+    a_id, b_id, c_id = pool.ids
+    a, c = pool.client(a_id), pool.client(c_id)
+    data = chunks(30)
+    for k, v in data.items():
+        put(a, k, v)
+    wait_replicated(pool, data)
+    ring = Ring.build({n: 64 << 20 for n in pool.ids})
+    on_b = [k for k in data if ring.owners(k)[0] == b_id]
+    assert on_b
+    b = pool.client(b_id)
+    [le] = b.get([on_b[0]])  # flip a byte of B's copy in its shared memory
+    le.view[100] ^= 0xFF
+    b.release([le])
+    assert read_all(c, {on_b[0]: data[on_b[0]]}, direct=True) == (0, 0)  # a miss, never wrong bytes
+    assert c.lookup([on_b[0]], local=True) == 0  # and no bad local copy
+    assert read_all(c, {k: data[k] for k in on_b[1:]}, direct=True) == (len(on_b) - 1, 0)
+
+
+def test_direct_read_falls_back_to_the_remote_tier(make_pool, tmp_path: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
+    shared = tmp_path / "shared-tier"
+    pool = make_pool(3, extra=(f"--remote=file://{shared}",))
+    a_id, b_id, c_id = pool.ids
+    a, c = pool.client(a_id), pool.client(c_id)
+    data = chunks(30)
+    for k, v in data.items():
+        put(a, k, v)  # write-behind to the owner and to the shared tier
+    wait_replicated(pool, data)
+    wait_until(lambda: len(list(shared.rglob("*"))) >= 30, 30, "the chunks on the shared tier")
+    ring = Ring.build({n: 64 << 20 for n in pool.ids})
+    on_b = {k: v for k, v in data.items() if ring.owners(k)[0] == b_id}
+    pool.kill(b_id)  # C may still plan to read from B: the client finds B gone, then asks the tier
+    assert read_all(c, on_b, direct=True) == (len(on_b), 0)
 
 
 def test_join_moves_about_one_nth(make_pool) -> None:  # type: ignore[no-untyped-def]

@@ -160,8 +160,9 @@ class NodeClient:
     def _read_direct(self, keys: Sequence[bytes], plan: list[p.Fetch], size: int, arena: memoryview) -> list[Lease]:
         """Read planned chunks from their owners (the next owner for what one lacks or when it fails), verify
         them, and give the verified prefix to the node as leased local copies; free the rest."""
+        local = [not f.owners for f in plan]  # leased to us already
         metas: list[ObjectMeta | None] = [None] * len(plan)
-        pending = list(range(len(plan)))
+        pending = [i for i, f in enumerate(plan) if f.owners]
         for attempt in range(max(len(f.owners) for f in plan)):
             by_addr: dict[str, list[int]] = {}
             for i in pending:
@@ -183,13 +184,20 @@ class NodeClient:
             if not pending:
                 break
         out: list[Lease] = []
-        for i, m in enumerate(metas):
-            view = arena[plan[i].offset:plan[i].offset + size]
+        for i, (f, m) in enumerate(zip(plan, metas, strict=True)):
+            if local[i]:
+                out.append(Lease(keys[i], arena[f.offset:f.offset + f.size], f.checksum))
+                continue
+            view = arena[f.offset:f.offset + size]
             if m is None or checksum(view) != m.checksum:
                 break
             out.append(Lease(m.key, view, m.checksum, checked=True))
         fetched = [m for m in metas[:len(out)] if m is not None]
-        self._call(p.Commit([], list(keys[len(out):]), fetched), wait=False)
+        rest = range(len(out), len(plan))
+        self._call(p.Commit([], [keys[i] for i in rest if not local[i]], fetched), wait=False)
+        unused = [keys[i] for i in rest if local[i]]
+        if unused:
+            self._call(p.Release(unused), wait=False)
         return out
 
     def release(self, leases: Sequence[Lease], corrupt: Sequence[bytes] = ()) -> None:

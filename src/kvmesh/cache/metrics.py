@@ -30,6 +30,9 @@ class CacheMetrics:
         self.misses_remote = Counter("kvmesh_cache_pool_misses", "Chunks no pool owner could supply", registry=r)
         self.replicated = Counter("kvmesh_cache_pool_pushed", "Chunks pushed to their owners (replication, rebalance)",
                                   registry=r)
+        self.direct_reads = Counter("kvmesh_cache_pool_direct_reads",
+                                    "Pool chunks engines read from their owners themselves (one hop), kept here",
+                                    registry=r)
         self.requests = Counter("kvmesh_cache_requests", "Control requests, by type", ["type"], registry=r)
 
     def counts(self) -> dict[str, float]:

@@ -198,7 +198,7 @@ class CacheNode:
         if self.pool is not None and req.pool and len(objs) < len(req.keys):
             rest = req.keys[len(objs):]
             if req.fetch_size > 0:
-                plan = self._plan_fetch(rest, req.fetch_size, req.tenant, conn)
+                plan = await self._plan_fetch(rest, req.fetch_size, req.tenant, conn)
             elif await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
                 objs += await st.lease(rest)
         if self.remote is not None and len(objs) < len(req.keys) and not plan:
@@ -209,12 +209,20 @@ class CacheNode:
         return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs], plan,
                           remote=self.remote is not None and bool(plan))
 
-    def _plan_fetch(self, keys: list[bytes], size: int, tenant: str, conn: _Conn) -> list[p.Fetch]:
-        """Reserve arena space for the pool chunks the client will read itself; stops at the first key no
-        live peer owns or no space is left for."""
+    async def _plan_fetch(self, keys: list[bytes], size: int, tenant: str, conn: _Conn) -> list[p.Fetch]:
+        """Reserve arena space for the pool chunks the client will read itself (chunks held here after all
+        are leased to it); stops at the first key no live peer owns or no space is left for."""
         assert self.pool is not None
         plan: list[p.Fetch] = []
         for k in keys:
+            if self.store.holds(k):  # e.g. this node owns a later chunk of the prefix
+                objs = await self.store.lease([k])
+                if not objs:
+                    break
+                o = objs[0]
+                conn.lease([k])
+                plan.append(p.Fetch(o.offset, [], o.meta.size, o.meta.checksum))
+                continue
             owners = self.pool.owner_addresses(k)
             off = self.store.reserve_raw(k, size, tenant) if owners else None
             if off is None:
@@ -236,6 +244,7 @@ class CacheNode:
             conn.lease([meta.key])
             self.metrics.hits.labels("remote").inc()
             self.metrics.bytes_read.labels("remote").inc(meta.size)
+            self.metrics.direct_reads.inc()
 
     def _commit(self, req: p.Commit) -> None:
         """Publish written chunks, then fan them out: pool owners and the remote tier (both write-behind)."""

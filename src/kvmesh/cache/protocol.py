@@ -107,9 +107,13 @@ class Extent(msgspec.Struct, array_like=True):
 
 
 class Fetch(msgspec.Struct, array_like=True):
-    """Where to read one chunk the pool holds: arena space reserved for it, and its owners in order."""
+    """Where to read one chunk the pool holds: arena space reserved for it, and its owners in order.  No
+    owners: the node holds the chunk itself after all and leased it to the client, like an :class:`Extent`
+    (``size`` and ``checksum`` then describe it)."""
     offset: int
     owners: list[str]  # "host:port" of pool peers
+    size: int = 0
+    checksum: bytes = b""
 
 
 class GetReply(msgspec.Struct, tag=True):

@@ -60,6 +60,7 @@ def check_vllm_version(version: str = vllm.__version__) -> None:
 class LoadSpec:
     block_ids: list[int]
     keys: list[bytes]
+    salt: str | None = None  # the tenant's: charges local copies of pool chunks to its quota
 
 
 @dataclass(slots=True)
@@ -155,7 +156,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             st.block_ids = list(new.block_ids[0])
             if st.load_n:
                 sl = slice(st.load_from, st.load_from + st.load_n)
-                meta.loads.append(LoadSpec(st.block_ids[sl], list(st.keys[sl])))
+                meta.loads.append(LoadSpec(st.block_ids[sl], list(st.keys[sl]), st.salt))
                 st.load_n = 0
             self._plan_save(meta, st, new.num_computed_tokens + sched.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
@@ -201,7 +202,8 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def _load(self, spec: LoadSpec) -> None:
         assert self.layout is not None
-        leases = self.client.get(spec.keys)
+        # Knowing the chunk size lets the client read chunks only pool peers hold straight from them.
+        leases = self.client.get(spec.keys, fetch_size=self.layout.chunk_bytes, tenant=tenant_of(spec.salt))
         good = 0
         corrupt: list[bytes] = []
         for le in leases:
