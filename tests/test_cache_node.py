@@ -176,6 +176,26 @@ def test_client_disconnect_releases_leases(node: CacheNode) -> None:
     c2.close()
 
 
+def test_a_client_releases_only_its_own_leases(node: CacheNode) -> None:
+    """(A client that reconnected to a restarted node still holds the old node's leases; releasing them
+    there must not free another engine's lease on the same key.)"""
+    c, other = NodeClient(node.settings.socket_path), NodeClient(node.settings.socket_path)
+    k = b"o" * 16
+    put(c, k, os.urandom(MB))
+    leases = c.get([k])
+    stale = other.get([k])
+    other.release(stale)  # its one lease
+    other.release(stale, corrupt=[k])  # again, and claiming corruption: not its lease any more, ignored
+    other.stats()  # (releases are pipelined: a round trip makes sure they were handled)
+    o = node.store.dram[k]
+    assert o.leases == 1 and not o.doomed
+    c.release(leases)
+    c.stats()
+    assert o.leases == 0
+    c.close()
+    other.close()
+
+
 def test_admission_after_k_offers(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
     n = CacheNode(settings(tmp_path, admit_after=2))
     loop_thread.run(n.start())

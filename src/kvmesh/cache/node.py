@@ -160,8 +160,10 @@ class CacheNode:
         if isinstance(req, p.Get):
             return await self._get(req, conn)
         if isinstance(req, p.Release):
-            conn.unlease(req.keys)
-            st.release(req.keys, req.corrupt)
+            # Only what this connection holds: a client that reconnected to a restarted node must not release
+            # leases that other engines hold on the new one.
+            held = conn.unlease(req.keys)
+            st.release(held, [k for k in req.corrupt if k in held])
             return p.Ok()
         if isinstance(req, p.Put):
             offsets = [st.reserve(it.key, it.size, it.tenant) for it in req.items]
@@ -284,13 +286,19 @@ class _Conn:
         for k in keys:
             self.leased[k] = self.leased.get(k, 0) + 1
 
-    def unlease(self, keys: Iterable[bytes]) -> None:
+    def unlease(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Drop one lease per key; returns the keys this connection did hold."""
+        held = []
         for k in keys:
             c = self.leased.get(k, 0)
-            if c <= 1:
-                self.leased.pop(k, None)
+            if c == 0:
+                continue
+            held.append(k)
+            if c == 1:
+                del self.leased[k]
             else:
                 self.leased[k] = c - 1
+        return held
 
 
 def sweep_stale_arenas(directory: pathlib.Path) -> int:
