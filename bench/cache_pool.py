@@ -168,7 +168,7 @@ def _floor_server(listener: Any, size: int) -> None:
 
     conn, _ = listener.accept()
     conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    payload = memoryview(np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8))
+    payload = np.random.default_rng(0).integers(0, 255, size, dtype=np.uint8).tobytes()
     ask = bytearray(1)
     while conn.recv_into(ask, 1) == 1:
         conn.sendall(payload)
@@ -228,7 +228,7 @@ def _redis_worker(port: int, keys: list[str], size: int, go: Any, done: Any) -> 
     ok = 0
     for k in keys:
         v = r.get(k)
-        if v is not None and len(v) == size:
+        if isinstance(v, bytes) and len(v) == size:
             dst[:] = np.frombuffer(v, dtype=np.uint8)
             ok += 1
     done.put(ok)
@@ -264,6 +264,60 @@ def concurrent_get(cl: Cluster, r: Any, port: int, objs: list[np.ndarray], worke
     return out[0], out[1]
 
 
+def one_round(cl: Cluster, r: Any, port: int, objs: list[np.ndarray], dst: list[np.ndarray],
+              workers: int) -> dict[str, float]:
+    """Seconds for each way of moving ``objs`` once, both sides interleaved."""
+    a, b, c = cl.ids
+    t: dict[str, float] = {}
+    t["pool_put"], keys = pool_put(cl, a, b, objs)  # written on A, owned by B
+    t["pool_get"] = pool_get(cl, c, keys, dst)  # read on C: fetched from B
+    t["pool_get_local"] = pool_get(cl, c, keys, dst)  # read again: C holds them now (no network)
+    t["redis_put"], t["redis_get"] = redis_side(r, objs, dst)
+    _, keys = pool_put(cl, a, b, objs)
+    t["pool_get_batch"] = pool_get_batch(cl, c, keys, dst)
+    t["redis_get_batch"] = redis_get_batch(r, objs, dst)
+    _, keys = pool_put(cl, a, b, objs)
+    t["pool_get_mediated"] = pool_get(cl, c, keys, dst, direct=False)  # the node fetches (two hops)
+    for node in cl.clients.values():
+        node.evict_dram()  # (no SSD here: frees the arenas)
+    t["pool_get_concurrent"], t["redis_get_concurrent"] = concurrent_get(cl, r, port, objs, workers)
+    t["tcp_floor"] = tcp_floor(objs[0].nbytes, len(objs))
+    for node in cl.clients.values():
+        node.evict_dram()
+    return t
+
+
+def ratios(best: dict[str, float], n: int, size: int) -> dict[str, float]:
+    """GB/s per way, and the ratios the result file reports (Redis time over pool time: > 1 is faster)."""
+    row = {k: n * size / v / 1e9 for k, v in best.items()}
+    row["get_over_redis"] = best["redis_get"] / best["pool_get"]
+    row["put_over_redis"] = best["redis_put"] / best["pool_put"]
+    row["batch_get_over_redis_pipeline"] = best["redis_get_batch"] / best["pool_get_batch"]
+    # against Redis's faster way to read many objects here (pipelining is slower than single GETs for large
+    # values with redis-py): the fair ratio for the batch path
+    row["batch_get_over_redis_best"] = min(best["redis_get_batch"], best["redis_get"]) / best["pool_get_batch"]
+    row["local_get_over_redis"] = best["redis_get"] / best["pool_get_local"]
+    row["mediated_get_over_redis"] = best["redis_get"] / best["pool_get_mediated"]
+    row["concurrent_get_over_redis"] = best["redis_get_concurrent"] / best["pool_get_concurrent"]
+    row["tcp_floor_over_redis"] = best["redis_get"] / best["tcp_floor"]
+    row["get_ms"] = best["pool_get"] / n * 1000
+    row["local_get_ms"] = best["pool_get_local"] / n * 1000
+    return row
+
+
+def report(size_mb: int, n: int, workers: int, row: dict[str, float]) -> None:
+    print(f"{size_mb:>2} MB x{n}: pool PUT {row['pool_put']:.2f} GB/s vs Redis {row['redis_put']:.2f} "
+          f"({row['put_over_redis']:.2f}x); pool GET {row['pool_get']:.2f} GB/s vs Redis "
+          f"{row['redis_get']:.2f} ({row['get_over_redis']:.2f}x); batched GET {row['pool_get_batch']:.2f} "
+          f"vs Redis pipeline {row['redis_get_batch']:.2f} ({row['batch_get_over_redis_pipeline']:.2f}x; "
+          f"{row['batch_get_over_redis_best']:.2f}x Redis's faster way); "
+          f"per GET {row['get_ms']:.2f} ms fetched, {row['local_get_ms']:.2f} ms once local "
+          f"({row['local_get_over_redis']:.2f}x Redis); node-mediated GET {row['mediated_get_over_redis']:.2f}x; "
+          f"{workers} clients at once: pool {row['pool_get_concurrent']:.2f} GB/s vs Redis "
+          f"{row['redis_get_concurrent']:.2f} ({row['concurrent_get_over_redis']:.2f}x); bare TCP transfer "
+          f"{row['tcp_floor']:.2f} GB/s ({row['tcp_floor_over_redis']:.2f}x Redis: the ceiling for one hop)")
+
+
 def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
     import redis
 
@@ -281,60 +335,18 @@ def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
             break
         except redis.ConnectionError:
             time.sleep(0.1)
-    a, b, c = cl.ids
     out: dict[str, Any] = {}
     try:
         for size_mb in (1, 4, 32):
             n = max(4, 64 // size_mb)
             objs = [np.random.default_rng(i).integers(0, 255, size_mb * MB, dtype=np.uint8) for i in range(n)]
             dst = [np.empty(size_mb * MB, dtype=np.uint8) for _ in range(n)]
-            best = {"pool_put": 1e9, "pool_get": 1e9, "redis_put": 1e9, "redis_get": 1e9,
-                    "pool_get_batch": 1e9, "redis_get_batch": 1e9, "pool_get_local": 1e9, "pool_get_mediated": 1e9,
-                    "pool_get_concurrent": 1e9, "redis_get_concurrent": 1e9, "tcp_floor": 1e9}
+            best: dict[str, float] = {}
             for _ in range(args.reps):
-                t_put, keys = pool_put(cl, a, b, objs)  # written on A, owned by B
-                t_get = pool_get(cl, c, keys, dst)      # read on C: fetched from B
-                t_local = pool_get(cl, c, keys, dst)    # read again: C holds them now (one hop, no network)
-                r_put, r_get = redis_side(r, objs, dst)
-                _, keys2 = pool_put(cl, a, b, objs)
-                t_batch = pool_get_batch(cl, c, keys2, dst)
-                r_batch = redis_get_batch(r, objs, dst)
-                _, keys3 = pool_put(cl, a, b, objs)
-                t_med = pool_get(cl, c, keys3, dst, direct=False)  # the node fetches (two hops)
-                for node in cl.clients.values():
-                    node.evict_dram()
-                t_conc, r_conc = concurrent_get(cl, r, port, objs, args.workers)
-                floor = tcp_floor(size_mb * MB, n)
-                best = {k: min(best[k], v) for k, v in zip(best, (t_put, t_get, r_put, r_get, t_batch, r_batch, t_local,
-                                                                  t_med, t_conc, r_conc, floor), strict=True)}
-                for node in cl.clients.values():
-                    node.evict_dram()  # (no SSD here: frees the arenas for the next round)
-            total = n * size_mb * MB
-            row = {k: total / v / 1e9 for k, v in best.items()}
-            row["get_over_redis"] = best["redis_get"] / best["pool_get"]
-            row["put_over_redis"] = best["redis_put"] / best["pool_put"]
-            row["batch_get_over_redis_pipeline"] = best["redis_get_batch"] / best["pool_get_batch"]
-            # against Redis's faster way to read many objects here (pipelining is slower than single GETs for
-            # large values with redis-py): the fair ratio for the batch path
-            row["batch_get_over_redis_best"] = min(best["redis_get_batch"], best["redis_get"]) / best["pool_get_batch"]
-            row["local_get_over_redis"] = best["redis_get"] / best["pool_get_local"]
-            row["mediated_get_over_redis"] = best["redis_get"] / best["pool_get_mediated"]
-            row["concurrent_get_over_redis"] = best["redis_get_concurrent"] / best["pool_get_concurrent"]
-            row["tcp_floor_over_redis"] = best["redis_get"] / best["tcp_floor"]
-            row["get_ms"] = best["pool_get"] / n * 1000
-            row["local_get_ms"] = best["pool_get_local"] / n * 1000
-            out[f"{size_mb}mb"] = row
-            print(f"{size_mb:>2} MB x{n}: pool PUT {row['pool_put']:.2f} GB/s vs Redis {row['redis_put']:.2f} "
-                  f"({row['put_over_redis']:.2f}x); pool GET {row['pool_get']:.2f} GB/s vs Redis "
-                  f"{row['redis_get']:.2f} ({row['get_over_redis']:.2f}x); batched GET {row['pool_get_batch']:.2f} "
-                  f"vs Redis pipeline {row['redis_get_batch']:.2f} ({row['batch_get_over_redis_pipeline']:.2f}x; "
-                  f"{row['batch_get_over_redis_best']:.2f}x Redis's faster way); "
-                  f"per GET {row['get_ms']:.2f} ms fetched, {row['local_get_ms']:.2f} ms once local "
-                  f"({row['local_get_over_redis']:.2f}x Redis); node-mediated GET "
-                  f"{row['mediated_get_over_redis']:.2f}x; "
-                  f"{args.workers} clients at once: pool {row['pool_get_concurrent']:.2f} GB/s vs Redis "
-                  f"{row['redis_get_concurrent']:.2f} ({row['concurrent_get_over_redis']:.2f}x); bare TCP transfer "
-                  f"{row['tcp_floor']:.2f} GB/s ({row['tcp_floor_over_redis']:.2f}x Redis: the ceiling for one hop)")
+                for k, v in one_round(cl, r, port, objs, dst, args.workers).items():
+                    best[k] = min(best.get(k, v), v)
+            out[f"{size_mb}mb"] = row = ratios(best, n, size_mb * MB)
+            report(size_mb, n, args.workers, row)
     finally:
         cl.stop()
         rs.terminate()
