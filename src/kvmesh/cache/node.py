@@ -238,6 +238,8 @@ class CacheNode:
         commit's checksum is) and lease them to it."""
         st = self.store
         for meta in metas:
+            if meta.key not in conn.reserved:  # only into its own reservations
+                continue
             conn.reserved.discard(meta.key)
             if st.writing.get(meta.key, (0, -1))[1] != meta.size or not st.commit(meta):
                 st.abort(meta.key)
