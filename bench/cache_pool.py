@@ -6,6 +6,9 @@
      are picked so the owner is another node: every byte crosses the network); Redis: ``SET``.
    - pool GET: read through node C's shared memory (lease, verify, copy out) of objects C does not hold, so
      each is fetched from its owner over TCP first; Redis: ``GET`` (redis-py with hiredis).
+   Also, same run: GET of objects C now holds; one batched GET vs a Redis pipeline; GETs the node fetches
+   itself (two hops); ``--workers`` client processes at once on both sides; reads straight from the owner
+   with no local node; and a bare TCP transfer of the same objects (the ceiling for any one-hop store here).
    Best of ``--reps`` per size, sides interleaved.
 2. Hit rate: the Mooncake conversation trace through 8 per-node LRU caches vs one pooled LRU cache of the
    same total size (requests placed round-robin) — a trace-driven model of the tier (kvmesh.bench.cachesim),
@@ -36,6 +39,7 @@ from bench.common import write_result
 from kvmesh.bench.cachesim import simulate
 from kvmesh.bench.workloads import infinite_cache_hit_rate, load_mooncake
 from kvmesh.cache import NodeClient
+from kvmesh.cache.pool.direct import PeerReader
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.ssd import checksum
@@ -117,6 +121,24 @@ def pool_get(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray],
         dst[:] = np.frombuffer(leases[0].view, dtype=np.uint8)
         r.release(leases)
     return time.perf_counter() - t0
+
+
+def owner_only_get(cl: Cluster, owner: str, keys: list[bytes], out: list[np.ndarray]) -> float:
+    """Reads straight from the owner's peer port, as if the local node did not exist (no local copy, no
+    lookup): checksum-verified and copied out like the other rows.  What an owner-first design could do."""
+    reader = PeerReader(timeout_s=60)
+    buf = memoryview(bytearray(out[0].nbytes))
+    addr = f"127.0.0.1:{cl.ports[owner]}"
+    reader.get(addr, [b"warm-up"], lambda j, m: None)  # connect before the clock starts
+    t0 = time.perf_counter()
+    for k, dst in zip(keys, out, strict=True):
+        [meta] = reader.get(addr, [k], lambda j, m: buf)
+        if checksum(buf) != meta.checksum:
+            raise SystemExit("owner-only read: checksum mismatch")
+        dst[:] = np.frombuffer(buf, dtype=np.uint8)
+    t = time.perf_counter() - t0
+    reader.close()
+    return t
 
 
 def pool_get_batch(cl: Cluster, reader: str, keys: list[bytes], out: list[np.ndarray]) -> float:
@@ -272,6 +294,7 @@ def one_round(cl: Cluster, r: Any, port: int, objs: list[np.ndarray], dst: list[
     t["pool_put"], keys = pool_put(cl, a, b, objs)  # written on A, owned by B
     t["pool_get"] = pool_get(cl, c, keys, dst)  # read on C: fetched from B
     t["pool_get_local"] = pool_get(cl, c, keys, dst)  # read again: C holds them now (no network)
+    t["owner_only_get"] = owner_only_get(cl, b, keys, dst)
     t["redis_put"], t["redis_get"] = redis_side(r, objs, dst)
     _, keys = pool_put(cl, a, b, objs)
     t["pool_get_batch"] = pool_get_batch(cl, c, keys, dst)
@@ -300,6 +323,7 @@ def ratios(best: dict[str, float], n: int, size: int) -> dict[str, float]:
     row["mediated_get_over_redis"] = best["redis_get"] / best["pool_get_mediated"]
     row["concurrent_get_over_redis"] = best["redis_get_concurrent"] / best["pool_get_concurrent"]
     row["tcp_floor_over_redis"] = best["redis_get"] / best["tcp_floor"]
+    row["owner_only_get_over_redis"] = best["redis_get"] / best["owner_only_get"]
     row["get_ms"] = best["pool_get"] / n * 1000
     row["local_get_ms"] = best["pool_get_local"] / n * 1000
     return row
@@ -315,7 +339,8 @@ def report(size_mb: int, n: int, workers: int, row: dict[str, float]) -> None:
           f"({row['local_get_over_redis']:.2f}x Redis); node-mediated GET {row['mediated_get_over_redis']:.2f}x; "
           f"{workers} clients at once: pool {row['pool_get_concurrent']:.2f} GB/s vs Redis "
           f"{row['redis_get_concurrent']:.2f} ({row['concurrent_get_over_redis']:.2f}x); bare TCP transfer "
-          f"{row['tcp_floor']:.2f} GB/s ({row['tcp_floor_over_redis']:.2f}x Redis: the ceiling for one hop)")
+          f"{row['tcp_floor']:.2f} GB/s ({row['tcp_floor_over_redis']:.2f}x Redis: the ceiling for one hop); "
+          f"straight from the owner, no local node: {row['owner_only_get_over_redis']:.2f}x Redis")
 
 
 def throughput(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
