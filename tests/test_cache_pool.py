@@ -7,8 +7,10 @@ import json
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -16,9 +18,10 @@ import pytest
 
 from kvmesh.cache import NodeClient
 from kvmesh.cache import protocol as proto
+from kvmesh.cache.pool import peer
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import checksum
+from kvmesh.cache.ssd import ObjectMeta, checksum
 from tests.helpers import free_port_block, wait_until
 from tests.servers import etcd_server
 
@@ -41,10 +44,15 @@ class Pool:
         self.converge()
 
     def converge(self) -> None:
-        """Wait until every running node's ring holds every running node."""
+        """Wait until every running node's ring holds every running node (and the outside members)."""
+        members = len(self.procs) + sum(a.startswith("--peer=") for a in self.extra)
         for nid in self.procs:
             c = self.client(nid)
-            wait_until(lambda c=c: c.stats().get("pool_members") == len(self.procs), 30, f"node {nid} to see the pool")
+
+            def sees_all(c: NodeClient = c) -> bool:
+                return c.stats().get("pool_members") == members
+
+            wait_until(sees_all, 30, f"node {nid} to see the pool")
 
     def sock(self, nid: str) -> pathlib.Path:
         return self.tmp / nid / "node.sock"
@@ -337,3 +345,70 @@ def test_a_killed_nodes_arena_is_swept_by_the_next_node(make_pool) -> None:  # t
     pool.start(nid)
     wait_until(lambda: bool(pool.client(nid).stats()), 30, "the restarted node")
     assert not arena.exists()
+
+
+class BrokenPeer:
+    """A pool member that answers health checks and lookups correctly but breaks every GET: the reply
+    announces whole chunks, then the connection ends halfway through the first one (``mode="truncate"``) or
+    the bytes are not the chunk's (``mode="garbage"``)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.gets = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            while True:
+                try:
+                    req = peer.req_decoder.decode(proto.recv_frame(conn))
+                except (OSError, ConnectionError):
+                    return
+                if isinstance(req, peer.PStats):
+                    conn.sendall(peer.encode(peer.PStatsReply("evil", {"dram_capacity_bytes": 64 << 20})))
+                elif isinstance(req, peer.PHas):
+                    conn.sendall(peer.encode(peer.PHasReply([True] * len(req.keys))))
+                elif isinstance(req, peer.PGet):
+                    self.gets += 1
+                    good = bytes(64 * KB)
+                    metas = [ObjectMeta(k, len(good), checksum(good)) for k in req.keys]
+                    conn.sendall(peer.encode(peer.PGetReply(metas)))
+                    if self.mode == "truncate":
+                        conn.sendall(good[:len(good) // 2])
+                        return
+                    for _ in metas:
+                        conn.sendall(os.urandom(len(good)))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@pytest.mark.parametrize("mode", ["truncate", "garbage"])
+@pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])
+def test_a_peer_that_breaks_the_protocol_gives_misses(make_pool, mode: str, direct: bool) -> None:  # type: ignore[no-untyped-def]
+    evil = BrokenPeer(mode)
+    try:
+        pool = make_pool(1, extra=(f"--peer=evil=127.0.0.1:{evil.port}",))
+        c = pool.client(pool.ids[0])  # (the pool formed: the node took the broken peer in)
+        ring = Ring.build({pool.ids[0]: 64 << 20, "evil": 64 << 20})
+        keys = [k for k in (uuid.uuid4().bytes for _ in range(40)) if ring.owners(k)[0] == "evil"][:8]
+        used = c.stats()["dram_used_bytes"]
+        assert c.lookup(keys) == len(keys)  # it claims to hold them all
+        for k in keys:
+            assert c.get([k], fetch_size=64 * KB if direct else 0) == []  # a miss each time, never bad bytes
+        assert evil.gets >= 1
+        assert c.lookup(keys, local=True) == 0  # nothing it sent was kept
+        wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "the space reserved for it to be freed")
+        assert c.stats()["pool_members"] in (1, 2)  # the node is still serving
+    finally:
+        evil.close()
