@@ -168,6 +168,7 @@ def test_written_on_a_read_on_c(make_pool, direct: bool) -> None:  # type: ignor
     human = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2]))],
                            capture_output=True, text=True, timeout=60).stdout
     assert human.count("node ") == 3 and "pool of 3 (R=1)" in human and "hit rate" in human
+    assert "from pool peers" in human and (view["nodes"][pool.ids[2]].get("pool_direct_reads", 0) > 0) == direct
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])

@@ -461,8 +461,10 @@ def cache_status(
         hits = sum(v for k, v in st.items() if k.startswith("hits_"))
         rate = hits / (hits + st.get("misses", 0)) if hits + st.get("misses", 0) else 0.0
         pool = f", pool of {int(st['pool_members'])} (R={int(st['pool_replicas'])})" if "pool_members" in st else ""
+        peers = (f"; {int(st['hits_remote'])} from pool peers, {int(st.get('pool_direct_reads', 0))} of them read "
+                 f"directly by engines" if st.get("hits_remote") else "")
         typer.echo(f"node {nid}{' (this one)' if nid == c.node_id else ''}{pool}: hit rate {rate:.0%} "
-                   f"({int(hits)} hits, {int(st.get('misses', 0))} misses)")
+                   f"({int(hits)} hits, {int(st.get('misses', 0))} misses{peers})")
         for tier in ("dram", "ssd"):
             used, cap = st[f"{tier}_used_bytes"], st[f"{tier}_capacity_bytes"]
             pct = 100 * used / cap if cap else 0.0

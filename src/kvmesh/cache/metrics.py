@@ -41,4 +41,5 @@ class CacheMetrics:
         out = {f"hits_{t}": get("kvmesh_cache_hits_total", {"tier": t}) or 0.0
                for t in ("dram", "ssd", "remote", "redis", "s3", "fs")}
         out["misses"] = get("kvmesh_cache_misses_total") or 0.0
+        out["pool_direct_reads"] = get("kvmesh_cache_pool_direct_reads_total") or 0.0
         return {k: v for k, v in out.items() if v or k in ("hits_dram", "hits_ssd", "misses")}
