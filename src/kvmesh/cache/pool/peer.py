@@ -118,15 +118,12 @@ class PeerClient:
                         sock = await self._connect()
                         self._open.add(sock)
                     reply = await self._call(sock, msg, payload, sink)
-            except (OSError, TimeoutError, msgspec.DecodeError, PeerError) as e:
+            except BaseException as e:  # an error or a cancellation mid-exchange: the connection is unusable
                 if sock is not None:
                     self._open.discard(sock)
                     sock.close()
-                raise PeerError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
-            except BaseException:  # cancelled mid-exchange: the connection's state is unknown
-                if sock is not None:
-                    self._open.discard(sock)
-                    sock.close()
+                if isinstance(e, OSError | TimeoutError | msgspec.DecodeError):  # (PeerError is an OSError)
+                    raise PeerError(f"{self.host}:{self.port}: {type(e).__name__}: {e}") from None
                 raise
             if sock in self._open:  # (close() may have run meanwhile)
                 self._idle.append(sock)
