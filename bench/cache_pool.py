@@ -37,7 +37,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
 from kvmesh.bench.cachesim import simulate
-from kvmesh.bench.workloads import infinite_cache_hit_rate, load_mooncake
+from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake
 from kvmesh.cache import NodeClient
 from kvmesh.cache.pool.direct import PeerReader
 from kvmesh.cache.pool.ring import Ring

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kvmesh.bench.cachesim import LruBlocks, simulate
-from kvmesh.bench.workloads import TraceRequest
+from kvmesh.workloads import TraceRequest
 
 
 def test_pool_finds_what_round_robin_scatters() -> None:

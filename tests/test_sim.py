@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from kvmesh.bench.workloads import infinite_cache_hit_rate, load_mooncake, mooncake_prompt
+from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake, mooncake_prompt
 from kvmesh.index import BlockRemoved, BlockStored, EventBatch, KvIndex, block_keys, root_seed
 from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
 from kvmesh.sim.blockpool import BlockPool
@@ -128,7 +128,7 @@ def test_mooncake_slice() -> None:
 
 
 def test_azure_and_weka_loaders(tmp_path: pathlib.Path) -> None:
-    from kvmesh.bench.workloads import TraceError, load_trace
+    from kvmesh.workloads import TraceError, load_trace
 
     (tmp_path / "az.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
                                      "2023-11-16 18:15:46.6805900,1000,44\n2023-11-16 18:15:48.1805900,30,9\n")
@@ -171,7 +171,7 @@ def test_calibration_recovers_a_simulated_engines_profile(loop_thread, tiny_mode
 
 
 def test_multi_turn_chat_sessions_extend_their_own_history() -> None:
-    from kvmesh.bench.workloads import multi_turn_chat
+    from kvmesh.workloads import multi_turn_chat
 
     reqs = multi_turn_chat(6, 4, rate=1.0, think_s=2.0, system_blocks=2, seed=3)
     assert len(reqs) == 24 and [r.arrival_s for r in reqs] == sorted(r.arrival_s for r in reqs)

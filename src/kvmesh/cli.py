@@ -254,7 +254,7 @@ def sim(
     limit: Annotated[int | None, typer.Option(help="Only the first N requests")] = None,
 ) -> None:
     """Virtual-time simulation of N engines under kvmesh's real routing policies and KV index."""
-    from kvmesh.bench.workloads import TraceError
+    from kvmesh.workloads import TraceError
     from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
 
     if replicas < 1 or tokens_per_block < 1:
@@ -292,7 +292,7 @@ def bench_run(
     import time
 
     from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
-    from kvmesh.bench.workloads import TraceError, load_trace, multi_turn_chat, shared_prefix_groups
+    from kvmesh.workloads import TraceError, load_trace, multi_turn_chat, shared_prefix_groups
 
     if mode not in ("trace", "poisson", "closed"):
         _fail("--mode must be trace, poisson or closed")
@@ -345,7 +345,7 @@ def bench_compare(
     import json
 
     from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
-    from kvmesh.bench.workloads import TraceError
+    from kvmesh.workloads import TraceError
     from kvmesh.models import demo
 
     model_dir = run_dir / "demo-tiny"

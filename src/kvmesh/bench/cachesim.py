@@ -13,7 +13,7 @@ import collections
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceRequest
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest
 
 
 class LruBlocks:

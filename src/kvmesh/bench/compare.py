@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import httpx
 
 from kvmesh.bench.util import pct, wait_http
-from kvmesh.bench.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
 

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 from rich.progress import Progress
 
-from kvmesh.bench.workloads import TraceRequest, block_tokens
+from kvmesh.workloads import TraceRequest, block_tokens
 
 
 @dataclass(slots=True)

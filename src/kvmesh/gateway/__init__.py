@@ -2,6 +2,6 @@
 
 from kvmesh.gateway.app import Gateway
 from kvmesh.gateway.backends import Backend, BackendPool
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 
 __all__ = ["ApiError", "Backend", "BackendPool", "Gateway"]

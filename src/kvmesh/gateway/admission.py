@@ -21,7 +21,7 @@ import collections
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 
 
 @dataclass(slots=True)

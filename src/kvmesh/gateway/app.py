@@ -23,14 +23,14 @@ from aiohttp import web
 from kvmesh.config import ConfigError, GatewayConfig, load_stack_config
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.backends import Backend, BackendPool
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.proxy import CONNECT_ERRORS, Exchange, open_upstream, relay_stream, relay_whole
 from kvmesh.gateway.reconfig import reconfigure
 from kvmesh.gateway.tenants import Tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
-from kvmesh.gateway.validation import parse_json, prompt_size_estimate, validate
+from kvmesh.api.validation import parse_json, prompt_size_estimate, validate
 from kvmesh.index import IndexFeed, KvIndex
 from kvmesh.routing import NoCandidate, Policy, RequestContext, make_policy
 from kvmesh.routing.kv_aware import KvAwarePolicy

@@ -19,7 +19,7 @@ import msgspec
 from aiohttp import web
 
 from kvmesh.gateway.backends import Backend
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 from kvmesh.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 
 
 class TenantConfig(BaseModel):

@@ -25,7 +25,7 @@ import zmq.asyncio
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from kvmesh.gateway.validation import parse_json, validate
+from kvmesh.api.validation import parse_json, validate
 from kvmesh.index import EventBatch, block_keys, encode_batch, root_seed
 from kvmesh.index.hashing import salted_seed
 from kvmesh.sim.core import EngineCore, SimRequest

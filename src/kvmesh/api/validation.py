@@ -12,7 +12,7 @@ from typing import Any
 
 import msgspec
 
-from kvmesh.gateway.errors import ApiError
+from kvmesh.api.errors import ApiError
 
 _json = msgspec.json.Decoder()
 
