@@ -100,6 +100,8 @@ def run(args: argparse.Namespace, admission: bool, tmp: pathlib.Path) -> dict[st
     port = args.port + 10
     limits = f"max_in_flight_per_backend = {args.per_backend}\n" if admission else ""
     pin = f'cpu_affinity = "{args.engine_cores}"\ncpu_bind = "{args.engine_cores}"\n' if args.engine_cores else ""
+    # vLLM-only fields: a simulated engine's config refuses them (it runs inside the `kvmesh up` process)
+    vllm_only = "max_model_len = 4096\n" + pin if args.engine_kind == "vllm" else ""
     conf = tmp / f"stack-{admission}.toml"
     conf.write_text(f"""model_size = "tiny"
 engine_kind = "{args.engine_kind}"
@@ -107,8 +109,7 @@ engine_kind = "{args.engine_kind}"
 kind = "{args.engine_kind}"
 model = "{model}"
 served_model_name = "{DEMO_MODEL_NAME}"
-max_model_len = 4096
-{pin}[cache]
+{vllm_only}[cache]
 enabled = false
 [supervisor]
 replicas = {args.replicas}

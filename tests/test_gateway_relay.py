@@ -9,8 +9,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from tests.helpers import LoopThread, wait_until
+from tests.helpers import LoopThread
 from tests.scripted_engine import ScriptedEngine
+
+TTFT_S = 2.0  # first-token timeout: a hung engine's certain fate, a healthy one's generous deadline
 
 
 @pytest.fixture
@@ -62,10 +64,12 @@ def test_hung_engine_is_bypassed_by_the_first_token_timeout(make_gateway, loop_t
     for e in (hung, ok):
         loop_thread.run(e.start())
     try:
-        gw = make_gateway(backends=(hung.url, ok.url), policy="round-robin", ttft_timeout_s=0.5,
+        # The hung engine never answers, so the timeout fires for certain; TTFT_S only bounds how long the
+        # healthy one may take to send its first event on a loaded machine.
+        gw = make_gateway(backends=(hung.url, ok.url), policy="round-robin", ttft_timeout_s=TTFT_S,
                           health_interval_s=300)
         body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
-        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=10) as r:
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=30) as r:
             assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1"
             assert [x for x in r.iter_lines() if x.startswith("data: ")][-1] == "data: [DONE]"
         assert not gw.pool.backends[0].healthy
@@ -81,9 +85,13 @@ def test_circuit_breaker_opens_probes_and_closes(make_gateway, loop_thread: Loop
     for e in (hung, good):
         loop_thread.run(e.start())
     # Frequent health checks: a hung engine answers /health, which must NOT close its breaker.
-    gw = make_gateway(backends=(hung.url, good.url), policy="round-robin", ttft_timeout_s=0.5, health_interval_s=0.1)
+    gw = make_gateway(backends=(hung.url, good.url), policy="round-robin", ttft_timeout_s=TTFT_S,
+                      health_interval_s=0.1)
     body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
     b0 = gw.pool.backends[0]
+    # The cooldown is long enough never to end by itself during the test; the test ends it by hand (as a
+    # clock would), so what is open and what is half-open does not depend on how fast the machine runs.
+    b0.breaker.base_s, b0.breaker.max_s = 100.0, 1000.0
 
     def served() -> str:
         with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=30) as r:
@@ -91,17 +99,25 @@ def test_circuit_breaker_opens_probes_and_closes(make_gateway, loop_thread: Loop
             list(r.iter_lines())
             return r.headers["x-kvmesh-backend"]
 
+    def end_cooldown() -> None:
+        def go() -> None:
+            b0.breaker.opened_at -= b0.breaker.cooldown_s
+
+        loop_thread.call(go)
+        assert loop_thread.call(lambda: b0.healthy)  # half-open: one probe may go through
+
     try:
         while b0.breaker.trips == 0:
             assert served() == "backend-1"  # the hung one timed out, the request was retried: never lost
         assert b0.breaker.state == "open" and not b0.healthy
         assert {served() for _ in range(3)} == {"backend-1"}  # open: skipped although /health says ok
-        wait_until(lambda: loop_thread.call(lambda: b0.healthy), 10, "the cooldown to end (half-open)")
+        end_cooldown()
         for _ in range(2):  # round-robin reaches the half-open backend within two requests
             assert served() == "backend-1"  # ... whose probe fails and is retried on the other one
-        assert b0.breaker.trips == 2 and b0.breaker.cooldown_s == 2.0  # backed off
+        assert b0.breaker.trips == 2 and b0.breaker.cooldown_s == 200.0  # backed off: twice the cooldown
+        assert not loop_thread.call(lambda: b0.healthy)
         hung.hang = False  # the engine recovers
-        wait_until(lambda: loop_thread.call(lambda: b0.healthy), 10, "the next half-open window")
+        end_cooldown()
         assert "backend-0" in {served(), served()}  # the probe succeeded
         assert b0.breaker.state == "closed"
         assert sorted(served() for _ in range(4)) == ["backend-0", "backend-0", "backend-1", "backend-1"]

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import pathlib
-import signal
 
 import httpx
 import pytest
 
-from kvmesh.engines import VllmEngine
+from kvmesh.gateway import tenants as tenants_module
 from kvmesh.gateway.tenants import hash_key
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
-from tests.helpers import LoopThread, wait_until
+from tests.helpers import LoopThread, VirtualClock, wait_until
+from tests.scripted_engine import ScriptedEngine
 
 MODEL = DEMO_MODEL_NAME
 KEYS = {"alpha": "sk-alpha-secret", "beta": "sk-beta-secret", "slow": "sk-slow", "solo": "sk-solo"}
@@ -70,7 +69,11 @@ def test_api_keys(gw) -> None:  # type: ignore[no-untyped-def]
     assert all(k not in metrics for k in KEYS.values())
 
 
-def test_requests_per_minute_limit(gw) -> None:  # type: ignore[no-untyped-def]
+def test_requests_per_minute_limit(gw, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    # The limiter's clock stands still: no request is refilled mid-test, however slow the machine.
+    clock = VirtualClock()
+    clock.now += 60  # the buckets are full
+    clock.install(monkeypatch, tenants_module)
     codes = [complete(gw.url, "slow").status_code for _ in range(3)]
     assert codes == [200, 200, 200]
     r = complete(gw.url, "slow")
@@ -79,28 +82,24 @@ def test_requests_per_minute_limit(gw) -> None:  # type: ignore[no-untyped-def]
     assert complete(gw.url, "alpha").status_code == 200  # other tenants are unaffected
 
 
-def test_max_concurrent(gw, stack: Stack) -> None:  # type: ignore[no-untyped-def]
-    # The first request must still hold its slot when the second arrives: real engines are paused
-    # (SIGSTOP; the kernel still accepts the connection), simulated ones take seconds for 800 tokens.
-    engines = [e for e in stack.engines if isinstance(e, VllmEngine)]
-    body = {"model": MODEL, "prompt": "go", "max_tokens": 800, "ignore_eos": True}
-    for e in engines:
-        e.kill(signal.SIGSTOP)
+def test_max_concurrent(make_gateway, tenants_file: pathlib.Path, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    # The limit is the gateway's: a scripted upstream holds the first stream open (after its first event)
+    # until the test releases it, so the second request certainly arrives while the first holds its slot.
+    eng = loop_thread.call(lambda: ScriptedEngine("s0", model=MODEL))
+    loop_thread.run(eng.start())
+    gw = make_gateway(backends=(eng.url,), tenants_file=str(tenants_file))
+    body = {"model": MODEL, "prompt": "go", "max_tokens": 2, "stream": True}
     try:
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            held = pool.submit(httpx.post, f"{gw.url}/v1/completions", json=body, headers=auth("solo"),
-                               timeout=120)
-            wait_until(lambda: gw.tenants.tenants["solo"].in_flight == 1 or held.done(), 30, "the first request")
-            assert not held.done(), "the engine finished 800 tokens before the check"
+        with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, headers=auth("solo"), timeout=60) as held:
+            lines = held.iter_lines()
+            assert next(lines).startswith("data: ")  # in flight, and held there
             r = complete(gw.url, "solo")
             assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
-            for e in engines:
-                e.kill(signal.SIGCONT)
-            assert held.result(120).status_code == 200
+            loop_thread.call(lambda: eng.gates[0].set())  # release the held stream
+            assert [x for x in lines if x.startswith("data: ")][-1] == "data: [DONE]"
+        assert complete(gw.url, "solo").status_code == 200  # the slot was released
     finally:
-        for e in engines:
-            e.kill(signal.SIGCONT)
-    assert complete(gw.url, "solo").status_code == 200  # the slot was released
+        loop_thread.run(eng.stop())
 
 
 def test_cache_salt_isolates_tenants(stack: Stack, make_gateway, tenants_file: pathlib.Path) -> None:  # type: ignore[no-untyped-def]
