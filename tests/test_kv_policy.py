@@ -8,7 +8,8 @@ import random
 from prometheus_client import CollectorRegistry
 
 from kvmesh.config import RoutingConfig
-from kvmesh.index import BlockStored, EventBatch, KvIndex
+from kvmesh.index.events import BlockStored, EventBatch
+from kvmesh.index.index import KvIndex
 from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy
 
@@ -29,9 +30,10 @@ def warm(idx: KvIndex, engine: str, tokens: list[int]) -> None:
 
 def route(policy, cands: list[Cand], c: RequestContext) -> Cand:  # type: ignore[no-untyped-def]
     """Route like the gateway does: choose, commit, account the prefill as pending (never finished)."""
-    b = policy.choose(c, cands).backend
-    policy.on_routed(c, b.name)
-    b.pending_prefill_tokens += c.uncached[b.name]
+    d = policy.choose(c, cands)
+    b = d.backend
+    policy.on_routed(c, d)
+    b.pending_prefill_tokens += d.prefill_tokens
     b.in_flight += 1
     return b  # type: ignore[no-any-return]
 
@@ -104,11 +106,12 @@ def test_degrades_to_load_and_counts_why() -> None:
 def test_learns_prefill_throughput_from_ttft() -> None:
     p = make_policy("kv-aware", index=KvIndex("m"), cfg=RoutingConfig(prefill_tps=1000))
     c = ctx(list(range(4000)))
-    p.choose(c, [Cand("a")])
+    d = p.choose(c, [Cand("a")])
+    assert d.prefill_tokens == 4000  # nothing cached: the whole prompt
     for _ in range(30):
-        p.on_first_token(c, "a", 0.5, queued_tokens=0)  # 4000 tokens in 0.5 s = 8000 tok/s
+        p.on_first_token(c, d, 0.5, queued_tokens=0)  # 4000 tokens in 0.5 s = 8000 tok/s
     assert 7500 < p.model.tps("a") <= 8000  # type: ignore[attr-defined]
-    p.on_first_token(c, "a", 50.0, queued_tokens=1000)  # it queued: not a throughput sample
+    p.on_first_token(c, d, 50.0, queued_tokens=1000)  # it queued: not a throughput sample
     assert p.model.tps("a") > 7500  # type: ignore[attr-defined]
 
 

@@ -11,16 +11,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
-from kvmesh.gateway.backends import Backend
 from kvmesh.api.errors import ApiError
+from kvmesh.gateway.backends import Backend
 from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.request import ProxyRequest
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +29,13 @@ CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError,
 _PASS_HEADERS = ("authorization", "x-request-id")
 
 
-@dataclass(slots=True)
-class Exchange:
-    """Timing of one proxied request (perf_counter seconds)."""
-
-    endpoint: str
-    t_arrival: float
-    t_forward: float = 0.0
-    t_first: float = 0.0
-    chunks: int = 0
-    on_first: Callable[[], None] | None = None
-    used_tokens: int | None = None  # prompt + completion tokens, when the engine reported or we counted them
-
-
-async def open_upstream(http: aiohttp.ClientSession, b: Backend, path: str, body: bytes,
-                        request: web.Request) -> aiohttp.ClientResponse:
+async def open_upstream(http: aiohttp.ClientSession, b: Backend, req: ProxyRequest) -> aiohttp.ClientResponse:
     """Send the request and return once response headers arrived; raises one of ``CONNECT_ERRORS``."""
     headers = {"content-type": "application/json"}
     for h in _PASS_HEADERS:
-        if h in request.headers:
-            headers[h] = request.headers[h]
-    return await http.post(f"{b.url}{path}", data=body, headers=headers)
+        if h in req.http.headers:
+            headers[h] = req.http.headers[h]
+    return await http.post(f"{b.url}{req.path}", data=req.body, headers=headers)
 
 
 def _response_headers(b: Backend, upstream: aiohttp.ClientResponse) -> dict[str, str]:
@@ -59,16 +45,16 @@ def _response_headers(b: Backend, upstream: aiohttp.ClientResponse) -> dict[str,
 _usage = msgspec.json.Decoder(dict)
 
 
-async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, ex: Exchange | None = None) -> web.Response:
+async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, req: ProxyRequest | None = None) -> web.Response:
     body = await upstream.read()
     if upstream.status >= 400 and not upstream.headers.get("Content-Type", "").startswith("application/json"):
         # keep the engine's status, but in the OpenAI error shape clients parse
         text = body[:300].decode("utf-8", "replace").strip()
         return ApiError(upstream.status, f"backend {b.name} answered {upstream.status}: {text}",
                         kind="upstream_error").response()
-    if ex is not None and upstream.status == 200:
+    if req is not None and upstream.status == 200:
         try:
-            ex.used_tokens = int(_usage.decode(body).get("usage", {}).get("total_tokens"))
+            req.used_tokens = int(_usage.decode(body).get("usage", {}).get("total_tokens"))
         except (msgspec.DecodeError, TypeError, ValueError, AttributeError):
             pass
     return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream))
@@ -81,22 +67,22 @@ async def _chunks(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterat
         yield chunk
 
 
-async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, b: Backend,
-                       ex: Exchange, metrics: GatewayMetrics, first: bytes = b"") -> web.StreamResponse:
+async def relay_stream(req: ProxyRequest, upstream: aiohttp.ClientResponse, b: Backend,
+                       metrics: GatewayMetrics, first: bytes = b"") -> web.StreamResponse:
     """Relay an SSE stream whose ``first`` chunk was already read; returns the (finished) response.  Raises
     CancelledError on client disconnect after closing the upstream connection."""
     headers = _response_headers(b, upstream)
     headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=upstream.status, headers=headers)
-    await resp.prepare(request)
+    await resp.prepare(req.http)
     try:
         async for chunk in _chunks(first, upstream):
-            if not ex.chunks:
-                ex.t_first = time.perf_counter()
-                metrics.ttft.labels(ex.endpoint).observe(ex.t_first - ex.t_arrival)
-                if ex.on_first is not None:
-                    ex.on_first()
-            ex.chunks += chunk.count(b"data: ")
+            if not req.chunks:
+                req.t_first = time.perf_counter()
+                metrics.ttft.labels(req.endpoint).observe(req.t_first - req.t_arrival)
+                if req.on_first is not None:
+                    req.on_first()
+            req.chunks += chunk.count(b"data: ")
             await resp.write(chunk)
     except (ConnectionResetError, asyncio.CancelledError):
         # The client went away: dropping the upstream connection makes the engine abort the request.
@@ -106,14 +92,14 @@ async def relay_stream(request: web.Request, upstream: aiohttp.ClientResponse, b
     except (aiohttp.ClientError, TimeoutError) as e:
         upstream.close()
         metrics.errors.labels("upstream_midstream").inc()
-        log.warning("stream from %s broke after %d events: %s", b.name, ex.chunks, e)
+        log.warning("stream from %s broke after %d events: %s", b.name, req.chunks, e)
         err = ApiError(502, f"upstream {b.name} failed mid-stream: {type(e).__name__}")
         try:
             await resp.write(err.sse())
         except ConnectionResetError:
             pass
-    if ex.chunks > 2:
+    if req.chunks > 2:
         # minus the final "[DONE]" event; one event per token is vLLM's streaming granularity
-        metrics.tpot.labels(ex.endpoint).observe((time.perf_counter() - ex.t_first) / (ex.chunks - 2))
+        metrics.tpot.labels(req.endpoint).observe((time.perf_counter() - req.t_first) / (req.chunks - 2))
     await resp.write_eof()
     return resp

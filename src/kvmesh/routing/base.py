@@ -13,7 +13,10 @@ from __future__ import annotations
 import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from kvmesh.index.index import KvIndex
 
 
 @dataclass(slots=True)
@@ -28,10 +31,8 @@ class RequestContext:
     token_ids: Sequence[int] | None = None
     session_id: str | None = None
     tenant: str | None = None
-    # Filled by KV-aware scorers: the request's block keys and, per backend, the tokens it would prefill.
+    # Cut by the gateway's tokenise stage at the policy's :meth:`Policy.key_spec`; None when not known yet.
     block_keys: Sequence[int] | None = None
-    uncached: dict[str, int] = field(default_factory=dict)
-    explain: list[dict[str, object]] | None = None
 
 
 class Candidate(Protocol):
@@ -66,10 +67,28 @@ class CandidateState:
 
 
 @dataclass(slots=True)
+class Scores:
+    """What a scorer found, one entry per candidate in order: ``costs`` (lower is better); KV-aware scorers
+    also say how many prompt tokens each candidate would prefill, which block keys they matched, and — only
+    when asked to explain — a breakdown per candidate."""
+
+    costs: list[float]
+    prefill_tokens: list[int] | None = None
+    block_keys: Sequence[int] | None = None
+    explain: list[dict[str, object]] | None = None
+
+
+@dataclass(slots=True)
 class Decision:
+    """The policy's answer: the backend, each scorer's cost for it, and what the scorers found out that the
+    caller needs next (prefill tokens for load accounting, block keys to record, the explanation)."""
+
     backend: Candidate
     costs: dict[str, float] = field(default_factory=dict)
     policy: str = ""
+    prefill_tokens: int | None = None
+    block_keys: Sequence[int] | None = None
+    explain: list[dict[str, object]] | None = None
 
 
 class NoCandidate(Exception):
@@ -85,8 +104,9 @@ class Scorer(abc.ABC):
     name: str = "score"
 
     @abc.abstractmethod
-    def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[float]:
-        """One cost per candidate, same order; lower is better."""
+    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
+        """One cost per candidate, same order; lower is better.  Never mutates ``ctx``: what it learns goes
+        into the returned :class:`Scores`; ``explain`` asks for the per-candidate breakdown (costs extra)."""
 
 
 class Picker(abc.ABC):
@@ -96,8 +116,18 @@ class Picker(abc.ABC):
 
 
 class Policy:
-    """A pipeline of filters, weighted scorers and a picker.  Subclasses may react to outcomes through
-    ``on_routed`` (right after the choice) and ``on_first_token`` (when the backend starts answering)."""
+    """A pipeline of filters, weighted scorers and a picker.
+
+    The gateway talks to a policy only through this interface:
+
+    - ``needs_tokens``: tokenise requests for it (else routing sees only ``prompt_tokens_estimate``);
+    - :meth:`key_spec`: the block size and hash seed its block keys are cut at, so the tokenise stage can
+      cut them next to tokenisation (None: no keys, or block size not known yet);
+    - :attr:`event_index`: the KV index it reads, which the gateway feeds with the engines' KV events
+      (None: the policy reads none, and no events are subscribed);
+    - :meth:`choose`, then ``on_routed`` (committed, before sending) and ``on_first_token`` (the backend
+      started answering) to learn from outcomes.
+    """
 
     needs_tokens = False
 
@@ -108,8 +138,16 @@ class Policy:
         self.scorers = list(scorers)
         self.picker = picker
 
+    @property
+    def event_index(self) -> KvIndex | None:
+        return None
+
+    def key_spec(self, salt: str | None) -> tuple[int, int] | None:
+        """``(block_size, seed)`` for a request of the tenant with cache ``salt``; None when not needed/known."""
+        return None
+
     def choose(self, ctx: RequestContext, backends: Sequence[Candidate],
-               exclude: frozenset[str] = frozenset()) -> Decision:
+               exclude: frozenset[str] = frozenset(), explain: bool = False) -> Decision:
         cands = [b for b in backends if b.name not in exclude]
         for f in self.filters:
             cands = f.filter(ctx, cands)
@@ -117,15 +155,21 @@ class Policy:
             raise NoCandidate(f"no healthy backend serves model {ctx.model!r}")
         total = [0.0] * len(cands)
         per: dict[str, list[float]] = {}
+        found = Scores([])
         for scorer, weight in self.scorers:
-            s = scorer.score(ctx, cands)
-            per[scorer.name] = s
-            total = [t + weight * v for t, v in zip(total, s, strict=True)]
+            s = scorer.score(ctx, cands, explain)
+            per[scorer.name] = s.costs
+            total = [t + weight * v for t, v in zip(total, s.costs, strict=True)]
+            found.prefill_tokens = s.prefill_tokens or found.prefill_tokens
+            found.block_keys = s.block_keys or found.block_keys
+            found.explain = s.explain or found.explain
         i = self.picker.pick(ctx, cands, total)
-        return Decision(cands[i], {k: v[i] for k, v in per.items()}, self.name)
+        return Decision(cands[i], {k: v[i] for k, v in per.items()}, self.name,
+                        found.prefill_tokens[i] if found.prefill_tokens else None,
+                        found.block_keys if found.block_keys is not None else ctx.block_keys, found.explain)
 
-    def on_routed(self, ctx: RequestContext, backend: str) -> None:
-        """Called once the request is committed to ``backend`` (before it is sent)."""
+    def on_routed(self, ctx: RequestContext, d: Decision) -> None:
+        """Called once the request is committed to ``d.backend`` (before it is sent)."""
 
-    def on_first_token(self, ctx: RequestContext, backend: str, ttft_s: float, queued_tokens: int) -> None:
-        """Called when ``backend`` produced its first byte; ``queued_tokens`` were ahead of it at dispatch."""
+    def on_first_token(self, ctx: RequestContext, d: Decision, ttft_s: float, queued_tokens: int) -> None:
+        """Called when ``d.backend`` produced its first byte; ``queued_tokens`` were ahead of it at dispatch."""

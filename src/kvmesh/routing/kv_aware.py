@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter
 
-from kvmesh.index import KvIndex, block_keys
-from kvmesh.index.hashing import BlockKey
-from kvmesh.routing.base import Candidate, Picker, Policy, RequestContext, Scorer
+from kvmesh.index.hashing import BlockKey, block_keys
+from kvmesh.index.index import KvIndex
+from kvmesh.routing.base import Candidate, Decision, Picker, Policy, RequestContext, Scorer, Scores
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,8 @@ class KvCostScorer(Scorer):
     def block_size(self) -> int | None:
         return self.fixed_block_size or self.index.block_size
 
-    def keys(self, ctx: RequestContext) -> list[BlockKey] | None:
+    def keys(self, ctx: RequestContext) -> Sequence[BlockKey] | None:
+        """The request's block keys: the gateway's (cut next to tokenisation), else cut here."""
         if ctx.block_keys is not None:
             return ctx.block_keys  # type: ignore[return-value]
         if ctx.token_ids is None:
@@ -88,14 +90,13 @@ class KvCostScorer(Scorer):
         if bs is None:
             self._degrade("no_block_size")
             return None
-        ctx.block_keys = block_keys(ctx.token_ids, bs, self.index.seed)  # type: ignore[assignment]
-        return ctx.block_keys  # type: ignore[return-value]
+        return block_keys(ctx.token_ids, bs, self.index.seed)
 
     def _degrade(self, reason: str) -> None:
         if self.degraded is not None:
             self.degraded.labels(self.policy, reason).inc()
 
-    def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[float]:
+    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
         keys = self.keys(ctx)
         prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
         bs = self.block_size() or 0
@@ -113,10 +114,9 @@ class KvCostScorer(Scorer):
             queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
             prefill_s = (unc + cpu * mdl.cpu_load_cost + st * mdl.storage_load_cost) / tps
             costs.append(queue_s + prefill_s + mdl.recompute_weight * (unc - best) / tps)
-            ctx.uncached[c.name] = unc
-        if ctx.explain is not None:  # asked for by /debug/route: build the breakdown only then
-            ctx.explain = [self._explain(c, t, u, best, prompt) for c, t, u in zip(cands, tiers, uncached, strict=True)]
-        return costs
+        why = ([self._explain(c, t, u, best, prompt) for c, t, u in zip(cands, tiers, uncached, strict=True)]
+               if explain else None)  # asked for by /debug/route: built only then
+        return Scores(costs, uncached, keys, why)
 
     def _explain(self, c: Candidate, tiers: tuple[int, int, int], unc: int, best: int,
                  prompt: int) -> dict[str, object]:
@@ -153,14 +153,23 @@ class KvAwarePolicy(Policy):
         """Block size keys are cut at (learned from events, or fixed for ``prefix``); None until known."""
         return self.scorer.block_size()
 
-    def on_routed(self, ctx: RequestContext, backend: str) -> None:
-        if ctx.block_keys:
-            ttl = self.learned_ttl_s if self.learn_from_routing else None
-            self.index.add_pending(backend, ctx.block_keys, ttl)  # type: ignore[arg-type]
+    @property
+    def event_index(self) -> KvIndex | None:
+        # ``prefix`` learns its index from what it routes: engine events would feed nothing it reads.
+        return None if self.learn_from_routing else self.index
 
-    def on_first_token(self, ctx: RequestContext, backend: str, ttft_s: float, queued_tokens: int) -> None:
-        if queued_tokens == 0 and backend in ctx.uncached:
-            self.model.observe(backend, ctx.uncached[backend], ttft_s)
+    def key_spec(self, salt: str | None) -> tuple[int, int] | None:
+        bs = self.block_size()
+        return None if bs is None else (bs, self.index.seed_for(salt))
+
+    def on_routed(self, ctx: RequestContext, d: Decision) -> None:
+        if d.block_keys:
+            ttl = self.learned_ttl_s if self.learn_from_routing else None
+            self.index.add_pending(d.backend.name, d.block_keys, ttl)  # type: ignore[arg-type]
+
+    def on_first_token(self, ctx: RequestContext, d: Decision, ttft_s: float, queued_tokens: int) -> None:
+        if queued_tokens == 0 and d.prefill_tokens is not None:
+            self.model.observe(d.backend.name, d.prefill_tokens, ttft_s)
 
 
 class SessionPicker(Picker):
@@ -193,7 +202,3 @@ class SessionPicker(Picker):
         if len(self.pins) > self.max_sessions:
             self.pins.popitem(last=False)
         return least
-
-
-def session_policy(rng: random.Random | None = None) -> Policy:
-    return Policy("session", [HealthyServingModel()], [], SessionPicker(rng=rng))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from kvmesh.routing.base import Candidate, CandidateFilter, Picker, Policy, RequestContext, Scorer
+from kvmesh.routing.base import Candidate, CandidateFilter, Picker, Policy, RequestContext, Scorer, Scores
 
 
 class HealthyServingModel(CandidateFilter):
@@ -19,8 +19,8 @@ class HealthyServingModel(CandidateFilter):
 class InFlight(Scorer):
     name = "in_flight"
 
-    def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[float]:
-        return [float(c.in_flight) for c in cands]
+    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
+        return Scores([float(c.in_flight) for c in cands])
 
 
 class RandomPicker(Picker):

@@ -19,9 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvmesh.config import RoutingConfig
-from kvmesh.index import EventBatch, KvIndex, block_keys
+from kvmesh.index.events import EventBatch
+from kvmesh.index.hashing import block_keys
+from kvmesh.index.index import KvIndex
 from kvmesh.routing import Policy, RequestContext, make_policy
-from kvmesh.routing.base import Candidate, CandidateState, Scorer
+from kvmesh.routing.base import Candidate, CandidateState, Decision, Scorer, Scores
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
 from kvmesh.sim.profiles import TimingProfile
@@ -47,15 +49,15 @@ class OracleScorer(Scorer):
         self.tps = profile.prefill_tps / scale
         self.decode_s = profile.decode_s_per_seq
 
-    def score(self, ctx: RequestContext, cands: list[Candidate]) -> list[float]:
-        out = []
+    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
+        out, uncached = [], []
         n = len(ctx.token_ids or ())
         for c in cands:
             core: EngineCore = c.core  # type: ignore[attr-defined]
             cached = min(core.pool.cached_prefix(ctx.block_keys or ()) * core.block_size, max(n - 1, 0))
-            ctx.uncached[c.name] = n - cached
+            uncached.append(n - cached)
             out.append((core.queued_prefill_tokens() + n - cached) / self.tps + self.decode_s * len(core.running))
-        return out
+        return Scores(out, uncached)
 
 
 @dataclass(slots=True)
@@ -96,7 +98,8 @@ class Cluster:
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         self.done: list[SimRequest] = []
-        self._ctx: dict[int, tuple[RequestContext, int]] = {}  # rid -> (routing context, tokens queued ahead)
+        # rid -> (routing context, the decision, tokens queued ahead)
+        self._ctx: dict[int, tuple[RequestContext, Decision, int]] = {}
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, obj))
@@ -120,16 +123,18 @@ class Cluster:
     def _arrive(self, now: float, r: SimRequest) -> None:
         ctx = RequestContext(request_id=str(r.rid), model="sim", endpoint="completions", token_ids=r.tokens,
                              prompt_tokens_estimate=len(r.tokens), block_keys=r.keys)
-        if self.policy.needs_tokens and getattr(self.policy, "block_size", lambda: None)() != self.block_size:
+        spec = self.policy.key_spec(None)
+        if self.policy.needs_tokens and (spec is None or spec[0] != self.block_size):
             ctx.block_keys = None  # the policy cuts its own keys (e.g. before it learned the block size)
-        b: SimBackend = self.policy.choose(ctx, self.backends).backend  # type: ignore[assignment]
-        self.policy.on_routed(ctx, b.name)
-        unc = ctx.uncached.get(b.name, len(r.tokens))
+        d = self.policy.choose(ctx, self.backends)
+        b: SimBackend = d.backend  # type: ignore[assignment]
+        self.policy.on_routed(ctx, d)
+        unc = len(r.tokens) if d.prefill_tokens is None else d.prefill_tokens
         b.pending_of[r.rid] = unc
         b.pending_prefill_tokens += unc
         b.in_flight += 1
         r.engine = b.name
-        self._ctx[r.rid] = (ctx, b.pending_prefill_tokens - unc)
+        self._ctx[r.rid] = (ctx, d, b.pending_prefill_tokens - unc)
         b.core.add(r)
         if not b.stepping:
             self._step(now, b)
@@ -144,8 +149,8 @@ class Cluster:
         for r in res.first_tokens:
             unc = b.pending_of.pop(r.rid, 0)
             b.pending_prefill_tokens -= unc
-            ctx, queued = self._ctx[r.rid]
-            self.policy.on_first_token(ctx, b.name, now - r.arrival, queued)
+            ctx, d, queued = self._ctx[r.rid]
+            self.policy.on_first_token(ctx, d, now - r.arrival, queued)
         for r in res.finished:
             b.in_flight -= 1
             self._ctx.pop(r.rid, None)
