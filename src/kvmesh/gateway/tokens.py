@@ -1,9 +1,11 @@
 """The gateway's tokenisation stage for KV-aware policies.
 
-Token ids come from the request itself (a token-id prompt) or from the served model's tokenizer.  Long
-texts are encoded on a worker thread so the event loop keeps relaying other streams; short ones inline
-(a thread hop costs more than encoding a few hundred characters).  Any failure degrades to routing
-without token ids — counted, never an error for the client.
+Token ids come from the request itself (a token-id prompt) or from the served model's tokenizer.  The
+tokenizer first looks for an already-encoded prefix (:mod:`kvmesh.tokenize.prefix`, exact); what is left to
+encode, when long, is encoded on a worker thread, which really frees the event loop because the encode
+releases the GIL, so a burst of long prompts neither queues behind one another on the loop nor stalls the
+streams being relayed.  Short work runs inline (a thread hop costs more than encoding a few hundred
+characters).  Any failure degrades to routing without token ids — counted, never an error for the client.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from kvmesh.gateway.metrics import GatewayMetrics
-from kvmesh.index import block_keys
+from kvmesh.index.hashing import block_keys
 from kvmesh.tokenize import PromptTokenizer, TokenizerError
 
 log = logging.getLogger(__name__)
-_INLINE_CHARS = 2048
+# Encoding ~500 characters takes ~0.2 ms here, about what a hop to the worker thread and back costs under
+# load; longer work goes to the workers (encodes release the GIL there), shorter runs inline.
+_INLINE_CHARS = 512
 
 
 class TokenStage:
-    def __init__(self, path: str | None, metrics: GatewayMetrics) -> None:
+    def __init__(self, path: str | None, metrics: GatewayMetrics, prefix_cache: bool = True) -> None:
         self.metrics = metrics
         self.tokenizer: PromptTokenizer | None = None
         if path is not None:
-            self.tokenizer = PromptTokenizer(path)
+            self.tokenizer = PromptTokenizer(path, prefix_cache=prefix_cache)
         self._pool = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="tokenize")
 
     def close(self) -> None:
@@ -48,16 +52,16 @@ class TokenStage:
                 if isinstance(p[0], list):  # several prompts: route by the first (one engine serves all)
                     return p[0], _keys(p[0], block_size, seed)
                 p = p[0]
+            if not isinstance(p, str):
+                return None, None
         if self.tokenizer is None:
             return None, None
         t0 = time.perf_counter()
         try:
             if endpoint == "completions":
-                out = await self._run(self.tokenizer.encode_prompt, p, len(p), block_size, seed)
+                out = await self._text(self.tokenizer, p, True, block_size, seed)
             else:
-                msgs = req["messages"]
-                size = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 64 for m in msgs)
-                out = await self._run(self.tokenizer.encode_chat, msgs, size, block_size, seed)
+                out = await self._chat(self.tokenizer, req["messages"], block_size, seed)
         except TokenizerError as e:
             self.metrics.errors.labels("tokenize").inc()
             log.warning("tokenisation failed, routing on load only: %s", e)
@@ -65,14 +69,27 @@ class TokenStage:
         self.metrics.tokenize.observe(time.perf_counter() - t0)
         return out
 
-    async def _run(self, fn: Any, arg: Any, size: int, block_size: int | None,
-                   seed: int) -> tuple[list[int], Sequence[int] | None]:
-        def work() -> tuple[list[int], Sequence[int] | None]:
-            ids = fn(arg)
-            return ids, _keys(ids, block_size, seed)
+    async def _text(self, tok: PromptTokenizer, text: str, special: bool, block_size: int | None,
+                    seed: int) -> tuple[list[int], Sequence[int] | None]:
+        plan = tok.plan(text)  # hashing only: microseconds
+        if plan.work_chars < _INLINE_CHARS:
+            out = tok.finish(plan, special, block_size, seed)
+        else:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._pool, tok.finish, plan, special, block_size, seed)
+        return out.ids, out.keys
 
+    async def _chat(self, tok: PromptTokenizer, msgs: list[dict[str, Any]], block_size: int | None,
+                    seed: int) -> tuple[list[int], Sequence[int] | None]:
+        size = sum(len(m.get("content") or "") if isinstance(m.get("content"), str) else 64 for m in msgs)
         if size < _INLINE_CHARS:
-            return work()
+            return await self._text(tok, tok.render_chat(msgs), False, block_size, seed)
+
+        def work() -> tuple[list[int], Sequence[int] | None]:
+            # a long history renders on the worker too; the prefix cache still skips its encoded part
+            out = tok.encode(tok.render_chat(msgs), False, block_size, seed)
+            return out.ids, out.keys
+
         return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
 

@@ -1,5 +1,5 @@
 """Prompt tokenisation in the gateway, matching what the engine will see."""
 
-from kvmesh.tokenize.tokenizer import PromptTokenizer, TokenizerError
+from kvmesh.tokenize.tokenizer import Encoded, PromptTokenizer, TokenizerError
 
-__all__ = ["PromptTokenizer", "TokenizerError"]
+__all__ = ["Encoded", "PromptTokenizer", "TokenizerError"]

@@ -8,22 +8,28 @@
   writes them itself.  ``tests/test_kv_routing_vllm.py`` checks both against vLLM's ``/tokenize``.
 
 Encoding is CPU work: ``encode_*`` are synchronous; the gateway calls them in a thread pool for long
-prompts.  Results are cached by content (bounded LRU), because agents and chat clients resend the same
-prefixes over and over.
+prompts.  Encodes go through ``Tokenizer.encode_batch``, which (unlike ``encode``) releases the GIL, so a
+worker thread really leaves the event loop free.  Agents and chat clients resend the same prefixes over and
+over: :mod:`kvmesh.tokenize.prefix` reuses the ids (and block keys) of an already-encoded prefix and encodes
+only the rest, exactly.
 """
 
 from __future__ import annotations
 
-import collections
 import json
+import logging
 import pathlib
-import threading
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple, cast
 
 import jinja2
 import jinja2.sandbox
-import xxhash
 from tokenizers import Tokenizer
+
+from kvmesh.index.hashing import block_keys
+from kvmesh.tokenize.prefix import Cuts, Entry, Plan, PrefixCache, cut_points, reuse_supported
+
+log = logging.getLogger(__name__)
 
 
 class TokenizerError(Exception):
@@ -34,11 +40,21 @@ def _raise(msg: str) -> None:
     raise TokenizerError(msg)
 
 
+class Encoded(NamedTuple):
+    ids: list[int]
+    keys: list[int] | None  # chained block keys of ``ids``, when a block size was given
+    reused: int  # leading ids taken from the prefix cache (0: a full encode)
+
+
 class PromptTokenizer:
-    def __init__(self, path: str | pathlib.Path, cache_entries: int = 4096) -> None:
+    """A model's tokenizer and chat template.  ``prefix_cache=False`` encodes every text in full."""
+
+    def __init__(self, path: str | pathlib.Path, cache_entries: int = 4096, cache_tokens: int = 1 << 20,
+                 prefix_cache: bool = True) -> None:
         p = pathlib.Path(path)
         try:
-            self.tok = Tokenizer.from_file(str(p / "tokenizer.json"))
+            tok_cfg = json.loads((p / "tokenizer.json").read_text(encoding="utf-8"))
+            self.tok = Tokenizer.from_str(json.dumps(tok_cfg))
         except Exception as e:
             raise TokenizerError(f"cannot load {p / 'tokenizer.json'}: {e}") from e
         cfg: dict[str, Any] = {}
@@ -54,26 +70,30 @@ class PromptTokenizer:
                                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = _raise
         self.template = env.from_string(template) if template else None
-        self._cache: collections.OrderedDict[int, list[int]] = collections.OrderedDict()
-        self._cache_entries = cache_entries
-        self._lock = threading.Lock()  # encode_* may run on pool threads
+        self.cache: PrefixCache | None = None
+        if prefix_cache and reuse_supported(tok_cfg):
+            self.cache = PrefixCache(cache_entries, cache_tokens)
+        self._wrap = self._special_wrap()
 
-    def _cached(self, text: str, special: bool) -> list[int]:
-        key = xxhash.xxh3_64_intdigest(text.encode("utf-8", "surrogatepass"), 1 if special else 0)
-        with self._lock:
-            ids = self._cache.get(key)
-            if ids is not None:
-                self._cache.move_to_end(key)
-                return ids
-        ids = self.tok.encode(text, add_special_tokens=special).ids
-        with self._lock:
-            self._cache[key] = ids
-            if len(self._cache) > self._cache_entries:
-                self._cache.popitem(last=False)
-        return ids
+    def _special_wrap(self) -> tuple[list[int], list[int]] | None:
+        """The ids the post-processor puts around a single text (BOS, ...), when it is a fixed wrap."""
+        wrap: tuple[list[int], list[int]] | None = None
+        for probe in ("a", "Hello world, 12 34!"):
+            plain = self.tok.encode(probe, add_special_tokens=False).ids
+            full = self.tok.encode(probe, add_special_tokens=True).ids
+            for i in range(len(full) - len(plain) + 1):
+                if full[i:i + len(plain)] == plain:
+                    w = (full[:i], full[i + len(plain):])
+                    break
+            else:
+                return None
+            if wrap is not None and w != wrap:
+                return None
+            wrap = w
+        return wrap
 
     def encode_prompt(self, prompt: str) -> list[int]:
-        return self._cached(prompt, True)
+        return self.encode(prompt, True).ids
 
     def render_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> str:
         if self.template is None:
@@ -85,7 +105,88 @@ class PromptTokenizer:
             raise TokenizerError(f"chat template failed: {e}") from e
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
-        return self._cached(self.render_chat(messages, **kwargs), False)
+        # the template writes the special tokens itself
+        return self.encode(self.render_chat(messages, **kwargs), False).ids
+
+    def encode(self, text: str, special: bool, block_size: int | None = None, seed: int = 0) -> Encoded:
+        """Ids of ``text`` (with the post-processor's special tokens when ``special``) and, given a block
+        size, their block keys; equal to a full encode, whatever the cache holds."""
+        return self.finish(self.plan(text), special, block_size, seed)
+
+    def plan(self, text: str) -> Plan:
+        """The cheap part of :meth:`encode`: how much of ``text`` a cached prefix covers (``work_chars`` is
+        what is left to encode).  Pass the plan to :meth:`finish`, on any thread."""
+        return self.cache.plan(text) if self.cache is not None else Plan(text, [])
+
+    def finish(self, plan: Plan, special: bool, block_size: int | None = None, seed: int = 0) -> Encoded:
+        if special and self._wrap is None:  # an unusual post-processor: let it do everything
+            ids = _ids(self.tok.encode_batch([plan.text], add_special_tokens=True)[0])
+            return Encoded(ids, _block_keys(ids, block_size, seed) if block_size else None, 0)
+        head, tail = self._wrap if special and self._wrap is not None else ([], [])
+        entry, reused = self._entry(plan)
+        ids = head + entry.ids + tail if head or tail else entry.ids
+        keys = self._keys(plan, entry, ids, reused + len(head), block_size, seed, (len(head), len(tail)))
+        if self.cache is not None and not plan.exact:
+            self.cache.insert(plan, entry)
+        return Encoded(ids, keys, reused)
+
+    def _entry(self, plan: Plan) -> tuple[Entry, int]:
+        """The cache entry for the plan's text (ids without special tokens) and how many ids were reused."""
+        if plan.exact and plan.entry is not None:
+            return plan.entry, len(plan.entry.ids)
+        text, prev = plan.text, plan.entry
+        if prev is not None:
+            enc = self.tok.encode_batch([text[plan.start:]], add_special_tokens=False)[0]
+            suffix = _ids(enc)
+            if suffix[:len(plan.overlap)] == plan.overlap:
+                cuts = Cuts()
+                cuts.extend(prev.cuts, plan.keep)
+                if self.cache is not None:
+                    cut_points(cuts, enc.word_ids, plan.keep, plan.start, _starts(enc))
+                return Entry(text, prev.ids[:plan.keep] + suffix, cuts, plan.anchors), plan.keep
+            log.info("prefix reuse failed its overlap check; encoding in full")
+        enc = self.tok.encode_batch([text], add_special_tokens=False)[0]
+        cuts = Cuts()
+        if self.cache is not None:
+            cut_points(cuts, enc.word_ids, 0, 0, _starts(enc))
+        return Entry(text, _ids(enc), cuts, plan.anchors), 0
+
+    def _keys(self, plan: Plan, entry: Entry, ids: list[int], reused: int, block_size: int | None, seed: int,
+              wrap: tuple[int, int]) -> list[int] | None:
+        """Block keys of ``ids``; those of the reused prefix come from the cached entry's keys."""
+        if not block_size:
+            return None
+        params = (block_size, seed, *wrap)
+        prev = plan.entry.keyed if plan.entry is not None else None
+        n = 0
+        if prev is not None and prev[0][:3] == params[:3]:
+            n = min(reused // block_size, len(prev[1]))
+            if plan.exact and prev[0] == params:
+                return prev[1]
+        if n:
+            old = prev[1] if prev is not None else []
+            keys = old[:n] + _block_keys(ids[n * block_size:], block_size, old[n - 1])
+        else:
+            keys = _block_keys(ids, block_size, seed)
+        entry.keyed = (params, keys)
+        return keys
+
+
+def _block_keys(ids: list[int], block_size: int, seed: int) -> list[int]:
+    return cast("list[int]", block_keys(ids, block_size, seed))  # BlockKey is an int
+
+
+def _starts(enc: Any) -> Callable[[int], int]:
+    def start(k: int) -> int:
+        span: tuple[int, int] = enc.token_to_chars(k)
+        return span[0]
+
+    return start
+
+
+def _ids(enc: Any) -> list[int]:
+    ids: list[int] = enc.ids
+    return ids
 
 
 def _token_text(v: object) -> str | None:

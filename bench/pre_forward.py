@@ -1,0 +1,176 @@
+"""The gateway's pre-forward time (arrival → forwarding) replaying the Mooncake conversation trace.
+
+The setup of ``kvmesh bench compare``: 8 simulated engines in this process, a real kvmesh gateway process
+(kv-aware policy, the demo tokenizer) in front of them, a slice of the trace replayed open-loop as streamed
+``/v1/completions``.  The time is read from the gateway's own ``kvmesh_gateway_overhead_seconds``
+histogram (read, parse, validate, admit, tokenise, block keys, route): the mean is exact, p50/p99 are
+interpolated linearly inside the histogram's buckets (edges 0.25, 0.5, 1, 2.5, 5 ms ...), and
+``le_1ms`` is the exact fraction of requests forwarded within 1 ms.
+
+Two runs over the same engines (caches reset between): the token prefix cache off (every prompt encoded
+in full, as before) and on.  The gateway runs as a child of this script (``--serve``), built like
+``kvmesh gateway`` but with the prefix cache switched by a flag.
+
+    python bench/pre_forward.py [--requests 600 --speedup 4 --load 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import pathlib
+import re
+import subprocess
+import sys
+
+import httpx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.common import wait_http, write_result
+from kvmesh.bench.compare import EnginePool, replay
+from kvmesh.bench.util import pct
+from kvmesh.models import demo
+from kvmesh.workloads import load_mooncake
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRACE = ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+PORT = 18690
+
+
+def histogram(text: str, name: str) -> tuple[list[tuple[float, float]], float, float]:
+    """([(upper edge, cumulative count)], sum, count) of a Prometheus histogram without labels."""
+    buckets = [(float(le), float(v)) for le, v in re.findall(rf'^{name}_bucket\{{le="([^"]+)"\}} (\S+)$', text, re.M)]
+    total = re.search(rf"^{name}_sum (\S+)$", text, re.M)
+    count = re.search(rf"^{name}_count (\S+)$", text, re.M)
+    return buckets, float(total.group(1)) if total else 0.0, float(count.group(1)) if count else 0.0
+
+
+def quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Linear interpolation inside the bucket holding quantile ``q`` (as Prometheus' histogram_quantile)."""
+    if not buckets or buckets[-1][1] == 0:
+        return None
+    rank = q * buckets[-1][1]
+    lo_edge, lo_count = 0.0, 0.0
+    for edge, count in buckets:
+        if count >= rank:
+            if edge == float("inf"):
+                return lo_edge
+            return lo_edge + (edge - lo_edge) * (rank - lo_count) / max(count - lo_count, 1e-9)
+        lo_edge, lo_count = edge, count
+    return None
+
+
+def overhead_stats(url: str) -> dict[str, float | None]:
+    text = httpx.get(f"{url}/metrics").text
+    buckets, total, count = histogram(text, "kvmesh_gateway_overhead_seconds")
+    tok_buckets, tok_total, tok_count = histogram(text, "kvmesh_gateway_tokenize_seconds")
+    le_1ms = next((c for e, c in buckets if e == 0.001), None)
+
+    def ms(x: float | None) -> float | None:
+        return None if x is None else round(x * 1000, 3)
+
+    return {"pre_forward_p50_ms": ms(quantile(buckets, 0.5)), "pre_forward_p99_ms": ms(quantile(buckets, 0.99)),
+            "pre_forward_mean_ms": ms(total / count) if count else None,
+            "le_1ms": round(le_1ms / count, 4) if le_1ms is not None and count else None,
+            "tokenize_p50_ms": ms(quantile(tok_buckets, 0.5)),
+            "tokenize_mean_ms": ms(tok_total / tok_count) if tok_count else None}
+
+
+def run_variant(prefix_cache: bool, pool: EnginePool, args: argparse.Namespace,
+                model_dir: pathlib.Path, log_dir: pathlib.Path) -> dict[str, object]:
+    urls = pool.urls()
+    for u in urls:
+        httpx.post(f"{u}/reset_prefix_cache").raise_for_status()
+    cmd = [sys.executable, __file__, "--serve", json.dumps({
+        "urls": urls, "events": [s.kv_events_endpoint for s in pool.servers], "tokenizer": str(model_dir),
+        "port": PORT, "prefix_cache": prefix_cache})]
+    log = log_dir / f"gateway-prefix-{'on' if prefix_cache else 'off'}.log"
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+    url = f"http://127.0.0.1:{PORT}"
+    try:
+        _wait_ready(proc, url)
+        reqs = load_mooncake(args.trace, args.requests)
+        ttfts, errors = asyncio.run(replay(url, reqs, args.speedup * args.load))
+        stats: dict[str, object] = {**overhead_stats(url)}
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    stats.update({"ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1) if ttfts else None,
+                  "ok": len(ttfts), "errors": errors})
+    return stats
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
+    for _ in range(120):
+        if proc.poll() is not None:
+            raise RuntimeError(f"the gateway exited ({proc.returncode}); see run/pre_forward/gateway-*.log")
+        try:
+            wait_http(f"{url}/v1/models", 0.5)
+            return
+        except TimeoutError:
+            continue
+    raise TimeoutError(f"{url} not ready after 60 s")
+
+
+def serve(spec_json: str) -> None:
+    """Child mode: the gateway ``kvmesh gateway --policy kv-aware`` would run, prefix cache on or off."""
+    import logging
+
+    from kvmesh.cli import _serve
+    from kvmesh.config import GatewayConfig
+    from kvmesh.gateway import Gateway
+    from kvmesh.gateway.tokens import TokenStage
+
+    logging.basicConfig(level=logging.WARNING)
+    spec = json.loads(spec_json)
+    backends = [{"url": u, "kv_events": e} for u, e in zip(spec["urls"], spec["events"], strict=True)]
+    cfg = GatewayConfig.model_validate({"backends": backends, "port": spec["port"], "policy": "kv-aware",
+                                        "tokenizer": spec["tokenizer"]})
+    gw = Gateway(cfg)
+    if gw.tokens is not None and not spec["prefix_cache"]:
+        gw.tokens.close()
+        gw.tokens = TokenStage(cfg.tokenizer, gw.metrics, prefix_cache=False)
+    _serve(gw.start, gw.stop, lambda: None)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=600)
+    ap.add_argument("--speedup", type=float, default=4.0, help="engines run this much faster than real time")
+    ap.add_argument("--load", type=float, default=6.0, help="arrivals this much denser than the trace's")
+    ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
+    ap.add_argument("--variants", default="off,on", help="prefix cache settings to run, in order")
+    ap.add_argument("--serve", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.serve:
+        serve(a.serve)
+        return
+    if not a.trace.is_file():
+        print(f"SKIP: the Mooncake trace is absent ({a.trace}); nothing recorded")
+        return
+    model_dir = ROOT / "models" / "demo-tiny"
+    if not demo.is_complete(model_dir):
+        demo.generate("tiny", model_dir)
+    run_dir = ROOT / "run" / "pre_forward"
+    pool = EnginePool(8, model_dir, run_dir, 1.0 / a.speedup)
+    results: dict[str, object] = {}
+    try:
+        for v in a.variants.split(","):
+            results[f"prefix_cache_{v}"] = r = run_variant(v == "on", pool, a, model_dir, run_dir)
+            print(f"prefix cache {v:3}: {r}")
+    finally:
+        pool.stop()
+    metrics = {"workload": "mooncake", "requests": a.requests, "speedup": a.speedup, "load": a.load,
+               "policy": "kv-aware", **results}
+    on = results.get("prefix_cache_on")
+    if isinstance(on, dict):
+        metrics["pre_forward_p50_ms"] = on["pre_forward_p50_ms"]
+        metrics["pre_forward_p99_ms"] = on["pre_forward_p99_ms"]
+    print(f"wrote {write_result('pre_forward', metrics)}")
+
+
+if __name__ == "__main__":
+    main()
