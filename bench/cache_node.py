@@ -35,9 +35,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.cache import NodeClient
+from kvmesh.cache.chunk import checksum
+from kvmesh.cache.client import NodeClient
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import SsdStore, checksum
+from kvmesh.cache.ssd import SsdStore
 
 MB = 1 << 20
 
@@ -160,7 +161,7 @@ def micro(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
     out: dict[str, Any] = {"shm": {}, "ssd": {}}
     try:
         deadline = time.monotonic() + 30
-        while not client.stats():
+        while client.stats() is None:
             if time.monotonic() > deadline:
                 raise SystemExit("the cache node did not start")
             time.sleep(0.1)

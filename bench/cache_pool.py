@@ -37,12 +37,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
 from kvmesh.bench.cachesim import simulate
-from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake
-from kvmesh.cache import NodeClient
+from kvmesh.cache.chunk import checksum
+from kvmesh.cache.client import NodeClient
 from kvmesh.cache.pool.direct import PeerReader
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import checksum
+from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake
 
 MB = 1 << 20
 SHARED = pathlib.Path(__file__).resolve().parents[2] / "shared"
@@ -74,7 +74,8 @@ class Cluster:
         self.clients = {n: NodeClient(tmp / n / "s.sock", retry_s=0.0, timeout_s=60) for n in self.ids}
         self.ring = Ring.build({n: dram_mib << 20 for n in self.ids})
         deadline = time.monotonic() + 60
-        while not all(c.stats().get("pool_members") == 3 for c in self.clients.values()):
+        while not all((st := c.stats()) is not None and st.pool is not None and st.pool.members == 3
+                      for c in self.clients.values()):
             if time.monotonic() > deadline:
                 raise SystemExit("the pool did not form")
             time.sleep(0.1)

@@ -10,26 +10,31 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.cache import CacheNode, NodeClient, NodeSettings, StoreConfig
 from kvmesh.cache.arena import ExtentAllocator
+from kvmesh.cache.chunk import checksum
+from kvmesh.cache.client import NodeClient
 from kvmesh.cache.eviction import Lru, S3Fifo, Ttl
 from kvmesh.cache.keys import Namespace, chunk_keys
+from kvmesh.cache.node import CacheNode
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import SsdStore, checksum
+from kvmesh.cache.ssd import SsdStore
+from kvmesh.config import CacheNodeConfig
 from tests.helpers import LoopThread
 
 MB = 1 << 20
 
 
-def settings(tmp: pathlib.Path, dram: int = 8 * MB, ssd: int = 64 * MB, **kw: object) -> NodeSettings:
+def node_config(tmp: pathlib.Path, dram_mib: int = 8, ssd_mib: int = 64, **kw: object) -> CacheNodeConfig:
+    """A node's config as ``kvmesh cache-node`` would build it; no events, no HTTP."""
     arena = pathlib.Path("/dev/shm") / f"kvmesh-test-{uuid.uuid4().hex[:8]}"
-    return NodeSettings(tmp / "node.sock", StoreConfig(arena, dram, tmp / "ssd", ssd, **kw),  # type: ignore[arg-type]
-                        http_port=None)
+    return CacheNodeConfig.model_validate({"socket": str(tmp / "node.sock"), "arena_path": str(arena),
+                                           "dram_mib": dram_mib, "ssd_dir": str(tmp / "ssd"), "ssd_mib": ssd_mib,
+                                           "events": False, "http_port": None, **kw})
 
 
 @pytest.fixture
 def node(tmp_path: pathlib.Path, loop_thread: LoopThread) -> Iterator[CacheNode]:
-    n = CacheNode(settings(tmp_path))
+    n = CacheNode(node_config(tmp_path), tmp_path)
     loop_thread.run(n.start())
     yield n
     loop_thread.run(n.stop())
@@ -49,7 +54,7 @@ def keys(n: int, tag: bytes = b"k") -> list[bytes]:
 
 
 def test_put_get_roundtrip_through_shared_memory(node: CacheNode) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     data = [os.urandom(MB) for _ in range(4)]
     ks = keys(4)
     for k, d in zip(ks, data, strict=True):
@@ -63,7 +68,7 @@ def test_put_get_roundtrip_through_shared_memory(node: CacheNode) -> None:
 
 
 def test_dram_pressure_demotes_to_ssd_and_hits_promote(node: CacheNode, loop_thread: LoopThread) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     ks, data = keys(12), [os.urandom(MB) for _ in range(12)]
     for k, d in zip(ks, data, strict=True):
         assert put(c, k, d)
@@ -80,7 +85,7 @@ def test_dram_pressure_demotes_to_ssd_and_hits_promote(node: CacheNode, loop_thr
 
 
 def test_leased_objects_are_not_evicted(node: CacheNode) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     ks = keys(8)
     for k in ks:
         put(c, k, os.urandom(MB))
@@ -94,7 +99,7 @@ def test_leased_objects_are_not_evicted(node: CacheNode) -> None:
 
 
 def test_corrupt_ssd_object_is_a_miss_and_is_dropped(node: CacheNode, loop_thread: LoopThread) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     k = b"c" * 16
     put(c, k, os.urandom(MB))
     loop_thread.run(node.store.evict_dram())
@@ -110,7 +115,7 @@ def test_corrupt_ssd_object_is_a_miss_and_is_dropped(node: CacheNode, loop_threa
 
 
 def test_dram_corruption_reported_by_reader_is_dropped(node: CacheNode) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     k = b"d" * 16
     put(c, k, os.urandom(MB))
     [le] = c.get([k])
@@ -129,7 +134,7 @@ def test_full_disk_is_counted_not_fatal(node: CacheNode, loop_thread: LoopThread
     import kvmesh.cache.ssd as ssd_module
 
     monkeypatch.setattr(ssd_module, "open", lambda *a, **kw: enospc(), raising=False)  # the SSD tier's open()
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     put(c, b"f" * 16, os.urandom(MB))
     loop_thread.run(node.store.evict_dram())
     monkeypatch.undo()
@@ -139,18 +144,17 @@ def test_full_disk_is_counted_not_fatal(node: CacheNode, loop_thread: LoopThread
 
 
 def test_restart_keeps_ssd_and_clients_reconnect(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
-    s = settings(tmp_path)
-    n1 = CacheNode(s)
+    n1 = CacheNode(node_config(tmp_path), tmp_path)
     loop_thread.run(n1.start())
-    c = NodeClient(s.socket_path, retry_s=0.0)
+    c = NodeClient(n1.socket_path, retry_s=0.0)
     data = os.urandom(MB)
     put(c, b"r" * 16, data)
     put(c, b"s" * 16, os.urandom(MB))
     loop_thread.run(n1.store.evict_dram())
     loop_thread.run(n1.stop())
     assert c.lookup([b"r" * 16]) == 0  # node down: a miss, not an error
-    assert not s.store.arena_path.exists()
-    n2 = CacheNode(s)
+    assert not n1.store.arena.path.exists()
+    n2 = CacheNode(n1.cfg, tmp_path)  # the same node again: same paths and id
     loop_thread.run(n2.start())
     try:
         assert c.lookup([b"r" * 16, b"s" * 16]) == 2  # re-indexed from disk; client remapped the new arena
@@ -163,14 +167,14 @@ def test_restart_keeps_ssd_and_clients_reconnect(tmp_path: pathlib.Path, loop_th
 
 
 def test_client_disconnect_releases_leases(node: CacheNode) -> None:
-    c = NodeClient(node.settings.socket_path)
+    c = NodeClient(node.socket_path)
     put(c, b"l" * 16, os.urandom(MB))
     leases = c.get([b"l" * 16])
     assert node.store.dram[b"l" * 16].leases == 1
     for le in leases:
         le.view.release()
     c.close()
-    c2 = NodeClient(node.settings.socket_path)
+    c2 = NodeClient(node.socket_path)
     c2.stats()  # a round trip after the first connection's cleanup ran
     assert node.store.dram[b"l" * 16].leases == 0
     c2.close()
@@ -179,7 +183,7 @@ def test_client_disconnect_releases_leases(node: CacheNode) -> None:
 def test_a_client_releases_only_its_own_leases(node: CacheNode) -> None:
     """(A client that reconnected to a restarted node still holds the old node's leases; releasing them
     there must not free another engine's lease on the same key.)"""
-    c, other = NodeClient(node.settings.socket_path), NodeClient(node.settings.socket_path)
+    c, other = NodeClient(node.socket_path), NodeClient(node.socket_path)
     k = b"o" * 16
     put(c, k, os.urandom(MB))
     leases = c.get([k])
@@ -197,9 +201,9 @@ def test_a_client_releases_only_its_own_leases(node: CacheNode) -> None:
 
 
 def test_admission_after_k_offers(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
-    n = CacheNode(settings(tmp_path, admit_after=2))
+    n = CacheNode(node_config(tmp_path, admit_after=2), tmp_path)
     loop_thread.run(n.start())
-    c = NodeClient(n.settings.socket_path)
+    c = NodeClient(n.socket_path)
     try:
         assert not put(c, b"a" * 16, b"x" * 100)  # first sighting: not stored
         assert put(c, b"a" * 16, b"x" * 100)
@@ -266,7 +270,7 @@ def test_chunk_keys_chain_and_namespace() -> None:
 
 
 def test_ssd_scan_drops_temporaries_and_garbage(tmp_path: pathlib.Path) -> None:
-    from kvmesh.cache.ssd import ObjectMeta
+    from kvmesh.cache.chunk import ObjectMeta
 
     s = SsdStore(tmp_path)
     s.write(ObjectMeta(b"o" * 16, 3, checksum(b"abc")), b"abc")
@@ -279,10 +283,10 @@ def test_ssd_scan_drops_temporaries_and_garbage(tmp_path: pathlib.Path) -> None:
 
 
 def test_vanished_arena_is_a_clear_miss(node: CacheNode, caplog: pytest.LogCaptureFixture) -> None:
-    attached = NodeClient(node.settings.socket_path)
+    attached = NodeClient(node.socket_path)
     put(attached, b"v" * 16, b"x" * 4096)
-    node.settings.store.arena_path.unlink()
-    late = NodeClient(node.settings.socket_path)
+    node.store.arena.path.unlink()
+    late = NodeClient(node.socket_path)
     assert late.lookup([b"v" * 16]) == 0  # cannot attach: serves as a miss, no exception
     assert any("vanished" in r.getMessage() for r in caplog.records)
     [le] = attached.get([b"v" * 16])  # engines already attached keep working on their mapping
@@ -314,10 +318,9 @@ def put_for(c: NodeClient, tenant: str, key: bytes) -> None:
 
 
 def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
-    n = CacheNode(settings(tmp_path, dram=8 * MB, ssd=0, tenant_quotas={"alpha": 2 * MB}))
-    n.settings.store.ssd_dir = None
+    n = CacheNode(node_config(tmp_path, ssd_mib=0, tenant_quota_mib={"alpha": 2}), tmp_path)
     loop_thread.run(n.start())
-    c = NodeClient(n.settings.socket_path)
+    c = NodeClient(n.socket_path)
 
     try:
         beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
@@ -327,7 +330,10 @@ def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, lo
         for k in alpha:
             put_for(c, "alpha", k)
         st = c.stats()
-        assert st["tenant:alpha:dram_bytes"] <= 2 * MB and st["tenant:alpha:quota_bytes"] == 2 * MB
+        assert st is not None and st.ssd.capacity_bytes == 0
+        alpha_use = st.tenants["alpha"]
+        assert alpha_use.dram_bytes <= 2 * MB and alpha_use.dram_quota_bytes == 2 * MB
+        assert st.tenants["beta"].dram_bytes == 3 * MB and st.tenants["beta"].dram_quota_bytes is None
         assert c.lookup(alpha[2:], local=True) == 2 and c.lookup(alpha[:1], local=True) == 0  # its oldest went
         assert all(c.lookup([k], local=True) for k in beta)  # the other tenant lost nothing
     finally:
@@ -336,8 +342,8 @@ def test_tenant_over_quota_evicts_its_own_chunks_only(tmp_path: pathlib.Path, lo
 
 
 def test_inventory_is_announced_parents_first_and_only_whole_chains() -> None:
+    from kvmesh.cache.chunk import ObjectMeta
     from kvmesh.cache.events import parent_first
-    from kvmesh.cache.ssd import ObjectMeta
 
     def meta(key: bytes, parent: bytes | None) -> ObjectMeta:
         return ObjectMeta(key, 1, b"", parent)
@@ -352,10 +358,10 @@ def test_inventory_is_announced_parents_first_and_only_whole_chains() -> None:
 
 def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathlib.Path,
                                                                    loop_thread: LoopThread) -> None:
-    quota = 2 * MB + 64 * 1024  # two chunks with their on-disk headers
-    n = CacheNode(settings(tmp_path, dram=8 * MB, ssd=64 * MB, tenant_ssd_quotas={"alpha": quota}))
+    quota = 3 * MB  # two chunks with their on-disk headers fit, three do not
+    n = CacheNode(node_config(tmp_path, tenant_ssd_quota_mib={"alpha": 3}), tmp_path)
     loop_thread.run(n.start())
-    c = NodeClient(n.settings.socket_path)
+    c = NodeClient(n.socket_path)
 
     try:
         beta = [b"beta" + bytes([i]) * 12 for i in range(3)]
@@ -365,7 +371,8 @@ def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathl
         loop_thread.run(n.store.evict_dram())  # everything to SSD: alpha's 4 MB against its 2 MB SSD quota
         loop_thread.run(n.store.settle())
         st = c.stats()
-        assert st["tenant:alpha:ssd_bytes"] <= quota and st["tenant:alpha:ssd_quota_bytes"] == quota
+        assert st is not None
+        assert st.tenants["alpha"].ssd_bytes <= quota and st.tenants["alpha"].ssd_quota_bytes == quota
         # (demotions finish in any order, so which two of alpha's chunks stay is not fixed)
         assert sum(k in n.store.ssd for k in alpha) == 2
         assert all(k in n.store.ssd for k in beta)  # the other tenant lost nothing
@@ -376,14 +383,15 @@ def test_tenant_over_its_ssd_quota_loses_its_own_ssd_chunks_only(tmp_path: pathl
 
 def test_client_logs_an_outage_once_and_its_end(tmp_path: pathlib.Path, loop_thread: LoopThread,
                                                 caplog: pytest.LogCaptureFixture) -> None:
-    n = CacheNode(settings(tmp_path))
-    c = NodeClient(n.settings.socket_path, retry_s=0.0)
+    n = CacheNode(node_config(tmp_path), tmp_path)
+    c = NodeClient(n.socket_path, retry_s=0.0)
     with caplog.at_level("WARNING", logger="kvmesh.cache.client"):
         for _ in range(5):
             assert c.lookup([b"k" * 16]) == 0  # no node yet: a miss, never an error
         loop_thread.run(n.start())
         try:
-            assert c.stats()["dram_capacity_bytes"] == 8 * MB
+            st = c.stats()
+            assert st is not None and st.dram.capacity_bytes == 8 * MB
         finally:
             c.close()
             loop_thread.run(n.stop())

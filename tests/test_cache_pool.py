@@ -14,14 +14,16 @@ import threading
 import uuid
 from collections.abc import Iterator
 
+import msgspec
 import pytest
 
-from kvmesh.cache import NodeClient
 from kvmesh.cache import protocol as proto
+from kvmesh.cache.chunk import ObjectMeta, checksum
+from kvmesh.cache.client import NodeClient
 from kvmesh.cache.pool import peer
 from kvmesh.cache.pool.ring import Ring
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import ObjectMeta, checksum
+from kvmesh.cache.stats import NodeStats, PoolUse, TierUse
 from tests.helpers import free_port_block, wait_until
 from tests.servers import etcd_server
 
@@ -50,7 +52,7 @@ class Pool:
             c = self.client(nid)
 
             def sees_all(c: NodeClient = c) -> bool:
-                return c.stats().get("pool_members") == members
+                return pool_members(c) == members
 
             wait_until(sees_all, 30, f"node {nid} to see the pool")
 
@@ -109,6 +111,22 @@ def make_pool(tmp_path: pathlib.Path) -> Iterator[object]:
         p.stop()
 
 
+def used_bytes(c: NodeClient) -> int:
+    st = c.stats()
+    assert st is not None
+    return st.dram.used_bytes
+
+
+def dram_objects(c: NodeClient) -> int:
+    st = c.stats()
+    return st.dram.objects if st is not None else 0
+
+
+def pool_members(c: NodeClient) -> int | None:
+    st = c.stats()
+    return st.pool.members if st is not None and st.pool is not None else None
+
+
 def put(c: NodeClient, key: bytes, data: bytes) -> None:
     [v] = c.reserve([(key, len(data))])
     assert v is not None
@@ -155,6 +173,7 @@ def test_written_on_a_read_on_c(make_pool, direct: bool) -> None:  # type: ignor
     assert c.lookup(list(data)) in range(0, 21)
     wait_until(lambda: c.lookup(list(data)) == 20, 30, "C to see every chunk through the pool")
     held_before = c.lookup(list(data), local=True)
+    owned = sum(c.lookup([k], local=True) for k in data)  # the chunks C owns itself
     assert read_all(c, data, direct) == (20, 0)
     assert c.lookup(list(data), local=True) == 20 > held_before  # C kept local copies for its engines
     assert read_all(c, data, direct) == (20, 0)  # now from C's own DRAM
@@ -162,13 +181,17 @@ def test_written_on_a_read_on_c(make_pool, direct: bool) -> None:  # type: ignor
     r = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2])),
                         "--json"], capture_output=True, text=True, timeout=60)
     view = json.loads(r.stdout)
-    assert sorted(view["nodes"]) == sorted(pool.ids)
-    assert view["nodes"][pool.ids[2]]["hits_remote"] >= 1  # C fetched from its peers
-    assert sum(st["dram_objects"] for st in view["nodes"].values()) >= 40  # A's copies + the owners'
+    nodes = {nid: msgspec.convert(st, NodeStats) for nid, st in view.pop("nodes").items()}
+    assert sorted(nodes) == sorted(pool.ids) and msgspec.convert(view, NodeStats) == nodes[pool.ids[2]]
+    assert all(st.pool == PoolUse(members=3, replicas=1) for st in nodes.values())
+    assert all(st.dram.capacity_bytes == 64 << 20 and st.ssd.capacity_bytes == 0 for st in nodes.values())
+    reads = nodes[pool.ids[2]].reads  # C fetched what it does not own from its peers, once
+    assert reads.pool == 20 - owned and reads.pool_direct == (20 - owned if direct else 0)
+    assert sum(st.dram.objects for st in nodes.values()) >= 40  # A's copies + the owners'
     human = subprocess.run([sys.executable, "-m", "kvmesh", "cache", "status", "--socket", str(pool.sock(pool.ids[2]))],
                            capture_output=True, text=True, timeout=60).stdout
     assert human.count("node ") == 3 and "pool of 3 (R=1)" in human and "hit rate" in human
-    assert "from pool peers" in human and (view["nodes"][pool.ids[2]].get("pool_direct_reads", 0) > 0) == direct
+    assert f"{20 - owned} from pool peers, {reads.pool_direct} of them read directly by engines" in human
 
 
 @pytest.mark.parametrize("direct", [False, True], ids=["node-fetches", "direct"])
@@ -216,10 +239,10 @@ def test_direct_batch_read_and_reservation_hygiene(make_pool) -> None:  # type: 
     keys = list(data)
     ring = Ring.build({n: 64 << 20 for n in pool.ids})
     remote = [k for k in keys if ring.owners(k)[0] != pool.ids[2]]  # C holds none of these
-    used = c.stats()["dram_used_bytes"]
+    used = used_bytes(c)
     # The wrong chunk size (a misconfigured engine): nothing is read, and the space reserved for it is freed.
     assert remote and c.get(remote, fetch_size=32 * KB) == []
-    wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "the reservations to be freed")
+    wait_until(lambda: used_bytes(c) == used, 10, "the reservations to be freed")
     # A batch: local copies first, then one request per owner; every byte right.
     leases = c.get(keys, fetch_size=64 * KB)
     assert [le.key for le in leases] == keys
@@ -231,12 +254,12 @@ def test_direct_batch_read_and_reservation_hygiene(make_pool) -> None:  # type: 
     for k, v in more.items():
         put(a, k, v)
     wait_replicated(pool, more)
-    used = c.stats()["dram_used_bytes"]
+    used = used_bytes(c)
     dying = pool.client(pool.ids[2])
     dying._call(proto.Get(list(more), 64 * KB))  # the plan's space is reserved; the engine never reads or commits
-    assert c.stats()["dram_used_bytes"] == used + len(more) * 64 * KB
+    assert used_bytes(c) == used + len(more) * 64 * KB
     dying.close()
-    wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "a gone engine's reservations to be freed")
+    wait_until(lambda: used_bytes(c) == used, 10, "a gone engine's reservations to be freed")
     assert read_all(c, more, direct=True) == (len(more), 0)
 
 
@@ -288,8 +311,8 @@ def test_join_moves_about_one_nth(make_pool) -> None:  # type: ignore[no-untyped
     pool.converge()
     ring4 = Ring.build({n: 64 << 20 for n in pool.ids})
     mine = [k for k in data if ring4.owners(k)[0] == d_id]
-    wait_until(lambda: d.stats().get("dram_objects", 0) >= len(mine), 30, "the rebalance to reach the new node")
-    moved = d.stats()["dram_objects"]
+    wait_until(lambda: dram_objects(d) >= len(mine), 30, "the rebalance to reach the new node")
+    moved = dram_objects(d)
     assert moved <= 1.5 * len(data) / 4, moved  # only the keys the new node now owns
     assert read_all(d, {k: data[k] for k in mine}) == (len(mine), 0)
 
@@ -330,7 +353,7 @@ def test_etcd_membership_join_leave_and_expiry(make_pool, tmp_path: pathlib.Path
         pool.terminate(c_id)  # a clean stop revokes its lease: the others drop it at once
         pool.converge()
         pool.kill(b_id)  # a crash: its lease expires (2 s here)
-        wait_until(lambda: a.stats().get("pool_members") == 2, 30, "B's lease to expire")
+        wait_until(lambda: pool_members(a) == 2, 30, "B's lease to expire")
         assert read_all(pool.client(d_id), data)[1] == 0  # never wrong bytes
         pool.stop()  # while etcd still runs: the nodes revoke their leases
 
@@ -344,7 +367,7 @@ def test_a_killed_nodes_arena_is_swept_by_the_next_node(make_pool) -> None:  # t
     pool.kill(nid)  # SIGKILL: no chance to unlink
     assert arena.exists()
     pool.start(nid)
-    wait_until(lambda: bool(pool.client(nid).stats()), 30, "the restarted node")
+    wait_until(lambda: pool.client(nid).stats() is not None, 30, "the restarted node")
     assert not arena.exists()
 
 
@@ -376,7 +399,8 @@ class BrokenPeer:
                 except (OSError, ConnectionError):
                     return
                 if isinstance(req, peer.PStats):
-                    conn.sendall(peer.encode(peer.PStatsReply("evil", {"dram_capacity_bytes": 64 << 20})))
+                    conn.sendall(peer.encode(peer.PStatsReply(NodeStats(
+                        node_id="evil", dram=TierUse(capacity_bytes=64 << 20), ssd=TierUse()))))
                 elif isinstance(req, peer.PHas):
                     conn.sendall(peer.encode(peer.PHasReply([True] * len(req.keys))))
                 elif isinstance(req, peer.PGet):
@@ -403,13 +427,13 @@ def test_a_peer_that_breaks_the_protocol_gives_misses(make_pool, mode: str, dire
         c = pool.client(pool.ids[0])  # (the pool formed: the node took the broken peer in)
         ring = Ring.build({pool.ids[0]: 64 << 20, "evil": 64 << 20})
         keys = [k for k in (uuid.uuid4().bytes for _ in range(40)) if ring.owners(k)[0] == "evil"][:8]
-        used = c.stats()["dram_used_bytes"]
+        used = used_bytes(c)
         assert c.lookup(keys) == len(keys)  # it claims to hold them all
         for k in keys:
             assert c.get([k], fetch_size=64 * KB if direct else 0) == []  # a miss each time, never bad bytes
         assert evil.gets >= 1
         assert c.lookup(keys, local=True) == 0  # nothing it sent was kept
-        wait_until(lambda: c.stats()["dram_used_bytes"] == used, 10, "the space reserved for it to be freed")
-        assert c.stats()["pool_members"] in (1, 2)  # the node is still serving
+        wait_until(lambda: used_bytes(c) == used, 10, "the space reserved for it to be freed")
+        assert pool_members(c) in (1, 2)  # the node is still serving
     finally:
         evil.close()

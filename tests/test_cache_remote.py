@@ -11,10 +11,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.cache import CacheNode, NodeClient, NodeSettings, StoreConfig
+from kvmesh.cache.chunk import CorruptObject, ObjectMeta, checksum
+from kvmesh.cache.client import NodeClient
+from kvmesh.cache.node import CacheNode
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.cache.remote import RemoteTier, make_remote, pack, unpack
-from kvmesh.cache.ssd import CorruptObject, ObjectMeta, checksum
+from kvmesh.config import CacheNodeConfig
 from tests.helpers import LoopThread
 from tests.servers import redis_cluster, redis_like, s3_server
 
@@ -88,16 +90,18 @@ def test_redis_objects_get_the_ttl(tmp_path: pathlib.Path) -> None:
         assert 0 < ttl <= 120
 
 
-def node(tmp: pathlib.Path, name: str, remote_url: str) -> NodeSettings:
+def node(tmp: pathlib.Path, name: str, remote_url: str) -> CacheNode:
+    """A DRAM-only node over the remote tier (no events, no HTTP: several share ``tmp``)."""
     arena = pathlib.Path("/dev/shm") / f"kvmesh-test-{uuid.uuid4().hex[:8]}"
-    return NodeSettings(tmp / f"{name}.sock", StoreConfig(arena, 8 << 20), remote_url=remote_url)
+    return CacheNode(CacheNodeConfig(socket=str(tmp / f"{name}.sock"), arena_path=str(arena), dram_mib=8, ssd_mib=0,
+                                     events=False, http_port=None, remote=remote_url), tmp)
 
 
 def test_two_nodes_share_the_tier(remote_url: str, tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
-    a, b = CacheNode(node(tmp_path, "a", remote_url)), CacheNode(node(tmp_path, "b", remote_url))
+    a, b = node(tmp_path, "a", remote_url), node(tmp_path, "b", remote_url)
     loop_thread.run(a.start())
     loop_thread.run(b.start())
-    ca, cb = NodeClient(a.settings.socket_path), NodeClient(b.settings.socket_path)
+    ca, cb = NodeClient(a.socket_path), NodeClient(b.socket_path)
     try:
         data = {uuid.uuid4().bytes: os.urandom(64 << 10) for _ in range(5)}
         for k, v in data.items():
@@ -122,9 +126,9 @@ def test_two_nodes_share_the_tier(remote_url: str, tmp_path: pathlib.Path, loop_
 
 
 def test_unreachable_tier_is_a_miss(tmp_path: pathlib.Path, loop_thread: LoopThread) -> None:
-    n = CacheNode(node(tmp_path, "x", "redis://127.0.0.1:1/0"))  # nothing listens there
+    n = node(tmp_path, "x", "redis://127.0.0.1:1/0")  # nothing listens there
     loop_thread.run(n.start())
-    c = NodeClient(n.settings.socket_path)
+    c = NodeClient(n.socket_path)
     try:
         k, v = uuid.uuid4().bytes, os.urandom(4096)
         [view] = c.reserve([(k, len(v))])

@@ -22,8 +22,8 @@ from collections.abc import Iterable, Sequence
 import zmq
 import zmq.asyncio
 
+from kvmesh.cache.chunk import ObjectMeta
 from kvmesh.cache.keys import event_hash
-from kvmesh.cache.ssd import ObjectMeta
 from kvmesh.cache.store import DRAM
 from kvmesh.index.events import (
     MEDIUM_CPU,

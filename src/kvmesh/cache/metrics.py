@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from kvmesh.cache.stats import Reads
+
+REMOTE_TIERS = ("redis", "s3", "fs")  # the names remote tiers count their hits under (RemoteTier.name)
+
 
 class CacheMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -35,11 +39,13 @@ class CacheMetrics:
                                     registry=r)
         self.requests = Counter("kvmesh_cache_requests", "Control requests, by type", ["type"], registry=r)
 
-    def counts(self) -> dict[str, float]:
-        """Hit/miss counters for status views (read through the registry's public API)."""
-        get = self.registry.get_sample_value
-        out = {f"hits_{t}": get("kvmesh_cache_hits_total", {"tier": t}) or 0.0
-               for t in ("dram", "ssd", "remote", "redis", "s3", "fs")}
-        out["misses"] = get("kvmesh_cache_misses_total") or 0.0
-        out["pool_direct_reads"] = get("kvmesh_cache_pool_direct_reads_total") or 0.0
-        return {k: v for k, v in out.items() if v or k in ("hits_dram", "hits_ssd", "misses")}
+    def reads(self) -> Reads:
+        """Where chunk reads were served from (read through the registry's public API).  The ``remote`` hit
+        label is the pool's peers; the remote tier counts under its own name (redis, s3, fs)."""
+        def get(name: str, tier: str | None = None) -> int:
+            return int(self.registry.get_sample_value(name, {"tier": tier} if tier else {}) or 0)
+
+        hits = "kvmesh_cache_hits_total"
+        return Reads(dram=get(hits, "dram"), ssd=get(hits, "ssd"), pool=get(hits, "remote"),
+                     pool_direct=get("kvmesh_cache_pool_direct_reads_total"),
+                     remote=sum(get(hits, t) for t in REMOTE_TIERS), misses=get("kvmesh_cache_misses_total"))

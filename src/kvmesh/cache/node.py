@@ -23,45 +23,43 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kvmesh.cache import protocol as p
+from kvmesh.cache.chunk import ObjectMeta
 from kvmesh.cache.events import EventPublisher, parent_first
 from kvmesh.cache.metrics import CacheMetrics
-from kvmesh.cache.pool.pool import Pool, PoolSettings
+from kvmesh.cache.pool.pool import Pool
 from kvmesh.cache.remote import RemoteCache, make_remote
-from kvmesh.cache.ssd import ObjectMeta
-from kvmesh.cache.store import SSD, StoreConfig, TieredStore, TierListener
+from kvmesh.cache.stats import NodeStats
+from kvmesh.cache.store import SSD, TieredStore, TierListener
 from kvmesh.config import CacheNodeConfig
 
 log = logging.getLogger(__name__)
 _reply_enc = msgspec.msgpack.Encoder()
 
 
-@dataclass(slots=True)
-class NodeSettings:
-    socket_path: pathlib.Path
-    store: StoreConfig
-    events_endpoint: str | None = None  # ipc://... ; None: no events
-    events_replay_endpoint: str | None = None  # ROUTER for subscribers catching up (vLLM's replay protocol)
-    http_port: int | None = None        # /metrics and /status; 0 picks a free port
-    node_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
-    pool: PoolSettings | None = None    # None: a standalone node
-    remote_url: str | None = None       # a remote capacity tier below SSD (kvmesh.cache.remote)
-    remote_ttl_s: float | None = None
-
-
 class CacheNode:
-    """Lifecycle: ``await start()`` (re-indexes the SSD tier, then listens), ``await stop()``."""
+    """A node built from its config (``kvmesh cache-node`` and ``kvmesh up`` hand theirs over).  Unset paths and
+    the node id are resolved once, here (:func:`resolve_paths`); ``cfg`` is then the resolved config, so
+    ``CacheNode(node.cfg, node.run_dir)`` is the same node again (its SSD tier re-indexed).
 
-    def __init__(self, settings: NodeSettings) -> None:
-        self.settings = settings
+    Lifecycle: ``await start()`` (re-indexes the SSD tier, then listens), ``await stop()``."""
+
+    def __init__(self, cfg: CacheNodeConfig, run_dir: pathlib.Path = pathlib.Path("run")) -> None:
+        self.cfg = cfg = resolve_paths(cfg, run_dir)
+        self.run_dir = run_dir
+        self.node_id: str = cfg.node_id or ""  # resolved: never empty
+        self.socket_path = pathlib.Path(cfg.socket or "")
+        ipc = f"ipc://{run_dir.resolve()}"
+        self.events_endpoint = f"{ipc}/cache-node-kv.sock" if cfg.events else None
+        # a ROUTER for subscribers catching up (vLLM's replay protocol)
+        self.events_replay_endpoint = f"{ipc}/cache-node-kv-replay.sock" if cfg.events else None
         self.metrics = CacheMetrics()
-        self.events = (EventPublisher(settings.events_endpoint, settings.events_replay_endpoint)
-                       if settings.events_endpoint else None)
+        self.events = (EventPublisher(self.events_endpoint, self.events_replay_endpoint)
+                       if self.events_endpoint else None)
         listener = TierListener(self.events.stored, self.events.removed) if self.events else None
-        self.store = TieredStore(settings.store, self.metrics, listener)
-        self.pool = (Pool(settings.pool, self.store, self.metrics,
-                          lambda: settings.store.dram_bytes + settings.store.ssd_bytes) if settings.pool else None)
-        self.remote = (RemoteCache(make_remote(settings.remote_url, settings.remote_ttl_s), self.metrics, self.store)
-                       if settings.remote_url else None)
+        self.store = TieredStore(cfg, self.metrics, listener)
+        self.pool = Pool(cfg, self.store, self.metrics, self.stats) if cfg.peer_port is not None else None
+        self.remote = (RemoteCache(make_remote(cfg.remote, cfg.remote_ttl_s), self.metrics, self.store)
+                       if cfg.remote else None)
         self._server: asyncio.AbstractServer | None = None
         self._runner: web.AppRunner | None = None
         self._tasks: set[asyncio.Task[None]] = set()
@@ -69,15 +67,15 @@ class CacheNode:
         self.http_port: int | None = None
 
     async def start(self) -> None:
-        sweep_stale_arenas(self.settings.store.arena_path.parent)
+        sweep_stale_arenas(self.store.arena.path.parent)
         n = await asyncio.get_running_loop().run_in_executor(None, self.store.reindex_ssd)
         if n:
-            log.info("cache node %s: %d objects on the SSD tier re-indexed", self.settings.node_id, n)
+            log.info("cache node %s: %d objects on the SSD tier re-indexed", self.node_id, n)
         if self.events is not None:
             self.events.start()
             # routers learn what survived the restart (and, through the replay buffer, any that join later)
             self.events.announce(SSD, parent_first(o.meta for o in self.store.ssd.values()))
-        path = self.settings.socket_path
+        path = self.socket_path
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         self._server = await asyncio.start_unix_server(self._serve, path=str(path))
@@ -85,13 +83,13 @@ class CacheNode:
         self._tasks.add(asyncio.get_running_loop().create_task(self._housekeeping()))
         if self.pool is not None:
             await self.pool.start()
-        if self.settings.http_port is not None:
+        if self.cfg.http_port is not None:
             app = web.Application()
             app.router.add_get("/metrics", self._metrics)
             app.router.add_get("/status", self._status)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", self.settings.http_port)
+            site = web.TCPSite(self._runner, "127.0.0.1", self.cfg.http_port)
             await site.start()
             self.http_port = self._runner.addresses[0][1]
 
@@ -112,7 +110,7 @@ class CacheNode:
         await self.store.close()
         if self.events:
             await self.events.close()
-        self.settings.socket_path.unlink(missing_ok=True)
+        self.socket_path.unlink(missing_ok=True)
 
     async def _housekeeping(self) -> None:
         while True:
@@ -180,10 +178,10 @@ class CacheNode:
             if not st.arena.path.exists():
                 # Someone removed the shared-memory file: engines already attached keep their mapping; new
                 # ones cannot attach and serve by recomputation until the node is restarted.
-                log.error("cache node %s: arena %s vanished; restart the node", self.settings.node_id,
+                log.error("cache node %s: arena %s vanished; restart the node", self.node_id,
                           st.arena.path)
                 return p.Failure(f"the cache node's arena {st.arena.path} vanished; restart the node")
-            return p.HelloReply(str(st.arena.path), st.arena.size, self.settings.node_id)
+            return p.HelloReply(str(st.arena.path), st.arena.size, self.node_id)
         if isinstance(req, p.Stats):
             nodes = await self.pool.member_stats() if (req.pool and self.pool is not None) else {}
             return p.StatsReply(self.stats(), nodes)
@@ -267,15 +265,18 @@ class CacheNode:
             if self.pool is not None:
                 self.pool.replicate(meta)  # sends straight from the arena, the chunk pinned meanwhile
 
-    def stats(self) -> dict[str, float]:
-        return {**self.store.stats(), **(self.pool.stats() if self.pool else {}), **self.metrics.counts()}
+    def stats(self) -> NodeStats:
+        dram, ssd = self.store.tier_use()
+        return NodeStats(node_id=self.node_id, dram=dram, ssd=ssd, writing=len(self.store.writing),
+                         tenants=self.store.tenant_use(), reads=self.metrics.reads(),
+                         pool=self.pool.use() if self.pool is not None else None)
 
     # ---- HTTP --------------------------------------------------------------------------------------
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _status(self, request: web.Request) -> web.Response:
-        return web.json_response({"node_id": self.settings.node_id, **self.stats()})
+        return web.Response(body=msgspec.json.encode(self.stats()), content_type="application/json")
 
 
 @dataclass(slots=True)
@@ -322,31 +323,15 @@ def sweep_stale_arenas(directory: pathlib.Path) -> int:
     return n
 
 
-def node_settings(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> NodeSettings:
-    """Settings of a node from its config; unset paths go under ``run_dir`` (arena in /dev/shm)."""
+def resolve_paths(cfg: CacheNodeConfig, run_dir: pathlib.Path) -> CacheNodeConfig:
+    """``cfg`` with its unset paths and node id filled in: socket and SSD directory under ``run_dir``, the
+    arena in /dev/shm (``run_dir`` without it), a random node id.  Resolving a resolved config changes
+    nothing."""
     node_id = cfg.node_id or uuid.uuid4().hex[:8]
     shm = pathlib.Path("/dev/shm")
     # default name kvmesh-<node>.<pid>: a later node can tell (and remove) an arena whose owner died
-    arena = (pathlib.Path(cfg.arena_path) if cfg.arena_path
-             else (shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}.{os.getpid()}")
-    ssd = pathlib.Path(cfg.ssd_dir) if cfg.ssd_dir else run_dir / "cache-ssd"
-    store = StoreConfig(arena_path=arena, dram_bytes=cfg.dram_mib << 20,
-                        ssd_dir=ssd if cfg.ssd_mib else None, ssd_bytes=cfg.ssd_mib << 20,
-                        eviction=cfg.eviction, ttl_s=cfg.ttl_s, admit_after=cfg.admit_after,
-                        tenant_quotas={t: mib << 20 for t, mib in cfg.tenant_quota_mib.items()},
-                        tenant_ssd_quotas={t: mib << 20 for t, mib in cfg.tenant_ssd_quota_mib.items()})
-    pool = None
-    if cfg.peer_port is not None:
-        peers = {}
-        for spec in cfg.peers:
-            nid, _, addr = spec.partition("=")
-            host, _, port = addr.rpartition(":")
-            peers[nid] = (host, int(port))
-        pool = PoolSettings(node_id=node_id, host=cfg.peer_host, port=cfg.peer_port, replicas=cfg.replicas,
-                            peers=peers, etcd=cfg.etcd, etcd_ttl_s=cfg.etcd_ttl_s)
-    return NodeSettings(socket_path=pathlib.Path(cfg.socket) if cfg.socket else run_dir / "cache-node.sock",
-                        store=store, node_id=node_id, http_port=cfg.http_port, pool=pool,
-                        remote_url=cfg.remote, remote_ttl_s=cfg.remote_ttl_s,
-                        events_endpoint=f"ipc://{run_dir.resolve()}/cache-node-kv.sock" if cfg.events else None,
-                        events_replay_endpoint=(f"ipc://{run_dir.resolve()}/cache-node-kv-replay.sock"
-                                                if cfg.events else None))
+    arena = cfg.arena_path or str((shm if shm.is_dir() else run_dir) / f"kvmesh-{node_id}.{os.getpid()}")
+    return cfg.model_copy(update={
+        "node_id": node_id, "arena_path": arena,
+        "socket": cfg.socket or str(run_dir / "cache-node.sock"),
+        "ssd_dir": cfg.ssd_dir or str(run_dir / "cache-ssd")})

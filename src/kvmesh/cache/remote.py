@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 import msgspec
 
+from kvmesh.cache.chunk import CorruptObject, ObjectMeta, checksum
 from kvmesh.cache.keys import prefix_len
 from kvmesh.cache.metrics import CacheMetrics
-from kvmesh.cache.ssd import MAGIC, CorruptObject, ObjectMeta, SsdStore, checksum
+from kvmesh.cache.ssd import MAGIC, SsdStore
 from kvmesh.cache.store import TieredStore
 
 log = logging.getLogger(__name__)

@@ -18,13 +18,18 @@ import pathlib
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmesh.cache.arena import Arena, ExtentAllocator
+from kvmesh.cache.chunk import CorruptObject, ObjectMeta, checksum
 from kvmesh.cache.eviction import EvictionPolicy, make_policy
 from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
-from kvmesh.cache.ssd import CorruptObject, DiskFull, ObjectMeta, SsdStore, checksum
+from kvmesh.cache.ssd import DiskFull, SsdStore
+from kvmesh.cache.stats import TenantUse, TierUse
+
+if TYPE_CHECKING:
+    from kvmesh.config import CacheNodeConfig
 
 log = logging.getLogger(__name__)
 DRAM, SSD = "dram", "ssd"
@@ -43,19 +48,6 @@ class DramObject:
 class SsdObject:
     disk_bytes: int
     meta: ObjectMeta
-
-
-@dataclass(slots=True)
-class StoreConfig:
-    arena_path: pathlib.Path
-    dram_bytes: int
-    ssd_dir: pathlib.Path | None = None
-    ssd_bytes: int = 0
-    eviction: str = "lru"
-    ttl_s: float | None = None
-    admit_after: int = 1  # store a chunk only once it was offered this many times
-    tenant_quotas: dict[str, int] = field(default_factory=dict)  # DRAM bytes per tenant
-    tenant_ssd_quotas: dict[str, int] = field(default_factory=dict)  # SSD bytes per tenant
 
 
 @dataclass(slots=True)
@@ -79,19 +71,29 @@ class _Seen:
 
 
 class TieredStore:
-    def __init__(self, cfg: StoreConfig, metrics: CacheMetrics, listener: TierListener | None = None) -> None:
-        self.cfg = cfg
+    """The node's tiers, sized by its config: ``arena_path`` and ``ssd_dir`` must be set (the node resolves
+    unset paths first, :func:`kvmesh.cache.node.resolve_paths`); ``ssd_mib`` 0 means no SSD tier."""
+
+    def __init__(self, cfg: CacheNodeConfig, metrics: CacheMetrics, listener: TierListener | None = None) -> None:
+        if cfg.arena_path is None or (cfg.ssd_mib and cfg.ssd_dir is None):
+            raise ValueError("the store needs arena_path (and ssd_dir with an SSD tier); resolve the config first")
         self.metrics = metrics
         self.listener = listener
-        self.arena = Arena(cfg.arena_path, cfg.dram_bytes, create=True)
-        self.alloc = ExtentAllocator(cfg.dram_bytes)
+        # read once: the write path consults these per chunk
+        self.admit_after = cfg.admit_after
+        self.ssd_capacity = cfg.ssd_mib << 20
+        self.dram_quotas = {t: mib << 20 for t, mib in cfg.tenant_quota_mib.items()}
+        self.ssd_quotas = {t: mib << 20 for t, mib in cfg.tenant_ssd_quota_mib.items()}
+        dram_bytes = cfg.dram_mib << 20
+        self.arena = Arena(pathlib.Path(cfg.arena_path), dram_bytes, create=True)
+        self.alloc = ExtentAllocator(dram_bytes)
         self.dram: dict[bytes, DramObject] = {}
         self.writing: dict[bytes, tuple[int, int]] = {}  # key -> (offset, size) reserved
         self.ssd: dict[bytes, SsdObject] = {}
         self.ssd_used = 0
         self.dram_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
         self.ssd_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
-        self.disk = SsdStore(cfg.ssd_dir) if cfg.ssd_dir is not None else None
+        self.disk = SsdStore(pathlib.Path(cfg.ssd_dir)) if cfg.ssd_mib and cfg.ssd_dir else None
         self._seen = _Seen()
         self._busy_ssd: set[bytes] = set()  # being demoted or promoted
         self._demoting: dict[bytes, tuple[ObjectMeta, bytes]] = {}  # left DRAM, not yet on disk
@@ -180,7 +182,7 @@ class TieredStore:
         """Arena offset to write ``size`` bytes at; -1 when already held or being written, -2 when refused."""
         if key in self.dram or key in self.writing or key in self.ssd:
             return -1
-        if self._seen.bump(key) < self.cfg.admit_after:
+        if self._seen.bump(key) < self.admit_after:
             self.metrics.not_admitted.inc()
             return -2
         if not self._within_quota(tenant, size):
@@ -196,7 +198,7 @@ class TieredStore:
 
     def _within_quota(self, tenant: str, size: int) -> bool:
         """Make room under ``tenant``'s quota by evicting its own chunks (never another tenant's)."""
-        quota = self.cfg.tenant_quotas.get(tenant)
+        quota = self.dram_quotas.get(tenant)
         if quota is None:
             return True
         while self.tenant_bytes[tenant] + size > quota:
@@ -263,22 +265,18 @@ class TieredStore:
         self.arena.view[off:off + meta.size] = data
         return self.adopt(meta, off)
 
-    def stats(self) -> dict[str, float]:
-        out: dict[str, float] = {
-            "dram_objects": len(self.dram), "dram_used_bytes": self.alloc.used, "dram_capacity_bytes": self.alloc.size,
-            "ssd_objects": len(self.ssd), "ssd_used_bytes": self.ssd_used, "ssd_capacity_bytes": self.cfg.ssd_bytes,
-            "writing": len(self.writing)}
-        for t, n in self.tenant_bytes.items():
-            if n or t in self.cfg.tenant_quotas:
-                out[f"tenant:{t or '-'}:dram_bytes"] = n
-        for t, q in self.cfg.tenant_quotas.items():
-            out[f"tenant:{t}:quota_bytes"] = q
-        for t, n in self.tenant_ssd_bytes.items():
-            if n or t in self.cfg.tenant_ssd_quotas:
-                out[f"tenant:{t or '-'}:ssd_bytes"] = n
-        for t, q in self.cfg.tenant_ssd_quotas.items():
-            out[f"tenant:{t}:ssd_quota_bytes"] = q
-        return out
+    def tier_use(self) -> tuple[TierUse, TierUse]:
+        """DRAM and SSD use, for :class:`~kvmesh.cache.stats.NodeStats`."""
+        return (TierUse(objects=len(self.dram), used_bytes=self.alloc.used, capacity_bytes=self.alloc.size),
+                TierUse(objects=len(self.ssd), used_bytes=self.ssd_used, capacity_bytes=self.ssd_capacity))
+
+    def tenant_use(self) -> dict[str, TenantUse]:
+        """Every tenant holding bytes or having a quota (a tenant at zero under a quota is still shown)."""
+        names = ({t for t, n in self.tenant_bytes.items() if n} | {t for t, n in self.tenant_ssd_bytes.items() if n}
+                 | set(self.dram_quotas) | set(self.ssd_quotas))
+        return {t: TenantUse(dram_bytes=self.tenant_bytes[t], ssd_bytes=self.tenant_ssd_bytes[t],
+                             dram_quota_bytes=self.dram_quotas.get(t), ssd_quota_bytes=self.ssd_quotas.get(t))
+                for t in sorted(names)}
 
     # ---- DRAM room, demotion, promotion ------------------------------------------------------------
     def _make_room(self, size: int) -> int | None:
@@ -349,7 +347,7 @@ class TieredStore:
     async def _trim_ssd(self, tenant: str = "") -> None:
         """Over ``tenant``'s SSD quota: evict that tenant's own chunks; then over the tier: anyone's."""
         assert self.disk is not None
-        quota = self.cfg.tenant_ssd_quotas.get(tenant)
+        quota = self.ssd_quotas.get(tenant)
         while quota is not None and self.tenant_ssd_bytes[tenant] > quota:
             victim = self.ssd_policy.victim(
                 lambda k: k not in self._busy_ssd and (s := self.ssd.get(k)) is not None
@@ -358,7 +356,7 @@ class TieredStore:
                 break
             await self._drop_ssd(victim)
             self.metrics.evictions.labels(SSD).inc()
-        while self.ssd_used > self.cfg.ssd_bytes:
+        while self.ssd_used > self.ssd_capacity:
             victim = self.ssd_policy.victim(lambda k: k not in self._busy_ssd)
             if victim is None:
                 return
@@ -458,4 +456,4 @@ class TieredStore:
         m.used.labels(DRAM).set(self.alloc.used)
         m.used.labels(SSD).set(self.ssd_used)
         m.capacity.labels(DRAM).set(self.alloc.size)
-        m.capacity.labels(SSD).set(self.cfg.ssd_bytes)
+        m.capacity.labels(SSD).set(self.ssd_capacity)

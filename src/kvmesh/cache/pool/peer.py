@@ -17,7 +17,8 @@ from collections.abc import Callable
 
 import msgspec
 
-from kvmesh.cache.ssd import ObjectMeta
+from kvmesh.cache.chunk import ObjectMeta
+from kvmesh.cache.stats import NodeStats
 
 _LEN = struct.Struct(">I")
 MAX_HEADER = 16 << 20
@@ -58,8 +59,7 @@ class POk(msgspec.Struct, tag=True):
 
 
 class PStatsReply(msgspec.Struct, tag=True):
-    node_id: str
-    stats: dict[str, float]
+    stats: NodeStats
 
 
 PReply = PHasReply | PGetReply | POk | PStatsReply

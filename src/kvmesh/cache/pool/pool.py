@@ -16,11 +16,12 @@ import asyncio
 import logging
 import socket
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from kvmesh.cache.chunk import ObjectMeta
 from kvmesh.cache.keys import prefix_len, tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.membership import EtcdMembership, Membership
@@ -43,8 +44,11 @@ from kvmesh.cache.pool.peer import (
     tune,
 )
 from kvmesh.cache.pool.ring import Ring
-from kvmesh.cache.ssd import ObjectMeta
+from kvmesh.cache.stats import NodeStats, PoolUse
 from kvmesh.cache.store import DramObject, TieredStore
+
+if TYPE_CHECKING:
+    from kvmesh.config import CacheNodeConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,44 +63,51 @@ class Member:
     client: PeerClient | None = None
 
 
-@dataclass(slots=True)
-class PoolSettings:
-    node_id: str
-    host: str = "127.0.0.1"
-    port: int = 0
-    replicas: int = 1
-    health_interval_s: float = 1.0
-    peers: dict[str, tuple[str, int]] = field(default_factory=dict)  # static members: id -> (host, port)
-    etcd: str | None = None   # discovery through etcd (http://host:port) instead of a static list
-    etcd_ttl_s: int = 5
+def parse_peers(specs: tuple[str, ...]) -> dict[str, tuple[str, int]]:
+    """Static pool members, ``id=host:port`` each (as validated by ``CacheNodeConfig.peers``)."""
+    peers = {}
+    for spec in specs:
+        nid, _, addr = spec.partition("=")
+        host, _, port = addr.rpartition(":")
+        peers[nid] = (host, int(port))
+    return peers
 
 
 class Pool:
-    def __init__(self, settings: PoolSettings, store: TieredStore, metrics: CacheMetrics,
-                 capacity: Callable[[], int]) -> None:
-        self.s = settings
+    """The pool part of a node configured with ``peer_port`` (``node_id`` resolved); ``stats`` builds the
+    node's :class:`NodeStats`, which peers ask for as a health check."""
+
+    def __init__(self, cfg: CacheNodeConfig, store: TieredStore, metrics: CacheMetrics,
+                 stats: Callable[[], NodeStats], health_interval_s: float = 1.0) -> None:
+        if cfg.node_id is None:
+            raise ValueError("a pooled node needs a node_id; resolve the config first")
+        self.cfg = cfg
+        # read once: the read and write paths consult these per chunk
+        self.node_id: str = cfg.node_id
+        self.replicas = cfg.replicas
+        self.health_interval_s = health_interval_s
         self.store = store
         self.metrics = metrics
-        self.capacity = capacity
+        self.node_stats = stats
         self.members: dict[str, Member] = {
-            nid: Member(nid, h, p) for nid, (h, p) in settings.peers.items() if nid != settings.node_id}
-        self.ring = Ring.build({settings.node_id: capacity()})
+            nid: Member(nid, h, p) for nid, (h, p) in parse_peers(cfg.peers).items() if nid != self.node_id}
+        self.ring = Ring.build({self.node_id: self.capacity()})
         self.previous: Ring | None = None  # during a rebalance, reads also try the old owners
         self._listener: socket.socket | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._conns: set[socket.socket] = set()
-        self.port = settings.port
+        self.port = cfg.peer_port or 0
         self.membership: Membership | None = None  # None: the static peer list
 
     # ---- lifecycle -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._listener = socket.create_server((self.s.host, self.s.port), backlog=128)
+        self._listener = socket.create_server((self.cfg.peer_host, self.port), backlog=128)
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._spawn(self._accept_loop(self._listener))
-        if self.s.etcd:
-            self.membership = EtcdMembership(self.s.etcd, ttl_s=self.s.etcd_ttl_s)
-            await self.membership.join(self.s.node_id, self.s.host, self.port, self.capacity())
+        if self.cfg.etcd:
+            self.membership = EtcdMembership(self.cfg.etcd, ttl_s=self.cfg.etcd_ttl_s)
+            await self.membership.join(self.node_id, self.cfg.peer_host, self.port, self.capacity())
             self._spawn(self.membership.run(self._members_changed))
         await self.check_members()
         self._spawn(self._health_loop())
@@ -135,7 +146,7 @@ class Pool:
                 if m.client:
                     m.client.close()
         for nid, (h, p) in peers.items():
-            if nid != self.s.node_id and nid not in self.members:
+            if nid != self.node_id and nid not in self.members:
                 self.members[nid] = Member(nid, h, p)
         self._rebuild()  # departures leave the ring now; arrivals join once a health check reaches them
 
@@ -145,15 +156,19 @@ class Pool:
             # Right after start, peers are often still starting too: look again soon so rings converge fast.
             young = asyncio.get_running_loop().time() - started < 10
             missing = any(not m.alive for m in self.members.values())
-            await asyncio.sleep(min(self.s.health_interval_s, 0.2) if young and missing else self.s.health_interval_s)
+            await asyncio.sleep(min(self.health_interval_s, 0.2) if young and missing else self.health_interval_s)
             await self.check_members()
 
-    def stats(self) -> dict[str, float]:
-        return {"pool_members": len(self.ring.nodes), "pool_replicas": self.s.replicas}
+    def capacity(self) -> int:
+        """This node's weight on the ring: its local tiers' bytes."""
+        return self.store.alloc.size + self.store.ssd_capacity
 
-    async def member_stats(self) -> dict[str, dict[str, float]]:
+    def use(self) -> PoolUse:
+        return PoolUse(members=len(self.ring.nodes), replicas=self.replicas)
+
+    async def member_stats(self) -> dict[str, NodeStats]:
         """Every live member's stats (for ``kvmesh cache status``)."""
-        async def one(m: Member) -> tuple[str, dict[str, float] | None]:
+        async def one(m: Member) -> tuple[str, NodeStats | None]:
             if m.client is None or not m.alive:
                 return m.node_id, None
             try:
@@ -176,7 +191,7 @@ class Pool:
                 return
             if isinstance(r, PStatsReply):
                 m.alive = True
-                m.capacity = int(r.stats.get("dram_capacity_bytes", 0) + r.stats.get("ssd_capacity_bytes", 0))
+                m.capacity = r.stats.capacity_bytes
 
         await asyncio.gather(*(probe(m) for m in self.members.values()))
         self._rebuild()
@@ -189,7 +204,7 @@ class Pool:
             self._rebuild()
 
     def _rebuild(self) -> None:
-        caps = {self.s.node_id: self.capacity()}
+        caps = {self.node_id: self.capacity()}
         caps.update({m.node_id: m.capacity or 1 for m in self.members.values() if m.alive})
         if frozenset(caps) == self.ring.nodes:
             return
@@ -199,9 +214,9 @@ class Pool:
         self._spawn(self._rebalance(old, self.ring))
 
     def owners(self, key: bytes) -> list[str]:
-        own = self.ring.owners(key, self.s.replicas)
+        own = self.ring.owners(key, self.replicas)
         if self.previous is not None:
-            own += [n for n in self.previous.owners(key, self.s.replicas) if n not in own]
+            own += [n for n in self.previous.owners(key, self.replicas) if n not in own]
         return own
 
     def owner_addresses(self, key: bytes) -> list[str]:
@@ -221,10 +236,10 @@ class Pool:
     async def _has(self, keys: list[bytes]) -> list[bool]:
         held = [self.store.holds(k) for k in keys]
         pending = [i for i, h in enumerate(held) if not h]
-        for attempt in range(self.s.replicas + 2):
+        for attempt in range(self.replicas + 2):
             by_node: dict[str, list[int]] = {}
             for i in pending:
-                own = [n for n in self.owners(keys[i]) if n != self.s.node_id and self._alive(n)]
+                own = [n for n in self.owners(keys[i]) if n != self.node_id and self._alive(n)]
                 if attempt < len(own):
                     by_node.setdefault(own[attempt], []).append(i)
             if not by_node:
@@ -269,7 +284,7 @@ class Pool:
 
     async def _fetch_one(self, key: bytes) -> bool:
         for nid in self.owners(key):
-            if nid == self.s.node_id or not self._alive(nid):
+            if nid == self.node_id or not self._alive(nid):
                 continue
             if await self._fetch_from(nid, [key]) == 1:
                 return True
@@ -281,7 +296,7 @@ class Pool:
         todo = [k for k in keys if k not in self.store.dram]
         by_node: dict[str, list[bytes]] = {}
         for k in todo:
-            own = [n for n in self.owners(k) if n != self.s.node_id and self._alive(n)]
+            own = [n for n in self.owners(k) if n != self.node_id and self._alive(n)]
             if own:
                 by_node.setdefault(own[0], []).append(k)
         await asyncio.gather(*(self._fetch_from(n, ks) for n, ks in by_node.items()))
@@ -317,8 +332,8 @@ class Pool:
     # ---- writes --------------------------------------------------------------------------------------
     def replicate(self, meta: ObjectMeta) -> None:
         """Push a chunk just committed here to its other owners (background), straight from the arena."""
-        for n in self.ring.owners(meta.key, self.s.replicas):
-            if n != self.s.node_id and self.store.pin(meta.key) is not None:
+        for n in self.ring.owners(meta.key, self.replicas):
+            if n != self.node_id and self.store.pin(meta.key) is not None:
                 self._spawn(self._push_pinned(n, meta))
 
     async def _push_pinned(self, nid: str, meta: ObjectMeta) -> None:
@@ -348,11 +363,11 @@ class Pool:
         moved = 0
         try:
             for key in list(self.store.dram) + list(self.store.ssd):
-                before = old.owners(key, self.s.replicas)
-                after = new.owners(key, self.s.replicas)
-                gained = [n for n in after if n not in before and n != self.s.node_id]
+                before = old.owners(key, self.replicas)
+                after = new.owners(key, self.replicas)
+                gained = [n for n in after if n not in before and n != self.node_id]
                 survivors = [n for n in before if n in new.nodes]
-                if not gained or (survivors and survivors[0] != self.s.node_id):
+                if not gained or (survivors and survivors[0] != self.node_id):
                     continue
                 data = await self._read_local(key)
                 if data is None:
@@ -401,8 +416,7 @@ class Pool:
                         break  # no chunk is larger than the arena: a broken or hostile peer
                     await loop.sock_sendall(sock, _frame(POk(await self._receive_put(req.meta, sock))))
                 elif isinstance(req, PStats):
-                    await loop.sock_sendall(sock, _frame(PStatsReply(
-                        self.s.node_id, {**self.store.stats(), **self.stats(), **self.metrics.counts()})))
+                    await loop.sock_sendall(sock, _frame(PStatsReply(self.node_stats())))
         except (ConnectionError, OSError, msgspec.DecodeError):
             pass  # PeerError is a ConnectionError
         finally:
