@@ -23,7 +23,9 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import pct, write_result
-from kvmesh.index import BlockStored, EventBatch, KvIndex, block_keys, decode_batch, encode_batch
+from kvmesh.index.events import BlockStored, EventBatch, decode_batch, encode_batch
+from kvmesh.index.hashing import block_keys
+from kvmesh.index.index import KvIndex
 from kvmesh.models import demo
 from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from kvmesh.cache import NodeClient
+from kvmesh.cache.client import NodeClient
 from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
 from kvmesh.engines import vllm_available
 from kvmesh.stack import DEMO_MODEL_NAME, Stack

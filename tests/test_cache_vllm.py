@@ -170,7 +170,7 @@ def test_engine_serves_while_node_down_then_restarted_node_serves_ssd(cstack: St
     down = complete(a, prompt("restart"))  # no node: the engine recomputes, same answer
     assert cached(down) == 0 and down["choices"][0]["text"] == cold["choices"][0]["text"]
 
-    from kvmesh.cache import CacheNode
+    from kvmesh.cache.node import CacheNode
 
     fresh = CacheNode(node.settings)  # same paths: the DRAM tier is gone, the SSD tier is re-indexed
     loop_thread.run(fresh.start())
@@ -221,7 +221,7 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     # A restarted node publishes AllBlocksCleared and its SSD inventory, usually before the gateway has
     # reconnected: the gateway then learns them from the node's replay buffer (the node's heartbeat shows
     # it the gap); either way the old tiers are dropped first.
-    from kvmesh.cache import CacheNode
+    from kvmesh.cache.node import CacheNode
 
     loop_thread.run(node.stop())
     fresh = CacheNode(node.settings)

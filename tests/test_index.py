@@ -7,16 +7,9 @@ import pathlib
 import msgspec
 import pytest
 
-from kvmesh.index import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EventBatch,
-    KvIndex,
-    block_keys,
-    decode_batch,
-    encode_batch,
-)
+from kvmesh.index.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch
+from kvmesh.index.hashing import block_keys
+from kvmesh.index.index import KvIndex
 
 BS = 4
 

@@ -10,7 +10,7 @@ import pytest
 
 from kvmesh.engines import VllmEngine
 from kvmesh.gateway import Gateway
-from kvmesh.index import block_keys
+from kvmesh.index.hashing import block_keys
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from kvmesh.tokenize import PromptTokenizer
 from tests.conftest import engine_block_size

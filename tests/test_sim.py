@@ -11,11 +11,13 @@ import sys
 
 import pytest
 
-from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake, mooncake_prompt
-from kvmesh.index import BlockRemoved, BlockStored, EventBatch, KvIndex, block_keys, root_seed
+from kvmesh.index.events import BlockRemoved, BlockStored, EventBatch
+from kvmesh.index.hashing import block_keys, root_seed
+from kvmesh.index.index import KvIndex
 from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
 from kvmesh.sim.blockpool import BlockPool
 from kvmesh.sim.core import SimRequest
+from kvmesh.workloads import infinite_cache_hit_rate, load_mooncake, mooncake_prompt
 
 MOONCAKE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
 SEED = root_seed("kvmesh")

@@ -446,7 +446,7 @@ def cache_status(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Capacity, usage per tier and tenant, and hit rates of a cache node and of every live pool member."""
-    from kvmesh.cache import NodeClient
+    from kvmesh.cache.client import NodeClient
 
     logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)  # the one-line error below says it
     c = NodeClient(socket, timeout_s=5.0)

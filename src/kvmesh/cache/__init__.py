@@ -1,9 +1,7 @@
-"""kvmesh's tiered KV cache: the per-machine cache node (DRAM arena → SSD) and its client."""
+"""kvmesh's tiered KV cache: the per-machine cache node (DRAM arena → SSD → remote) and its client.
 
-from kvmesh.cache.client import Lease, NodeClient
-from kvmesh.cache.keys import ChunkKey, Namespace, chunk_keys, event_hash
-from kvmesh.cache.node import CacheNode, NodeSettings
-from kvmesh.cache.store import StoreConfig
-
-__all__ = ["CacheNode", "ChunkKey", "Lease", "Namespace", "NodeClient", "NodeSettings", "StoreConfig",
-           "chunk_keys", "event_hash"]
+This package imports nothing on purpose: its engine-side half (``client``, ``protocol``, ``keys``, ``chunk``,
+``arena``, ``pool.direct``) is loaded inside every vLLM worker, which must not pay for the node daemon, the
+pool server or the remote tiers.  Import names from their defining modules (``kvmesh.cache.client.NodeClient``,
+``kvmesh.cache.node.CacheNode``); ``tests/test_layers.py`` checks what the connector loads.
+"""

@@ -20,8 +20,9 @@ import msgspec
 
 from kvmesh.cache import protocol as p
 from kvmesh.cache.arena import Arena
+from kvmesh.cache.chunk import ObjectMeta, checksum
 from kvmesh.cache.pool.direct import PeerReader
-from kvmesh.cache.ssd import ObjectMeta, checksum
+from kvmesh.cache.stats import NodeStats
 
 log = logging.getLogger(__name__)
 
@@ -226,13 +227,14 @@ class NodeClient:
         r = self._call(p.Evict())
         return r.n if isinstance(r, p.Count) else 0
 
-    def stats(self) -> dict[str, float]:
+    def stats(self) -> NodeStats | None:
+        """The node's stats; None when it is unreachable."""
         r = self._call(p.Stats())
-        return r.stats if isinstance(r, p.StatsReply) else {}
+        return r.stats if isinstance(r, p.StatsReply) else None
 
-    def pool_stats(self) -> dict[str, dict[str, float]]:
+    def pool_stats(self) -> dict[str, NodeStats]:
         """This node's stats and every live pool member's, by node id ({} when the node is unreachable)."""
         r = self._call(p.Stats(pool=True))
         if not isinstance(r, p.StatsReply):
             return {}
-        return {self.node_id or "local": r.stats, **r.nodes}
+        return {r.stats.node_id: r.stats, **r.nodes}

@@ -12,7 +12,8 @@ import struct
 
 import msgspec
 
-from kvmesh.cache.ssd import ObjectMeta
+from kvmesh.cache.chunk import ObjectMeta
+from kvmesh.cache.stats import NodeStats
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 64 << 20
@@ -131,8 +132,8 @@ class Ok(msgspec.Struct, tag=True):
 
 
 class StatsReply(msgspec.Struct, tag=True):
-    stats: dict[str, float]
-    nodes: dict[str, dict[str, float]] = {}  # pool members' stats, when asked
+    stats: NodeStats
+    nodes: dict[str, NodeStats] = {}  # pool members' stats, when asked
 
 
 class Failure(msgspec.Struct, tag=True):

@@ -17,25 +17,12 @@ import struct
 from collections.abc import Iterator
 
 import msgspec
-import xxhash
+
+from kvmesh.cache.chunk import CorruptObject, ObjectMeta, checksum
 
 log = logging.getLogger(__name__)
 MAGIC = b"KVMC\x01"
 _HLEN = struct.Struct(">I")
-
-
-class ObjectMeta(msgspec.Struct, array_like=True):
-    key: bytes
-    size: int
-    checksum: bytes
-    parent: bytes | None = None
-    token_ids: list[int] = []
-    block_size: int = 0
-    salt: str | None = None
-
-
-class CorruptObject(Exception):
-    """The file's header or payload does not match its checksum."""
 
 
 class DiskFull(Exception):
@@ -44,10 +31,6 @@ class DiskFull(Exception):
 
 _meta_dec = msgspec.msgpack.Decoder(ObjectMeta)
 _enc = msgspec.msgpack.Encoder()
-
-
-def checksum(data: memoryview | bytes) -> bytes:
-    return xxhash.xxh3_128_digest(data)
 
 
 class SsdStore:

@@ -32,10 +32,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
+from kvmesh.cache.chunk import checksum
 from kvmesh.cache.client import NodeClient
 from kvmesh.cache.keys import ChunkKey, Namespace, chunk_keys, tenant_of
 from kvmesh.cache.protocol import CommitItem
-from kvmesh.cache.ssd import checksum
 from kvmesh.connector.layout import KvLayout
 
 if TYPE_CHECKING:

@@ -1,9 +1,6 @@
-"""KV index: which engine (and tier) holds which prefix block, fed by engines' KV events."""
+"""KV index: which engine (and tier) holds which prefix block, fed by engines' KV events.
 
-from kvmesh.index.events import AllBlocksCleared, BlockRemoved, BlockStored, EventBatch, decode_batch, encode_batch
-from kvmesh.index.hashing import BlockKey, block_keys, root_seed
-from kvmesh.index.index import KvIndex, Match
-from kvmesh.index.subscriber import EventSubscriber, IndexFeed
-
-__all__ = ["AllBlocksCleared", "BlockKey", "BlockRemoved", "BlockStored", "EventBatch", "EventSubscriber",
-           "IndexFeed", "KvIndex", "Match", "block_keys", "decode_batch", "encode_batch", "root_seed"]
+Modules: ``events`` (vLLM's KV-event wire format), ``hashing`` (chained block keys), ``index`` (:class:`KvIndex`),
+``subscriber`` (ZMQ subscribers feeding it).  The package imports nothing, so the cache node and the simulator
+can use the wire format without loading the index or ZMQ subscribers; import from the defining modules.
+"""

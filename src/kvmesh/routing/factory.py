@@ -7,7 +7,7 @@ import random
 from prometheus_client import CollectorRegistry
 
 from kvmesh.config import RoutingConfig
-from kvmesh.index import KvIndex
+from kvmesh.index.index import KvIndex
 from kvmesh.routing.base import Policy
 from kvmesh.routing.kv_aware import CostModel, KvAwarePolicy, SessionPicker
 from kvmesh.routing.policies import HealthyServingModel, basic_policy

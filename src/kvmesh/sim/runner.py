@@ -5,10 +5,10 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
-from kvmesh.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_trace, mooncake_prompt
-from kvmesh.index import root_seed
+from kvmesh.index.hashing import root_seed
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
+from kvmesh.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_trace, mooncake_prompt
 
 DEFAULT_POLICIES = ("round-robin", "least-request", "random", "prefix", "session", "kv-aware", "oracle")
 

@@ -26,8 +26,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from kvmesh.api.validation import parse_json, validate
-from kvmesh.index import EventBatch, block_keys, encode_batch, root_seed
-from kvmesh.index.hashing import salted_seed
+from kvmesh.index.events import EventBatch, encode_batch
+from kvmesh.index.hashing import block_keys, root_seed, salted_seed
 from kvmesh.sim.core import EngineCore, SimRequest
 from kvmesh.sim.profiles import TimingProfile
 from kvmesh.tokenize import PromptTokenizer

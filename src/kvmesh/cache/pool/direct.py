@@ -22,8 +22,8 @@ from collections.abc import Callable, Sequence
 import msgspec
 
 from kvmesh.cache import protocol as p
+from kvmesh.cache.chunk import ObjectMeta
 from kvmesh.cache.pool.peer import SOCK_BUF, PeerError, PGet, PGetReply, encode, rep_decoder
-from kvmesh.cache.ssd import ObjectMeta
 
 log = logging.getLogger(__name__)
 

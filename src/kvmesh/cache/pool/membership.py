@@ -1,4 +1,6 @@
-"""Pool membership behind one interface: a static list, or etcd (leases for liveness, watches for changes).
+"""Pool membership behind one interface; etcd implements it (leases for liveness, watches for changes).
+
+A static peer list needs no membership object: the pool takes the configured list as is (``membership`` None).
 
 ``Membership.run(on_change)`` keeps calling ``on_change(peers)`` with the current ``{node_id: (host, port)}``
 whenever the set changes; the pool's health checks then decide who is live.  A Kubernetes implementation
@@ -29,21 +31,6 @@ class Membership(Protocol):
         """Until cancelled: report the member set now and after every change."""
         ...
     async def leave(self) -> None: ...
-
-
-class StaticMembership:
-    def __init__(self, peers: Peers) -> None:
-        self.peers = peers
-
-    async def join(self, node_id: str, host: str, port: int, capacity: int) -> None:
-        return None
-
-    async def run(self, on_change: Callable[[Peers], None]) -> None:
-        on_change(dict(self.peers))
-        await asyncio.Event().wait()
-
-    async def leave(self) -> None:
-        return None
 
 
 def _b64(s: str) -> str:
