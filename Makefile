@@ -6,6 +6,7 @@ MODEL_SIZE ?= small
 PORT       ?= 8000
 REPLICAS   ?= 2
 POLICY     ?= kv-aware
+DTYPE      ?=
 
 .PHONY: run test install lint bench clean routers services
 
@@ -20,8 +21,11 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The banner says which dtype the engines compute in: bfloat16 only where the CPU has AVX512-BF16/AMX, else
+# float32, unless DTYPE=bfloat16|float32|float16 is given.
 run: install
-	$(VENV)/bin/kvmesh up --model-size $(MODEL_SIZE) --port $(PORT) --replicas $(REPLICAS) --policy $(POLICY)
+	$(VENV)/bin/kvmesh up --model-size $(MODEL_SIZE) --port $(PORT) --replicas $(REPLICAS) --policy $(POLICY) \
+	  $(if $(DTYPE),--dtype $(DTYPE))
 
 lint: install
 	$(VENV)/bin/ruff check src tests bench scripts

@@ -10,16 +10,20 @@ import subprocess
 import sys
 
 from kvmesh.bench.util import pct, wait_http
+from kvmesh.engines.cpu import cpu_info
 
 __all__ = ["pct", "start_gateway", "wait_http", "write_result"]
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def write_result(name: str, metrics: dict[str, object]) -> pathlib.Path:
+    """bench/results/NAME.json: the command, the date, the CPU it ran on (figures move ~10x between CPU
+    generations) and the metrics."""
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{name}.json"
     doc = {"command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "metrics": metrics}
+           "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"), "cpu": cpu_info().record(),
+           "metrics": metrics}
     out.write_text(json.dumps(doc, indent=2) + "\n")
     return out
 

@@ -22,7 +22,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import pct, start_gateway, write_result
-from kvmesh.config import EngineConfig, SupervisorConfig
+from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
 
@@ -70,7 +70,7 @@ def measure(direct: str, gateway: str, n: int, stream: bool) -> dict[str, float]
 
 
 async def start_engine(model: pathlib.Path, port: int, run_dir: pathlib.Path) -> Supervisor:
-    eng = VllmEngine("bench-engine", EngineConfig(model=str(model), served_model_name=MODEL, port=port,
+    eng = VllmEngine("bench-engine", VllmEngineConfig(model=str(model), served_model_name=MODEL, port=port,
                                                   cpu_bind="0", kv_events=False), run_dir)
     sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
     await sup.start(wait=True)

@@ -25,7 +25,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import pct, start_gateway, write_result
-from kvmesh.config import EngineConfig, SupervisorConfig
+from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
 
@@ -104,7 +104,7 @@ def main() -> None:
     if not demo.is_complete(model):
         demo.generate(args.size, model)
     run_dir = root / "run" / "bench-multiturn"
-    engines = [VllmEngine(f"engine-{i}", EngineConfig(
+    engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
         model=str(model), served_model_name=MODEL, port=18110 + i, cpu_bind=str(i), kv_cache_gib=2,
         max_model_len=demo.SPECS[args.size].max_positions, kv_events_endpoint=f"ipc://{run_dir}/e{i}.sock",
         env={"VLLM_SERVER_DEV_MODE": "1"}), run_dir) for i in range(2)]

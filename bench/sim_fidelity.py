@@ -23,7 +23,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.config import EngineConfig, SupervisorConfig
+from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
 from kvmesh.sim.calibrate import calibrate, stream_timing
@@ -58,7 +58,7 @@ def main() -> None:
     if not demo.is_complete(model):
         demo.generate("small", model)
     run_dir = root / "run" / "bench-fidelity"
-    eng = VllmEngine("real", EngineConfig(model=str(model), served_model_name=MODEL, port=18120, cpu_bind="0",
+    eng = VllmEngine("real", VllmEngineConfig(model=str(model), served_model_name=MODEL, port=18120, cpu_bind="0",
                                           kv_cache_gib=2, max_model_len=8192, kv_events=False), run_dir)
     sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
     loop = asyncio.new_event_loop()

