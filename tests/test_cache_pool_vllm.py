@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from kvmesh.cache.client import NodeClient
-from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import vllm_available
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block, wait_until
@@ -39,7 +39,7 @@ def pooled(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
          *(f"--peer={x}" for x in peers)], stdout=subprocess.DEVNULL, stderr=open(p_dir / "log", "ab"))  # noqa: SIM115
     cfg = StackConfig(
         model_size="tiny", models_dir=str(tiny_model.parent),
-        engine=EngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
+        engine=VllmEngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
                             env={"VLLM_SERVER_DEV_MODE": "1"}),
         supervisor=SupervisorConfig(replicas=1, base_port=engine_port, run_dir=str(run_dir)),
         gateway=GatewayConfig(port=0, policy="round-robin"),
