@@ -106,8 +106,8 @@ def _stack_config(config: pathlib.Path | None, flags: dict[str, Any], dtype: str
 
 @app.command()
 def up(
-    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with [gateway], [supervisor], "
-                                                            "[engine], [cache] tables")] = None,
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with gateway, supervisor, engine "
+                                                            "and cache tables")] = None,
     model_size: Annotated[str | None, _opt(StackConfig, "model_size")] = None,
     replicas: Annotated[int | None, _opt(SupervisorConfig, "replicas", help="Engine replicas")] = None,
     port: Annotated[int | None, _opt(GatewayConfig, "port", help="Gateway port")] = None,
