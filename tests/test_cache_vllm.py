@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from kvmesh.config import CacheNodeConfig, EngineConfig, GatewayConfig, StackConfig, SupervisorConfig
+from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import vllm_available
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block, wait_until
@@ -32,7 +32,7 @@ def cstack(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
     run_dir = tmp_path_factory.mktemp("run-cache")
     cfg = StackConfig(
         model_size="tiny", models_dir=str(tiny_model.parent),
-        engine=EngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
+        engine=VllmEngineConfig(model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, max_model_len=4096,
                             env={"VLLM_SERVER_DEV_MODE": "1"}),
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir)),
         gateway=GatewayConfig(port=0, policy="round-robin"),
@@ -165,14 +165,14 @@ def test_engine_serves_while_node_down_then_restarted_node_serves_ssd(cstack: St
     assert node is not None
     loop_thread.run(node.store.evict_dram())
     loop_thread.run(node.stop())
-    assert not node.settings.store.arena_path.exists()
+    assert not node.store.arena.path.exists()
     reset(a)
     down = complete(a, prompt("restart"))  # no node: the engine recomputes, same answer
     assert cached(down) == 0 and down["choices"][0]["text"] == cold["choices"][0]["text"]
 
     from kvmesh.cache.node import CacheNode
 
-    fresh = CacheNode(node.settings)  # same paths: the DRAM tier is gone, the SSD tier is re-indexed
+    fresh = CacheNode(node.cfg, node.run_dir)  # same paths: the DRAM tier is gone, the SSD tier is re-indexed
     loop_thread.run(fresh.start())
     cstack.cache_node = fresh
     assert fresh.store.ssd and not fresh.store.dram
@@ -193,11 +193,11 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     from kvmesh.config import BackendSpec, CacheNodeSpec
 
     node = cstack.cache_node
-    assert node is not None and node.settings.events_endpoint
+    assert node is not None and node.events_endpoint
     backends = tuple(BackendSpec(url=e.url, name=e.name) for e in cstack.engines)  # no engine events: tiers only
     gw = make_gateway(backends=backends, policy="kv-aware", tokenizer=str(tiny_model),
-                      cache_nodes=(CacheNodeSpec(kv_events=node.settings.events_endpoint,
-                                                 replay=node.settings.events_replay_endpoint),))
+                      cache_nodes=(CacheNodeSpec(kv_events=node.events_endpoint,
+                                                 replay=node.events_replay_endpoint),))
     sub = gw.feed.subs["cache-node"]
     loop_thread.run(sub.connected.wait())
     a = cstack.engines[0].url
@@ -224,7 +224,7 @@ def test_node_tier_events_reach_the_kv_aware_router(cstack: Stack, make_gateway,
     from kvmesh.cache.node import CacheNode
 
     loop_thread.run(node.stop())
-    fresh = CacheNode(node.settings)
+    fresh = CacheNode(node.cfg, node.run_dir)
     loop_thread.run(fresh.start())
     cstack.cache_node = fresh
     assert fresh.events is not None

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import httpx
 
 from kvmesh.bench.util import pct, wait_http
-from kvmesh.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
 
 ROUTERS_BIN = pathlib.Path(".venv-routers") / "bin"
 DEFAULT_ROUTERS = ("kvmesh-kv-aware,kvmesh-round-robin,sglang-cache_aware,sglang-round_robin,"
