@@ -58,5 +58,5 @@ def test_exclude_and_empty() -> None:
     assert p.choose(ctx(), [Cand("a"), Cand("b")], exclude=frozenset({"a"})).backend.name == "b"
     with pytest.raises(NoCandidate):
         p.choose(ctx(), [Cand("a", healthy=False)])
-    with pytest.raises(ValueError, match="unknown routing policy"):
+    with pytest.raises(ValueError, match="unknown policy .nope.; choose one of: random, "):
         make_policy("nope")

@@ -19,7 +19,7 @@ from kvmesh.index.index import KvIndex
 from kvmesh.policy_names import POLICIES, POLICY_SPECS, PolicySpec, policy_spec
 from kvmesh.routing.base import Policy
 from kvmesh.routing.kv_aware import CostModel, KvAwarePolicy, SessionPicker
-from kvmesh.routing.policies import HealthyServingModel, basic_policy
+from kvmesh.routing.policies import HealthyServingModel, least_request_policy, random_policy, round_robin_policy
 
 __all__ = ["POLICIES", "REGISTRY", "make_policy", "policy_spec"]
 
@@ -54,12 +54,10 @@ def _session(a: _Args) -> Policy:
     return Policy(a.name, [HealthyServingModel()], [], SessionPicker(slack=a.cfg.session_slack, rng=a.rng))
 
 
-def _basic(a: _Args) -> Policy:
-    return basic_policy(a.name, a.rng)
-
-
 _BUILDERS: dict[str, Callable[[_Args], Policy]] = {
-    "random": _basic, "round-robin": _basic, "least-request": _basic,
+    "random": lambda a: random_policy(a.name, a.rng),
+    "round-robin": lambda a: round_robin_policy(a.name, a.rng),
+    "least-request": lambda a: least_request_policy(a.name, a.rng),
     "kv-aware": _kv_aware, "prefix": _prefix, "session": _session,
 }
 if set(_BUILDERS) != set(POLICIES):  # a programming error: fail at import, not on the first request

@@ -69,7 +69,7 @@ class KvCostScorer(Scorer):
     name = "ttft_s"
 
     def __init__(self, index: KvIndex, model: CostModel, block_size: int | None = None,
-                 degraded: Counter | None = None, policy: str = "kv-aware") -> None:
+                 degraded: Counter | None = None, policy: str = "") -> None:
         self.index = index
         self.model = model
         self.fixed_block_size = block_size

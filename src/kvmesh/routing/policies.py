@@ -55,14 +55,13 @@ class MinCostPicker(Picker):
         return ties[0] if len(ties) == 1 else self.rng.choice(ties)
 
 
-def basic_policy(name: str, rng: random.Random | None = None) -> Policy:
-    """The load-only policies; raises ``ValueError`` for unknown names."""
-    healthy = [HealthyServingModel()]
-    if name == "random":
-        return Policy(name, healthy, [], RandomPicker(rng))
-    if name == "round-robin":
-        return Policy(name, healthy, [], RoundRobinPicker())
-    if name == "least-request":
-        return Policy(name, healthy, [(InFlight(), 1.0)], MinCostPicker(rng))
-    raise ValueError(f"unknown routing policy {name!r}; choose random, round-robin, least-request, kv-aware, "
-                     "prefix or session")
+def random_policy(name: str, rng: random.Random | None = None) -> Policy:
+    return Policy(name, [HealthyServingModel()], [], RandomPicker(rng))
+
+
+def round_robin_policy(name: str, rng: random.Random | None = None) -> Policy:
+    return Policy(name, [HealthyServingModel()], [], RoundRobinPicker())
+
+
+def least_request_policy(name: str, rng: random.Random | None = None) -> Policy:
+    return Policy(name, [HealthyServingModel()], [(InFlight(), 1.0)], MinCostPicker(rng))
