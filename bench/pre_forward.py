@@ -11,7 +11,7 @@ Two runs over the same engines (caches reset between): the token prefix cache of
 in full, as before) and on.  The gateway runs as a child of this script (``--serve``), built like
 ``kvmesh gateway`` but with the prefix cache switched by a flag.
 
-    python bench/pre_forward.py [--requests 600 --speedup 4 --load 6]
+    python bench/pre_forward.py [--requests 600 --speedup 4 --load 1]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=600)
     ap.add_argument("--speedup", type=float, default=4.0, help="engines run this much faster than real time")
-    ap.add_argument("--load", type=float, default=6.0, help="arrivals this much denser than the trace's")
+    ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's")
     ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
     ap.add_argument("--variants", default="off,on", help="prefix cache settings to run, in order")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
