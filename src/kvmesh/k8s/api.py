@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 from kvmesh.config import RoutingConfig
 from kvmesh.policy_names import DEFAULT_POLICY, POLICIES
@@ -127,8 +128,9 @@ def _knobs_model() -> type[BaseModel]:
     a knob added to the gateway appears here (and in the CRD) without a copy."""
     fields: dict[str, Any] = {}
     for name, f in RoutingConfig.model_fields.items():
-        fields[name] = (f.annotation | None, Field(None, description=f.description, alias=to_camel(name)))
-        fields[name][1].metadata = list(f.metadata)  # ge/gt bounds carry over
+        knob = FieldInfo(default=None, description=f.description, alias=to_camel(name))
+        knob.metadata = list(f.metadata)  # ge/gt bounds carry over
+        fields[name] = (f.annotation | None, knob)  # type: ignore[operator]
     return create_model("RoutingKnobs", __base__=_Spec, **fields)
 
 
@@ -138,6 +140,11 @@ RoutingKnobs = _knobs_model()
 class RoutingSpec(_Spec):
     policy: Literal[POLICIES] = Field(default=DEFAULT_POLICY, description="Routing policy")  # type: ignore[valid-type]
     knobs: RoutingKnobs = Field(default_factory=RoutingKnobs, description="Cost-model knobs")  # type: ignore[valid-type]
+
+    def knob_values(self) -> dict[str, Any]:
+        """The knobs that were set, by their ``RoutingConfig`` names."""
+        knobs: BaseModel = self.knobs
+        return knobs.model_dump(exclude_none=True)
 
 
 class GatewaySpec(_Spec):
@@ -188,10 +195,14 @@ RULES: tuple[Rule, ...] = (
          lambda s: s.roles.aggregated.min_replicas <= s.roles.aggregated.replicas <= s.roles.aggregated.max_replicas),
     Rule("engine", "self.kind == 'sim' || self.tensorParallelSize == self.gpus * self.podsPerReplica",
          "tensorParallelSize must equal gpus × podsPerReplica for vllm engines",
-         lambda s: s.engine.kind == "sim" or s.engine.tensor_parallel_size == s.engine.gpus * s.engine.pods_per_replica),
+         lambda s: s.engine.kind == "sim"
+         or s.engine.tensor_parallel_size == s.engine.gpus * s.engine.pods_per_replica),
     Rule("engine", "self.kind == 'vllm' || self.podsPerReplica == 1",
          "sim engines run one pod per replica",
          lambda s: s.engine.kind == "vllm" or s.engine.pods_per_replica == 1),
+    Rule("", "self.engine.kind == 'vllm' || self.model.source.startsWith('/') || "
+         "self.model.source.startsWith('pvc://')", "sim engines read the model's tokenizer from a path or a PVC",
+         lambda s: s.engine.kind == "vllm" or s.model.source.startswith(("/", "pvc://"))),
     Rule("cache", "self.eviction != 'ttl' || has(self.ttlSeconds)", "eviction ttl needs ttlSeconds",
          lambda s: s.cache.eviction != "ttl" or s.cache.ttl_seconds is not None),
 )

@@ -18,6 +18,7 @@ as controller owner (garbage collection deletes them with it) and the operator's
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +75,7 @@ def gateway_config(ms: ModelService) -> dict[str, Any]:
         gw["tokenizer"] = model_path(s.model.source)
     if s.tenants is not None:
         gw["tenants_file"] = f"{n.TENANTS_DIR}/tenants.toml"
-    knobs = s.routing.knobs.model_dump(exclude_none=True)
+    knobs = s.routing.knob_values()
     if knobs:
         gw["routing"] = knobs
     return {"gateway": gw}
@@ -202,7 +203,8 @@ def discovery_rbac(ms: ModelService) -> list[Obj]:
     return [sa, role, binding]
 
 
-def model_service_objects(ms: ModelService, images: Images = Images(), groups: range | None = None) -> list[Obj]:
+def model_service_objects(ms: ModelService, images: Images = Images(),
+                          groups: Sequence[int] | None = None) -> list[Obj]:
     """Every object ``ms`` owns, in apply order (config and RBAC before the pods that use them).  For
     multi-pod replicas ``groups`` says which groups to render (all of ``replicas`` when None)."""
     out = [*discovery_rbac(ms), *gateway_objects(ms, images), *engine_services(ms)]
@@ -211,5 +213,6 @@ def model_service_objects(ms: ModelService, images: Images = Images(), groups: r
     if ms.spec.engine.pods_per_replica == 1:
         out.append(engine_deployment(ms, images))
     else:
-        out += [group_statefulset(ms, i, images) for i in (groups or range(ms.spec.roles.aggregated.replicas))]
+        wanted = range(ms.spec.roles.aggregated.replicas) if groups is None else groups
+        out += [group_statefulset(ms, i, images) for i in wanted]
     return out
