@@ -7,9 +7,12 @@ histogram (read, parse, validate, admit, tokenise, block keys, route): the mean 
 interpolated linearly inside the histogram's buckets (edges 0.25, 0.5, 1, 2.5, 5 ms ...), and
 ``le_1ms`` is the exact fraction of requests forwarded within 1 ms.
 
-Two runs over the same engines (caches reset between): the token prefix cache off (every prompt encoded
-in full, as before) and on.  The gateway runs as a child of this script (``--serve``), built like
-``kvmesh gateway`` but with the prefix cache switched by a flag.
+First the tokenise stage alone (encode + block keys per prompt, in trace order, in this process, prefix
+cache off and on; the ids are checked equal).  Then two runs over the same engines (caches reset
+between): the token prefix cache off (every prompt encoded in full, as before) and on.  The gateway runs
+as a child of this script (``--serve``), built like ``kvmesh gateway`` but with the prefix cache switched
+by a flag.  On a shared 2-core host the gateway runs are dominated by CPU contention (the engines and the
+load generator share the cores): compare them within one run only.
 
     python bench/pre_forward.py [--requests 600 --speedup 4 --load 1]
 """
@@ -23,15 +26,17 @@ import pathlib
 import re
 import subprocess
 import sys
+import time
 
 import httpx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import wait_http, write_result
-from kvmesh.bench.compare import EnginePool, replay
+from kvmesh.bench.compare import BLOCK_SIZE, EnginePool, prompt, replay
 from kvmesh.bench.util import pct
 from kvmesh.models import demo
+from kvmesh.tokenize import PromptTokenizer
 from kvmesh.workloads import load_mooncake
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -76,6 +81,31 @@ def overhead_stats(url: str) -> dict[str, float | None]:
             "le_1ms": round(le_1ms / count, 4) if le_1ms is not None and count else None,
             "tokenize_p50_ms": ms(quantile(tok_buckets, 0.5)),
             "tokenize_mean_ms": ms(tok_total / tok_count) if tok_count else None}
+
+
+def stage_only(model_dir: pathlib.Path, trace: pathlib.Path, n: int) -> dict[str, object]:
+    """The tokenise stage's own work per request (encode + block keys, one thread, no queueing), replaying
+    ``n`` prompts in trace order through a cache-less tokenizer and a prefix-cached one; also checks they
+    agree."""
+    full, cached = PromptTokenizer(model_dir, prefix_cache=False), PromptTokenizer(model_dir)
+    t_full: list[float] = []
+    t_cached: list[float] = []
+    reused = total = 0
+    for r in load_mooncake(trace, n):
+        text = prompt(r)
+        t0 = time.perf_counter()
+        a = full.encode(text, True, BLOCK_SIZE, 1)
+        t1 = time.perf_counter()
+        b = cached.encode(text, True, BLOCK_SIZE, 1)
+        t2 = time.perf_counter()
+        if a.ids != b.ids or a.keys != b.keys:
+            raise AssertionError("the prefix cache changed the ids")  # exactness is the contract
+        t_full.append(t1 - t0)
+        t_cached.append(t2 - t1)
+        reused, total = reused + b.reused, total + len(b.ids)
+    return {"requests": n, "reused_token_fraction": round(reused / total, 4),
+            **{f"{name}_{q}_ms": round(pct(ts, q) * 1000, 3) for name, ts in (("full", t_full), ("cached", t_cached))
+               for q in (50, 99)}}
 
 
 def run_variant(prefix_cache: bool, pool: EnginePool, args: argparse.Namespace,
@@ -143,6 +173,7 @@ def main() -> None:
     ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's")
     ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
     ap.add_argument("--variants", default="off,on", help="prefix cache settings to run, in order")
+    ap.add_argument("--stage-requests", type=int, default=3993, help="prompts for the stage-only measurement")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.serve:
@@ -154,6 +185,8 @@ def main() -> None:
     model_dir = ROOT / "models" / "demo-tiny"
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
+    stage = stage_only(model_dir, a.trace, a.stage_requests)
+    print(f"tokenise stage only: {stage}")
     run_dir = ROOT / "run" / "pre_forward"
     pool = EnginePool(8, model_dir, run_dir, 1.0 / a.speedup)
     results: dict[str, object] = {}
@@ -164,7 +197,7 @@ def main() -> None:
     finally:
         pool.stop()
     metrics = {"workload": "mooncake", "requests": a.requests, "speedup": a.speedup, "load": a.load,
-               "policy": "kv-aware", **results}
+               "policy": "kv-aware", "stage_only": stage, **results}
     on = results.get("prefix_cache_on")
     if isinstance(on, dict):
         metrics["pre_forward_p50_ms"] = on["pre_forward_p50_ms"]
