@@ -17,6 +17,7 @@ from kvmesh import cli
 from kvmesh.config import (
     CacheNodeConfig,
     GatewayConfig,
+    KubernetesEndpoints,
     SimEngineConfig,
     StackConfig,
     SupervisorConfig,
@@ -27,18 +28,20 @@ Field = tuple[type[BaseModel], str]
 _CACHE = {n: (CacheNodeConfig, n) for n in ("socket", "dram_mib", "ssd_dir", "ssd_mib", "eviction", "ttl_s",
                                             "admit_after", "http_port", "node_id", "peer_port", "replicas", "etcd",
                                             "etcd_ttl_s", "remote", "remote_ttl_s")}
+_K8S = {f"k8s_{n}": (KubernetesEndpoints, n) for n in ("namespace", "service", "selector", "api_server", "port")}
 CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
     "up": {"model_size": (StackConfig, "model_size"), "replicas": (SupervisorConfig, "replicas"),
            "port": (GatewayConfig, "port"), "policy": (GatewayConfig, "policy"),
            "engine_kind": (StackConfig, "engine_kind"), "dtype": (StackConfig, "engine_dtype")},
     "gateway": {**{n: (GatewayConfig, n) for n in ("tokenizer", "host", "port", "policy", "max_body_bytes")},
-                "tenants": (GatewayConfig, "tenants_file")},
+                "tenants": (GatewayConfig, "tenants_file"), "discovery": (GatewayConfig, "discovery"), **_K8S},
     "engine": {**{n: (VllmEngineConfig, n) for n in ("model", "kind", "port", "served_model_name", "cpu_bind",
                                                      "kv_cache_gib", "dtype")},
                "kv_events": (VllmEngineConfig, "kv_events_endpoint"),
                **{n: (SimEngineConfig, n) for n in ("profile", "time_scale", "block_size")},
                "run_dir": (SupervisorConfig, "run_dir")},
-    "cache-node": {**_CACHE, "peer": (CacheNodeConfig, "peers"), "run_dir": (SupervisorConfig, "run_dir")},
+    "cache-node": {**_CACHE, "peer": (CacheNodeConfig, "peers"), "run_dir": (SupervisorConfig, "run_dir"),
+                   "discovery": (CacheNodeConfig, "discovery"), **_K8S},
     "cache status": {"socket": (CacheNodeConfig, "socket")},
 }
 NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "verbose"}, "engine": {"verbose"},

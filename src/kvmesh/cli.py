@@ -28,6 +28,7 @@ from kvmesh.config import (
     ConfigError,
     EngineConfig,
     GatewayConfig,
+    KubernetesEndpoints,
     SimEngineConfig,
     StackConfig,
     SupervisorConfig,
@@ -157,6 +158,12 @@ def up(
         _fail(f"cannot start the stack: {e}", 1)
 
 
+def _k8s(namespace: str | None, service: str | None, selector: str | None, api_server: str | None,
+         port: str | None) -> dict[str, str] | None:
+    """The ``kubernetes`` table from the --k8s-* flags given (None: none given)."""
+    return _given(namespace=namespace, service=service, selector=selector, api_server=api_server, port=port) or None
+
+
 @app.command()
 def gateway(
     backend: Annotated[list[str] | None, typer.Option(help="Engine base URL (repeat for several)")] = None,
@@ -168,11 +175,17 @@ def gateway(
     policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
     max_body_bytes: Annotated[int | None, _opt(GatewayConfig, "max_body_bytes")] = None,
     tenants: Annotated[pathlib.Path | None, _opt(GatewayConfig, "tenants_file")] = None,
+    discovery: Annotated[str | None, _opt(GatewayConfig, "discovery")] = None,
+    k8s_namespace: Annotated[str | None, _opt(KubernetesEndpoints, "namespace")] = None,
+    k8s_service: Annotated[str | None, _opt(KubernetesEndpoints, "service")] = None,
+    k8s_selector: Annotated[str | None, _opt(KubernetesEndpoints, "selector")] = None,
+    k8s_api_server: Annotated[str | None, _opt(KubernetesEndpoints, "api_server")] = None,
+    k8s_port: Annotated[str | None, _opt(KubernetesEndpoints, "port")] = None,
     verbose: bool = False,
 ) -> None:
     """Run only the gateway, in front of engines that are already running."""
     _setup_logging(verbose)
-    if not backend:
+    if not backend and discovery != "kubernetes":
         _fail("give at least one --backend URL (e.g. --backend http://127.0.0.1:8100)")
     backend = backend or []
     events = kv_events or []
@@ -182,7 +195,9 @@ def gateway(
              for i, u in enumerate(backend)]
     cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(specs), host=host, port=port, policy=policy,
                                 max_body_bytes=max_body_bytes, tokenizer=tokenizer,
-                                tenants_file=str(tenants) if tenants else None)
+                                tenants_file=str(tenants) if tenants else None,
+                                discovery=discovery,
+                                kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
     from kvmesh.gateway import Gateway
     from kvmesh.tokenize import TokenizerError
 
@@ -407,6 +422,12 @@ def cache_node(
     etcd_ttl_s: Annotated[int | None, _opt(CacheNodeConfig, "etcd_ttl_s")] = None,
     remote: Annotated[str | None, _opt(CacheNodeConfig, "remote")] = None,
     remote_ttl_s: Annotated[float | None, _opt(CacheNodeConfig, "remote_ttl_s")] = None,
+    discovery: Annotated[str | None, _opt(CacheNodeConfig, "discovery")] = None,
+    k8s_namespace: Annotated[str | None, _opt(KubernetesEndpoints, "namespace")] = None,
+    k8s_service: Annotated[str | None, _opt(KubernetesEndpoints, "service")] = None,
+    k8s_selector: Annotated[str | None, _opt(KubernetesEndpoints, "selector")] = None,
+    k8s_api_server: Annotated[str | None, _opt(KubernetesEndpoints, "api_server")] = None,
+    k8s_port: Annotated[str | None, _opt(KubernetesEndpoints, "port")] = None,
     run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
     verbose: bool = False,
 ) -> None:
@@ -418,7 +439,9 @@ def cache_node(
                                   ssd_mib=ssd_mib, eviction=eviction, ttl_s=ttl_s, admit_after=admit_after,
                                   http_port=http_port, node_id=node_id, peer_port=peer_port,
                                   peers=tuple(peer) if peer else None, replicas=replicas, remote=remote, etcd=etcd,
-                                  etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s)
+                                  etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s,
+                                  discovery=discovery,
+                                  kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
     run = pathlib.Path(run_dir or SupervisorConfig().run_dir)
     try:
         run.mkdir(parents=True, exist_ok=True)

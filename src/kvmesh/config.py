@@ -133,6 +133,32 @@ def engine_config(**fields: object) -> VllmEngineConfig | SimEngineConfig:
     return _ENGINE.validate_python(fields)
 
 
+class KubernetesEndpoints(_Strict):
+    """Where discovery from Kubernetes finds its members: the EndpointSlices of a Service (or any label
+    selector) in one namespace, read with the API server's list/watch (:mod:`kvmesh.k8s.discovery`)."""
+
+    namespace: str | None = Field(default=None, description="Namespace of the EndpointSlices; the pod's own "
+                                  "(service account) namespace when unset")
+    service: str | None = Field(default=None, description="Service whose EndpointSlices list the members "
+                                "(label kubernetes.io/service-name)")
+    selector: str | None = Field(default=None, description="Label selector of the EndpointSlices, instead of "
+                                 "a service")
+    api_server: str | None = Field(default=None, description="API server URL; in-cluster service account when "
+                                   "unset, else ~/.kube/config")
+    port: str | None = Field(default=None, description="Name of the EndpointSlice port to use (engines: 'http', "
+                             "cache nodes: 'peer'); the slice's only port also fits")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> KubernetesEndpoints:
+        if self.service and self.selector:
+            raise ValueError("give a service or a selector, not both")
+        return self
+
+    def label_selector(self) -> str:
+        """The label selector the list/watch sends (a service's EndpointSlices carry its name as a label)."""
+        return self.selector or (f"kubernetes.io/service-name={self.service}" if self.service else "")
+
+
 class CacheNodeConfig(_Strict):
     """The per-machine cache node: DRAM arena over an SSD directory."""
 
@@ -161,6 +187,11 @@ class CacheNodeConfig(_Strict):
     replicas: int = Field(default=1, ge=1, le=8, description="Copies of each chunk in the pool")
     etcd: str | None = Field(default=None, description="Discover pool members through etcd (http://host:port)")
     etcd_ttl_s: int = Field(default=5, ge=1, description="Lease: a dead node leaves the pool after this long")
+    discovery: Literal["static", "kubernetes"] = Field(default="static", description="Pool members: static "
+                                                       "(peers, or etcd when set) or kubernetes (the cache-node "
+                                                       "EndpointSlices; node_id must be the pod name)")
+    kubernetes: KubernetesEndpoints = Field(default_factory=KubernetesEndpoints,
+                                            description="The cache-node EndpointSlices (discovery = kubernetes)")
     remote: str | None = Field(default=None, description="Remote tier below SSD: redis://, redis+cluster://, "
                                                          "valkey://, s3://bucket/prefix?endpoint=..., file:///path")
     remote_ttl_s: float | None = Field(default=None, gt=0, description="Lifetime of remote objects (Redis)")
@@ -181,6 +212,14 @@ class CacheNodeConfig(_Strict):
             if not nid or not host or not port.isdigit():
                 raise ValueError(f"peer {p!r} must look like id=host:port")
         return v
+
+    @model_validator(mode="after")
+    def _one_membership(self) -> CacheNodeConfig:
+        if self.discovery == "kubernetes" and (self.etcd or self.peers):
+            raise ValueError("discovery = 'kubernetes' finds pool members itself: drop etcd and peers")
+        if self.discovery == "kubernetes" and not self.kubernetes.label_selector():
+            raise ValueError("discovery = 'kubernetes' needs kubernetes.service or kubernetes.selector")
+        return self
 
 
 class SupervisorConfig(_Strict):
@@ -267,6 +306,11 @@ class GatewayConfig(_Strict):
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"
+    discovery: Literal["static", "kubernetes"] = Field(default="static", description="Where backends come "
+                                                       "from: static (backends, or the supervisor) or kubernetes "
+                                                       "(the engines' EndpointSlices)")
+    kubernetes: KubernetesEndpoints = Field(default_factory=KubernetesEndpoints,
+                                            description="The engines' EndpointSlices (discovery = kubernetes)")
 
     @field_validator("policy")
     @classmethod
@@ -279,6 +323,15 @@ class GatewayConfig(_Strict):
         if isinstance(v, list | tuple):
             return tuple({"url": x} if isinstance(x, str) else x for x in v)
         return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> GatewayConfig:
+        # Discovered backends and a static list would fight over the pool (a reload syncs the static list).
+        if self.discovery == "kubernetes" and self.backends:
+            raise ValueError("discovery = 'kubernetes' finds the backends itself: drop the static backends")
+        if self.discovery == "kubernetes" and not self.kubernetes.label_selector():
+            raise ValueError("discovery = 'kubernetes' needs kubernetes.service or kubernetes.selector")
+        return self
 
 
 class StackConfig(_Strict):

@@ -33,6 +33,7 @@ from kvmesh.gateway.tenants import Tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.index.index import KvIndex
 from kvmesh.index.subscriber import IndexFeed
+from kvmesh.k8s.discovery import GatewayDiscovery
 from kvmesh.routing import Policy, make_policy
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class Gateway:
         self._http: aiohttp.ClientSession | None = None
         self._health_http: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.discovery: GatewayDiscovery | None = None  # backends from Kubernetes EndpointSlices
 
     @property
     def index(self) -> KvIndex | None:
@@ -109,6 +111,9 @@ class Gateway:
             for n in self.cfg.cache_nodes:
                 self.feed.add_node(n.name, n.kv_events, list(n.engines) or [b.name for b in self.pool.backends],
                                    n.replay)
+        if self.cfg.discovery == "kubernetes":
+            self.discovery = GatewayDiscovery(self, self.cfg.kubernetes)
+            self.discovery.start()
         await self.pool.check_all(self._health_http)
         self._health_task = asyncio.create_task(self.pool.run(self._health_http), name="health")
         # handler_cancellation: a client disconnect cancels its handler, which closes the upstream request.
@@ -145,6 +150,8 @@ class Gateway:
             left = await self.drain()
             if left:
                 log.warning("stopping with %d requests still in flight after %.0fs", left, self.cfg.drain_timeout_s)
+        if self.discovery is not None:
+            await self.discovery.stop()
         if self.feed is not None:
             await self.feed.stop()
         if self.tokens is not None:

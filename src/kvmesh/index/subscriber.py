@@ -249,6 +249,13 @@ class IndexFeed:
         self._tasks[node] = asyncio.create_task(sub.run(), name=f"kv-events-{node}")
         return sub
 
+    def remove(self, name: str) -> None:
+        """Stop following ``name`` (an engine that is gone); its socket closes as the cancelled task unwinds."""
+        self.subs.pop(name, None)
+        task = self._tasks.pop(name, None)
+        if task is not None:
+            task.cancel()
+
     async def stop(self) -> None:
         for t in self._tasks.values():
             t.cancel()

@@ -157,11 +157,15 @@ class EndpointSliceWatch:
                     await self._list(api)
                     delay = BACKOFF_S[0]
                     await self._watch_until_gone(api)
+                    continue  # 410 Gone: list again at once
                 except (ApiException, aiohttp.ClientError, TimeoutError, ValueError) as e:
                     log.warning("EndpointSlices %s/%s: %s; listing again in %.1fs", self.namespace,
                                 self.selector, _describe(e), delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, BACKOFF_S[1])
+                except Exception:  # e.g. a response the client cannot parse: discovery must not stop for good
+                    log.exception("EndpointSlices %s/%s: unexpected error; listing again in %.1fs",
+                                  self.namespace, self.selector, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, BACKOFF_S[1])
         finally:
             await client.close()
 
@@ -202,8 +206,8 @@ class EndpointSliceWatch:
         kind = event["type"]
         rv = event["raw_object"].get("metadata", {}).get("resourceVersion")
         if kind == "BOOKMARK":  # nothing changed up to rv: a later re-watch starts there
-            self.bookmarks += 1
             self.resource_version = rv or self.resource_version
+            self.bookmarks += 1
             return
         obj = event["object"]
         if kind in ("ADDED", "MODIFIED"):

@@ -1,10 +1,11 @@
-"""Pool membership behind one interface; etcd implements it (leases for liveness, watches for changes).
+"""Pool membership behind one interface, with two implementations: etcd (leases for liveness, watches for
+changes) and Kubernetes (the cache-node DaemonSet's EndpointSlices; no etcd needed on a cluster).
 
-A static peer list needs no membership object: the pool takes the configured list as is (``membership`` None).
+A static peer list needs no membership object: the pool takes the configured list as is (``membership`` None);
+:func:`make_membership` picks the implementation the node's config names.
 
 ``Membership.run(on_change)`` keeps calling ``on_change(peers)`` with the current ``{node_id: (host, port)}``
-whenever the set changes; the pool's health checks then decide who is live.  A Kubernetes implementation
-(Endpoints/EndpointSlices of a headless Service) fits the same interface.
+whenever the set changes; the pool's health checks then decide who is live.
 
 etcd is reached through its v3 JSON gateway (``/v3/kv/...``, ``/v3/lease/...``, ``/v3/watch``) with aiohttp,
 which kvmesh already depends on — the Python etcd3 client libraries are unmaintained or gRPC-heavy.
@@ -20,6 +21,9 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
+
+from kvmesh.config import CacheNodeConfig, KubernetesEndpoints
+from kvmesh.k8s.discovery import Endpoint, EndpointSliceWatch
 
 log = logging.getLogger(__name__)
 Peers = dict[str, tuple[str, int]]
@@ -131,3 +135,46 @@ class EtcdMembership:
         finally:
             if self._http is not None:
                 await self._http.close()
+
+
+class KubernetesMembership:
+    """Members are the serving endpoints (ready, not terminating) of the cache-node EndpointSlices, followed
+    with list/watch (:class:`kvmesh.k8s.discovery.EndpointSliceWatch`).  The kubelet's readiness probe and the
+    EndpointSlice controller do what etcd's leases do, so ``join``/``leave`` write nothing: a node joins when
+    its pod turns ready and leaves when it starts terminating.  A member's id is its pod name (the endpoint's
+    ``targetRef``), so each node must run with ``node_id`` = its pod name to tell itself apart; its address
+    is the slice's port named ``peer`` (or ``spec.port``, or the slice's only port)."""
+
+    def __init__(self, spec: KubernetesEndpoints) -> None:
+        self.spec = spec
+        self.watch: EndpointSliceWatch | None = None
+
+    async def join(self, node_id: str, host: str, port: int, capacity: int) -> None:
+        log.info("cache pool members come from the EndpointSlices %s (this node: %s, peer port %d)",
+                 self.spec.label_selector(), node_id, port)
+
+    async def run(self, on_change: Callable[[Peers], None]) -> None:
+        last: Peers | None = None
+
+        def changed(endpoints: dict[str, Endpoint]) -> None:
+            nonlocal last
+            peers = {n: (e.address, p) for n, e in endpoints.items()
+                     if e.serving and (p := e.port(self.spec.port, "peer")) is not None}
+            if peers != last:
+                last = peers
+                on_change(peers)
+
+        self.watch = EndpointSliceWatch(self.spec, changed)
+        await self.watch.run()
+
+    async def leave(self) -> None:
+        pass  # the endpoint leaves the slices when the pod terminates
+
+
+def make_membership(cfg: CacheNodeConfig) -> Membership | None:
+    """The membership ``cfg`` configures; None for a static peer list."""
+    if cfg.discovery == "kubernetes":
+        return KubernetesMembership(cfg.kubernetes)
+    if cfg.etcd:
+        return EtcdMembership(cfg.etcd, ttl_s=cfg.etcd_ttl_s)
+    return None

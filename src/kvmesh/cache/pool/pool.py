@@ -24,7 +24,7 @@ import msgspec
 from kvmesh.cache.chunk import ObjectMeta
 from kvmesh.cache.keys import prefix_len, tenant_of
 from kvmesh.cache.metrics import CacheMetrics
-from kvmesh.cache.pool.membership import EtcdMembership, Membership
+from kvmesh.cache.pool.membership import Membership, make_membership
 from kvmesh.cache.pool.peer import (
     PeerClient,
     PeerError,
@@ -105,8 +105,8 @@ class Pool:
         self._listener.setblocking(False)
         self.port = self._listener.getsockname()[1]
         self._spawn(self._accept_loop(self._listener))
-        if self.cfg.etcd:
-            self.membership = EtcdMembership(self.cfg.etcd, ttl_s=self.cfg.etcd_ttl_s)
+        self.membership = make_membership(self.cfg)
+        if self.membership is not None:
             await self.membership.join(self.node_id, self.cfg.peer_host, self.port, self.capacity())
             self._spawn(self.membership.run(self._members_changed))
         await self.check_members()
