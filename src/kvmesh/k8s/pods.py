@@ -179,7 +179,8 @@ def cache_args(ms: ModelService) -> list[str]:
     args = ["cache-node", "--socket", n.CACHE_SOCKET, "--dram-mib", str(c.dram_mib), "--ssd-dir", n.SSD_DIR,
             "--ssd-mib", str(c.ssd.mib), "--eviction", c.eviction, "--http-port", str(n.CACHE_HTTP_PORT),
             "--node-id", "$(POD_NAME)", "--peer-port", str(n.PEER_PORT), "--replicas", str(c.pool_replicas),
-            "--run-dir", n.SCRATCH_DIR]
+            "--run-dir", n.SCRATCH_DIR, "--discovery", "kubernetes", "--k8s-namespace", ms.namespace,
+            "--k8s-service", n.cache_name(ms.name), "--k8s-port", "peer"]
     if c.ttl_seconds is not None:
         args += ["--ttl-s", str(c.ttl_seconds)]
     if c.remote:
