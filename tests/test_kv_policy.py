@@ -103,7 +103,7 @@ def test_degrades_to_load_and_counts_why() -> None:
                                 {"policy": "kv-aware", "reason": "no_block_size"}) == 1
 
 
-def test_learns_prefill_throughput_from_ttft() -> None:
+def test_learns_prefill_throughput_from_every_ttft_queued_ones_included() -> None:
     p = make_policy("kv-aware", index=KvIndex("m"), cfg=RoutingConfig(prefill_tps=1000))
     c = ctx(list(range(4000)))
     d = p.choose(c, [Cand("a")])
@@ -111,8 +111,86 @@ def test_learns_prefill_throughput_from_ttft() -> None:
     for _ in range(30):
         p.on_first_token(c, d, 0.5, queued_tokens=0)  # 4000 tokens in 0.5 s = 8000 tok/s
     assert 7500 < p.model.tps("a") <= 8000  # type: ignore[attr-defined]
-    p.on_first_token(c, d, 50.0, queued_tokens=1000)  # it queued: not a throughput sample
-    assert p.model.tps("a") > 7500  # type: ignore[attr-defined]
+    # Under saturation every request queues: 12,000 tokens ahead + its own 4,000 in 32 s = 500 tok/s, the
+    # real engine's figure (a sample that ignored the queue would say 4000 / 32 = 125).
+    for _ in range(40):
+        p.on_first_token(c, d, 32.0, queued_tokens=12_000)
+    assert 490 < p.model.tps("a") < 520  # type: ignore[attr-defined]
+
+
+def test_saturation_turns_balance_into_affinity() -> None:
+    # "w" holds 900 of the prompt's 1000 tokens and has 1.5 s of prefill queued; "c" holds nothing.
+    prompt = list(range(1000, 1000 + 1000))
+    cold = RoutingConfig(prefill_tps=1000, decode_weight=0, learn_prefill_tps=False)
+
+    def pick(cfg: RoutingConfig, c_queue: int) -> str:
+        idx = KvIndex("m")
+        warm(idx, "w", prompt[:900])
+        p = make_policy("kv-aware", seed=9, index=idx, cfg=cfg)
+        return p.choose(ctx(prompt), [Cand("w", pending_prefill_tokens=1500), Cand("c",
+                                                                                  pending_prefill_tokens=c_queue)]).backend.name
+
+    # slack ("c" idle): recomputing the prefix on "c" is cheaper than waiting behind w's queue
+    assert pick(cold, 0) == "c"
+    # "c" has a short queue too: without the saturation term it still recomputes; with it, affinity wins
+    assert pick(cold.model_copy(update={"saturation_weight": 0.0}), 100) == "c"
+    assert pick(cold, 100) == "w"
+
+
+def test_decode_side_and_kv_pressure_steer_away_from_a_packed_engine() -> None:
+    p = make_policy("kv-aware", seed=10, index=KvIndex("m"), cfg=RoutingConfig(learn_prefill_tps=False))
+    c = ctx(list(range(64)))
+    c.max_tokens = 256
+    packed, idle = Cand("packed", running=40), Cand("idle", running=2)
+    assert p.choose(c, [packed, idle]).backend.name == "idle"
+    d = p.choose(c, [packed, idle], explain=True)
+    why = {e["backend"]: e for e in d.explain or []}
+    assert why["packed"]["decode_s"] > why["idle"]["decode_s"] > 0  # type: ignore[operator]
+    full, roomy = Cand("full", kv_usage=0.97), Cand("roomy", kv_usage=0.3)
+    assert p.choose(c, [full, roomy]).backend.name == "roomy"
+    off = make_policy("kv-aware", seed=10, index=KvIndex("m"), cfg=RoutingConfig(decode_weight=0))
+    assert {off.choose(c, [Cand("packed", running=40), Cand("idle", running=2)]).backend.name
+            for _ in range(40)} == {"packed", "idle"}  # the decode side off: a tie
+
+
+def test_active_context_is_settled_and_decode_coefficients_are_fitted() -> None:
+    p = make_policy("kv-aware", seed=11, index=KvIndex("m"))
+    model, ledger = p.model, p.scorer.ledger  # type: ignore[attr-defined]
+    a = Cand("a")
+    c = ctx(list(range(1000)))
+    c.max_tokens = 100
+    d = p.choose(c, [a])
+    p.on_routed(c, d)
+    assert ledger.active["a"] == 1100
+    p.on_finished(c, d, 0.0, 0)  # an attempt that produced nothing: settled, nothing learned
+    assert ledger.active["a"] == 0 and "a" not in model.fits
+    # TPOTs from an engine whose step is 20 ms + 4 ms per running request + 1 ms per 1000 context tokens
+    rng = random.Random(0)
+    for _ in range(200):
+        running, active = rng.randrange(0, 30), rng.randrange(0, 50_000)
+        model.observe_decode("a", running, active, 0.02 + 0.004 * (running + 1) + 1e-6 * active, 64)
+    got_a, got_b = model.decode_coeffs("a")
+    assert abs(got_a - 0.004) < 4e-4 and abs(got_b - 1e-6) < 1e-7, (got_a, got_b)
+    assert model.decode_coeffs("b") == (model.decode_s_per_seq, model.decode_s_per_ctx_token)  # prior
+
+
+def test_session_prior_keeps_a_session_before_events_and_load_can_move_it() -> None:
+    now = [0.0]
+    idx = KvIndex("m", clock=lambda: now[0])
+    idx.block_size = BS  # events were seen, but none for this conversation (lost or late)
+    cfg = RoutingConfig(decode_weight=0, learn_prefill_tps=False)
+    p = make_policy("kv-aware", seed=12, index=idx, cfg=cfg)
+    a, b = Cand("a"), Cand("b")
+    turn1 = list(range(5000, 5000 + 40 * BS))
+    first = p.choose(ctx(turn1, session="s"), [a, b])
+    p.on_routed(ctx(turn1, session="s"), first)
+    now[0] = 60.0  # the speculative "just routed here" entries have expired
+    turn2 = [*turn1, *range(9000, 9000 + 4 * BS)]
+    assert all(p.choose(ctx(turn2, session="s"), [a, b]).backend is first.backend for _ in range(20))
+    other = make_policy("kv-aware", seed=12, index=idx, cfg=cfg.model_copy(update={"session_prior": False}))
+    assert {other.choose(ctx(turn2, session="s"), [a, b]).backend.name for _ in range(40)} == {"a", "b"}
+    first.backend.pending_prefill_tokens = 100_000  # type: ignore[attr-defined]
+    assert p.choose(ctx(turn2, session="s"), [a, b]).backend is not first.backend  # the cost model moves it
 
 
 def test_prefix_policy_learns_from_routing_without_events() -> None:

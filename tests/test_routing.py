@@ -58,5 +58,32 @@ def test_exclude_and_empty() -> None:
     assert p.choose(ctx(), [Cand("a"), Cand("b")], exclude=frozenset({"a"})).backend.name == "b"
     with pytest.raises(NoCandidate):
         p.choose(ctx(), [Cand("a", healthy=False)])
-    with pytest.raises(ValueError, match="unknown policy .nope.; choose one of: random, "):
+    with pytest.raises(ValueError, match=r"unknown policy .nope.; choose one of: random, "):
         make_policy("nope")
+
+
+def test_engine_metrics_parsing_uses_vllm_names() -> None:
+    from kvmesh.gateway.backends import parse_engine_metrics
+
+    text = (b'# HELP vllm:num_requests_running Running\n'
+            b'vllm:num_requests_running{engine="0",model_name="m"} 3.0\n'
+            b'vllm:num_requests_running{engine="1",model_name="m"} 2.0\n'
+            b'vllm:num_requests_waiting{engine="0",model_name="m"} 4.0\n'
+            b'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.25\n'
+            b'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.75\n'
+            b'vllm:num_requests_waiting_by_reason{engine="0",reason="capacity"} 9.0\n')
+    assert parse_engine_metrics(text) == (5, 4, 0.75)
+    assert parse_engine_metrics(b"") == (0, 0, -1.0)
+
+
+def test_sim_engine_metrics_match_vllm_names() -> None:
+    from prometheus_client import generate_latest
+
+    from kvmesh.gateway.backends import parse_engine_metrics
+    from kvmesh.sim.server import SimMetrics
+
+    m = SimMetrics("m")
+    m.running.labels(*m.labels).set(2)
+    m.waiting.labels(*m.labels).set(1)
+    m.usage.labels(*m.labels).set(0.5)
+    assert parse_engine_metrics(generate_latest(m.registry)) == (2, 1, 0.5)

@@ -255,11 +255,28 @@ class RoutingConfig(_Strict):
     """Knobs of the KV-aware policies (see ``kvmesh.routing.kv_aware``)."""
 
     prefill_tps: float = Field(default=4000.0, gt=0, description="Prefill tokens/s per engine (initial)")
-    learn_prefill_tps: bool = True
-    decode_penalty_s: float = Field(default=0.002, ge=0)
+    learn_prefill_tps: bool = Field(default=True, description="Learn each engine's prefill throughput and "
+                                    "decode step online from observed TTFT and TPOT")
+    decode_penalty_s: float = Field(default=0.002, ge=0, description="Wait before the first token per "
+                                    "request running on the engine")
     cpu_load_cost: float = Field(default=0.1, ge=0)
     storage_load_cost: float = Field(default=0.3, ge=0)
-    recompute_weight: float = Field(default=0.5, ge=0, description="Weight of prefill redone elsewhere")
+    recompute_weight: float = Field(default=0.5, ge=0, description="Weight of prefill redone elsewhere (fleet "
+                                    "idle)")
+    saturation_weight: float = Field(default=4.0, ge=0, description="Added to recompute_weight as the fleet "
+                                     "saturates: queued prefill makes recomputing a cached prefix cost everyone")
+    decode_weight: float = Field(default=1.0, ge=0, description="Seconds of TTFT one second of decode slowdown "
+                                 "(this stream's and the running streams') is worth; 0 ignores the decode side")
+    decode_s_per_seq: float = Field(default=1e-4, gt=0, description="Prior: decode step time per running "
+                                    "request (then fitted per engine from observed TPOT)")
+    decode_s_per_ctx_token: float = Field(default=2e-8, ge=0, description="Prior: decode step time per active "
+                                          "context token")
+    kv_pressure_s: float = Field(default=2.0, ge=0, description="Cost of an engine whose KV space is full")
+    kv_high: float = Field(default=0.8, ge=0, lt=1, description="KV usage above which kv_pressure_s is charged")
+    output_tokens: int = Field(default=128, gt=0, description="Expected output when a request sets no "
+                               "max_tokens (then learned from finished streams)")
+    session_prior: bool = Field(default=True, description="A session's previous turn counts as cached where it "
+                                "ran, before the KV events confirm it")
     speculative_ttl_s: float = Field(default=2.0, ge=0)
     prefix_ttl_s: float = Field(default=600.0, gt=0, description="Lifetime of learned entries (prefix)")
     prefix_block_size: int = Field(default=128, gt=0, description="Chunk size of the prefix policy")

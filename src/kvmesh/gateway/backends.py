@@ -20,7 +20,21 @@ import aiohttp
 log = logging.getLogger(__name__)
 
 
-_QUEUE_RE = re.compile(rb"^vllm:num_requests_(?:running|waiting)\{[^}]*\} ([0-9.e+]+)$", re.M)
+# vLLM v1's gauges (vllm/v1/metrics/loggers.py); the simulated engine exposes the same names.  Summed over
+# label sets: one engine process may report several engine indexes (data parallel).
+_GAUGE_RE = re.compile(rb"^vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc)\{[^}]*\} "
+                       rb"([0-9.e+-]+)$", re.M)
+METRICS_FRESH_S = 5.0  # older scrapes are not trusted (the engine may have died or hung)
+
+
+def parse_engine_metrics(text: bytes) -> tuple[int, int, float]:
+    """(running, waiting, KV-cache usage 0-1, -1 when absent) from an engine's Prometheus text."""
+    got: dict[bytes, list[float]] = {}
+    for name, value in _GAUGE_RE.findall(text):
+        got.setdefault(name, []).append(float(value))
+    usage = got.get(b"kv_cache_usage_perc")
+    return (int(sum(got.get(b"num_requests_running", ()))), int(sum(got.get(b"num_requests_waiting", ()))),
+            max(usage) if usage else -1.0)
 
 
 @dataclass(slots=True)
@@ -72,7 +86,9 @@ class Backend:
     in_flight: int = 0
     pending_prefill_tokens: int = 0
     engine_queue_value: int = 0
-    engine_queue_at: float = 0.0
+    engine_running_value: int = 0
+    kv_usage_value: float = -1.0
+    engine_queue_at: float = 0.0  # when the engine's /metrics were last scraped
     models: frozenset[str] = frozenset()
     model_cards: list[dict[str, Any]] = field(default_factory=list)
     last_error: str = ""
@@ -84,10 +100,23 @@ class Backend:
         """In rotation: up, and its breaker admits requests."""
         return self.up and self.breaker.admits(time.monotonic())
 
+    def _fresh(self) -> bool:
+        return time.monotonic() - self.engine_queue_at < METRICS_FRESH_S
+
     @property
     def engine_queue(self) -> int:
         """Running + waiting requests the engine reported within the last 5 s, else -1."""
-        return self.engine_queue_value if time.monotonic() - self.engine_queue_at < 5.0 else -1
+        return self.engine_queue_value if self._fresh() else -1
+
+    @property
+    def running(self) -> int:
+        """Running requests the engine reported within the last 5 s, else -1."""
+        return self.engine_running_value if self._fresh() else -1
+
+    @property
+    def kv_usage(self) -> float:
+        """KV-cache usage (0-1) the engine reported within the last 5 s, else -1."""
+        return self.kv_usage_value if self._fresh() else -1.0
 
 
 class BackendPool:
@@ -146,7 +175,8 @@ class BackendPool:
             if ok and self.scrape_metrics:
                 async with http.get(f"{b.url}/metrics") as r:
                     text = await r.read()
-                b.engine_queue_value = int(sum(float(v) for v in _QUEUE_RE.findall(text)))
+                running, waiting, b.kv_usage_value = parse_engine_metrics(text)
+                b.engine_running_value, b.engine_queue_value = running, running + waiting
                 b.engine_queue_at = time.monotonic()
             if ok:
                 b.slow_checks = 0

@@ -200,6 +200,9 @@ class RequestPath:
             if prefill >= 0:
                 b.pending_prefill_tokens -= prefill
             self._leave(b)
+            # decode time and tokens of a stream (SSE events less [DONE]); 0 tokens: nothing to learn from
+            gw.policy.on_finished(req.route, d, time.perf_counter() - req.t_first if req.chunks else 0.0,
+                                  max(req.chunks - 1, 0))
 
     # 7 ------------------------------------------------------------------------------------------------
     async def relay(self, req: ProxyRequest, b: Backend) -> web.StreamResponse | None:

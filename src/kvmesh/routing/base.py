@@ -52,6 +52,12 @@ class Candidate(Protocol):
     @property
     def engine_queue(self) -> int:
         """Running + waiting requests from the engine's own /metrics when fresh, else -1."""
+    @property
+    def running(self) -> int:
+        """Requests the engine reports running (decoding or prefilling) when fresh, else -1."""
+    @property
+    def kv_usage(self) -> float:
+        """Share (0-1) of the engine's KV blocks held by running requests when fresh, else -1."""
 
 
 @dataclass(slots=True)
@@ -64,6 +70,8 @@ class CandidateState:
     models: frozenset[str] = frozenset()
     pending_prefill_tokens: int = 0
     engine_queue: int = -1
+    running: int = -1
+    kv_usage: float = -1.0
 
 
 @dataclass(slots=True)
@@ -125,8 +133,8 @@ class Policy:
       cut them next to tokenisation (None: no keys, or block size not known yet);
     - :attr:`event_index`: the KV index it reads, which the gateway feeds with the engines' KV events
       (None: the policy reads none, and no events are subscribed);
-    - :meth:`choose`, then ``on_routed`` (committed, before sending) and ``on_first_token`` (the backend
-      started answering) to learn from outcomes.
+    - :meth:`choose`, then ``on_routed`` (committed, before sending), ``on_first_token`` (the backend
+      started answering) and ``on_finished`` (the attempt ended, answered or not) to learn from outcomes.
     """
 
     needs_tokens = False
@@ -173,3 +181,7 @@ class Policy:
 
     def on_first_token(self, ctx: RequestContext, d: Decision, ttft_s: float, queued_tokens: int) -> None:
         """Called when ``d.backend`` produced its first byte; ``queued_tokens`` were ahead of it at dispatch."""
+
+    def on_finished(self, ctx: RequestContext, d: Decision, decode_s: float, output_tokens: int) -> None:
+        """Called once per ``on_routed`` when the attempt on ``d.backend`` ended (answered, failed or cut):
+        ``decode_s`` from first to last token and the ``output_tokens`` streamed (0 when none came)."""

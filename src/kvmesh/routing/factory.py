@@ -35,7 +35,11 @@ class _Args(NamedTuple):
 def _cost_model(cfg: RoutingConfig) -> CostModel:
     return CostModel(prefill_tps=cfg.prefill_tps, decode_penalty_s=cfg.decode_penalty_s,
                      cpu_load_cost=cfg.cpu_load_cost, storage_load_cost=cfg.storage_load_cost,
-                     recompute_weight=cfg.recompute_weight, learn=cfg.learn_prefill_tps)
+                     recompute_weight=cfg.recompute_weight, saturation_weight=cfg.saturation_weight,
+                     decode_weight=cfg.decode_weight, decode_s_per_seq=cfg.decode_s_per_seq,
+                     decode_s_per_ctx_token=cfg.decode_s_per_ctx_token, kv_pressure_s=cfg.kv_pressure_s,
+                     kv_high=cfg.kv_high, output_tokens=cfg.output_tokens, session_prior=cfg.session_prior,
+                     learn=cfg.learn_prefill_tps)
 
 
 def _kv_aware(a: _Args) -> Policy:

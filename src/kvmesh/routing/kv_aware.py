@@ -1,35 +1,48 @@
-"""KV-aware routing: send each request where its estimated time to first token is lowest.
+"""KV-aware routing: send each request where it costs the fleet least — its own time to first token, the
+prefill work the fleet would redo, and the decode slowdown it causes and suffers.
 
-For every candidate engine e:
+For every candidate engine e (all terms in seconds; ``tps(e)`` is its prefill throughput):
 
-    cost(e)    = queue(e) + prefill(e) + recompute_weight * (uncached(e) - min_e' uncached(e')) / tps(e)
-    queue(e)   = pending_prefill_tokens(e) / tps(e) + decode_penalty * running(e)
-    prefill(e) = (uncached_tokens(e) + cpu_tokens(e) * cpu_cost + storage_tokens(e) * storage_cost) / tps(e)
+    cost(e)      = queue(e) + prefill(e) + recompute(e) + decode(e) + kv_pressure(e)
+    queue(e)     = pending_prefill_tokens(e) / tps(e) + decode_penalty * running(e)
+    prefill(e)   = (uncached(e) + cpu_tokens(e) * cpu_cost + storage_tokens(e) * storage_cost) / tps(e)
+    recompute(e) = (recompute_weight + saturation_weight * sat) * (uncached(e) - min_e' uncached(e')) / tps(e)
+    sat          = q / (q + prompt / tps),  q = min_e' pending_prefill_tokens(e') / tps(e')
+    decode(e)    = decode_weight * (L * (a_e * 2 * R + b_e * (K + R * (prompt + L / 2)))  +  R * prefill(e))
+    kv_pressure  = kv_pressure_s * max(0, kv_usage(e) - kv_high) / (1 - kv_high)
 
-The first two terms estimate this request's time to first token.  The last charges the prefill work the
-cluster would redo because the prefix is cached on another engine: without it, a burst sharing a long
-prefix would spread out the moment the warm engine has anything queued (each one's TTFT alone is about
-equal on a cold engine), recomputing the prefix everywhere and costing every later request capacity.
+- **Queue and prefill** estimate this request's TTFT.  The cached prefix comes from the :class:`KvIndex`
+  (longest consecutive prefix: the engine's own cache first, then blocks it can load from lower tiers).
+- **Recompute** charges the prefill work redone because the prefix is cached elsewhere.  Its weight grows
+  with the fleet's saturation ``sat`` (0 when some engine is idle, → 1 when even the shortest queue is long
+  against this prompt's prefill): with slack, balance wins; when every engine has a queue, recomputing a
+  prefix is capacity taken from every later request, and affinity wins.
+- **Decode**: with R requests running on e (``max(in_flight, engine running)``) and K context tokens
+  active there (prompt + expected output of what the policy routed and has not seen finish), adding this
+  request of L expected output tokens lengthens each decode step by ``a_e + b_e * context`` for all of
+  them, as the simulator's timing profile models a step; over L steps that is the time this stream loses
+  to the others plus the time it costs them.  Its prefill also stalls the R running streams.  ``a_e``,
+  ``b_e`` start from priors and are fitted online per engine from observed TPOT (``on_finished``).
+- **KV pressure**: an engine near full KV space pays for the evictions and preemptions it would cause.
+- **Sessions as a prior**: a request whose session's previous turn went to e, and whose prompt extends
+  that turn's, counts that turn's blocks as cached on e even before (or without) the KV events — the
+  cost model then decides whether moving the session is worth it.
 
-where the cached prefix comes from the :class:`KvIndex` (longest consecutive prefix; the engine's own cache
-first, then blocks it can load from lower tiers, which cost a fraction of recomputing), ``tps(e)`` is the
-engine's prefill throughput (configured, then learned online from observed TTFTs of requests that did not
-queue), and ``pending_prefill_tokens`` counts prompt tokens the gateway has sent and not yet seen answered.
-Because each routed request adds its uncached tokens to its engine's queue at once, a prefix shared by
-every request (the Mooncake trace's first block) cannot pull them all to one replica: as soon as the warm
-replica's queue costs more than the prefix saves, the next request goes elsewhere.
-
-Degrades gracefully: no token ids (no tokenizer), no events yet (unknown block size) or an engine unknown
-to the index all reduce to load-only scoring, and the reason is counted in ``kvmesh_routing_degraded_total``.
+``tps(e)`` is configured, then learned online from every request's TTFT: the tokens queued ahead at
+dispatch plus its own uncached tokens, over its TTFT (so queued time is accounted, not ignored).
+Degrades gracefully: no token ids, no events yet (unknown block size) or an engine unknown to the index
+all reduce to load-only scoring, and the reason is counted in ``kvmesh_routing_degraded_total``.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter
 
 from kvmesh.index.hashing import BlockKey, block_keys
@@ -39,39 +52,174 @@ from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 
 log = logging.getLogger(__name__)
 
+_KTOK = 1000.0  # the fit counts context in thousands of tokens, so its three regressors have similar scales
+
+
+class DecodeFit:
+    """Online fit of one engine's decode step, ``tpot = c0 + a * R + b * K`` (R requests running, K active
+    context tokens at dispatch), from observed TPOTs: exponentially weighted least squares with a ridge
+    pulling ``a`` and ``b`` towards the priors, so sparse or flat data leaves the priors standing."""
+
+    def __init__(self, a0: float, b0: float, forget: float = 0.99, ridge: float = 4.0) -> None:
+        self.prior = np.array([0.0, a0, b0 * _KTOK])
+        self.forget, self.ridge = forget, ridge
+        self.xtx = np.zeros((3, 3))
+        self.xty = np.zeros(3)
+        self.n = 0.0
+
+    def add(self, running: int, active: int, tpot_s: float) -> None:
+        x = np.array([1.0, float(running), active / _KTOK])
+        self.xtx = self.forget * self.xtx + np.outer(x, x)
+        self.xty = self.forget * self.xty + x * tpot_s
+        self.n = self.forget * self.n + 1
+
+    def coeffs(self) -> tuple[float, float]:
+        """(a, b): seconds per running request and per active context token."""
+        if self.n < 4:
+            return float(self.prior[1]), float(self.prior[2]) / _KTOK
+        reg = np.diag([1e-9, self.ridge, self.ridge])  # `ridge` pseudo-observations at unit load each
+        try:
+            c = np.linalg.solve(self.xtx + reg, self.xty + reg @ self.prior)
+        except np.linalg.LinAlgError:
+            return float(self.prior[1]), float(self.prior[2]) / _KTOK
+        return max(float(c[1]), 0.0), max(float(c[2]), 0.0) / _KTOK
+
 
 @dataclass(slots=True)
 class CostModel:
     prefill_tps: float = 4000.0       # prompt tokens/s per engine before anything is learned
-    decode_penalty_s: float = 0.002   # extra wait per request already running on the engine
+    decode_penalty_s: float = 0.002   # extra wait before the first token per request running on the engine
     cpu_load_cost: float = 0.1        # loading a token from a CPU tier costs this fraction of computing it
     storage_load_cost: float = 0.3
-    recompute_weight: float = 0.5     # weight of prefill work redone elsewhere (see module docstring)
+    recompute_weight: float = 0.5     # weight of prefill work redone elsewhere, fleet idle
+    saturation_weight: float = 4.0    # added to it as the fleet saturates (see module docstring)
+    decode_weight: float = 1.0        # seconds of TTFT worth one second of decode time (this stream + others)
+    decode_s_per_seq: float = 1e-4    # prior: decode step time per running request
+    decode_s_per_ctx_token: float = 2e-8  # prior: decode step time per active context token
+    kv_pressure_s: float = 2.0
+    kv_high: float = 0.8
+    output_tokens: int = 128          # expected output when the request does not say (then learned)
+    session_prior: bool = True
     learn: bool = True
     learn_alpha: float = 0.2
     learned_tps: dict[str, float] = field(default_factory=dict)
+    fits: dict[str, DecodeFit] = field(default_factory=dict)
+    mean_output: float = 0.0
 
     def tps(self, name: str) -> float:
         return self.learned_tps.get(name, self.prefill_tps)
 
-    def observe(self, name: str, uncached: int, ttft_s: float) -> None:
-        """Fold one TTFT of a request that did not queue into ``name``'s throughput estimate."""
-        if not self.learn or uncached < 64 or ttft_s <= 0:
+    def decode_coeffs(self, name: str) -> tuple[float, float]:
+        """(a, b) of ``name``'s decode step: the priors until fitted from its observed TPOTs."""
+        fit = self.fits.get(name)
+        return fit.coeffs() if fit is not None else (self.decode_s_per_seq, self.decode_s_per_ctx_token)
+
+    def expected_output(self, max_tokens: int | None) -> int:
+        learned = round(self.mean_output) if self.mean_output > 0 else self.output_tokens
+        return max(1, min(max_tokens, 4 * learned) if max_tokens else learned)
+
+    def observe(self, name: str, tokens: int, ttft_s: float) -> None:
+        """Fold one TTFT into ``name``'s throughput estimate: ``tokens`` is what the engine had to prefill
+        before this request's first token (the tokens queued ahead at dispatch plus its own uncached)."""
+        if not self.learn or tokens < 64 or ttft_s <= 0:
             return
-        sample = min(max(uncached / ttft_s, self.prefill_tps / 20), self.prefill_tps * 20)
+        sample = min(max(tokens / ttft_s, self.prefill_tps / 50), self.prefill_tps * 20)
         old = self.learned_tps.get(name, self.prefill_tps)
         self.learned_tps[name] = (1 - self.learn_alpha) * old + self.learn_alpha * sample
 
+    def observe_decode(self, name: str, running: int, active: int, tpot_s: float, output: int) -> None:
+        """One finished stream: its mean TPOT at the load it was dispatched into; and its output length."""
+        if not self.learn:
+            return
+        self.mean_output = output if self.mean_output <= 0 else 0.95 * self.mean_output + 0.05 * output
+        if tpot_s > 0:
+            fit = self.fits.get(name)
+            if fit is None:
+                fit = self.fits[name] = DecodeFit(self.decode_s_per_seq, self.decode_s_per_ctx_token)
+            fit.add(running + 1, active, tpot_s)
+
+
+@dataclass(slots=True)
+class _Routed:
+    """What the policy remembers of a request in flight (to settle its load and learn when it ends)."""
+
+    engine: str
+    tokens: int
+    running: int
+    active: int
+
+
+class Ledger:
+    """Per engine: context tokens of the requests this policy routed there and has not seen finish; per
+    session: where its last turn went and how many blocks that turn's prompt had (with its last key)."""
+
+    def __init__(self, max_sessions: int = 100_000, max_routed: int = 100_000) -> None:
+        self.active: dict[str, int] = collections.defaultdict(int)
+        self.routed: collections.OrderedDict[int, tuple[Decision, _Routed]] = collections.OrderedDict()
+        self.sessions: collections.OrderedDict[str, tuple[str, int, int]] = collections.OrderedDict()
+        self.max_sessions, self.max_routed = max_sessions, max_routed
+
+    def start(self, d: Decision, r: _Routed) -> None:
+        self.active[r.engine] += r.tokens
+        self.routed[id(d)] = (d, r)  # the Decision is kept alive here, so its id stays unique
+        if len(self.routed) > self.max_routed:  # a caller that never reports endings must not leak
+            _, (_, old) = self.routed.popitem(last=False)
+            self.active[old.engine] -= old.tokens
+
+    def end(self, d: Decision) -> _Routed | None:
+        got = self.routed.pop(id(d), None)
+        if got is None:
+            return None
+        self.active[got[1].engine] -= got[1].tokens
+        return got[1]
+
+    def pin(self, session: str, engine: str, keys: Sequence[int]) -> None:
+        self.sessions[session] = (engine, len(keys), int(keys[-1]))
+        self.sessions.move_to_end(session)
+        if len(self.sessions) > self.max_sessions:
+            self.sessions.popitem(last=False)
+
+    def prior(self, session: str | None, keys: Sequence[int]) -> tuple[str, int] | None:
+        """(engine, blocks) the session's previous turn left there, if this prompt extends that turn's."""
+        got = self.sessions.get(session) if session is not None else None
+        if got is None or not keys or len(keys) < got[1] or int(keys[got[1] - 1]) != got[2]:
+            return None
+        return got[0], got[1]
+
+
+def decode_cost(a: float, b: float, running: int, active: int, prompt: int, out: int, prefill_s: float) -> float:
+    """Decode time (seconds, summed over streams) a request adds on an engine with ``running`` requests and
+    ``active`` context tokens: each of its ``out`` steps is ``a * running + b * active`` longer than on an
+    idle engine, each of the others' is ``a + b * context`` longer while it runs, and its prefill of
+    ``prefill_s`` stalls them all."""
+    return out * (2 * a * running + b * (active + running * (prompt + out / 2))) + running * prefill_s
+
+
+@dataclass(slots=True)
+class _Terms:
+    """One candidate's cost, term by term (seconds)."""
+
+    queue_s: float
+    prefill_s: float
+    recompute_s: float
+    decode_s: float
+    kv_s: float
+
+    @property
+    def total(self) -> float:
+        return self.queue_s + self.prefill_s + self.recompute_s + self.decode_s + self.kv_s
+
 
 class KvCostScorer(Scorer):
-    """Estimated TTFT in seconds per candidate (see the module docstring)."""
+    """The estimated cost in seconds per candidate (see the module docstring)."""
 
-    name = "ttft_s"
+    name = "cost_s"
 
     def __init__(self, index: KvIndex, model: CostModel, block_size: int | None = None,
                  degraded: Counter | None = None, policy: str = "") -> None:
         self.index = index
         self.model = model
+        self.ledger = Ledger()
         self.fixed_block_size = block_size
         self.degraded = degraded
         self.policy = policy
@@ -96,39 +244,63 @@ class KvCostScorer(Scorer):
         if self.degraded is not None:
             self.degraded.labels(self.policy, reason).inc()
 
-    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
-        keys = self.keys(ctx)
-        prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
+    def tiers(self, ctx: RequestContext, keys: Sequence[BlockKey] | None,
+              cands: list[Candidate]) -> list[tuple[int, int, int]]:
+        """Matched prompt tokens per candidate by tier (GPU, CPU, STORAGE), the session prior applied."""
         bs = self.block_size() or 0
         matches = self.index.match(keys, [c.name for c in cands]) if keys else None
         if keys and matches is not None and not any(m.total for m in matches):
             self._degrade("cold")
         tiers = [(m.gpu * bs, m.cpu * bs, m.storage * bs) for m in matches] if matches else [(0, 0, 0)] * len(cands)
+        prior = self.ledger.prior(ctx.session_id, keys) if self.model.session_prior and keys else None
+        if prior is not None and bs:
+            engine, n = prior[0], prior[1] * bs
+            for i, c in enumerate(cands):
+                g, cpu, st = tiers[i]
+                if c.name == engine and g < n:  # the previous turn's blocks: on the GPU tier, where it ran
+                    rest = max(g + cpu + st - n, 0)
+                    tiers[i] = (n, min(cpu, rest), rest - min(cpu, rest))
+        return tiers
+
+    def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
+        keys = self.keys(ctx)
+        prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
+        tiers = self.tiers(ctx, keys, cands)
         # the engine always computes at least the prompt's last token
         uncached = [prompt - min(sum(t), max(prompt - 1, 0)) for t in tiers]
-        best = min(uncached)
         mdl = self.model
-        costs: list[float] = []
-        for c, (_, cpu, st), unc in zip(cands, tiers, uncached, strict=True):
-            tps = mdl.tps(c.name)
-            queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
-            prefill_s = (unc + cpu * mdl.cpu_load_cost + st * mdl.storage_load_cost) / tps
-            costs.append(queue_s + prefill_s + mdl.recompute_weight * (unc - best) / tps)
-        why = ([self._explain(c, t, u, best, prompt) for c, t, u in zip(cands, tiers, uncached, strict=True)]
+        tps = [mdl.tps(c.name) for c in cands]
+        q = min(c.pending_prefill_tokens / t for c, t in zip(cands, tps, strict=True))
+        own = prompt / (sum(tps) / len(tps))
+        sat = q / (q + own) if q > 0 else 0.0
+        weight = mdl.recompute_weight + mdl.saturation_weight * sat
+        out = mdl.expected_output(ctx.max_tokens)
+        best = min(uncached)
+        terms = [self._terms(c, t, tier, unc, unc - best, weight, prompt, out)
+                 for c, t, tier, unc in zip(cands, tps, tiers, uncached, strict=True)]
+        why = ([{"backend": c.name, "matched_tokens": dict(zip(("GPU", "CPU", "STORAGE"), tier, strict=True)),
+                 "prompt_tokens": prompt, "uncached_tokens": unc, "in_flight": c.in_flight,
+                 "pending_prefill_tokens": c.pending_prefill_tokens, "engine_queue": c.engine_queue,
+                 "running": c.running, "kv_usage": c.kv_usage, "active_tokens": self.ledger.active.get(c.name, 0),
+                 "prefill_tps": round(t, 1), "saturation": round(sat, 3), "expected_output": out,
+                 "queue_s": tm.queue_s, "prefill_s": tm.prefill_s, "recompute_s": tm.recompute_s,
+                 "decode_s": tm.decode_s, "kv_pressure_s": tm.kv_s, "cost_s": tm.total}
+                for c, t, tier, unc, tm in zip(cands, tps, tiers, uncached, terms, strict=True)]
                if explain else None)  # asked for by /debug/route: built only then
-        return Scores(costs, uncached, keys, why)
+        return Scores([tm.total for tm in terms], uncached, keys, why)
 
-    def _explain(self, c: Candidate, tiers: tuple[int, int, int], unc: int, best: int,
-                 prompt: int) -> dict[str, object]:
-        mdl, tps = self.model, self.model.tps(c.name)
+    def _terms(self, c: Candidate, tps: float, tiers: tuple[int, int, int], unc: int, extra: int,
+               weight: float, prompt: int, out: int) -> _Terms:
+        mdl = self.model
+        running = max(c.in_flight, c.running)
         queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
         prefill_s = (unc + tiers[1] * mdl.cpu_load_cost + tiers[2] * mdl.storage_load_cost) / tps
-        recompute_s = mdl.recompute_weight * (unc - best) / tps
-        return {"backend": c.name, "matched_tokens": dict(zip(("GPU", "CPU", "STORAGE"), tiers, strict=True)),
-                "prompt_tokens": prompt, "uncached_tokens": unc, "in_flight": c.in_flight,
-                "pending_prefill_tokens": c.pending_prefill_tokens, "engine_queue": c.engine_queue,
-                "prefill_tps": round(tps, 1), "queue_s": queue_s, "prefill_s": prefill_s,
-                "recompute_s": recompute_s, "cost_s": queue_s + prefill_s + recompute_s}
+        a, b = mdl.decode_coeffs(c.name)
+        decode_s = mdl.decode_weight * decode_cost(a, b, running, self.ledger.active.get(c.name, 0), prompt, out,
+                                                   prefill_s)
+        kv_s = (mdl.kv_pressure_s * max(0.0, c.kv_usage - mdl.kv_high) / max(1 - mdl.kv_high, 1e-6)
+                if c.kv_usage >= 0 else 0.0)
+        return _Terms(queue_s, prefill_s, weight * extra / tps, decode_s, kv_s)
 
 
 class KvAwarePolicy(Policy):
@@ -163,13 +335,24 @@ class KvAwarePolicy(Policy):
         return None if bs is None else (bs, self.index.seed_for(salt))
 
     def on_routed(self, ctx: RequestContext, d: Decision) -> None:
+        b, ledger = d.backend, self.scorer.ledger
         if d.block_keys:
             ttl = self.learned_ttl_s if self.learn_from_routing else None
-            self.index.add_pending(d.backend.name, d.block_keys, ttl)  # type: ignore[arg-type]
+            self.index.add_pending(b.name, d.block_keys, ttl)  # type: ignore[arg-type]
+            if ctx.session_id is not None:
+                ledger.pin(ctx.session_id, b.name, d.block_keys)
+        prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
+        ledger.start(d, _Routed(b.name, prompt + self.model.expected_output(ctx.max_tokens),
+                                max(b.in_flight, b.running), ledger.active.get(b.name, 0)))
 
     def on_first_token(self, ctx: RequestContext, d: Decision, ttft_s: float, queued_tokens: int) -> None:
-        if queued_tokens == 0 and d.prefill_tokens is not None:
-            self.model.observe(d.backend.name, d.prefill_tokens, ttft_s)
+        if d.prefill_tokens is not None:
+            self.model.observe(d.backend.name, queued_tokens + d.prefill_tokens, ttft_s)
+
+    def on_finished(self, ctx: RequestContext, d: Decision, decode_s: float, output_tokens: int) -> None:
+        r = self.scorer.ledger.end(d)
+        if r is not None and output_tokens >= 3:
+            self.model.observe_decode(r.engine, r.running, r.active, decode_s / (output_tokens - 1), output_tokens)
 
 
 class SessionPicker(Picker):
@@ -177,8 +360,6 @@ class SessionPicker(Picker):
     overloaded (more than ``slack`` requests above the least-loaded one); then re-pins by least load."""
 
     def __init__(self, max_sessions: int = 100_000, slack: int = 4, rng: random.Random | None = None) -> None:
-        import collections
-
         self.pins: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.max_sessions = max_sessions
         self.slack = slack

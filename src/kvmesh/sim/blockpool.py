@@ -30,6 +30,10 @@ class BlockPool:
     def free_blocks(self) -> int:
         return self.num_blocks - self.used + len(self.lru)
 
+    def held_blocks(self) -> int:
+        """Blocks referenced by running requests (vLLM's KV usage counts these, not evictable cached ones)."""
+        return self.used - len(self.lru)
+
     def cached_prefix(self, keys: Sequence[int]) -> int:
         """Number of leading keys cached (no side effects)."""
         n = 0

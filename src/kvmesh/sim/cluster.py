@@ -2,10 +2,18 @@
 
 A discrete-event loop over arrivals, engine iterations and KV-event deliveries.  Routing calls the same
 ``Policy`` objects the gateway uses (built by ``make_policy``), over backend views that carry the same
-load signals the gateway tracks (in-flight requests, prompt tokens sent and not yet answered); the
-``kv-aware`` policy reads a real :class:`KvIndex` fed with vLLM-format events from the simulated block
-pools, delivered after ``event_delay_s``.  ``oracle`` sees every engine's cache and queue exactly and
-minimises the estimated TTFT: the ceiling the event-driven policies are measured against.
+load signals the gateway tracks (in-flight requests, prompt tokens sent and not yet answered, the engine's
+running count and KV usage) and the same outcome hooks (first token, end of stream); the ``kv-aware``
+policy reads a real :class:`KvIndex` fed with vLLM-format events from the simulated block pools,
+delivered after ``event_delay_s``.  By default the policies start from the gateway's default cost model
+and learn throughput and decode step online, as they must in a real deployment (``informed=True`` hands
+them the profile's true figures instead).  ``oracle`` sees every engine's cache, queue, batch and context
+exactly and minimises the same TTFT + decode cost with the profile's true coefficients: the ceiling the
+event-driven policies are measured against.
+
+Reported per policy: TTFT and TPOT (per request, first to last token) mean/p50/p99, the engine hit rate,
+each engine's share of prompt tokens, and goodput — the share of requests meeting both the TTFT and the
+TPOT SLO.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from kvmesh.index.hashing import block_keys
 from kvmesh.index.index import KvIndex
 from kvmesh.routing import Policy, RequestContext, make_policy
 from kvmesh.routing.base import Candidate, CandidateState, Decision, Scorer, Scores
+from kvmesh.routing.kv_aware import decode_cost
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
 from kvmesh.sim.profiles import TimingProfile
@@ -39,25 +48,38 @@ class SimBackend(CandidateState):
     stepping: bool = False
     pending_of: dict[int, int] = field(default_factory=dict)
 
+    def sync(self) -> None:
+        """Refresh the engine-reported figures (the gateway scrapes them from the engine's /metrics)."""
+        core = self.core
+        self.running = len(core.running)
+        self.kv_usage = core.pool.held_blocks() / max(core.pool.num_blocks, 1)
+
 
 class OracleScorer(Scorer):
-    """Exact cached prefix and exact queued prefill of every engine; true prefill throughput."""
+    """Exact cached prefix, queued prefill, batch and context of every engine; the profile's true prefill
+    throughput and decode step.  Minimises TTFT + ``decode_weight`` * decode cost (``decode_cost``)."""
 
-    name = "oracle_ttft_s"
+    name = "oracle_cost_s"
 
-    def __init__(self, profile: TimingProfile, scale: float) -> None:
+    def __init__(self, profile: TimingProfile, scale: float, decode_weight: float) -> None:
         self.tps = profile.prefill_tps / scale
-        self.decode_s = profile.decode_s_per_seq
+        self.profile, self.scale, self.decode_weight = profile, scale, decode_weight
 
     def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
-        out, uncached = [], []
+        costs, uncached = [], []
         n = len(ctx.token_ids or ())
+        out, p = ctx.max_tokens or 1, self.profile
         for c in cands:
             core: EngineCore = c.core  # type: ignore[attr-defined]
             cached = min(core.pool.cached_prefix(ctx.block_keys or ()) * core.block_size, max(n - 1, 0))
             uncached.append(n - cached)
-            out.append((core.queued_prefill_tokens() + n - cached) / self.tps + self.decode_s * len(core.running))
-        return Scores(out, uncached)
+            prefill_s = (n - cached) / self.tps
+            ttft = core.queued_prefill_tokens() / self.tps + prefill_s + p.decode_s_per_seq * len(core.running)
+            batch = len(core.running) + len(core.waiting)
+            decode = decode_cost(p.decode_s_per_seq, p.decode_s_per_ctx_token * self.scale, batch,
+                                 core.context_tokens(), n, out, prefill_s)
+            costs.append(ttft + self.decode_weight * decode)
+        return Scores(costs, uncached)
 
 
 @dataclass(slots=True)
@@ -71,14 +93,33 @@ class SimResult:
     wall_s: float
     virtual_s: float
     per_engine: list[int]
+    tpot_mean_s: float = 0.0
+    tpot_p50_s: float = 0.0
+    tpot_p99_s: float = 0.0
+    goodput: float = 0.0            # share of requests within both SLOs
+    busiest_over_mean: float = 0.0  # the busiest engine's prompt tokens over the mean (1.0 = even)
 
     def row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
 
 
+@dataclass(frozen=True, slots=True)
+class Slo:
+    """Goodput counts requests with TTFT <= ``ttft_s`` and TPOT <= ``tpot_s``."""
+
+    ttft_s: float = 2.0
+    tpot_s: float = 0.1
+
+    @classmethod
+    def for_profile(cls, p: TimingProfile, ttft_s: float = 2.0) -> Slo:
+        """TPOT within 4x one stream's step on an idle engine."""
+        return cls(ttft_s, 4 * (p.overhead_s + p.decode_s_per_seq))
+
+
 class Cluster:
     def __init__(self, replicas: int, profile: TimingProfile, policy: str, block_size: int,
-                 token_scale: float = 1.0, event_delay_s: float = 0.01, seed: int = 0) -> None:
+                 token_scale: float = 1.0, event_delay_s: float = 0.01, seed: int = 0, *,
+                 routing: RoutingConfig | None = None, informed: bool = False, slo: Slo | None = None) -> None:
         self.profile = profile
         self.block_size = block_size
         self.event_delay_s = event_delay_s
@@ -87,11 +128,16 @@ class Cluster:
         self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
                          for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
-        cfg = RoutingConfig(prefill_tps=profile.prefill_tps / token_scale, prefix_block_size=block_size,
-                            decode_penalty_s=profile.decode_s_per_seq)
+        cfg = routing or RoutingConfig(prefix_block_size=block_size)
+        if informed:  # the profile's true figures, in simulated tokens, instead of learning them
+            cfg = cfg.model_copy(update={
+                "prefill_tps": profile.prefill_tps / token_scale, "decode_penalty_s": profile.decode_s_per_seq,
+                "decode_s_per_seq": profile.decode_s_per_seq,
+                "decode_s_per_ctx_token": profile.decode_s_per_ctx_token * token_scale})
+        self.slo = slo or Slo.for_profile(profile)
         if policy == "oracle":
-            self.policy = Policy("oracle", [HealthyServingModel()], [(OracleScorer(profile, token_scale), 1.0)],
-                                 MinCostPicker(random.Random(seed)))
+            oracle = OracleScorer(profile, token_scale, cfg.decode_weight)
+            self.policy = Policy("oracle", [HealthyServingModel()], [(oracle, 1.0)], MinCostPicker(random.Random(seed)))
         else:
             self.policy = make_policy(policy, seed=seed, index=self.index, cfg=cfg)
         self.policy_name = policy
@@ -122,7 +168,10 @@ class Cluster:
 
     def _arrive(self, now: float, r: SimRequest) -> None:
         ctx = RequestContext(request_id=str(r.rid), model="sim", endpoint="completions", token_ids=r.tokens,
-                             prompt_tokens_estimate=len(r.tokens), block_keys=r.keys)
+                             prompt_tokens_estimate=len(r.tokens), block_keys=r.keys, max_tokens=r.max_tokens,
+                             session_id=r.session)
+        for c in self.backends:
+            c.sync()
         spec = self.policy.key_spec(None)
         if self.policy.needs_tokens and (spec is None or spec[0] != self.block_size):
             ctx.block_keys = None  # the policy cuts its own keys (e.g. before it learned the block size)
@@ -153,7 +202,8 @@ class Cluster:
             self.policy.on_first_token(ctx, d, now - r.arrival, queued)
         for r in res.finished:
             b.in_flight -= 1
-            self._ctx.pop(r.rid, None)
+            ctx, d, _ = self._ctx.pop(r.rid)
+            self.policy.on_finished(ctx, d, r.done_at - r.first_token_at, r.generated)
             self.done.append(r)
         events = b.core.pool.take_events()
         if events:
@@ -164,18 +214,31 @@ class Cluster:
 
     def _result(self, wall: float, end: float) -> SimResult:
         ttft = sorted(r.first_token_at - r.arrival for r in self.done)
+        tpot = sorted(_tpot(r) for r in self.done)
         hits = sum(b.core.pool.hits for b in self.backends)
         queries = sum(b.core.pool.queries for b in self.backends)
-
-        def q(p: float) -> float:
-            return ttft[min(len(ttft) - 1, int(p * len(ttft)))] if ttft else 0.0
-
-        return SimResult(self.policy_name, len(self.done), sum(ttft) / max(len(ttft), 1), q(0.5), q(0.99),
+        good = sum(1 for r in self.done if r.first_token_at - r.arrival <= self.slo.ttft_s
+                   and _tpot(r) <= self.slo.tpot_s)
+        load = [sum(len(r.tokens) for r in self.done if r.engine == b.name) for b in self.backends]
+        n = max(len(ttft), 1)
+        return SimResult(self.policy_name, len(self.done), sum(ttft) / n, _q(ttft, 0.5), _q(ttft, 0.99),
                          hits / max(queries, 1), wall, end,
-                         [sum(1 for r in self.done if r.engine == b.name) for b in self.backends])
+                         [sum(1 for r in self.done if r.engine == b.name) for b in self.backends],
+                         sum(tpot) / n, _q(tpot, 0.5), _q(tpot, 0.99), good / n,
+                         max(load, default=0) / max(sum(load) / max(len(load), 1), 1))
+
+
+def _q(xs: list[float], p: float) -> float:
+    return xs[min(len(xs) - 1, int(p * len(xs)))] if xs else 0.0
+
+
+def _tpot(r: SimRequest) -> float:
+    """Mean time per output token after the first (0 for single-token answers)."""
+    return (r.done_at - r.first_token_at) / (r.generated - 1) if r.generated > 1 else 0.0
 
 
 def make_requests(prompts: list[list[int]], arrivals: list[float], outputs: list[int], block_size: int,
-                  seed: int) -> list[SimRequest]:
-    return [SimRequest(i, p, list(block_keys(p, block_size, seed)), max(1, o), a)
-            for i, (p, a, o) in enumerate(zip(prompts, arrivals, outputs, strict=True))]
+                  seed: int, sessions: list[str] | None = None) -> list[SimRequest]:
+    sids = sessions or [""] * len(prompts)
+    return [SimRequest(i, p, list(block_keys(p, block_size, seed)), max(1, o), a, session=s or None)
+            for i, (p, a, o, s) in enumerate(zip(prompts, arrivals, outputs, sids, strict=True))]

@@ -37,6 +37,7 @@ class SimRequest:
     first_token_at: float = -1.0
     done_at: float = -1.0
     salt: str | None = None  # cache_salt: published with the first block, as vLLM does
+    session: str | None = None  # the conversation it belongs to (routing sees it as x-session-id)
 
     @property
     def prefilling(self) -> bool:
@@ -72,6 +73,10 @@ class EngineCore:
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens still to compute on this engine (for the oracle; an estimate for waiting ones)."""
         return sum(len(r.tokens) - r.computed for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+
+    def context_tokens(self) -> int:
+        """Context tokens (prompt + generated so far) of every request admitted or waiting here."""
+        return sum(len(r.tokens) + r.generated for r in self.running) + sum(len(r.tokens) for r in self.waiting)
 
     # ---- one iteration ---------------------------------------------------------------------------
     def step(self, now: float, horizon: float = math.inf) -> StepResult:

