@@ -125,12 +125,14 @@ def plan_groups(ms: ModelService, obs: Observed, now: float, cfg: Settings) -> _
                                         f"{cfg.group_timeout_s:.0f}s; rolled back, retry in "
                                         f"{cfg.rollback_backoff_s:.0f}s"))
                 out.wake(cfg.rollback_backoff_s)
+                placing = True  # the freed GPUs wait out the backoff too: no other group starts meanwhile
             else:
                 placing = True
                 out.render.append(i)
                 out.status.append(_phase(last, i, "Placing", now))
                 out.wake(max(1.0, w.created_at + cfg.group_timeout_s - now))
         elif last is not None and last.phase == "RolledBack" and now < parse_time(last.since) + cfg.rollback_backoff_s:
+            placing = True
             out.status.append(last)
             out.wake(parse_time(last.since) + cfg.rollback_backoff_s - now)
         elif not placing:  # one group in flight at a time: half-placed groups cannot deadlock on GPUs
@@ -158,7 +160,7 @@ def _why(pods: list[ObservedPod], size: int) -> str:
     return f"{bound} of {size} pods bound" + (f" (insufficient {lacking})" if lacking else "")
 
 
-_INSUFFICIENT = re.compile(r"Insufficient ([\w./-]+)")
+_INSUFFICIENT = re.compile(r"Insufficient ([\w./-]*\w)")
 
 
 def _insufficient(pods: list[ObservedPod]) -> str:
