@@ -26,6 +26,7 @@ or replace a slice), ``delete``, ``bookmark``, ``compact`` (forget history: olde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import uuid
@@ -224,11 +225,12 @@ class FakeApiServer:
             async with asyncio.timeout(timeout):
                 while (ev := await w.queue.get()) is not None:
                     await resp.write(_line(ev))
-        except TimeoutError:
+        except (TimeoutError, ConnectionResetError):  # timeoutSeconds passed, or the client went away
             pass
         finally:
             self.watchers.remove(w)
-        await resp.write_eof()
+        with contextlib.suppress(ConnectionResetError):
+            await resp.write_eof()
         return resp
 
 
