@@ -37,17 +37,18 @@ CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
                 "tenants": (GatewayConfig, "tenants_file"), "discovery": (GatewayConfig, "discovery"), **_K8S},
     "engine": {**{n: (VllmEngineConfig, n) for n in ("model", "kind", "port", "served_model_name", "cpu_bind",
                                                      "kv_cache_gib", "dtype")},
-               "kv_events": (VllmEngineConfig, "kv_events_endpoint"),
+               "kv_events": (VllmEngineConfig, "kv_events_endpoint"), "host": (VllmEngineConfig, "host"),
                **{n: (SimEngineConfig, n) for n in ("profile", "time_scale", "block_size")},
                "run_dir": (SupervisorConfig, "run_dir")},
     "cache-node": {**_CACHE, "peer": (CacheNodeConfig, "peers"), "run_dir": (SupervisorConfig, "run_dir"),
                    "discovery": (CacheNodeConfig, "discovery"), **_K8S},
     "cache status": {"socket": (CacheNodeConfig, "socket")},
 }
-NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "verbose"}, "engine": {"verbose"},
-              "cache-node": {"verbose"}, "cache status": {"as_json"}}
+NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "config", "verbose"},
+              "engine": {"verbose"}, "cache-node": {"verbose"}, "cache status": {"as_json"}}
 # Commands whose options are run parameters (a trace, a load), not settings of a configured component.
-NO_CONFIG_COMMANDS = {"sim", "bench run", "bench compare", "calibrate", "model demo"}
+NO_CONFIG_COMMANDS = {"sim", "bench run", "bench compare", "calibrate", "model demo", "operator",
+                      "k8s manifests"}
 
 
 def commands(group: typer.core.TyperGroup, prefix: str = "") -> dict[str, Any]:

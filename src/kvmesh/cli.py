@@ -19,6 +19,7 @@ from typing import Annotated, Any
 
 import typer
 
+from kvmesh.bench.commands import register as register_bench
 from kvmesh.cli_options import config_option as _opt
 from kvmesh.cli_options import fail as _fail
 from kvmesh.cli_options import given as _given
@@ -36,13 +37,13 @@ from kvmesh.config import (
     engine_config,
     load_stack_config,
 )
-from kvmesh.policy_names import policy_help, policy_spec
+from kvmesh.k8s.commands import register as register_k8s
+from kvmesh.policy_names import policy_spec
+from kvmesh.sim.commands import register as register_sim
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="kvmesh: KV-cache-centric LLM serving.")
 model_app = typer.Typer(no_args_is_help=True, help="Model utilities.")
 app.add_typer(model_app, name="model")
-bench_app = typer.Typer(no_args_is_help=True, help="Load generation and router comparisons.")
-app.add_typer(bench_app, name="bench")
 cache_app = typer.Typer(no_args_is_help=True, help="The KV cache tier: node status.")
 app.add_typer(cache_app, name="cache")
 log = logging.getLogger("kvmesh")
@@ -175,6 +176,8 @@ def gateway(
     policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
     max_body_bytes: Annotated[int | None, _opt(GatewayConfig, "max_body_bytes")] = None,
     tenants: Annotated[pathlib.Path | None, _opt(GatewayConfig, "tenants_file")] = None,
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file whose [gateway] table the flags "
+                                                            "override")] = None,
     discovery: Annotated[str | None, _opt(GatewayConfig, "discovery")] = None,
     k8s_namespace: Annotated[str | None, _opt(KubernetesEndpoints, "namespace")] = None,
     k8s_service: Annotated[str | None, _opt(KubernetesEndpoints, "service")] = None,
@@ -185,7 +188,8 @@ def gateway(
 ) -> None:
     """Run only the gateway, in front of engines that are already running."""
     _setup_logging(verbose)
-    if not backend and discovery != "kubernetes":
+    base = _stack_config(config, {}, None).gateway.model_dump(exclude_unset=True) if config else {}
+    if not backend and "kubernetes" not in (discovery, base.get("discovery")) and not base.get("backends"):
         _fail("give at least one --backend URL (e.g. --backend http://127.0.0.1:8100)")
     backend = backend or []
     events = kv_events or []
@@ -193,11 +197,10 @@ def gateway(
         _fail(f"give one --kv-events per --backend ({len(backend)}), or none")
     specs = [{"url": u, "kv_events": None if not events or events[i] == "-" else events[i]}
              for i, u in enumerate(backend)]
-    cfg: GatewayConfig = _parse(GatewayConfig, backends=tuple(specs), host=host, port=port, policy=policy,
-                                max_body_bytes=max_body_bytes, tokenizer=tokenizer,
-                                tenants_file=str(tenants) if tenants else None,
-                                discovery=discovery,
-                                kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
+    flags = _given(backends=tuple(specs) or None, host=host, port=port, policy=policy, max_body_bytes=max_body_bytes,
+                   tokenizer=tokenizer, tenants_file=str(tenants) if tenants else None, discovery=discovery,
+                   kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
+    cfg: GatewayConfig = _parse(GatewayConfig, **(base | flags))
     from kvmesh.gateway import Gateway
     from kvmesh.tokenize import TokenizerError
 
@@ -219,6 +222,7 @@ def engine(
     kind: Annotated[str | None, _opt(VllmEngineConfig, "kind", help="vllm (a real engine) or sim (kvmesh's "
                                                                     "simulated engine)")] = None,
     port: Annotated[int | None, _opt(VllmEngineConfig, "port", help="Engine port")] = None,
+    host: Annotated[str | None, _opt(VllmEngineConfig, "host", help="Address to listen on (0.0.0.0 in a pod)")] = None,
     served_model_name: Annotated[str | None, _opt(VllmEngineConfig, "served_model_name")] = None,
     kv_events: Annotated[str | None, _opt(VllmEngineConfig, "kv_events_endpoint")] = None,
     cpu_bind: Annotated[str | None, _opt(VllmEngineConfig, "cpu_bind", help="VLLM_CPU_OMP_THREADS_BIND (vllm)")] = None,
@@ -237,7 +241,7 @@ def engine(
 
     # a flag of the other kind fails as "--cpu-bind: not a field of kind = 'sim' engines"
     cfg: EngineConfig = _parse(engine_config, kind=kind, model=model, port=port, served_model_name=served_model_name,
-                               kv_events_endpoint=kv_events, cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib,
+                               kv_events_endpoint=kv_events, cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, host=host,
                                dtype=dtype, profile=profile, time_scale=time_scale, block_size=block_size)
     if isinstance(cfg, SimEngineConfig):
         _check_sim_engine(cfg)
@@ -256,151 +260,6 @@ def _check_sim_engine(cfg: SimEngineConfig) -> None:
         _fail(f"--profile: {e}")
     if not pathlib.Path(cfg.model, "tokenizer.json").is_file():
         _fail(f"--model {cfg.model}: no tokenizer.json there (the simulated engine tokenises like the model)")
-
-@app.command()
-def sim(
-    trace: Annotated[pathlib.Path, typer.Option(help="Trace file (or a directory of Weka conversations)")],
-    trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
-    replicas: int = 8,
-    policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle "
-                                                          "(sees every cache exactly) — " + policy_help())] = None,
-    profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
-    tokens_per_block: Annotated[int, typer.Option(help="Simulated tokens per 512-token trace block")] = 16,
-    limit: Annotated[int | None, typer.Option(help="Only the first N requests")] = None,
-) -> None:
-    """Virtual-time simulation of N engines under kvmesh's real routing policies and KV index."""
-    from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
-    from kvmesh.workloads import TraceError
-
-    if replicas < 1 or tokens_per_block < 1:
-        _fail("--replicas and --tokens-per-block must be >= 1")
-    try:
-        run = run_mooncake(trace, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, limit,
-                           fmt=trace_format)
-    except (TraceError, ValueError) as e:
-        _fail(str(e))
-    typer.echo(markdown(run))
-
-
-@bench_app.command("run")
-def bench_run(
-    url: Annotated[str, typer.Option(help="Gateway or engine base URL")] = "http://127.0.0.1:8000",
-    model: str = "kvmesh-demo",
-    trace: Annotated[pathlib.Path | None, typer.Option(help="Trace file/dir (replaces --workload)")] = None,
-    trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
-    workload: Annotated[str, typer.Option(help="Without --trace: groups (shared-prefix groups) or chat "
-                                               "(multi-turn sessions)")] = "groups",
-    limit: Annotated[int, typer.Option(help="Requests to send")] = 200,
-    turns: Annotated[int, typer.Option(help="Turns per chat session (--workload chat)")] = 4,
-    mode: Annotated[str, typer.Option(help="trace (timestamps), poisson, closed")] = "trace",
-    speedup: float = 1.0,
-    rate: Annotated[float, typer.Option(help="Requests/s (poisson)")] = 2.0,
-    concurrency: Annotated[int, typer.Option(help="Clients (closed)")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="Cap on output tokens per request")] = 64,
-    slo_ttft: float = 2.0,
-    slo_tpot: float = 0.2,
-    api_key: Annotated[str | None, typer.Option(help="Bearer key (tenants)")] = None,
-    out: Annotated[pathlib.Path, typer.Option(help="Directory for requests.jsonl, summary, plots")] = pathlib.Path(
-        "bench-out"),
-) -> None:
-    """Replay a workload against an OpenAI-compatible URL; report TTFT/TPOT/E2E, goodput, hit rate."""
-    import time
-
-    from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
-    from kvmesh.workloads import TraceError, load_trace, multi_turn_chat, shared_prefix_groups
-
-    if mode not in ("trace", "poisson", "closed"):
-        _fail("--mode must be trace, poisson or closed")
-    if workload not in ("groups", "chat"):
-        _fail("--workload must be groups or chat")
-    if limit < 1 or speedup <= 0 or rate <= 0 or concurrency < 1 or turns < 1:
-        _fail("--limit, --speedup, --rate, --concurrency and --turns must be positive")
-    try:
-        if trace:
-            reqs = load_trace(trace, trace_format, limit)
-        elif workload == "chat":
-            reqs = multi_turn_chat(-(-limit // turns), turns, rate=rate)[:limit]
-        else:
-            reqs = shared_prefix_groups(max(1, limit // 8), 8)[:limit]
-    except TraceError as e:
-        _fail(str(e))
-    spec = LoadSpec(url.rstrip("/"), model, mode, speedup, rate, concurrency, max_tokens, slo_ttft, slo_tpot,
-                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
-    t0 = time.perf_counter()
-    results = asyncio.run(run_load(spec, reqs))
-    summary = summarize(results, spec, time.perf_counter() - t0)
-    files = write_outputs(out, results, summary)
-    typer.echo(markdown(summary))
-    typer.echo("wrote " + ", ".join(str(f) for f in files))
-
-
-def _plot_path(out: pathlib.Path) -> pathlib.Path | None:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return None
-    return out.with_suffix(".png")
-
-
-@bench_app.command("compare")
-def bench_compare(
-    trace: Annotated[pathlib.Path | None, typer.Option(help="Mooncake-format trace (--workload mooncake)")] = None,
-    workload: Annotated[str, typer.Option(help="mooncake (the trace) or chat (generated multi-turn sessions)")] = (
-        "mooncake"),
-    requests: int = 400,
-    speedup: Annotated[float, typer.Option(help="Simulated engines run this much faster than real time")] = 4.0,
-    load: Annotated[float, typer.Option(help="Arrivals this much denser than the trace's")] = 1.0,
-    routers: Annotated[str, typer.Option(help="Comma-separated: kvmesh-<policy>, sglang-<policy>, "
-                                              "vllm-router-<policy>")] = "",
-    out: Annotated[pathlib.Path, typer.Option(help="Result JSON (and a TTFT CDF plot beside it, .png)")] = (
-        pathlib.Path("compare.json")),
-    run_dir: pathlib.Path = pathlib.Path("run/compare"),
-) -> None:
-    """The same trace through several routers over the SAME 8 simulated engines (caches reset between)."""
-    import json
-
-    from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
-    from kvmesh.models import demo
-    from kvmesh.workloads import TraceError
-
-    model_dir = run_dir / "demo-tiny"
-    if not demo.is_complete(model_dir):
-        demo.generate("tiny", model_dir)
-    try:
-        args = CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS, workload, _plot_path(out))
-        m = compare(trace, model_dir, run_dir, args)
-    except TraceError as e:
-        _fail(str(e))
-    out.write_text(json.dumps(m, indent=2) + "\n")
-    typer.echo(f"wrote {out}")
-
-
-@app.command()
-def calibrate(
-    url: Annotated[str, typer.Option(help="A running engine (vLLM or any OpenAI-compatible server)")],
-    model: Annotated[str, typer.Option(help="Served model name")] = "kvmesh-demo",
-    base: Annotated[str, typer.Option(help="Profile whose other fields (capacity, batch) are kept")] = "cpu-demo-small",
-    out: Annotated[pathlib.Path, typer.Option(help="Where to write the fitted profile (JSON)")] = pathlib.Path(
-        "profile.json"),
-) -> None:
-    """Measure an engine's prefill and decode costs and write a timing profile for simulated engines."""
-    import httpx
-
-    from kvmesh.sim.calibrate import calibrate as fit
-    from kvmesh.sim.calibrate import save_profile
-    from kvmesh.sim.profiles import get_profile
-
-    try:
-        prof = fit(url.rstrip("/"), model, get_profile(base))
-    except ValueError as e:
-        _fail(str(e))
-    except httpx.HTTPError as e:
-        _fail(f"cannot measure {url}: {type(e).__name__}: {e}", 1)
-    save_profile(prof, out)
-    typer.echo(f"prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok², step "
-               f"overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq -> {out}\n"
-               f"use it with: kvmesh engine --kind sim --profile {out} ...")
-
 
 @app.command("cache-node")
 def cache_node(
@@ -511,6 +370,12 @@ def model_demo(
     except OSError as e:
         _fail(f"cannot write {out}: {e.strerror}", 1)
     typer.echo(f"wrote {size} demo model ({demo.SPECS[size].num_params():,} params) to {out}")
+
+
+# commands that live beside their components, listed after the core ones in --help
+register_bench(app)  # kvmesh bench run/compare (kvmesh.bench.commands)
+register_sim(app)  # kvmesh sim, kvmesh calibrate (kvmesh.sim.commands)
+register_k8s(app)  # kvmesh operator, kvmesh k8s manifests (kvmesh.k8s.commands)
 
 
 def main() -> None:

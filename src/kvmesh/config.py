@@ -64,10 +64,10 @@ class _EngineBase(_Strict):
 
 
 def _ipc_endpoint(v: str | None) -> str | None:
-    # vLLM *connects* (instead of binding) for tcp://host endpoints and binds every interface for
-    # tcp://*; both are wrong for a local publisher, so kvmesh accepts only ipc:// here.
-    if v is not None and not v.startswith("ipc://"):
-        raise ValueError(f"KV event endpoints must be ipc:// paths, got {v!r}")
+    # vLLM *connects* (instead of binding) for tcp://host endpoints, which is wrong for a publisher; tcp://*
+    # binds every interface: wrong on a shared host, right in a Kubernetes pod (its own network namespace).
+    if v is not None and not v.startswith(("ipc://", "tcp://*:")):
+        raise ValueError(f"KV event endpoints must be ipc:// paths (or tcp://*:PORT in a pod), got {v!r}")
     return v
 
 

@@ -1,0 +1,111 @@
+"""``kvmesh bench run`` and ``kvmesh bench compare``: typer commands over :mod:`kvmesh.bench` (registered by
+``kvmesh.cli``)."""
+
+from __future__ import annotations
+
+import asyncio
+import pathlib
+from typing import Annotated
+
+import typer
+
+from kvmesh.cli_options import fail as _fail
+
+bench_app = typer.Typer(no_args_is_help=True, help="Load generation and router comparisons.")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("run")
+def bench_run(
+    url: Annotated[str, typer.Option(help="Gateway or engine base URL")] = "http://127.0.0.1:8000",
+    model: str = "kvmesh-demo",
+    trace: Annotated[pathlib.Path | None, typer.Option(help="Trace file/dir (replaces --workload)")] = None,
+    trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
+    workload: Annotated[str, typer.Option(help="Without --trace: groups (shared-prefix groups) or chat "
+                                               "(multi-turn sessions)")] = "groups",
+    limit: Annotated[int, typer.Option(help="Requests to send")] = 200,
+    turns: Annotated[int, typer.Option(help="Turns per chat session (--workload chat)")] = 4,
+    mode: Annotated[str, typer.Option(help="trace (timestamps), poisson, closed")] = "trace",
+    speedup: float = 1.0,
+    rate: Annotated[float, typer.Option(help="Requests/s (poisson)")] = 2.0,
+    concurrency: Annotated[int, typer.Option(help="Clients (closed)")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="Cap on output tokens per request")] = 64,
+    slo_ttft: float = 2.0,
+    slo_tpot: float = 0.2,
+    api_key: Annotated[str | None, typer.Option(help="Bearer key (tenants)")] = None,
+    out: Annotated[pathlib.Path, typer.Option(help="Directory for requests.jsonl, summary, plots")] = pathlib.Path(
+        "bench-out"),
+) -> None:
+    """Replay a workload against an OpenAI-compatible URL; report TTFT/TPOT/E2E, goodput, hit rate."""
+    import time
+
+    from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
+    from kvmesh.workloads import TraceError, load_trace, multi_turn_chat, shared_prefix_groups
+
+    if mode not in ("trace", "poisson", "closed"):
+        _fail("--mode must be trace, poisson or closed")
+    if workload not in ("groups", "chat"):
+        _fail("--workload must be groups or chat")
+    if limit < 1 or speedup <= 0 or rate <= 0 or concurrency < 1 or turns < 1:
+        _fail("--limit, --speedup, --rate, --concurrency and --turns must be positive")
+    try:
+        if trace:
+            reqs = load_trace(trace, trace_format, limit)
+        elif workload == "chat":
+            reqs = multi_turn_chat(-(-limit // turns), turns, rate=rate)[:limit]
+        else:
+            reqs = shared_prefix_groups(max(1, limit // 8), 8)[:limit]
+    except TraceError as e:
+        _fail(str(e))
+    spec = LoadSpec(url.rstrip("/"), model, mode, speedup, rate, concurrency, max_tokens, slo_ttft, slo_tpot,
+                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    t0 = time.perf_counter()
+    results = asyncio.run(run_load(spec, reqs))
+    summary = summarize(results, spec, time.perf_counter() - t0)
+    files = write_outputs(out, results, summary)
+    typer.echo(markdown(summary))
+    typer.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+def _plot_path(out: pathlib.Path) -> pathlib.Path | None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return None
+    return out.with_suffix(".png")
+
+
+@bench_app.command("compare")
+def bench_compare(
+    trace: Annotated[pathlib.Path | None, typer.Option(help="Mooncake-format trace (--workload mooncake)")] = None,
+    workload: Annotated[str, typer.Option(help="mooncake (the trace) or chat (generated multi-turn sessions)")] = (
+        "mooncake"),
+    requests: int = 400,
+    speedup: Annotated[float, typer.Option(help="Simulated engines run this much faster than real time")] = 4.0,
+    load: Annotated[float, typer.Option(help="Arrivals this much denser than the trace's")] = 1.0,
+    routers: Annotated[str, typer.Option(help="Comma-separated: kvmesh-<policy>, sglang-<policy>, "
+                                              "vllm-router-<policy>")] = "",
+    out: Annotated[pathlib.Path, typer.Option(help="Result JSON (and a TTFT CDF plot beside it, .png)")] = (
+        pathlib.Path("compare.json")),
+    run_dir: pathlib.Path = pathlib.Path("run/compare"),
+) -> None:
+    """The same trace through several routers over the SAME 8 simulated engines (caches reset between)."""
+    import json
+
+    from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
+    from kvmesh.models import demo
+    from kvmesh.workloads import TraceError
+
+    model_dir = run_dir / "demo-tiny"
+    if not demo.is_complete(model_dir):
+        demo.generate("tiny", model_dir)
+    try:
+        args = CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS, workload, _plot_path(out))
+        m = compare(trace, model_dir, run_dir, args)
+    except TraceError as e:
+        _fail(str(e))
+    out.write_text(json.dumps(m, indent=2) + "\n")
+    typer.echo(f"wrote {out}")
