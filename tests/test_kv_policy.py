@@ -8,7 +8,7 @@ import random
 from prometheus_client import CollectorRegistry
 
 from kvmesh.config import RoutingConfig
-from kvmesh.index.events import BlockStored, EventBatch
+from kvmesh.index.events import BlockRemoved, BlockStored, EventBatch
 from kvmesh.index.index import KvIndex
 from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy
@@ -177,7 +177,7 @@ def test_active_context_is_settled_and_decode_coefficients_are_fitted() -> None:
 def test_session_prior_keeps_a_session_before_events_and_load_can_move_it() -> None:
     now = [0.0]
     idx = KvIndex("m", clock=lambda: now[0])
-    idx.block_size = BS  # events were seen, but none for this conversation (lost or late)
+    idx.block_size = BS  # known, but these engines publish no events: only the routing history is evidence
     cfg = RoutingConfig(decode_weight=0, learn_prefill_tps=False)
     p = make_policy("kv-aware", seed=12, index=idx, cfg=cfg)
     a, b = Cand("a"), Cand("b")
@@ -191,6 +191,10 @@ def test_session_prior_keeps_a_session_before_events_and_load_can_move_it() -> N
     assert {other.choose(ctx(turn2, session="s"), [a, b]).backend.name for _ in range(40)} == {"a", "b"}
     first.backend.pending_prefill_tokens = 100_000  # type: ignore[attr-defined]
     assert p.choose(ctx(turn2, session="s"), [a, b]).backend is not first.backend  # the cost model moves it
+    first.backend.pending_prefill_tokens = 0  # type: ignore[attr-defined]
+    # once the engine's events arrive, they are the evidence: it evicted the session's blocks
+    idx.apply(first.backend.name, EventBatch(0.0, [BlockRemoved(block_hashes=[10**9])]))
+    assert {p.choose(ctx(turn2, session="s"), [a, b]).backend.name for _ in range(40)} == {"a", "b"}
 
 
 def test_prefix_policy_learns_from_routing_without_events() -> None:

@@ -5,13 +5,16 @@ engine pool, in real time.
 by ``--speedup``) run in this process and publish KV events.  Each router runs as its own process in
 front of all 8; a slice of the Mooncake conversation trace is replayed open-loop at ``--speedup`` times
 its timestamps (so the load matches the trace), with engine caches reset between routers.  Reported per
-router: client-side streaming TTFT mean/p50/p99, engine prefix-cache hit rate (engines' own counters),
-errors.  The other routers come from ``make routers`` (sglang-router and vllm-router in ``.venv-routers``).
+router: client-side streaming TTFT mean/p50/p99, TPOT (per request, first to last token) and ITL (every gap
+between streamed tokens) p50/p99, goodput (the share of requests within both the TTFT and the TPOT SLO),
+engine prefix-cache hit rate (engines' own counters), each engine's share of prompt tokens, errors.  The
+other routers come from ``make routers`` (sglang-router and vllm-router in ``.venv-routers``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import pathlib
 import re
@@ -19,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -29,7 +32,7 @@ from kvmesh.sim.server import SimServer
 from kvmesh.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
 
 ROUTERS_BIN = pathlib.Path(".venv-routers") / "bin"
-DEFAULT_ROUTERS = ("kvmesh-kv-aware,kvmesh-round-robin,sglang-cache_aware,sglang-round_robin,"
+DEFAULT_ROUTERS = ("kvmesh-kv-aware,kvmesh-round-robin,kvmesh-session,sglang-cache_aware,sglang-round_robin,"
                    "vllm-router-round_robin,vllm-router-consistent_hash,vllm-router-cache_aware,"
                    "vllm-router-kv_aware")
 MODEL = "kvmesh-demo"
@@ -93,36 +96,58 @@ def router_cmd(name: str, urls: list[str], port: int, pool: EnginePool, model_di
     return cmd
 
 
+@dataclass(slots=True)
+class Timings:
+    """Client-side timings of one replay: per request TTFT and TPOT, and every inter-token gap."""
+
+    ttft: list[float] = field(default_factory=list)
+    tpot: list[float] = field(default_factory=list)
+    itl: list[float] = field(default_factory=list)
+    good: int = 0
+    errors: int = 0
+
+
 async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[list[float], int]:
-    """Open loop: request i is sent at its trace timestamp / ``speedup``."""
-    ttfts: list[float] = []
-    errors = 0
+    """(TTFTs, errors) of :func:`replay_timings`."""
+    tm = await replay_timings(url, reqs, speedup)
+    return tm.ttft, tm.errors
+
+
+async def replay_timings(url: str, reqs: list[TraceRequest], speedup: float,
+                         slo: tuple[float, float] = (1.0, 0.05)) -> Timings:
+    """Open loop: request i is sent at its trace timestamp / ``speedup``.  ``slo``: (TTFT s, TPOT s)."""
+    out = Timings()
     t0 = time.perf_counter()
     base = reqs[0].arrival_s
 
     async def one(http: httpx.AsyncClient, r: TraceRequest) -> None:
-        nonlocal errors
         await asyncio.sleep(max(0.0, (r.arrival_s - base) / speedup - (time.perf_counter() - t0)))
         body = {"model": MODEL, "prompt": prompt(r), "max_tokens": min(max(r.output_tokens, 1), 16),
                 "stream": True, "ignore_eos": True}
         headers = {"x-session-id": r.session} if r.session else {}
         start = time.perf_counter()
+        stamps: list[float] = []
         try:
             async with http.stream("POST", f"{url}/v1/completions", json=body, headers=headers) as resp:
                 if resp.status_code != 200:
-                    errors += 1
+                    out.errors += 1
                     return
-                first = True
                 async for line in resp.aiter_lines():
-                    if first and line.startswith("data: {"):
-                        ttfts.append(time.perf_counter() - start)
-                        first = False
+                    if line.startswith("data: {"):
+                        stamps.append(time.perf_counter() - start)
         except httpx.HTTPError:
-            errors += 1
+            out.errors += 1
+            return
+        if stamps:
+            tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
+            out.ttft.append(stamps[0])
+            out.tpot.append(tpot)
+            out.itl += [b - a for a, b in itertools.pairwise(stamps)]
+            out.good += stamps[0] <= slo[0] and tpot <= slo[1]
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=1000)) as http:
         await asyncio.gather(*(one(http, r) for r in reqs))
-    return ttfts, errors
+    return out
 
 
 def _counter(text: str, name: str) -> float:
@@ -161,17 +186,27 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
-        ttfts, errors = asyncio.run(replay(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load))
+        t_start = time.perf_counter()
+        tm = asyncio.run(replay_timings(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load,
+                                        (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)))
+        wall = time.perf_counter() - t_start
         h1, q1, p1 = engine_counters(urls)
         overhead = gateway_overhead_ms(f"http://127.0.0.1:{port}") if name.startswith("kvmesh-") else None
     finally:
         proc.terminate()
         proc.wait(10)
     load = [b - a for a, b in zip(p0, p1, strict=True)]
+    ttfts = tm.ttft
+
+    def ms(xs: list[float], q: float) -> float | None:
+        return round(pct(xs, q) * 1000, 2) if xs else None
+
     return {"ttft_mean_ms": round(sum(ttfts) / max(len(ttfts), 1) * 1000, 1),
-            "ttft_p50_ms": round(pct(ttfts, 50) * 1000, 1) if ttfts else None,
-            "ttft_p99_ms": round(pct(ttfts, 99) * 1000, 1) if ttfts else None,
-            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": errors,
+            "ttft_p50_ms": ms(ttfts, 50), "ttft_p99_ms": ms(ttfts, 99),
+            "tpot_p50_ms": ms(tm.tpot, 50), "tpot_p99_ms": ms(tm.tpot, 99),
+            "itl_p50_ms": ms(tm.itl, 50), "itl_p99_ms": ms(tm.itl, 99),
+            "goodput": round(tm.good / max(len(reqs), 1), 4), "goodput_rps": round(tm.good / max(wall, 1e-9), 2),
+            "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4), "ok": len(ttfts), "errors": tm.errors,
             # prompt tokens per engine / the mean: 1.0 everywhere = perfectly even
             "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3),
             **({"gateway_pre_forward_ms": overhead} if overhead is not None else {}),
@@ -186,6 +221,8 @@ class CompareArgs:
     routers: str = DEFAULT_ROUTERS
     workload: str = "mooncake"  # mooncake (needs the trace) | chat (multi-turn sessions, generated)
     plot: pathlib.Path | None = None  # PNG: TTFT CDF per router
+    slo_ttft_ms: float = 1000.0  # goodput: requests with TTFT and TPOT within these
+    slo_tpot_ms: float = 50.0
 
 
 def load_workload(trace: pathlib.Path | None, args: CompareArgs) -> list[TraceRequest]:
@@ -251,9 +288,25 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
         m.pop("ttfts_ms", None)
     metrics: dict[str, object] = {"workload": args.workload, "requests": len(reqs), "speedup": args.speedup,
                                   "load": args.load, "routers": results}
-    kv, sg, rr = (results.get(k, {}) for k in ("kvmesh-kv-aware", "sglang-cache_aware", "kvmesh-round-robin"))
-    for key, other in (("kvaware_ttft_mean_over_sglang", sg), ("kvaware_ttft_mean_over_rr", rr)):
-        a, b = kv.get("ttft_mean_ms"), other.get("ttft_mean_ms")
-        if isinstance(a, float) and isinstance(b, float):
-            metrics[key] = round(a / b, 3)
+    metrics["slo"] = {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}
+    metrics.update(ratios(results))
     return metrics
+
+
+def ratios(results: dict[str, dict[str, object]]) -> dict[str, float]:
+    """kv-aware against the others: mean TTFT, TPOT p99 and goodput ratios, and its load spread."""
+    kv = results.get("kvmesh-kv-aware", {})
+    out: dict[str, float] = {}
+    pairs = (("kvaware_ttft_mean_over_sglang", "sglang-cache_aware", "ttft_mean_ms"),
+             ("kvaware_ttft_mean_over_rr", "kvmesh-round-robin", "ttft_mean_ms"),
+             ("kvaware_ttft_mean_over_session", "kvmesh-session", "ttft_mean_ms"),
+             ("kvaware_tpot_p99_over_session", "kvmesh-session", "tpot_p99_ms"),
+             ("kvaware_goodput_over_rr", "kvmesh-round-robin", "goodput"))
+    for key, other, field_ in pairs:
+        a, b = kv.get(field_), results.get(other, {}).get(field_)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+            out[key] = round(a / b, 3)
+    spread = kv.get("load_max_over_mean")
+    if isinstance(spread, float):
+        out["kvaware_busiest_over_mean"] = spread
+    return out
