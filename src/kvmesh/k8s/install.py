@@ -9,15 +9,20 @@
 4. when ``binpack_scheduler``: a ConfigMap with a second kube-scheduler profile ``kvmesh-binpack``
    (``NodeResourcesFit``/``MostAllocated`` on ``nvidia.com/gpu``) that engine pods opt into through
    ``spec.schedulerName`` — the cluster's scheduler must be started with it (docs/kubernetes.md),
-5. when ``service_monitor``: a ``monitoring.coreos.com/v1`` ServiceMonitor over ``kvmesh`` gateway Services.
+5. when ``service_monitor``: a ``monitoring.coreos.com/v1`` ServiceMonitor over ``kvmesh`` gateway Services,
+6. when ``grafana_dashboard``: a ConfigMap labelled ``grafana_dashboard: "1"`` (Grafana's dashboard sidecar)
+   holding :func:`dashboard` as JSON — a placeholder of a few gateway panels until the dashboards issue lands.
 
 Every object carries ``metadata.namespace = values.namespace`` where namespaced.  :class:`InstallValues`
 field names are the chart's ``values.yaml`` keys (camelCase aliases), so ``InstallValues.model_validate(
-values_yaml)`` is how a test feeds both sides the same values.
+values_yaml)`` is how a test feeds both sides the same values.  Values are what a Helm template can print
+exactly as Python does: the group timeout is whole seconds (Helm holds numbers as float64 and prints 1e6 as
+``1e+06``; the chart prints ``int``), and the chart's namespace defaults to the release's when unset.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import Field
@@ -32,13 +37,15 @@ BINPACK_PROFILE = "kvmesh-binpack"
 
 
 class InstallValues(_Spec):
-    namespace: str = Field(default="kvmesh-system", min_length=1)
+    namespace: str = Field(default="kvmesh-system", min_length=1, description="Namespace of the operator "
+                           "(the Helm chart: the release's namespace when unset)")
     image: str = Field(default=DEFAULT_IMAGE, description="kvmesh image: operator, gateway, cache nodes, sim")
     vllm_image: str = Field(default=DEFAULT_VLLM_IMAGE, description="Default engine image (vLLM + kvmesh)")
     watch_namespace: str | None = Field(default=None, description="Watch one namespace; all when unset")
-    group_timeout_seconds: float = Field(default=300.0, gt=0, description="Group placement deadline")
+    group_timeout_seconds: int = Field(default=300, gt=0, description="Group placement deadline (seconds)")
     binpack_scheduler: bool = True
     service_monitor: bool = False
+    grafana_dashboard: bool = False
 
 
 def _meta(v: InstallValues, name: str, namespaced: bool = True) -> Obj:
@@ -119,12 +126,44 @@ def service_monitor(v: InstallValues) -> Obj:
                      "endpoints": [{"port": "http", "path": "/metrics"}]}}
 
 
+def _panel(i: int, title: str, expr: str, unit: str) -> Obj:
+    return {"id": i, "type": "timeseries", "title": title, "datasource": {"type": "prometheus", "uid": "${datasource}"},
+            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
+            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}, "targets": [{"refId": "A", "expr": expr}]}
+
+
+def dashboard() -> Obj:
+    """The Grafana dashboard (placeholder: four gateway panels; the dashboards issue replaces it)."""
+    p99 = "histogram_quantile(0.99, sum by (le) (rate(kvmesh_gateway_{}_seconds_bucket[5m])))"
+    panels = [_panel(0, "Requests / s by status", "sum by (status) (rate(kvmesh_gateway_requests_total[5m]))",
+                     "reqps"),
+              _panel(1, "TTFT p99", p99.format("ttft"), "s"), _panel(2, "Gateway overhead p99", p99.format(
+                  "overhead"), "s"),
+              _panel(3, "Healthy backends", "sum(kvmesh_gateway_backend_healthy)", "short")]
+    return {"uid": "kvmesh-overview", "title": "kvmesh", "schemaVersion": 39, "tags": ["kvmesh"],
+            "time": {"from": "now-1h", "to": "now"}, "panels": panels,
+            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]}}
+
+
+def dashboard_json() -> str:
+    """The dashboard as the ConfigMap and the chart's ``dashboards/kvmesh.json`` hold it (byte-equal)."""
+    return json.dumps(dashboard(), indent=2) + "\n"
+
+
+def dashboard_config_map(v: InstallValues) -> Obj:
+    meta = _meta(v, "kvmesh-dashboard")
+    meta["labels"]["grafana_dashboard"] = "1"
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"kvmesh.json": dashboard_json()}}
+
+
 def install_manifests(v: InstallValues) -> list[Obj]:
     out = [crd(), *rbac(v), operator_deployment(v)]
     if v.binpack_scheduler:
         out.append(scheduler_config(v))
     if v.service_monitor:
         out.append(service_monitor(v))
+    if v.grafana_dashboard:
+        out.append(dashboard_config_map(v))
     return out
 
 
