@@ -69,15 +69,20 @@ class DecodeFit:
         self.xtx = np.zeros((3, 3))
         self.xty = np.zeros(3)
         self.n = 0.0
+        self.fitted = (a0, b0)  # read on every routing decision: solved once per observation, not per read
 
     def add(self, running: int, active: int, tpot_s: float) -> None:
         x = np.array([1.0, float(running), active / _KTOK])
         self.xtx = self.forget * self.xtx + np.outer(x, x)
         self.xty = self.forget * self.xty + x * tpot_s
         self.n = self.forget * self.n + 1
+        self.fitted = self._solve()
 
     def coeffs(self) -> tuple[float, float]:
         """(a, b): seconds per running request and per active context token."""
+        return self.fitted
+
+    def _solve(self) -> tuple[float, float]:
         if self.n < 4:
             return float(self.prior[1]), float(self.prior[2]) / _KTOK
         reg = np.diag([1e-9, self.ridge, self.ridge])  # `ridge` pseudo-observations at unit load each
@@ -273,7 +278,7 @@ class KvCostScorer(Scorer):
 
     def score(self, ctx: RequestContext, cands: list[Candidate], explain: bool = False) -> Scores:
         keys = self.keys(ctx)
-        prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
+        prompt = ctx.prompt_tokens_estimate  # exact once tokenised (estimated past a lazy stop)
         tiers = self.tiers(ctx, keys, cands)
         # the engine always computes at least the prompt's last token
         uncached = [prompt - min(sum(t), max(prompt - 1, 0)) for t in tiers]
@@ -343,6 +348,13 @@ class KvAwarePolicy(Policy):
         bs = self.block_size()
         return None if bs is None else (bs, self.index.seed_for(salt))
 
+    def holds(self, key: int) -> bool:
+        return self.index.holds(key)
+
+    def on_more_keys(self, ctx: RequestContext, d: Decision, keys: Sequence[int]) -> None:
+        ttl = self.learned_ttl_s if self.learn_from_routing else None
+        self.index.add_pending(d.backend.name, keys, ttl)  # type: ignore[arg-type]
+
     def on_routed(self, ctx: RequestContext, d: Decision) -> None:
         b, ledger = d.backend, self.scorer.ledger
         if d.block_keys:
@@ -350,7 +362,7 @@ class KvAwarePolicy(Policy):
             self.index.add_pending(b.name, d.block_keys, ttl)  # type: ignore[arg-type]
             if ctx.session_id is not None:
                 ledger.pin(ctx.session_id, b.name, d.block_keys)
-        prompt = len(ctx.token_ids) if ctx.token_ids is not None else ctx.prompt_tokens_estimate
+        prompt = ctx.prompt_tokens_estimate  # exact once tokenised (estimated past a lazy stop)
         ledger.start(d, _Routed(b.name, prompt + self.model.expected_output(ctx.max_tokens),
                                 max(b.in_flight, b.running), ledger.active.get(b.name, 0)))
 
