@@ -323,6 +323,8 @@ class GatewayConfig(_Strict):
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"
+    lazy_tokenize: bool = Field(default=True, description="Tokenise a prompt only up to the first block no engine "
+                                "holds before routing it (the rest after sending); false: tokenise it all first")
     discovery: Literal["static", "kubernetes"] = Field(default="static", description="Where backends come "
                                                        "from: static (backends, or the supervisor) or kubernetes "
                                                        "(the engines' EndpointSlices)")

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -60,6 +60,7 @@ class RequestPath:
         self.active = 0                # requests being forwarded or relayed
         self.idle = asyncio.Event()    # set whenever ``active`` drops to 0 (drain waits for it)
         self.idle.set()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def handle(self, http: web.Request, endpoint: str) -> web.StreamResponse:
         req = ProxyRequest(http, endpoint, time.perf_counter())
@@ -132,9 +133,11 @@ class RequestPath:
             return
         spec = gw.policy.key_spec(req.tenant.salt if req.tenant else None)
         bs, seed = spec if spec is not None else (None, 0)
-        ctx.token_ids, ctx.block_keys = await gw.tokens.tokens(req.endpoint, req.payload, bs, seed)
-        if ctx.token_ids is not None:
-            ctx.prompt_tokens_estimate = len(ctx.token_ids)
+        held = gw.policy.holds if gw.cfg.lazy_tokenize else None
+        t = await gw.tokens.tokens(req.endpoint, req.payload, bs, seed, held)
+        ctx.token_ids, ctx.block_keys, req.rest_keys = t.ids, t.keys, t.rest
+        if t.total is not None:
+            ctx.prompt_tokens_estimate = t.total
 
     # 5-7 ----------------------------------------------------------------------------------------------
     async def dispatch(self, req: ProxyRequest) -> web.StreamResponse:
@@ -192,6 +195,11 @@ class RequestPath:
                 gw.policy.on_first_token(req.route, d, time.perf_counter() - req.t_forward, queued)
 
         req.on_first = first_byte
+        if req.rest_keys is not None:  # tokenised lazily: the whole key chain, off the request's path
+            task = asyncio.create_task(self._more_keys(req, d, req.rest_keys), name="more-keys")
+            self._background.add(task)  # a reference, until done: the loop keeps only weak ones
+            task.add_done_callback(self._background.discard)
+            req.rest_keys = None
         try:
             req.t_forward = time.perf_counter()
             gw.metrics.overhead.observe(req.t_forward - req.t_arrival)
@@ -203,6 +211,11 @@ class RequestPath:
             # decode time and tokens of a stream (SSE events less [DONE]); 0 tokens: nothing to learn from
             gw.policy.on_finished(req.route, d, time.perf_counter() - req.t_first if req.chunks else 0.0,
                                   max(req.chunks - 1, 0))
+
+    async def _more_keys(self, req: ProxyRequest, d: Decision, rest: Callable[[], Sequence[int] | None]) -> None:
+        gw = self.gw
+        if gw.tokens is not None and (keys := await gw.tokens.complete(rest)) is not None:
+            gw.policy.on_more_keys(req.route, d, keys)
 
     # 7 ------------------------------------------------------------------------------------------------
     async def relay(self, req: ProxyRequest, b: Backend) -> web.StreamResponse | None:
@@ -307,7 +320,7 @@ class RequestPath:
             raise ApiError(503, str(e), kind="no_backend", retry_after=gw.cfg.retry_after_s) from None
         spec = gw.policy.key_spec(None)
         return {"policy": gw.policy.name, "chosen": d.backend.name,
-                "prompt_tokens": len(req.route.token_ids) if req.route.token_ids is not None else None,
+                "prompt_tokens": req.route.prompt_tokens_estimate if req.route.token_ids is not None else None,
                 "block_size": spec[0] if spec else None, "blocks": len(d.block_keys or []),
                 "candidates": d.explain or [{"backend": b.name, "healthy": b.healthy, "in_flight": b.in_flight}
                                             for b in gw.pool.backends]}

@@ -9,7 +9,7 @@ before the decode engine is sent the request — reads what it needs here.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +40,7 @@ class ProxyRequest:
     chunks: int = 0                      # SSE events relayed
     used_tokens: int | None = None       # prompt + completion tokens, as the engine reported or we counted
     on_first: Callable[[], None] | None = None  # called once when the backend's first byte arrives
+    rest_keys: Callable[[], Sequence[int] | None] | None = None  # tokenised lazily: computes the whole key chain
 
     @property
     def stream(self) -> bool:

@@ -301,6 +301,10 @@ class KvIndex:
             else:
                 return
 
+    def holds(self, key: int) -> bool:
+        """Whether any engine holds ``key`` in any tier, or has it pending (possibly just expired)."""
+        return key in self._pending or any(key in t for t in self.tiers)
+
     def engine_keys(self, name: str, medium: str = MEDIUM_GPU) -> set[int]:
         e = self.engines.get(name)
         t = 1 << _TIER_OF[medium]

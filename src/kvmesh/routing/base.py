@@ -28,7 +28,7 @@ class RequestContext:
     endpoint: str
     prompt_tokens_estimate: int = 0
     max_tokens: int | None = None
-    token_ids: Sequence[int] | None = None
+    token_ids: Sequence[int] | None = None  # all the prompt's ids, or (tokenised lazily) a prefix of them
     session_id: str | None = None
     tenant: str | None = None
     # Cut by the gateway's tokenise stage at the policy's :meth:`Policy.key_spec`; None when not known yet.
@@ -153,6 +153,16 @@ class Policy:
     def key_spec(self, salt: str | None) -> tuple[int, int] | None:
         """``(block_size, seed)`` for a request of the tenant with cache ``salt``; None when not needed/known."""
         return None
+
+    def holds(self, key: int) -> bool:
+        """Whether some engine may hold the block with this key (cached, or routed there and pending).  The
+        tokenise stage stops at the first block no engine holds: past it, only the prompt's length matters,
+        and ``RequestContext.prompt_tokens_estimate`` carries it.  True by default: tokenise everything."""
+        return True
+
+    def on_more_keys(self, ctx: RequestContext, d: Decision, keys: Sequence[int]) -> None:
+        """The request's whole key chain (``keys``, of which ``d.block_keys`` is a prefix), computed after it
+        was sent to ``d.backend`` when the tokenise stage stopped early."""
 
     def choose(self, ctx: RequestContext, backends: Sequence[Candidate],
                exclude: frozenset[str] = frozenset(), explain: bool = False) -> Decision:

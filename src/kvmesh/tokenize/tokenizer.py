@@ -16,6 +16,7 @@ only the rest, exactly.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import pathlib
@@ -27,7 +28,7 @@ import jinja2.sandbox
 from tokenizers import Tokenizer
 
 from kvmesh.index.hashing import block_keys
-from kvmesh.tokenize.prefix import Cuts, Entry, Plan, PrefixCache, cut_points, reuse_supported
+from kvmesh.tokenize.prefix import MARGIN, Cuts, Entry, Plan, PrefixCache, cut_points, reuse_supported
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,22 @@ class Encoded(NamedTuple):
     ids: list[int]
     keys: list[int] | None  # chained block keys of ``ids``, when a block size was given
     reused: int  # leading ids taken from the prefix cache (0: a full encode)
+
+
+class Partial(NamedTuple):
+    """What :meth:`PromptTokenizer.encode_held` encoded: the exact leading ``ids`` (all of them when
+    ``complete``), the keys of their whole blocks, and the whole text's token count (estimated from the
+    characters per token so far unless ``complete``)."""
+
+    ids: list[int]
+    keys: list[int]
+    total: int
+    complete: bool
+
+
+# encode_held's step (~130 tokens of English; ~0.15 ms of encoding): what it may encode past the first block
+# no engine holds.  Within half a step of the end, the whole text is encoded.
+LAZY_STEP_CHARS = 512
 
 
 class PromptTokenizer:
@@ -113,6 +130,49 @@ class PromptTokenizer:
         size, their block keys; equal to a full encode, whatever the cache holds."""
         return self.finish(self.plan(text), special, block_size, seed)
 
+    def encode_held(self, text: str, special: bool, block_size: int, seed: int,
+                    held: Callable[[int], bool]) -> Partial:
+        """Encode ``text`` only as far as some engine may hold its blocks, and stop after the first block
+        ``held`` denies: routing matches a prefix, so the ids after it change nothing but the prompt's
+        length, which is estimated instead (characters per token so far).
+
+        A prefix already in the prefix cache costs no encoding (its ids and keys are reused); the rest is
+        encoded in steps of :data:`LAZY_STEP_CHARS`.  The ids returned are exact: a step's ids are kept only
+        up to a cut point (a word start :data:`MARGIN` characters before the step ends), for the same reason
+        the prefix cache's reuse is exact.  Without cut points (an unsupported tokenizer, an unusual
+        post-processor) the whole text is encoded."""
+        if self.cache is None or (special and self._wrap is None):
+            return self._complete(self.encode(text, special, block_size, seed))
+        plan = self.plan(text)
+        if plan.exact:
+            return self._complete(self.finish(plan, special, block_size, seed))
+        wrap = self._wrap if special and self._wrap is not None else ([], [])
+        ids, keys, chars = list(wrap[0]), [], 0
+        if plan.entry is not None and plan.keep:
+            ids += plan.entry.ids[:plan.keep]
+            keys, chars = _reused_keys(plan.entry, ids, block_size, seed, len(wrap[0])), plan.start
+            if not all(held(k) for k in keys):
+                return _partial(ids, keys, text, chars, wrap)
+        end = chars + LAZY_STEP_CHARS
+        while (end := _word_end(text, end)) < len(text) - LAZY_STEP_CHARS // 2:
+            piece = self.plan(text[:end])
+            entry, _ = self._entry(piece)
+            self.cache.insert(piece, entry)
+            c = entry.cuts
+            i = bisect.bisect_right(c.end_chars, end - MARGIN) - 1
+            if i >= 0 and c.tokens[i] + len(wrap[0]) > len(ids) and text[c.chars[i]].isascii():
+                ids, chars, checked = wrap[0] + entry.ids[:c.tokens[i]], c.chars[i], len(keys)
+                new = ids[len(keys) * block_size:len(ids) // block_size * block_size]
+                keys += _block_keys(new, block_size, keys[-1] if keys else seed) if new else []
+                if not all(held(k) for k in keys[checked:]):
+                    return _partial(ids, keys, text, chars, wrap)
+            end += LAZY_STEP_CHARS
+        return self._complete(self.encode(text, special, block_size, seed))
+
+    @staticmethod
+    def _complete(e: Encoded) -> Partial:
+        return Partial(e.ids, e.keys or [], len(e.ids), True)
+
     def plan(self, text: str) -> Plan:
         """The cheap part of :meth:`encode`: how much of ``text`` a cached prefix covers (``work_chars`` is
         what is left to encode).  Pass the plan to :meth:`finish`, on any thread."""
@@ -170,6 +230,30 @@ class PromptTokenizer:
             keys = _block_keys(ids, block_size, seed)
         entry.keyed = (params, keys)
         return keys
+
+
+def _reused_keys(entry: Entry, ids: list[int], block_size: int, seed: int, head: int) -> list[int]:
+    """Keys of the whole blocks of ``ids`` (the wrap's head + a cached entry's leading ids): the entry's own
+    keys when they were cut the same way, else hashed now."""
+    n = len(ids) // block_size
+    if entry.keyed is not None and entry.keyed[0][:3] == (block_size, seed, head) and len(entry.keyed[1]) >= n:
+        return entry.keyed[1][:n]
+    return _block_keys(ids[:n * block_size], block_size, seed)
+
+
+def _partial(ids: list[int], keys: list[int], text: str, chars: int, wrap: tuple[list[int], list[int]]) -> Partial:
+    """``ids`` cover ``text[:chars]``; the rest's tokens are estimated at the same characters per token."""
+    body = len(ids) - len(wrap[0])
+    rest = round(body * (len(text) - chars) / chars) if chars else len(text) // 4
+    return Partial(ids, keys, len(ids) + rest + len(wrap[1]), False)
+
+
+def _word_end(text: str, at: int) -> int:
+    """The first whitespace at or after ``at`` (a piece ends between words), or the text's length."""
+    n = len(text)
+    while at < n and not text[at].isspace():
+        at += 1
+    return min(at, n)
 
 
 def _block_keys(ids: list[int], block_size: int, seed: int) -> list[int]:
