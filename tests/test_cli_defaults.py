@@ -26,8 +26,9 @@ from kvmesh.config import (
 
 Field = tuple[type[BaseModel], str]
 _CACHE = {n: (CacheNodeConfig, n) for n in ("socket", "dram_mib", "ssd_dir", "ssd_mib", "eviction", "ttl_s",
-                                            "admit_after", "http_port", "node_id", "peer_port", "replicas", "etcd",
-                                            "etcd_ttl_s", "remote", "remote_ttl_s")}
+                                            "admit_after", "http_port", "http_host", "node_id", "peer_port",
+                                            "peer_host", "replicas", "etcd", "etcd_ttl_s", "remote",
+                                            "remote_ttl_s")}
 _K8S = {f"k8s_{n}": (KubernetesEndpoints, n) for n in ("namespace", "service", "selector", "api_server", "port")}
 CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
     "up": {"model_size": (StackConfig, "model_size"), "replicas": (SupervisorConfig, "replicas"),

@@ -272,8 +272,10 @@ def cache_node(
     ttl_s: Annotated[float | None, _opt(CacheNodeConfig, "ttl_s", help="Object lifetime (eviction=ttl)")] = None,
     admit_after: Annotated[int | None, _opt(CacheNodeConfig, "admit_after")] = None,
     http_port: Annotated[int | None, _opt(CacheNodeConfig, "http_port")] = None,
+    http_host: Annotated[str | None, _opt(CacheNodeConfig, "http_host")] = None,
     node_id: Annotated[str | None, _opt(CacheNodeConfig, "node_id")] = None,
     peer_port: Annotated[int | None, _opt(CacheNodeConfig, "peer_port")] = None,
+    peer_host: Annotated[str | None, _opt(CacheNodeConfig, "peer_host")] = None,
     peer: Annotated[list[str] | None, _opt(CacheNodeConfig, "peers", help="Pool member id=host:port "
                                                                           "(repeat)")] = None,
     replicas: Annotated[int | None, _opt(CacheNodeConfig, "replicas")] = None,
@@ -296,7 +298,8 @@ def cache_node(
 
     cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=_str(socket), dram_mib=dram_mib, ssd_dir=_str(ssd_dir),
                                   ssd_mib=ssd_mib, eviction=eviction, ttl_s=ttl_s, admit_after=admit_after,
-                                  http_port=http_port, node_id=node_id, peer_port=peer_port,
+                                  http_port=http_port, http_host=http_host, node_id=node_id,
+                                  peer_port=peer_port, peer_host=peer_host,
                                   peers=tuple(peer) if peer else None, replicas=replicas, remote=remote, etcd=etcd,
                                   etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s,
                                   discovery=discovery,
@@ -316,7 +319,7 @@ def cache_node(
         attach = json.dumps(connector_config(str(node.socket_path.resolve())))
         pool = f", pool peer port {node.pool.port}, R={c.replicas}" if node.pool else ""
         typer.echo(f"cache node {node.node_id} on {node.socket_path} (DRAM {c.dram_mib} MiB, SSD {c.ssd_mib} MiB"
-                   f"{pool}, metrics http://127.0.0.1:{node.http_port}/metrics)\n"
+                   f"{pool}, metrics http://{c.http_host}:{node.http_port}/metrics)\n"
                    f"  attach vLLM: --kv-transfer-config '{attach}'")
 
     _serve(node.start, node.stop, banner)

@@ -111,6 +111,15 @@ class SimEngineConfig(_EngineBase):
     time_scale: float = Field(default=1.0, gt=0, description="Wall seconds per simulated second")
     block_size: int = Field(default=16, gt=0, description="KV block size in tokens")
 
+    @field_validator("kv_events_endpoint")
+    @classmethod
+    def _ipc_only(cls, v: str | None) -> str | None:
+        # the simulated engine binds whatever it is given (vLLM's tcp://host rule above does not apply), so a
+        # tcp://<address>:PORT publisher is fine — the local run of a sim ModelService's pods uses one per pod
+        if v is not None and not v.startswith(("ipc://", "tcp://")):
+            raise ValueError(f"KV event endpoints must be ipc:// or tcp:// endpoints, got {v!r}")
+        return v
+
 
 def _engine_kind(v: object) -> str:
     # A table without ``kind`` is a vLLM engine (as before the union existed).
@@ -179,10 +188,14 @@ class CacheNodeConfig(_Strict):
                                                              "chunks leave the SSD tier first")
     events: bool = Field(default=True, description="Publish tier changes as KV events")
     http_port: int | None = Field(default=0, ge=0, le=65535, description="/metrics and /status; 0: any free port")
+    http_host: str = Field(default="127.0.0.1", description="Address of /metrics and /status (0.0.0.0 in a pod: "
+                                                            "the kubelet's probe and Prometheus come from outside)")
     node_id: str | None = Field(default=None, description="Stable id in the pool (random when unset)")
     peer_port: int | None = Field(default=None, ge=0, le=65535,
                                   description="Join a pool: serve peers on this TCP port (0: any); None: standalone")
-    peer_host: str = "127.0.0.1"
+    peer_host: str = Field(default="127.0.0.1", description="Address the pool listener binds and peers reach "
+                                                            "this node at (advertised in etcd); the pod IP on "
+                                                            "Kubernetes")
     peers: tuple[str, ...] = Field(default=(), description="Static pool members as id=host:port")
     replicas: int = Field(default=1, ge=1, le=8, description="Copies of each chunk in the pool")
     etcd: str | None = Field(default=None, description="Discover pool members through etcd (http://host:port)")
@@ -219,6 +232,9 @@ class CacheNodeConfig(_Strict):
             raise ValueError("discovery = 'kubernetes' finds pool members itself: drop etcd and peers")
         if self.discovery == "kubernetes" and not self.kubernetes.label_selector():
             raise ValueError("discovery = 'kubernetes' needs kubernetes.service or kubernetes.selector")
+        if self.etcd and self.peer_host in ("0.0.0.0", "::", ""):
+            raise ValueError(f"peer_host {self.peer_host!r} is a wildcard, which peers cannot reach: give the "
+                             "address this node is reached at (etcd advertises it)")
         return self
 
 

@@ -89,7 +89,7 @@ class CacheNode:
             app.router.add_get("/status", self._status)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", self.cfg.http_port)
+            site = web.TCPSite(self._runner, self.cfg.http_host, self.cfg.http_port)
             await site.start()
             self.http_port = self._runner.addresses[0][1]
 

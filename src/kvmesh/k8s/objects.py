@@ -8,7 +8,7 @@ as controller owner (garbage collection deletes them with it) and the operator's
   Service ``<ms>-engine-group``; which groups exist is the reconcile's decision (group placement), so groups
   are rendered by :func:`group_statefulset` and not here;
 - ``<ms>-engine``: a headless Service over the ready engine pods (group leaders only) whose EndpointSlices are
-  the gateway's backends: ports ``http``, ``kv-events``, ``kv-replay``;
+  the gateway's backends: ports ``http``, ``kv-events`` and (vLLM) ``kv-replay``;
 - ``<ms>-cache``: the cache-node DaemonSet on the engines' nodes and its headless Service (``peer``,
   ``metrics``), whose EndpointSlices are the pool's membership;
 - ``<ms>-gateway``: ConfigMap (``kvmesh.toml``), Deployment, Service and PodDisruptionBudget;
@@ -162,8 +162,9 @@ def engine_services(ms: ModelService) -> list[Obj]:
     """The discovery Service (group leaders only), and for groups the headless Service naming every pod."""
     sel = n.selector(ms.name, "engine")
     grouped = ms.spec.engine.pods_per_replica > 1
-    ports = [_port("http", n.ENGINE_PORT), _port("kv-events", n.KV_EVENTS_PORT),
-             _port("kv-replay", n.KV_REPLAY_PORT)]
+    ports = [_port("http", n.ENGINE_PORT), _port("kv-events", n.KV_EVENTS_PORT)]
+    if ms.spec.engine.kind == "vllm":  # the simulated engine serves no replay: no port for discovery to ask
+        ports.append(_port("kv-replay", n.KV_REPLAY_PORT))
     disc = {"apiVersion": "v1", "kind": "Service", "metadata": meta(ms, n.engine_name(ms.name), "engine"),
             "spec": {"clusterIP": "None", "selector": {**sel, n.POD_INDEX_LABEL: "0"} if grouped else sel,
                      "ports": ports}}

@@ -108,7 +108,7 @@ def engine_container(ms: ModelService, image: str, group_size: int = 1, group_sv
         "name": "engine", "image": image, "command": command, "args": args, "env": env,
         "ports": [{"name": "http", "containerPort": n.ENGINE_PORT},
                   {"name": "kv-events", "containerPort": n.KV_EVENTS_PORT},
-                  {"name": "kv-replay", "containerPort": n.KV_REPLAY_PORT}],
+                  *([{"name": "kv-replay", "containerPort": n.KV_REPLAY_PORT}] if e.kind == "vllm" else [])],
         "readinessProbe": _probe("/health", "http", 5, 3),
         "livenessProbe": _probe("/health", "http", 10, 6),
         # loading weights (and compiling) takes minutes on a real engine: liveness waits for startup
@@ -177,8 +177,9 @@ def engine_pod(ms: ModelService, image: str, group_size: int = 1, group_svc: str
 def cache_args(ms: ModelService) -> list[str]:
     c = ms.spec.cache
     args = ["cache-node", "--socket", n.CACHE_SOCKET, "--dram-mib", str(c.dram_mib), "--ssd-dir", n.SSD_DIR,
-            "--ssd-mib", str(c.ssd.mib), "--eviction", c.eviction, "--http-port", str(n.CACHE_HTTP_PORT),
-            "--node-id", "$(POD_NAME)", "--peer-port", str(n.PEER_PORT), "--replicas", str(c.pool_replicas),
+            "--ssd-mib", str(c.ssd.mib), "--eviction", c.eviction, "--http-host", "0.0.0.0",
+            "--http-port", str(n.CACHE_HTTP_PORT), "--node-id", "$(POD_NAME)", "--peer-host", "$(POD_IP)",
+            "--peer-port", str(n.PEER_PORT), "--replicas", str(c.pool_replicas),
             "--run-dir", n.SCRATCH_DIR, "--discovery", "kubernetes", "--k8s-namespace", ms.namespace,
             "--k8s-service", n.cache_name(ms.name), "--k8s-port", "peer"]
     if c.ttl_seconds is not None:
