@@ -119,6 +119,33 @@ def test_pending_entries_follow_the_given_clock() -> None:
     assert idx.match(keys, ["a"])[0].gpu == 0
 
 
+def test_forgotten_engine_frees_its_bit_for_the_next_one() -> None:
+    """Pods come and go with new names: a gone engine leaves nothing behind — blocks, pending entries, entry —
+    and the engine after it reuses its bit without inheriting any of it."""
+    now = [0.0]
+    idx = KvIndex("m", pending_ttl_s=5, clock=lambda: now[0])
+    toks = list(range(8))
+    keys = block_keys(toks, BS, idx.seed)
+    idx.apply("pod-a", batch(stored([1, 2], None, toks)))
+    idx.apply("pod-b", batch(stored([3], None, toks[:4])))
+    idx.add_pending("pod-a", keys)
+    bit = idx.engines["pod-a"].bit
+    assert idx.forget_engine("pod-a") == 2 and idx.forget_engine("pod-a") == 0
+    assert "pod-a" not in idx.engines and idx.pending_size() == 0
+    assert [m.gpu for m in idx.match(keys, ["pod-a", "pod-b"])] == [0, 1]
+    assert idx.engine("pod-c").bit == bit  # reused, so the index stays as small as the live fleet
+    assert [m.gpu for m in idx.match(keys, ["pod-c", "pod-b"])] == [0, 1]
+    # pod-a's queued expiry must not clear what pod-c (same bit) has pending now
+    now[0] = 3.0
+    idx.add_pending("pod-c", keys)
+    now[0] = 6.0  # past pod-a's expiry, before pod-c's
+    assert idx.match(keys, ["pod-c"])[0].gpu == 2
+    for i in range(100):  # a fleet of churning pods never grows past the live ones
+        idx.engine(f"pod-{i}")
+        idx.forget_engine(f"pod-{i}")
+    assert set(idx.engines) == {"pod-b", "pod-c"} and max(e.bit for e in idx.engines.values()) <= 1
+
+
 def test_memory_is_bounded_per_engine() -> None:
     idx = KvIndex("m", max_blocks_per_engine=100)
     for i in range(300):

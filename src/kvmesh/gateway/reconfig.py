@@ -4,7 +4,8 @@ What can change without a restart is applied in place, on the gateway's event lo
 connections: limits and timeouts read per request, the admission queue's bounds, the health-check
 interval, the tenants file, and the static backend list (new backends join the pool; removed ones take no
 new requests, and requests already on them finish).  Fields that shape long-lived objects (listen address,
-routing policy and its tokenizer and index, the upstream connection pool's timeouts) are reported as
+routing policy and its tokenizer and index, the upstream connection pool's timeouts, the discovery source
+and its EndpointSlice selection) are reported as
 needing a restart and keep their running values.
 """
 
@@ -19,8 +20,9 @@ from kvmesh.gateway.tenants import Tenants, load_tenants
 if TYPE_CHECKING:
     from kvmesh.gateway.app import Gateway
 
+# discovery/kubernetes: the EndpointSlice watch is started once, with the gateway (a static list reloads below)
 RESTART_FIELDS = ("host", "port", "policy", "tokenizer", "routing", "debug_endpoints", "connect_timeout_s",
-                  "read_timeout_s", "cache_nodes")
+                  "read_timeout_s", "cache_nodes", "discovery", "kubernetes")
 
 
 def reconfigure(gw: Gateway, new: GatewayConfig) -> dict[str, Any]:

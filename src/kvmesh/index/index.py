@@ -117,6 +117,28 @@ class KvIndex:
         e.clears += 1
         return n
 
+    def forget_engine(self, name: str) -> int:
+        """``name`` is gone for good (its pod deleted): clear it, drop its speculative entries and its entry,
+        so its bit is free for the next engine; returns blocks dropped.  Without this the index would grow
+        by one entry per pod name that ever existed (a Deployment's pods get new names on every restart)."""
+        e = self.engines.get(name)
+        if e is None:
+            return 0
+        n = self.clear_engine(name)
+        bit = 1 << e.bit
+        for k, b in [kb for kb in self._pending_exp if kb[1] == bit]:
+            del self._pending_exp[(k, b)]
+            m = self._pending.get(k, 0) & ~bit
+            if m:
+                self._pending[k] = m
+            else:
+                self._pending.pop(k, None)
+        # queued expiries of that bit stay behind; _expire_one skips them once a newer owner of the bit has
+        # refreshed the key, and otherwise clears a bit that is already clear
+        del self.engines[name]
+        del self._by_bit[e.bit]
+        return n
+
     def clear_tiers(self, name: str, tiers: int) -> int:
         """Forget what ``name`` holds in the given tiers only (bitmask over GPU/CPU/STORAGE); returns blocks."""
         e = self.engines.get(name)

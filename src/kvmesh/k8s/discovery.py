@@ -18,7 +18,8 @@ false), as the gateway (:class:`GatewayDiscovery`) treats them:
 - **serving** (ready, not terminating): a backend in routing, its KV events followed;
 - **draining** (terminating, or not ready): out of routing — no new requests; requests already on it hold
   its ``Backend`` and finish; its KV events are still followed (it may turn ready again);
-- **gone** (in no slice): removed, its KV-event subscription stopped and its index entries cleared.
+- **gone** (in no slice): removed, its KV-event subscription stopped and its index entry forgotten (its
+  blocks, its speculative entries and its engine bit, which the next engine reuses).
 
 The cache pool's :class:`~kvmesh.cache.pool.membership.KubernetesMembership` uses the same watch.
 
@@ -301,7 +302,7 @@ class GatewayDiscovery:
             self.gw.pool.backends.remove(b)
         if self.gw.feed is not None:
             self.gw.feed.remove(name)
-        n = self.gw.index.clear_engine(name) if self.gw.index is not None else 0
+        n = self.gw.index.forget_engine(name) if self.gw.index is not None else 0
         log.info("backend %s is gone (%d indexed blocks dropped)", name, n)
 
     def _check_soon(self) -> None:
