@@ -7,14 +7,16 @@ histogram (read, parse, validate, admit, tokenise, block keys, route): the mean 
 interpolated linearly inside the histogram's buckets (edges 0.25, 0.5, 1, 2.5, 5 ms ...), and
 ``le_1ms`` is the exact fraction of requests forwarded within 1 ms.
 
-First the tokenise stage alone (encode + block keys per prompt, in trace order, in this process, prefix
-cache off and on; the ids are checked equal).  Then two runs over the same engines (caches reset
-between): the token prefix cache off (every prompt encoded in full, as before) and on.  The gateway runs
-as a child of this script (``--serve``), built like ``kvmesh gateway`` but with the prefix cache switched
-by a flag.  On a shared 2-core host the gateway runs are dominated by CPU contention (the engines and the
-load generator share the cores): compare them within one run only.
+First the tokenise stage alone (encode + block keys per prompt, in trace order, in this process): a full
+encode, the prefix cache, and the lazy stop (``encode_held``, with "held" = every block of the prompts before:
+no eviction, lazy's worst case); the ids are checked equal.  Then one gateway run per variant over the same
+engines (caches reset between): ``eager`` (every prompt encoded whole, no prefix cache: the gateway before
+this work), ``cached`` (whole, with the prefix cache) and ``lazy`` (the default: up to the first block no
+engine holds).  The gateway runs as a child of this script (``--serve``), built like ``kvmesh gateway``,
+pinned to its own CPU (``--gateway-cpu``) while the engines and the load generator run on the others — as
+they would on separate machines; without that, a 2-core host measures its own contention.
 
-    python bench/pre_forward.py [--requests 600 --speedup 4 --load 1]
+    python bench/pre_forward.py [--requests 600 --speedup 4 --load 1 --variants eager,cached,lazy]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -87,10 +90,11 @@ def stage_only(model_dir: pathlib.Path, trace: pathlib.Path, n: int) -> dict[str
     """The tokenise stage's own work per request (encode + block keys, one thread, no queueing), replaying
     ``n`` prompts in trace order through a cache-less tokenizer and a prefix-cached one; also checks they
     agree."""
-    full, cached = PromptTokenizer(model_dir, prefix_cache=False), PromptTokenizer(model_dir)
-    t_full: list[float] = []
-    t_cached: list[float] = []
+    full, cached, lazy = (PromptTokenizer(model_dir, prefix_cache=False), PromptTokenizer(model_dir),
+                          PromptTokenizer(model_dir))
+    times: dict[str, list[float]] = {"full": [], "cached": [], "lazy": []}
     reused = total = 0
+    held: set[int] = set()  # as if the engines held every block routed so far (no eviction): lazy's worst case
     for r in load_mooncake(trace, n):
         text = prompt(r)
         t0 = time.perf_counter()
@@ -98,25 +102,27 @@ def stage_only(model_dir: pathlib.Path, trace: pathlib.Path, n: int) -> dict[str
         t1 = time.perf_counter()
         b = cached.encode(text, True, BLOCK_SIZE, 1)
         t2 = time.perf_counter()
-        if a.ids != b.ids or a.keys != b.keys:
-            raise AssertionError("the prefix cache changed the ids")  # exactness is the contract
-        t_full.append(t1 - t0)
-        t_cached.append(t2 - t1)
+        c = lazy.encode_held(text, True, BLOCK_SIZE, 1, held.__contains__)
+        t3 = time.perf_counter()
+        if a.ids != b.ids or a.keys != b.keys or c.ids != a.ids[:len(c.ids)] or c.keys != (a.keys or [])[:len(c.keys)]:
+            raise AssertionError("the prefix cache or the lazy stop changed the ids")  # exactness is the contract
+        for name, dt in (("full", t1 - t0), ("cached", t2 - t1), ("lazy", t3 - t2)):
+            times[name].append(dt)
         reused, total = reused + b.reused, total + len(b.ids)
+        held.update(a.keys or [])
     return {"requests": n, "reused_token_fraction": round(reused / total, 4),
-            **{f"{name}_{q}_ms": round(pct(ts, q) * 1000, 3) for name, ts in (("full", t_full), ("cached", t_cached))
-               for q in (50, 99)}}
+            **{f"{name}_{q}_ms": round(pct(ts, q) * 1000, 3) for name, ts in times.items() for q in (50, 99)}}
 
 
-def run_variant(prefix_cache: bool, pool: EnginePool, args: argparse.Namespace,
+def run_variant(variant: str, pool: EnginePool, args: argparse.Namespace,
                 model_dir: pathlib.Path, log_dir: pathlib.Path) -> dict[str, object]:
     urls = pool.urls()
     for u in urls:
         httpx.post(f"{u}/reset_prefix_cache").raise_for_status()
     cmd = [sys.executable, __file__, "--serve", json.dumps({
         "urls": urls, "events": [s.kv_events_endpoint for s in pool.servers], "tokenizer": str(model_dir),
-        "port": PORT, "prefix_cache": prefix_cache})]
-    log = log_dir / f"gateway-prefix-{'on' if prefix_cache else 'off'}.log"
+        "port": PORT, "variant": variant, "cpu": args.gateway_cpu})]
+    log = log_dir / f"gateway-{variant}.log"
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
     url = f"http://127.0.0.1:{PORT}"
@@ -146,7 +152,8 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str) -> None:
 
 
 def serve(spec_json: str) -> None:
-    """Child mode: the gateway ``kvmesh gateway --policy kv-aware`` would run, prefix cache on or off."""
+    """Child mode: the gateway ``kvmesh gateway --policy kv-aware`` would run (``lazy``, the default), or
+    tokenising every prompt whole first (``cached``), or also without the prefix cache (``eager``)."""
     import logging
 
     from kvmesh.cli import _serve
@@ -157,10 +164,12 @@ def serve(spec_json: str) -> None:
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(spec_json)
     backends = [{"url": u, "kv_events": e} for u, e in zip(spec["urls"], spec["events"], strict=True)]
+    if spec["cpu"] is not None:
+        os.sched_setaffinity(0, {spec["cpu"]})
     cfg = GatewayConfig.model_validate({"backends": backends, "port": spec["port"], "policy": "kv-aware",
-                                        "tokenizer": spec["tokenizer"]})
+                                        "tokenizer": spec["tokenizer"], "lazy_tokenize": spec["variant"] == "lazy"})
     gw = Gateway(cfg)
-    if gw.tokens is not None and not spec["prefix_cache"]:
+    if gw.tokens is not None and spec["variant"] == "eager":
         gw.tokens.close()
         gw.tokens = TokenStage(cfg.tokenizer, gw.metrics, prefix_cache=False)
     _serve(gw.start, gw.stop, lambda: None)
@@ -172,7 +181,10 @@ def main() -> None:
     ap.add_argument("--speedup", type=float, default=4.0, help="engines run this much faster than real time")
     ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's")
     ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
-    ap.add_argument("--variants", default="off,on", help="prefix cache settings to run, in order")
+    ap.add_argument("--variants", default="eager,cached,lazy",
+                    help="eager (tokenise all, no prefix cache), cached (tokenise all, prefix cache), lazy (default)")
+    ap.add_argument("--gateway-cpu", type=int, default=0 if (os.cpu_count() or 1) > 1 else None,
+                    help="pin the gateway to this CPU and everything else off it (default 0 on 2+ cores)")
     ap.add_argument("--stage-requests", type=int, default=3993, help="prompts for the stage-only measurement")
     ap.add_argument("--serve", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -188,17 +200,19 @@ def main() -> None:
     stage = stage_only(model_dir, a.trace, a.stage_requests)
     print(f"tokenise stage only: {stage}")
     run_dir = ROOT / "run" / "pre_forward"
+    if a.gateway_cpu is not None:  # engines and load generator off the gateway's core, as on separate machines
+        os.sched_setaffinity(0, (os.sched_getaffinity(0) - {a.gateway_cpu}) or os.sched_getaffinity(0))
     pool = EnginePool(8, model_dir, run_dir, 1.0 / a.speedup)
     results: dict[str, object] = {}
     try:
         for v in a.variants.split(","):
-            results[f"prefix_cache_{v}"] = r = run_variant(v == "on", pool, a, model_dir, run_dir)
-            print(f"prefix cache {v:3}: {r}")
+            results[v] = r = run_variant(v, pool, a, model_dir, run_dir)
+            print(f"{v:6}: {r}")
     finally:
         pool.stop()
     metrics = {"workload": "mooncake", "requests": a.requests, "speedup": a.speedup, "load": a.load,
                "policy": "kv-aware", "stage_only": stage, **results}
-    on = results.get("prefix_cache_on")
+    on = results.get("lazy")
     if isinstance(on, dict):
         metrics["pre_forward_p50_ms"] = on["pre_forward_p50_ms"]
         metrics["pre_forward_p99_ms"] = on["pre_forward_p99_ms"]
