@@ -166,7 +166,8 @@ def test_values_yaml_holds_the_install_defaults(chart: Any) -> None:
 
 
 @pytest.mark.parametrize("values", [{"groupTimeoutSeconds": 2.5}, {"groupTimeoutSeconds": 0},
-                                    {"replicas": 2}, {"serviceMonitor": "sometimes"}, {"namespace": ""}])
+                                    {"replicas": 2}, {"serviceMonitor": "yes"}, {"groupTimeoutSeconds": "300"},
+                                    {"namespace": ""}, {"image": 3}])
 def test_helm_and_kvmesh_reject_the_same_bad_values(values: Obj, chart: Any) -> None:
     with pytest.raises(helm.HelmValuesError):
         chart.validate_schema(values)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from kvmesh.k8s.api import GROUP, PLURAL, _Spec
 from kvmesh.k8s.crd import crd
@@ -37,6 +37,10 @@ BINPACK_PROFILE = "kvmesh-binpack"
 
 
 class InstallValues(_Spec):
+    # strict: no coercion ("300" for 300, "yes" for true), so that Helm's check against values.schema.json
+    # and this model reject the same values files
+    model_config = ConfigDict(**_Spec.model_config, strict=True)
+
     namespace: str = Field(default="kvmesh-system", min_length=1, description="Namespace of the operator "
                            "(the Helm chart: the release's namespace when unset)")
     image: str = Field(default=DEFAULT_IMAGE, description="kvmesh image: operator, gateway, cache nodes, sim")
