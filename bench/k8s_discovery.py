@@ -7,6 +7,9 @@ until all 64 are healthy backends in routing, then deletes them in one burst and
 empty.  ``discovery_64_ms`` is the median of add + remove; the parts are reported too.  The gateway's health
 interval is 2 s (the default): a newcomer is checked at once by discovery, not at the next interval.
 
+The figures are part of ``bench/results/k8s.json``: ``python bench/k8s.py`` runs this with the reconcile
+and operator-memory parts.  Alone, it only prints:
+
     python bench/k8s_discovery.py [--rounds 5]
 """
 
@@ -26,7 +29,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from tests.k8s_apiserver import FakeApiServer, endpoint_slice, pod_endpoint
 
-from bench.common import write_result
 from kvmesh.config import GatewayConfig, KubernetesEndpoints
 from kvmesh.gateway import Gateway
 
@@ -95,9 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
-    metrics = asyncio.run(discovery_64_ms(args.rounds))
-    print(metrics)
-    print(write_result("k8s_discovery", metrics))
+    print(asyncio.run(discovery_64_ms(args.rounds)))
 
 
 if __name__ == "__main__":
