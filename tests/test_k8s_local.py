@@ -68,6 +68,7 @@ class Pod:
     log: pathlib.Path
     proc: subprocess.Popen[bytes]
     mounts: dict[str, pathlib.Path] = field(default_factory=dict)
+    terminating: bool = False
 
     def port(self, ref: str | int) -> int:
         """A named container port (probes and Services name them) or a number."""
@@ -230,11 +231,26 @@ class LocalCluster:
             if not sel:
                 continue
             pods = [p for p in self.pods if sel.items() <= p.labels.items()]
-            eps = [pod_endpoint(p.name, p.ip, ready=p.ready() or bool(svc["spec"].get("publishNotReadyAddresses")),
-                                node=p.node) for p in pods]
+            always = bool(svc["spec"].get("publishNotReadyAddresses"))
+            eps = [pod_endpoint(p.name, p.ip, ready=always or p.ready(), terminating=p.terminating, node=p.node)
+                   for p in pods]
             ports = {sp["name"]: pods[0].port(sp["targetPort"]) for sp in svc["spec"]["ports"]} if pods else {}
             self.loop_thread.call(functools.partial(self.api.apply, NS,
                                                     endpoint_slice(f"{name}-k8x2q", name, eps, ports)))
+
+    def delete_pod(self, pod: Pod) -> None:
+        """A pod deleted: its endpoint turns terminating, the process gets SIGTERM, and once it has exited
+        the endpoint leaves the slice (the controller's order)."""
+        pod.terminating = True
+        self.publish_endpoints()
+        os.killpg(pod.proc.pid, signal.SIGTERM)
+        pod.proc.wait(30)
+        self.pods.remove(pod)
+        self.publish_endpoints()
+
+    def template(self, kind: str, name: str) -> Obj:
+        spec: Obj = self.objects[(kind, name)]["spec"]["template"]
+        return spec
 
     def client(self, gateway: Pod) -> openai.OpenAI:
         """An OpenAI client for one gateway pod, on the port its Service targets (kube-proxy's part)."""
@@ -311,6 +327,31 @@ def short_tmp() -> Iterator[pathlib.Path]:
     shutil.rmtree(d, ignore_errors=True)
 
 
+def series(pod: Pod, name: str, **labels: str) -> bool:
+    """Whether ``pod``'s /metrics has a sample of ``name`` with ``labels`` at all."""
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    text = httpx.get(pod.url("http", "/metrics"), timeout=5).text
+    return any(line.startswith(name + "{") and all(w in line for w in want) for line in text.splitlines())
+
+
+def replace_an_engine(cluster: LocalCluster, gateways: list[Pod], old: Pod) -> None:
+    """The Deployment replaces an engine pod (a new name, a new address): every gateway drops the old one —
+    out of routing, its index entry forgotten — and routes to the new one."""
+    cluster.delete_pod(old)
+    for g in gateways:
+        wait_until(lambda g=g: not series(g, "kvmesh_index_blocks", engine=old.name), READY_S,  # type: ignore[misc]
+                   f"{g.name} to forget {old.name}")
+    new = cluster.start(f"{old.name.rsplit('-', 1)[0]}-n3w0p", cluster.template("Deployment", n.engine_name("chat")),
+                        old.node)
+    wait_until(new.ready, READY_S, f"pod {new.name} to pass its readiness probe")
+    cluster.publish_endpoints()
+    engines = cluster.component("engine")
+    for g in gateways:
+        wait_until(functools.partial(routes_to, g, engines), READY_S, f"{g.name} to route to {new.name}")
+        assert not series(g, "kvmesh_gateway_backend_healthy", backend=old.name)
+        serve_openai(cluster.client(g), g.name)
+
+
 def serve_openai(client: openai.OpenAI, who: str) -> None:
     assert DEMO_MODEL_NAME in [m.id for m in client.models.list()]
     chat = client.chat.completions.create(model=DEMO_MODEL_NAME, max_tokens=4,
@@ -353,5 +394,6 @@ def test_sim_model_service_manifests_serve_openai_requests(short_tmp: pathlib.Pa
         again = cluster.client(gateways[1]).completions.create(model=DEMO_MODEL_NAME, prompt=prompt, max_tokens=2)
         details = again.usage.prompt_tokens_details if again.usage else None
         assert details is not None and details.cached_tokens, again.usage
+        replace_an_engine(cluster, gateways, served[0])
     finally:
         cluster.stop()

@@ -237,6 +237,8 @@ class DiscoveringGateway(Protocol):
     def feed(self) -> Any: ...
     @property
     def index(self) -> Any: ...
+    @property
+    def metrics(self) -> Any: ...
     def subscribe(self, b: Any) -> None: ...
     async def refresh_backends(self) -> None: ...
 
@@ -300,6 +302,8 @@ class GatewayDiscovery:
         b = self.gw.pool.get(name)
         if b is not None:
             self.gw.pool.backends.remove(b)
+        with contextlib.suppress(KeyError):  # a gone pod is not "healthy" forever, nor a series per pod ever seen
+            self.gw.metrics.healthy.remove(name)
         if self.gw.feed is not None:
             self.gw.feed.remove(name)
         n = self.gw.index.forget_engine(name) if self.gw.index is not None else 0
