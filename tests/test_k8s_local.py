@@ -9,20 +9,23 @@ Deployment/DaemonSet pod template, unchanged except for what a pod gets from Kub
 - a network namespace: each pod gets its own loopback address 127.B.C.N, so every pod listens on the
   manifest's own port numbers and a wildcard listen address (``0.0.0.0``, ``tcp://*``) reads as that address;
 - volumes: each ``hostPath`` is a directory per (simulated) machine, each ``emptyDir`` one per pod, a
-  ``configMap`` a directory holding the ConfigMap's files; the container's mount paths in its args (and in
-  those files) name these directories;
+  ``configMap`` or ``secret`` a directory holding its files (the tenants Secret is the one object the user
+  creates beside the ModelService); the container's mount paths in its args and in its ConfigMap's files
+  name these directories;
 - API access: pods whose service account token is mounted get a ``KUBECONFIG`` naming the API server, which
   here is the EndpointSlice list/watch stand-in of ``tests/k8s_apiserver.py`` (engines, with no token, get
   none) — so discovery is the real one: gateways find the engines, cache nodes their pool, from EndpointSlices
   that this test's "controller" publishes once each pod passes the readiness probe of its manifest.
 
-Then the official ``openai`` client talks to each gateway replica.  A flag, a port name, a listen address or a
+Then the official ``openai`` client talks to each gateway replica as a tenant; an engine pod is replaced by
+one with a new name, and every gateway follows.  A flag, a port name, a listen address or a
 probe that does not fit the rest shows up here as a pod that never turns ready or a request that fails.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
 import random
@@ -56,6 +59,10 @@ NODES = ("node-a", "node-b")
 MANIFEST_PORTS = (n.ENGINE_PORT, n.KV_EVENTS_PORT, n.KV_REPLAY_PORT, n.GATEWAY_PORT, n.PEER_PORT, n.CACHE_HTTP_PORT)
 READY_S = 60  # generous: six processes import kvmesh at once on a loaded 2-core machine
 Obj = dict[str, Any]
+TENANT_KEY = "sk-local-team"
+TENANTS = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "chat-tenants", "namespace": NS},
+           "stringData": {"tenants.toml": f'[[tenants]]\nname = "team"\n'
+                                          f'key_sha256 = ["{hashlib.sha256(TENANT_KEY.encode()).hexdigest()}"]\n'}}
 
 
 @dataclass
@@ -169,7 +176,7 @@ class LocalCluster:
         (container,) = spec["containers"]
         ip = f"{self.subnet}.{len(self.pods) + 1}"
         mounts = {m["mountPath"]: self._volume(name, node, spec, m) for m in container.get("volumeMounts", ())}
-        self._fill_config_maps(spec, container, ip, mounts)
+        self._fill_files(spec, container, ip, mounts)
         env = self._env(container, name, ip, node)
         if spec.get("serviceAccountName") and spec.get("automountServiceAccountToken", True):
             env["KUBECONFIG"] = str(self.kubeconfig)  # the pod's credentials for the API server
@@ -200,20 +207,23 @@ class LocalCluster:
         vol = self._vol(spec, mount)
         if "hostPath" in vol:  # one directory per machine: pods on the same machine share it
             d = self.root / "nodes" / node / vol["hostPath"]["path"].strip("/").replace("/", "_")
-        elif "emptyDir" in vol or "configMap" in vol:
+        elif "emptyDir" in vol or "configMap" in vol or "secret" in vol:
             d = self.root / "pods" / pod / vol["name"]
         else:
             raise AssertionError(f"volume {vol} is not run here")
         d.mkdir(parents=True, exist_ok=True)
         return pathlib.Path(d)
 
-    def _fill_config_maps(self, spec: Obj, container: Obj, ip: str, mounts: dict[str, pathlib.Path]) -> None:
-        """The ConfigMaps' files, as read in the pod: its addresses and mount paths."""
+    def _fill_files(self, spec: Obj, container: Obj, ip: str, mounts: dict[str, pathlib.Path]) -> None:
+        """The ConfigMaps' and Secrets' files; a ConfigMap's as read in the pod: its addresses and mount paths."""
         for m in container.get("volumeMounts", ()):
             vol = self._vol(spec, m)
             if "configMap" in vol:
                 for key, text in self.objects[("ConfigMap", vol["configMap"]["name"])]["data"].items():
                     (mounts[m["mountPath"]] / key).write_text(in_pod(text, ip, mounts))
+            elif "secret" in vol:  # a Secret the user created (stringData: what the API server decodes)
+                for key, text in self.objects[("Secret", vol["secret"]["secretName"])]["stringData"].items():
+                    (mounts[m["mountPath"]] / key).write_text(text)
 
     @staticmethod
     def _vol(spec: Obj, mount: Obj) -> Obj:
@@ -256,7 +266,7 @@ class LocalCluster:
         """An OpenAI client for one gateway pod, on the port its Service targets (kube-proxy's part)."""
         svc = self.objects[("Service", n.gateway_name(gateway.labels["app.kubernetes.io/instance"]))]
         base = gateway.url(svc["spec"]["ports"][0]["targetPort"], "/v1")
-        return openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+        return openai.OpenAI(base_url=base, api_key=TENANT_KEY, max_retries=0)
 
     def component(self, component: str) -> list[Pod]:
         return [p for p in self.pods if p.labels.get(n.LABEL_COMPONENT) == component]
@@ -288,6 +298,7 @@ def sim_model_service(model_dir: pathlib.Path) -> ModelService:
                  "engine": {"kind": "sim", "sim": {"timeScale": 0.02}},
                  "roles": {"aggregated": {"replicas": 2}},
                  "routing": {"policy": "kv-aware"},  # the policy that follows the engines' KV events
+                 "tenants": {"secretName": "chat-tenants"},
                  "cache": {"dramMib": 16}}})
 
 
@@ -353,6 +364,11 @@ def replace_an_engine(cluster: LocalCluster, gateways: list[Pod], old: Pod) -> N
 
 
 def serve_openai(client: openai.OpenAI, who: str) -> None:
+    """Models, chat and a streamed completion as the tenant; without its key the gateway refuses (the tenants
+    file of the Secret is the one the ConfigMap names)."""
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=str(client.base_url), api_key="sk-nobody", max_retries=0).completions.create(
+            model=DEMO_MODEL_NAME, prompt="let me in", max_tokens=1)
     assert DEMO_MODEL_NAME in [m.id for m in client.models.list()]
     chat = client.chat.completions.create(model=DEMO_MODEL_NAME, max_tokens=4,
                                           messages=[{"role": "user", "content": f"hello from {who}"}])
@@ -365,7 +381,7 @@ def serve_openai(client: openai.OpenAI, who: str) -> None:
 def test_sim_model_service_manifests_serve_openai_requests(short_tmp: pathlib.Path, tiny_model: pathlib.Path,
                                                           api: FakeApiServer, loop_thread: LoopThread) -> None:
     result = reconcile(sim_model_service(tiny_model), Observed(), 0.0)
-    cluster = LocalCluster(result.apply, short_tmp, api, loop_thread)
+    cluster = LocalCluster([*result.apply, TENANTS], short_tmp, api, loop_thread)
     try:
         cluster.schedule()
         cluster.wait_ready()  # every pod passes its own manifest's readiness probe
