@@ -199,6 +199,9 @@ def cache_pod(ms: ModelService, image: str) -> Obj:
         "ports": [{"name": "peer", "containerPort": n.PEER_PORT},
                   {"name": "metrics", "containerPort": n.CACHE_HTTP_PORT}],
         "readinessProbe": _probe("/status", "metrics", 5, 3),
+        # the kubelet creates the hostPath directories (socket, arena, SSD) owned by root; the image's own
+        # user (10001) could not create the socket there
+        "securityContext": {"runAsUser": 0},
         "resources": {"requests": {"memory": mem}, "limits": {"memory": mem}},
         "volumeMounts": [{"name": "cache-run", "mountPath": n.CACHE_RUN_DIR},
                          {"name": "cache-shm", "mountPath": n.SHM_DIR}, {"name": "ssd", "mountPath": n.SSD_DIR},
