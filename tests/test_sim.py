@@ -259,3 +259,16 @@ def test_oracle_charges_the_decode_side() -> None:
 
     assert choose(0.0) == "e0"  # TTFT alone: the cached prefix wins
     assert choose(1.0) == "e1"  # TTFT + decode: 256 steps among 48 long streams cost more than the prefill
+
+
+def test_compare_ratios_cover_the_decode_side() -> None:
+    from kvmesh.bench.compare import ratios
+
+    got = ratios({"kvmesh-kv-aware": {"ttft_mean_ms": 30.0, "tpot_p99_ms": 9.0, "goodput": 0.9,
+                                      "load_max_over_mean": 1.2},
+                  "kvmesh-session": {"ttft_mean_ms": 40.0, "tpot_p99_ms": 10.0},
+                  "kvmesh-round-robin": {"ttft_mean_ms": 60.0, "goodput": 0.6},
+                  "sglang-cache_aware": {"error": "not installed"}})
+    assert got == {"kvaware_ttft_mean_over_rr": 0.5, "kvaware_ttft_mean_over_session": 0.75,
+                   "kvaware_tpot_p99_over_session": 0.9, "kvaware_goodput_over_rr": 1.5,
+                   "kvaware_busiest_over_mean": 1.2}

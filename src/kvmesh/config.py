@@ -281,7 +281,7 @@ class RoutingConfig(_Strict):
                                     "idle)")
     saturation_weight: float = Field(default=4.0, ge=0, description="Added to recompute_weight as the fleet "
                                      "saturates: queued prefill makes recomputing a cached prefix cost everyone")
-    decode_weight: float = Field(default=0.1, ge=0, description="Seconds of TTFT one second of decode slowdown "
+    decode_weight: float = Field(default=0.2, ge=0, description="Seconds of TTFT one second of decode slowdown "
                                  "(this stream's and the running streams') is worth; 0 ignores the decode side")
     decode_s_per_seq: float = Field(default=1e-4, gt=0, description="Prior: decode step time per running "
                                     "request (then fitted per engine from observed TPOT)")

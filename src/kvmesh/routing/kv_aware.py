@@ -101,7 +101,7 @@ class CostModel:
     storage_load_cost: float = 0.3
     recompute_weight: float = 0.5     # weight of prefill work redone elsewhere, fleet idle
     saturation_weight: float = 4.0    # added to it as the fleet saturates (see module docstring)
-    decode_weight: float = 0.1        # seconds of TTFT worth one second of decode time (this stream + others)
+    decode_weight: float = 0.2        # seconds of TTFT worth one second of decode time (this stream + others)
     decode_s_per_seq: float = 1e-4    # prior: decode step time per running request
     decode_s_per_ctx_token: float = 2e-8  # prior: decode step time per active context token
     kv_pressure_s: float = 2.0

@@ -124,11 +124,12 @@ class Cluster:
         self.block_size = block_size
         self.event_delay_s = event_delay_s
         self.now = 0.0
-        self.index = KvIndex("kvmesh", clock=lambda: self.now)  # speculative entries expire in virtual time
         self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
                          for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
         cfg = routing or RoutingConfig(prefix_block_size=block_size)
+        # speculative entries expire in virtual time
+        self.index = KvIndex("kvmesh", pending_ttl_s=cfg.speculative_ttl_s, clock=lambda: self.now)
         if informed:  # the profile's true figures, in simulated tokens, instead of learning them
             cfg = cfg.model_copy(update={
                 "prefill_tps": profile.prefill_tps / token_scale, "decode_penalty_s": profile.decode_s_per_seq,
