@@ -189,9 +189,10 @@ def test_session_prior_keeps_a_session_before_events_and_load_can_move_it() -> N
     assert all(p.choose(ctx(turn2, session="s"), [a, b]).backend is first.backend for _ in range(20))
     other = make_policy("kv-aware", seed=12, index=idx, cfg=cfg.model_copy(update={"session_prior": False}))
     assert {other.choose(ctx(turn2, session="s"), [a, b]).backend.name for _ in range(40)} == {"a", "b"}
-    first.backend.pending_prefill_tokens = 100_000  # type: ignore[attr-defined]
-    assert p.choose(ctx(turn2, session="s"), [a, b]).backend is not first.backend  # the cost model moves it
-    first.backend.pending_prefill_tokens = 0  # type: ignore[attr-defined]
+    pinned = a if first.backend is a else b
+    pinned.pending_prefill_tokens = 100_000
+    assert p.choose(ctx(turn2, session="s"), [a, b]).backend is not pinned  # the cost model moves it
+    pinned.pending_prefill_tokens = 0
     # once the engine's events arrive, they are the evidence: it evicted the session's blocks
     idx.apply(first.backend.name, EventBatch(0.0, [BlockRemoved(block_hashes=[10**9])]))
     assert {p.choose(ctx(turn2, session="s"), [a, b]).backend.name for _ in range(40)} == {"a", "b"}
@@ -218,3 +219,27 @@ def test_session_affinity_with_overload_fallback() -> None:
     assert moved is not first
     first.in_flight = 0
     assert p.choose(ctx([1], session="s1"), [a, b]).backend is moved
+
+
+def test_new_sessions_spread_by_live_sessions_not_by_the_shared_system_prompt() -> None:
+    idx = KvIndex("m")
+    system = list(range(7000, 7000 + 4 * BS))
+    warm(idx, "a", system)  # only "a" has served anyone yet: it holds the shared system prompt
+    p = make_policy("kv-aware", seed=13, index=idx, cfg=RoutingConfig(decode_weight=0, learn_prefill_tps=False))
+    a, b = Cand("a"), Cand("b")
+
+    def turn(session: str, user: int) -> RequestContext:
+        return ctx([*system, *range(user, user + 2 * BS)], session=session)
+
+    for i in range(3):  # three sessions start on "a" (the requests finish: no queue is left behind)
+        c = turn(f"s{i}", 10_000 * (i + 1))
+        d = p.choose(c, [a, Cand("b-busy", pending_prefill_tokens=10**6)])
+        assert d.backend is a
+        p.on_routed(c, d)
+    # a fourth session: "a" saves the system prompt, but "b" has three live sessions fewer
+    assert p.choose(turn("s3", 90_000), [a, b]).backend is b
+    off = make_policy("kv-aware", seed=13, index=idx, cfg=RoutingConfig(decode_weight=0, learn_prefill_tps=False,
+                                                                        session_balance=0))
+    assert off.choose(turn("s3", 90_000), [a, b]).backend is a
+    # a session already live is not pushed away by the balance term (it only prices where sessions start)
+    assert p.choose(turn("s0", 10_000), [a, b]).backend is a

@@ -293,6 +293,10 @@ class RoutingConfig(_Strict):
                                "max_tokens (then learned from finished streams)")
     session_prior: bool = Field(default=True, description="A session's previous turn counts as cached where it "
                                 "ran, before the KV events confirm it")
+    session_balance: float = Field(default=1.0, ge=0, description="A new session pays this times its prefill "
+                                   "per live session its engine has above the least (spreads sessions)")
+    session_live_s: float = Field(default=120.0, gt=0, description="A session with no turn for this long no "
+                                  "longer counts as live")
     speculative_ttl_s: float = Field(default=2.0, ge=0)
     prefix_ttl_s: float = Field(default=600.0, gt=0, description="Lifetime of learned entries (prefix)")
     prefix_block_size: int = Field(default=128, gt=0, description="Chunk size of the prefix policy")
