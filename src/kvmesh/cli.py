@@ -38,6 +38,7 @@ from kvmesh.config import (
     load_stack_config,
 )
 from kvmesh.k8s.commands import register as register_k8s
+from kvmesh.observability.commands import register as register_observability
 from kvmesh.policy_names import policy_spec
 from kvmesh.sim.commands import register as register_sim
 
@@ -379,6 +380,7 @@ def model_demo(
 register_bench(app)  # kvmesh bench run/compare (kvmesh.bench.commands)
 register_sim(app)  # kvmesh sim, kvmesh calibrate (kvmesh.sim.commands)
 register_k8s(app)  # kvmesh operator, kvmesh k8s manifests (kvmesh.k8s.commands)
+register_observability(app)  # kvmesh top (kvmesh.observability.commands)
 
 
 def main() -> None:

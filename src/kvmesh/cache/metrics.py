@@ -23,6 +23,8 @@ class CacheMetrics:
         self.checksum_failures = Counter("kvmesh_cache_checksum_failures",
                                          "Objects whose checksum did not match (dropped, never served)",
                                          ["tier"], registry=r)
+        for tier in ("dram", "ssd"):  # exported at 0 from the start, so increase() sees the first failure
+            self.checksum_failures.labels(tier)
         self.refused = Counter("kvmesh_cache_refused_writes", "Writes refused for lack of evictable room",
                                registry=r)
         self.not_admitted = Counter("kvmesh_cache_not_admitted", "Writes skipped by the admission filter",

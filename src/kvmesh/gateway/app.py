@@ -25,7 +25,7 @@ from kvmesh.api.errors import ApiError
 from kvmesh.config import ConfigError, GatewayConfig, load_stack_config
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.backends import Backend, BackendPool
-from kvmesh.gateway.metrics import GatewayMetrics
+from kvmesh.gateway.metrics import GatewayMetrics, StateCollector
 from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.path import RequestPath
 from kvmesh.gateway.reconfig import reconfigure
@@ -59,6 +59,8 @@ class Gateway:
         self.admission = Admission(self._capacity, cfg.max_queue, cfg.queue_timeout_s, cfg.retry_after_s,
                                    reserve=cfg.admission_reserve)
         self.metrics.queue_depth.set_function(self.admission.queued)
+        self.metrics.registry.register(StateCollector(lambda: self.pool.backends,
+                                                      lambda: self.tenants.tenants.values()))
         self.path = RequestPath(self)
         self.port = cfg.port
         self.config_path: pathlib.Path | None = None  # set by `kvmesh up --config`: reloads re-read it

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _LAT = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _OVERHEAD = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1)
@@ -41,6 +46,36 @@ class GatewayMetrics:
                                   buckets=_OVERHEAD, registry=r)
 
         self.queue_depth = Gauge("kvmesh_gateway_queue_depth", "Requests waiting for a free replica", registry=r)
+        self.tenant_requests = Counter("kvmesh_gateway_tenant_requests", "Requests by tenant (\"default\" when "
+                                       "auth is off) and HTTP status", ["tenant", "status"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StateCollector(Collector):
+    """Breaker state per backend and tenants' in-flight requests and limits, read at scrape time from the
+    gateway's live objects (callables, so a tenants reload is seen) — no bookkeeping on the request path."""
+
+    def __init__(self, backends: Callable[[], Iterable[Any]], tenants: Callable[[], Iterable[Any]]) -> None:
+        self.backends = backends
+        self.tenants = tenants
+
+    def collect(self) -> Iterator[Metric]:
+        breaker = GaugeMetricFamily("kvmesh_gateway_breaker_open", "1 while the backend's circuit breaker is "
+                                    "open (or half-open)", labels=["backend"])
+        for b in self.backends():
+            breaker.add_metric([b.name], 1.0 if b.breaker.state != "closed" else 0.0)
+        yield breaker
+        in_flight = GaugeMetricFamily("kvmesh_gateway_tenant_in_flight", "Requests in flight per tenant",
+                                      labels=["tenant"])
+        limit = GaugeMetricFamily("kvmesh_gateway_tenant_limit", "A tenant's configured limits "
+                                  "(requests_per_min, tokens_per_min, max_concurrent)", labels=["tenant", "limit"])
+        for t in self.tenants():
+            in_flight.add_metric([t.name], t.in_flight)
+            for kind in ("requests_per_min", "tokens_per_min", "max_concurrent"):
+                value = getattr(t.cfg, kind)
+                if value is not None:
+                    limit.add_metric([t.name, kind], float(value))
+        yield in_flight
+        yield limit

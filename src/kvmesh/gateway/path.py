@@ -78,6 +78,7 @@ class RequestPath:
             raise
         finally:
             self.gw.metrics.requests.labels(endpoint, status).inc()
+            self.gw.metrics.tenant_requests.labels(req.tenant.name if req.tenant else "default", status).inc()
 
     # 1 ------------------------------------------------------------------------------------------------
     def authenticate(self, req: ProxyRequest) -> None:

@@ -1,0 +1,1 @@
+"""Operators' view of a kvmesh fleet: Grafana dashboards, Prometheus alert rules, ``kvmesh top``."""
