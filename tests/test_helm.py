@@ -3,7 +3,8 @@ Go SDK behind a C ABI, no ``helm`` binary, no cluster), equals what ``kvmesh k8s
 values, and every rendered object is valid Kubernetes (the versions the schema tests use).
 
 Generated files stay equal to their generators: ``values.schema.json`` (from ``InstallValues``), the chart's
-CRD (``crd()``) and its dashboard (``dashboard_json()``).  Regenerate them with ``python tests/test_helm.py``.
+CRD (``crd()``), its dashboards and alert rules (``dashboard_files()``, ``rules_file()``).  Regenerate them
+with ``python tests/test_helm.py``.
 The Dockerfile is parsed, not built (no registry here): it must provide every ``kvmesh`` command the
 manifests run, and the connector config it documents must be the one the operator passes.
 """
@@ -24,13 +25,14 @@ from typer.testing import CliRunner
 
 from kvmesh.k8s.api import ModelService
 from kvmesh.k8s.crd import crd
-from kvmesh.k8s.install import InstallValues, dashboard_json, install_manifests, to_yaml
+from kvmesh.k8s.install import InstallValues, dashboard_files, install_manifests, rules_file, to_yaml
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CHART = REPO / "deploy" / "helm" / "kvmesh"
 SCHEMA = CHART / "values.schema.json"
 CRD_FILE = CHART / "crds" / "modelservices.kvmesh.io.yaml"
-DASHBOARD = CHART / "dashboards" / "kvmesh.json"
+DASHBOARDS = CHART / "dashboards"
+RULES = CHART / "rules" / "kvmesh-rules.yml"
 Obj = dict[str, Any]
 
 
@@ -46,7 +48,12 @@ def values_schema() -> Obj:
 def regenerate() -> None:
     SCHEMA.write_text(json.dumps(values_schema(), indent=2) + "\n")
     CRD_FILE.write_text(to_yaml([crd()]).removeprefix("---\n"))
-    DASHBOARD.write_text(dashboard_json())
+    for old in DASHBOARDS.glob("*.json"):
+        old.unlink()
+    for name, text in dashboard_files().items():
+        (DASHBOARDS / name).write_text(text)
+    RULES.parent.mkdir(exist_ok=True)
+    RULES.write_text(rules_file())
 
 
 # (release namespace, values): defaults; every key changed (a timeout Helm would print as 1e+06 as a float,
@@ -56,7 +63,8 @@ CASES: dict[str, tuple[str, Obj]] = {
     "everything": ("ignored", {
         "namespace": "ops", "image": "registry.local:5000/kvmesh@sha256:" + "ab" * 32,
         "vllmImage": 'vllm "custom":1', "watchNamespace": "ml", "groupTimeoutSeconds": 1000000,
-        "binpackScheduler": False, "serviceMonitor": True, "grafanaDashboard": True}),
+        "binpackScheduler": False, "serviceMonitor": True, "grafanaDashboard": True,
+        "prometheusRules": True}),
     "release-namespace": ("llm-platform", {"serviceMonitor": True}),
 }
 
@@ -131,7 +139,8 @@ def test_rendered_objects_are_valid_kubernetes(chart: Any) -> None:
     for namespace, values in CASES.values():
         # kubernetes-validate ships the built-in kinds only; the ServiceMonitor (a Prometheus Operator CRD)
         # is checked field by field against kvmesh's own generator in the equality test above.
-        objs = [o for o in helm_objects(chart, namespace, values) if o["kind"] != "ServiceMonitor"]
+        objs = [o for o in helm_objects(chart, namespace, values) if o["kind"] not in ("ServiceMonitor",
+                                                                                     "PrometheusRule")]
         checked |= {o["kind"] for o in objs}
         errors = [e for version in VERSIONS for o in objs if (e := _validate(o, version))]
         assert not errors, errors
@@ -156,7 +165,8 @@ def test_generated_files_equal_their_generators(chart: Any) -> None:
     assert chart.schema == values_schema()
     assert CRD_FILE.read_text() == (REPO / "deploy" / "crds" / CRD_FILE.name).read_text(), hint
     assert [yaml.safe_load(c["data"]) for c in chart.crds] == [crd()], hint
-    assert DASHBOARD.read_text() == dashboard_json(), hint
+    assert {p.name: p.read_text() for p in DASHBOARDS.glob("*.json")} == dashboard_files(), hint
+    assert RULES.read_text() == rules_file(), hint
 
 
 def test_values_yaml_holds_the_install_defaults(chart: Any) -> None:

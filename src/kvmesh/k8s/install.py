@@ -11,7 +11,9 @@
    ``spec.schedulerName`` — the cluster's scheduler must be started with it (docs/kubernetes.md),
 5. when ``service_monitor``: a ``monitoring.coreos.com/v1`` ServiceMonitor over ``kvmesh`` gateway Services,
 6. when ``grafana_dashboard``: a ConfigMap labelled ``grafana_dashboard: "1"`` (Grafana's dashboard sidecar)
-   holding :func:`dashboard` as JSON — a placeholder of a few gateway panels until the dashboards issue lands.
+   holding kvmesh's dashboards (:func:`dashboard_files`, from ``kvmesh.observability.dashboards``),
+7. when ``prometheus_rules``: a ``monitoring.coreos.com/v1`` PrometheusRule holding kvmesh's alert rules
+   (``kvmesh.observability.alerts.rule_groups``; the chart's ``rules/kvmesh-rules.yml``).
 
 Every object carries ``metadata.namespace = values.namespace`` where namespaced.  :class:`InstallValues`
 field names are the chart's ``values.yaml`` keys (camelCase aliases), so ``InstallValues.model_validate(
@@ -22,7 +24,6 @@ exactly as Python does: the group timeout is whole seconds (Helm holds numbers a
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from pydantic import ConfigDict, Field
@@ -50,6 +51,7 @@ class InstallValues(_Spec):
     binpack_scheduler: bool = True
     service_monitor: bool = False
     grafana_dashboard: bool = False
+    prometheus_rules: bool = False
 
 
 def _meta(v: InstallValues, name: str, namespaced: bool = True) -> Obj:
@@ -130,34 +132,31 @@ def service_monitor(v: InstallValues) -> Obj:
                      "endpoints": [{"port": "http", "path": "/metrics"}]}}
 
 
-def _panel(i: int, title: str, expr: str, unit: str) -> Obj:
-    return {"id": i, "type": "timeseries", "title": title, "datasource": {"type": "prometheus", "uid": "${datasource}"},
-            "gridPos": {"h": 8, "w": 12, "x": 12 * (i % 2), "y": 8 * (i // 2)},
-            "fieldConfig": {"defaults": {"unit": unit}, "overrides": []}, "targets": [{"refId": "A", "expr": expr}]}
+def dashboard_files() -> dict[str, str]:
+    """File name → dashboard JSON, as the ConfigMap and the chart's ``dashboards/`` hold them (byte-equal)."""
+    from kvmesh.observability.dashboards import dashboards, render
 
-
-def dashboard() -> Obj:
-    """The Grafana dashboard (placeholder: four gateway panels; the dashboards issue replaces it)."""
-    p99 = "histogram_quantile(0.99, sum by (le) (rate(kvmesh_gateway_{}_seconds_bucket[5m])))"
-    panels = [_panel(0, "Requests / s by status", "sum by (status) (rate(kvmesh_gateway_requests_total[5m]))",
-                     "reqps"),
-              _panel(1, "TTFT p99", p99.format("ttft"), "s"), _panel(2, "Gateway overhead p99", p99.format(
-                  "overhead"), "s"),
-              _panel(3, "Healthy backends", "sum(kvmesh_gateway_backend_healthy)", "short")]
-    return {"uid": "kvmesh-overview", "title": "kvmesh", "schemaVersion": 39, "tags": ["kvmesh"],
-            "time": {"from": "now-1h", "to": "now"}, "panels": panels,
-            "templating": {"list": [{"name": "datasource", "type": "datasource", "query": "prometheus"}]}}
-
-
-def dashboard_json() -> str:
-    """The dashboard as the ConfigMap and the chart's ``dashboards/kvmesh.json`` hold it (byte-equal)."""
-    return json.dumps(dashboard(), indent=2) + "\n"
+    return {name: render(d) for name, d in dashboards().items()}
 
 
 def dashboard_config_map(v: InstallValues) -> Obj:
     meta = _meta(v, "kvmesh-dashboard")
     meta["labels"]["grafana_dashboard"] = "1"
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {"kvmesh.json": dashboard_json()}}
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": dashboard_files()}
+
+
+def rules_file() -> str:
+    """The alert rules as the chart's ``rules/kvmesh-rules.yml`` holds them (``deploy/prometheus``'s file)."""
+    from kvmesh.observability.alerts import rules_yaml
+
+    return rules_yaml()
+
+
+def prometheus_rule(v: InstallValues) -> Obj:
+    from kvmesh.observability.alerts import rule_groups
+
+    return {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule", "metadata": _meta(v, "kvmesh"),
+            "spec": {"groups": rule_groups()}}
 
 
 def install_manifests(v: InstallValues) -> list[Obj]:
@@ -168,6 +167,8 @@ def install_manifests(v: InstallValues) -> list[Obj]:
         out.append(service_monitor(v))
     if v.grafana_dashboard:
         out.append(dashboard_config_map(v))
+    if v.prometheus_rules:
+        out.append(prometheus_rule(v))
     return out
 
 
