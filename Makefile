@@ -44,6 +44,11 @@ services:
 	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null \
 	  || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q redis-server etcd-server >/dev/null; } \
 	  || echo "make services: could not install redis-server/etcd; their tests will skip"; }
+	@command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo -n ); \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	  || { $$SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends prometheus >/dev/null; } \
+	  || echo "make services: could not install prometheus; tests/test_observability.py will skip"; }
 
 # The Rust routers kvmesh is compared against, in their own venv (bench/compare_routers.py).
 routers: .venv-routers/.installed
