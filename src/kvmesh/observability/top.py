@@ -3,8 +3,9 @@
 Contract: everything shown comes from HTTP endpoints a running fleet already serves — the gateway's
 ``/health`` (backends, breaker state) and ``/metrics``, each backend's own ``/metrics`` (vLLM's names:
 queue, KV usage, prefix-cache hits, engine TTFT; the URL is the one ``/health`` reports) and each cache
-node's ``/status`` (``kvmesh.cache.stats.NodeStats``).  An endpoint that does not answer shows as ``-``;
-``top`` never fails because a component is down, since that is when an operator runs it.
+node's ``/status`` (``kvmesh.cache.stats.NodeStats``; the fields shown are mirrored here).  An endpoint that
+does not answer shows as ``-``; ``top`` never fails because a component is down, since that is when an
+operator runs it.
 
 Rates and percentiles are over a window: the difference between the newest scrape and the oldest one kept
 (at most ``WINDOW_S`` old).  ``--once`` has a single scrape, so it shows totals since each process started
@@ -25,10 +26,36 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console, Group
 from rich.table import Table
 
-from kvmesh.cache.stats import NodeStats
-
 WINDOW_S = 60.0
-Labels = frozenset[tuple[str, str]]
+
+
+# What `top` reads of a cache node's /status (``kvmesh.cache.stats.NodeStats`` as JSON).  Mirrored rather than
+# imported so that this package imports nothing of kvmesh (the Kubernetes chart code imports it, and the cache
+# imports Kubernetes discovery); no defaults, so a renamed field fails the decode instead of reading 0.
+class TierUse(msgspec.Struct):
+    objects: int
+    used_bytes: int
+    capacity_bytes: int
+
+
+class Reads(msgspec.Struct):
+    dram: int
+    ssd: int
+    pool: int
+    remote: int
+    misses: int
+
+    @property
+    def hit_rate(self) -> float:
+        hits = self.dram + self.ssd + self.pool + self.remote
+        return hits / (hits + self.misses) if hits + self.misses else 0.0
+
+
+class NodeStats(msgspec.Struct):
+    node_id: str
+    dram: TierUse
+    ssd: TierUse
+    reads: Reads
 
 
 class Samples:
