@@ -68,12 +68,13 @@ def test_killed_engine_leaves_rotation_and_is_restarted(stack: Stack, loop_threa
     else:
         assert isinstance(victim, SimEngine)
         loop_thread.run(victim.kill())
-    # Requests keep succeeding: the dead replica is bypassed (supervisor notice or connect-failure retry).
+    # Requests keep succeeding: the dead replica is bypassed (supervisor notice or connect-failure retry) until
+    # the supervisor has restarted it — which, on a loaded machine, may happen between two of these requests.
     for _ in range(6):
         r = httpx.post(f"{stack.gateway.url}/v1/completions",
                        json={"model": MODEL, "prompt": "still there?", "max_tokens": 2}, timeout=60)
         assert r.status_code == 200, r.text
-        assert r.headers["x-kvmesh-backend"] == "engine-1"
+        assert r.headers["x-kvmesh-backend"] == "engine-1" or stack.supervisor.restarts["engine-0"] >= 1
     wait_until(lambda: not kv.index.engine_keys(victim.name), 30, "the index to drop the dead engine's blocks")
     wait_until(lambda: stack.supervisor.restarts["engine-0"] == 1, 30, "the supervisor to restart engine-0")
     if isinstance(victim, VllmEngine):
