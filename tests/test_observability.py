@@ -52,6 +52,17 @@ def test_dashboards_have_variables_and_unique_panel_ids() -> None:
         assert len(ids) == len(set(ids)) and list(dashboards.queries(d))
 
 
+def test_top_quantile_is_prometheus_histogram_quantile() -> None:
+    from kvmesh.observability.top import quantile
+
+    now = {0.1: 10.0, 0.5: 30.0, 1.0: 40.0, float("inf"): 40.0}
+    assert quantile(0.25, now) == pytest.approx(0.1)           # the 10th of 40 observations: top of bucket 1
+    assert quantile(0.5, now) == pytest.approx(0.1 + 0.4 * 0.5)  # halfway through the (0.1, 0.5] bucket
+    # minus an earlier scrape: 30 new observations, 20 of them in (0.1, 0.5]; the 15th is 3/4 through it
+    assert quantile(0.5, now, {0.1: 10.0, 0.5: 10.0, 1.0: 10.0, float("inf"): 10.0}) == pytest.approx(0.4)
+    assert quantile(0.5, now, now) is None                       # nothing observed in the window
+
+
 @dataclasses.dataclass
 class Fleet:
     gateway: str
