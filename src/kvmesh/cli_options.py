@@ -9,7 +9,7 @@ Errors leave as one line, ``kvmesh: error: --flag: message``, with exit status 2
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NoReturn
 
 import typer
@@ -36,13 +36,25 @@ def given(**fields: Any) -> dict[str, Any]:
     return {k: v for k, v in fields.items() if v is not None}
 
 
-def parse(schema: Callable[..., Any], **fields: Any) -> Any:
-    """``schema(**given(fields))``; a validation error exits 2 naming the flag."""
+def parse(schema: Callable[..., Any], flag_names: Mapping[str, str] | None = None, **fields: Any) -> Any:
+    """``schema(**given(fields))``; a validation error exits 2 naming the flag: ``flag_names`` maps a
+    field path (``section.field``) to the command's flag; any other path is named as the config key
+    (``[section] field``), never as a flag the command lacks."""
     try:
         return schema(**given(**fields))
     except ValidationError as e:
         loc, msg = first_error(e)
-        if not loc:  # a whole-model check (e.g. colliding ports)
-            fail(msg)
-        flag = "backend" if loc[0] == "backends" else loc[-1].replace("_", "-")
-        fail(f"--{flag}: {msg}")
+        fail(f"{option_name(loc, flag_names or {})}: {msg}" if loc else msg)  # no loc: a whole-model check
+
+
+def option_name(loc: list[str], flag_names: Mapping[str, str]) -> str:
+    """How an error names the setting at ``loc``: the command's flag, else the config key."""
+    path = [p for p in loc if not p.isdigit()]  # list positions (backends.0.url) name no setting
+    for n in range(len(path), 0, -1):
+        if ".".join(path[:n]) in flag_names:
+            return flag_names[".".join(path[:n])]
+    if path and path[0] == "backends":
+        return "--backend"
+    if len(path) == 1:
+        return f"--{path[0].replace('_', '-')}"
+    return f"[{'.'.join(path[:-1])}] {path[-1]}"

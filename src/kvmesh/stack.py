@@ -1,22 +1,30 @@
 """The local stack behind ``kvmesh up``: a demo model, N supervised vLLM replicas and a gateway.
 
-``Stack`` is importable so tests and benchmarks run exactly what the CLI runs.
+``Stack`` is importable so tests and benchmarks run exactly what the CLI runs.  Before it starts anything
+(:meth:`Stack.preflight`) it locks its run directory and checks every port it will bind, so a second stack
+on the same machine fails with one line instead of adopting the first one's engines.  Each vLLM replica gets
+its own GPUs (:mod:`kvmesh.engines.gpus`), shown per backend in the gateway's ``/health``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NoReturn
 
 from kvmesh.cache.node import CacheNode
 from kvmesh.config import CacheNodeSpec, EngineConfig, SimEngineConfig, StackConfig, VllmEngineConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
+from kvmesh.engines.base import EngineDied
+from kvmesh.engines.gpus import GpuError, assign, available_gpus
 from kvmesh.engines.vllm import resolved_dtype
 from kvmesh.gateway import Gateway
 from kvmesh.gateway.app import ENGINE_EXITED
 from kvmesh.models import demo
+from kvmesh.preflight import PortUse, PreflightError, RunDirLock, check_ports
 
 log = logging.getLogger(__name__)
 DEMO_MODEL_NAME = "kvmesh-demo"
@@ -48,9 +56,18 @@ def make_engine(name: str, c: EngineConfig, run_dir: pathlib.Path) -> Engine:
     return VllmEngine(name, c, run_dir)
 
 
+def replica_gpus(template: EngineConfig, replicas: int, gpus: str | None) -> list[str | None]:
+    """Each replica's ``CUDA_VISIBLE_DEVICES`` (None: left alone): vLLM replicas whose template names no
+    devices itself get disjoint sets of ``tensor_parallel_size``; ``GpuError`` when there are too few."""
+    if not isinstance(template, VllmEngineConfig) or template.gpus is not None or \
+            "CUDA_VISIBLE_DEVICES" in template.env:
+        return [None] * replicas
+    return assign(available_gpus(gpus), replicas, template.tensor_parallel_size, explicit=gpus is not None)
+
+
 def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_cores: bool,
-                    run_dir: pathlib.Path) -> Sequence[tuple[str, EngineConfig]]:
-    """Derive N replica configs from one template: own port, own event socket, own core (vLLM)."""
+                    run_dir: pathlib.Path, gpus: Sequence[str | None] = ()) -> Sequence[tuple[str, EngineConfig]]:
+    """Derive N replica configs from one template: own port, own event socket, own core and GPUs (vLLM)."""
     ncpu = os.cpu_count() or 1
     out = []
     for i in range(replicas):
@@ -61,6 +78,8 @@ def replica_configs(template: EngineConfig, replicas: int, base_port: int, bind_
         if isinstance(template, VllmEngineConfig):
             if bind_cores and template.cpu_bind is None:
                 upd["cpu_bind"] = str(i % ncpu)
+            if i < len(gpus) and gpus[i] is not None:
+                upd["gpus"] = gpus[i]
             if template.kv_events and template.kv_events_endpoint is None:
                 upd["replay_endpoint"] = f"ipc://{run_dir.resolve()}/{name}-kv-replay.sock"
         out.append((name, template.model_copy(update=upd)))
@@ -75,21 +94,67 @@ def engine_dtype_line(template: EngineConfig) -> str | None:
     return f"engine dtype {choice.dtype} ({choice.reason})"
 
 
+def with_run_dir(cfg: StackConfig) -> StackConfig:
+    """``[supervisor] run_dir`` when set, else ``run/<gateway port>``: two stacks on one machine never share
+    logs, sockets or the cache node's socket."""
+    if "run_dir" in cfg.supervisor.model_fields_set:
+        return cfg
+    sup = cfg.supervisor.model_copy(update={"run_dir": f"run/{cfg.gateway.port}"})
+    return cfg.model_copy(update={"supervisor": sup})
+
+
+@contextlib.contextmanager
+def up_errors(fail: Callable[[str, int], NoReturn]) -> Iterator[None]:
+    """What ``kvmesh up`` says in one line instead of a traceback (exit 2: the config; 1: the machine)."""
+    try:
+        yield
+    except GpuError as e:
+        fail(str(e), 2)
+    except (PreflightError, TimeoutError) as e:
+        fail(str(e), 1)
+    except EngineDied as e:
+        fail(e.summary, 1)
+    except OSError as e:  # a shared-memory arena that does not fit, a run directory that cannot be made, ...
+        fail(f"cannot start the stack: {e}", 1)
+    except ValueError as e:
+        fail(str(e), 2)
+
+
+def with_engine_args(template: EngineConfig, args: Sequence[str]) -> EngineConfig:
+    """The template with vLLM flags (``kvmesh up -- ...``) appended to its ``extra_args``."""
+    if not args:
+        return template
+    if not isinstance(template, VllmEngineConfig):
+        raise ValueError(f"flags after -- go to vLLM, but the engines are simulated (kind = {template.kind!r})")
+    return template.model_copy(update={"extra_args": (*template.extra_args, *args)})
+
+
+def warn_unless_local(template: EngineConfig) -> None:
+    """A model that is not a directory is a Hugging Face id vLLM must download: say so before it tries."""
+    if isinstance(template, VllmEngineConfig) and not pathlib.Path(template.model).is_dir():
+        log.warning("[engine] model %r is not a directory here: vLLM will look for it in the Hugging Face "
+                    "cache or download it (this machine may be offline)", template.model)
+
+
 class Stack:
-    def __init__(self, cfg: StackConfig) -> None:
+    def __init__(self, cfg: StackConfig, engine_args: Sequence[str] = ()) -> None:
         self.cfg = cfg
         run_dir = pathlib.Path(cfg.supervisor.run_dir)
-        template = engine_template(cfg)
+        template = with_engine_args(engine_template(cfg), engine_args)
+        warn_unless_local(template)
+        sup = cfg.supervisor
+        gpus = replica_gpus(template, sup.replicas, sup.gpus)  # before the cache node allocates its arena
         self.cache_node: CacheNode | None = None
         self.template = template
+        self._lock = RunDirLock(run_dir)
+        self._locked = False
         if cfg.cache.enabled and isinstance(template, VllmEngineConfig):
             run_dir.mkdir(parents=True, exist_ok=True)
             self.cache_node = CacheNode(cfg.cache, run_dir)
             template = template.model_copy(update={"cache_node_socket": str(self.cache_node.socket_path.resolve())})
-        sup = cfg.supervisor
         self.engines: list[Engine] = [
             make_engine(name, c, run_dir)
-            for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir)
+            for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir, gpus)
         ]
         self.supervisor = Supervisor(self.engines, sup)
         gw_cfg = cfg.gateway
@@ -105,6 +170,8 @@ class Stack:
         for e in self.engines:
             replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer
             self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay)
+            if isinstance(e, VllmEngine) and e.cfg.gpus is not None:
+                self.gateway.backend_info[e.name] = {"gpus": e.cfg.gpus}
         self.supervisor.on_change(self._engine_changed)
 
     def dtype_line(self) -> str | None:
@@ -120,8 +187,34 @@ class Stack:
         else:
             self.gateway.pool.set_health(b, False, ENGINE_EXITED)
 
+    def port_uses(self) -> list[PortUse]:
+        """Every fixed port this stack binds, with the setting that chose it."""
+        gw = self.cfg.gateway
+        uses = [PortUse(gw.host, gw.port, "--port ([gateway] port)")]
+        for i, e in enumerate(self.engines):
+            host, _, port = e.url.removeprefix("http://").rpartition(":")
+            uses.append(PortUse(host, int(port), f"[supervisor] base_port + {i}"))
+        if self.cache_node is not None:
+            c = self.cfg.cache
+            uses += [PortUse(c.http_host, c.http_port or 0, "[cache] http_port"),
+                     PortUse(c.peer_host, c.peer_port or 0, "[cache] peer_port")]
+        return uses
+
+    def preflight(self) -> None:
+        """Lock the run directory and check every port, before anything starts (``PreflightError``)."""
+        if self._locked:
+            return
+        self._lock.acquire()
+        try:
+            check_ports(self.port_uses())
+        except BaseException:
+            self._lock.release()
+            raise
+        self._locked = True
+
     async def start(self, wait: bool = True) -> None:
         """Start the gateway first (it answers 503 until a replica is ready), then the engines."""
+        self.preflight()
         await self.gateway.start()
         try:
             if self.cache_node is not None:
@@ -134,7 +227,13 @@ class Stack:
             await self.gateway.refresh_backends()
 
     async def stop(self) -> None:
+        if not self._locked:  # never started: the run directory's files may be another stack's
+            if self.cache_node is not None:
+                await self.cache_node.store.close()  # the arena it allocated
+            return
         await self.gateway.stop()
         await self.supervisor.stop()
         if self.cache_node is not None:
             await self.cache_node.stop()
+        self._lock.release()
+        self._locked = False

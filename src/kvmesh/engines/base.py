@@ -2,10 +2,12 @@
 
 Contract:
 - ``start()`` launches the replica and returns once the process exists; it does not wait for readiness.
-- ``wait_ready()`` polls the replica's ``/health`` until it answers 200, the process dies (raises
+- ``wait_ready()`` polls the replica's ``/health`` until it answers 200 from this replica (``owns_endpoint``:
+  not another stack's engine on the same port), the process dies (raises
   :class:`EngineDied`) or the timeout passes (raises ``TimeoutError``).
 - ``wait_exit()`` returns the exit code when the replica ends for any reason; safe to call concurrently.
-- ``stop()`` ends the replica and everything it spawned (no orphans), gracefully first; idempotent.
+- ``stop()`` ends the replica and everything it spawned (no orphans, no shared-memory files left),
+  gracefully first; idempotent.
 All methods are coroutines run on the supervisor's event loop; none of them block it.
 """
 
@@ -27,7 +29,14 @@ class EngineState(enum.Enum):
 
 
 class EngineDied(RuntimeError):
-    """The engine process exited while we were waiting for it; the message carries its log tail."""
+    """The engine process exited while we were waiting for it; the message carries its log tail,
+    ``summary`` says it in one line (the tail's last error line)."""
+
+    def __init__(self, name: str, code: int, tail: str, log_path: str = "") -> None:
+        super().__init__(f"engine {name} exited with {code} while starting:\n{tail}")
+        errors = [x.strip() for x in tail.splitlines() if "Error" in x or "error" in x]
+        where = f" (log: {log_path})" if log_path else ""
+        self.summary = f"engine {name} exited with {code} while starting: {errors[-1] if errors else ''}{where}"
 
 
 class Engine(abc.ABC):
@@ -52,6 +61,11 @@ class Engine(abc.ABC):
     def log_tail(self, lines: int = 20) -> str:
         return ""
 
+    def owns_endpoint(self) -> bool:
+        """Whether what answers on ``url`` is this replica (not another stack's engine on the same port);
+        checked with every passing ``/health`` while starting."""
+        return True
+
     async def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
@@ -59,10 +73,10 @@ class Engine(abc.ABC):
                 code = self.exited()
                 if code is not None:
                     self.state = EngineState.FAILED
-                    raise EngineDied(f"engine {self.name} exited with {code} while starting:\n{self.log_tail()}")
+                    raise EngineDied(self.name, code, self.log_tail(), str(getattr(self, "log_path", "")))
                 try:
                     async with http.get(f"{self.url}/health") as r:
-                        if r.status == 200:
+                        if r.status == 200 and self.owns_endpoint():
                             self.state = EngineState.READY
                             return
                 except (aiohttp.ClientError, TimeoutError):

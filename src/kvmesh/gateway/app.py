@@ -69,6 +69,7 @@ class Gateway:
         self._health_http: aiohttp.ClientSession | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.discovery: GatewayDiscovery | None = None  # backends from Kubernetes EndpointSlices
+        self.backend_info: dict[str, dict[str, object]] = {}  # shown per backend in /health (e.g. its GPUs)
 
     @property
     def index(self) -> KvIndex | None:
@@ -238,7 +239,8 @@ class Gateway:
 
     async def _health(self, request: web.Request) -> web.Response:
         backends = {b.name: {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight,
-                             "breaker": b.breaker.state, "breaker_trips": b.breaker.trips}
+                             "breaker": b.breaker.state, "breaker_trips": b.breaker.trips,
+                             **self.backend_info.get(b.name, {})}
                     for b in self.pool.backends}
         return web.json_response({"status": "ok", "policy": self.policy.name, "backends": backends})
 
