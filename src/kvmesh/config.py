@@ -21,6 +21,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import ErrorDetails
 
 from kvmesh.policy_names import DEFAULT_POLICY, policy_help, policy_spec
 
@@ -84,8 +85,13 @@ class VllmEngineConfig(_EngineBase):
     max_model_len: int | None = Field(default=None, gt=0)
     dtype: Dtype = Field(default="auto", description="auto: bfloat16 where the CPU computes it natively "
                          "(AVX512-BF16/AMX), else float32")
-    extra_args: tuple[str, ...] = ()
-    env: dict[str, str] = Field(default_factory=dict)
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs per replica (vLLM's "
+                                      "--tensor-parallel-size); kvmesh up gives each replica its own")
+    gpus: str | None = Field(default=None, description="CUDA_VISIBLE_DEVICES of this replica; kvmesh up sets "
+                             "it per replica from [supervisor] gpus")
+    extra_args: tuple[str, ...] = Field(default=(), description="vLLM flags passed as they are (after -- on "
+                                        "the command line)")
+    env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process")
     cache_node_socket: str | None = Field(default=None,
                                           description="Attach kvmesh's KV connector to this cache node socket")
 
@@ -243,7 +249,10 @@ class SupervisorConfig(_Strict):
 
     replicas: int = Field(default=2, ge=1, le=64)
     base_port: int = Field(default=8100, ge=1024, le=65000)
-    run_dir: str = Field(default="run", description="Logs and ipc sockets go here")
+    run_dir: str = Field(default="run", description="Logs and ipc sockets go here (kvmesh up: run/<gateway "
+                         "port> unless set, so two stacks never share one)")
+    gpus: str | None = Field(default=None, description="GPUs the replicas share out, e.g. '0-7' (each gets "
+                             "tensor_parallel_size of them); default: CUDA_VISIBLE_DEVICES, else every GPU")
     bind_cores: bool = Field(default=True, description="Give replica i core i (mod cores)")
     start_timeout_s: float = Field(default=300.0, gt=0)
     restart_backoff_s: float = Field(default=1.0, gt=0)
@@ -421,7 +430,7 @@ def first_error(e: ValidationError) -> tuple[list[str], str]:
     """The first error as (field path, message), worded for a person: an engine kind's tag is dropped from
     the path and a field of the other kind says so."""
     first = e.errors()[0]
-    loc, msg = [str(p) for p in first["loc"]], str(first["msg"]).removeprefix("Value error, ")
+    loc, msg = [str(p) for p in first["loc"]], _plain(first)
     kinds = ("vllm", "sim")
     for i, part in enumerate(loc[:-1]):
         if part in kinds and (i == 0 or loc[i - 1] == "engine"):
@@ -430,3 +439,22 @@ def first_error(e: ValidationError) -> tuple[list[str], str]:
             loc = loc[:i] + loc[i + 1:]
             break
     return loc, msg
+
+
+_WORDING = {"extra_forbidden": "unknown setting", "int_parsing": "must be a whole number",
+            "int_from_float": "must be a whole number", "float_parsing": "must be a number",
+            "bool_parsing": "must be true or false", "missing": "required"}
+_BOUNDS = {"greater_than_equal": ("ge", "at least"), "greater_than": ("gt", "greater than"),
+           "less_than_equal": ("le", "at most"), "less_than": ("lt", "less than")}
+
+
+def _plain(err: ErrorDetails) -> str:
+    """pydantic's message in kvmesh's words (no "Value error," or "Input should be")."""
+    kind, ctx = str(err["type"]), err.get("ctx") or {}
+    if kind in _WORDING:
+        return _WORDING[kind]
+    if kind in _BOUNDS:
+        key, words = _BOUNDS[kind]
+        return f"must be {words} {ctx.get(key)}"
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return msg.replace("Input should be", "must be").replace("input should be", "must be")
