@@ -1,7 +1,16 @@
-"""Shared fixtures.  The vLLM engines are started once per session (≈30–60 s) and shared by every test."""
+"""Shared fixtures.  The vLLM engines are started once per session (≈30–60 s) and shared by every test.
+
+At the end of the run the session checks ``/dev/shm`` (issue 18): a kvmesh arena (``kvmesh-*``) or a vLLM
+shared-memory file (``psm_*``, ``sem.mp-*``) that appeared during this run and that no live process still
+holds is a leak: it is listed, removed, and the run fails.  Files that were there before the run, or that a
+running process (another test run, another stack on this machine) still holds, are not this run's and are
+left alone, so the check does not depend on test order or on what ran before.  ``KVMESH_SHM_CHECK=warn``
+reports without failing (a machine where unrelated processes share /dev/shm with the run).
+"""
 
 from __future__ import annotations
 
+import os
 import pathlib
 from collections.abc import Iterator
 
@@ -9,6 +18,7 @@ import pytest
 
 from kvmesh.config import CacheNodeConfig, GatewayConfig, SimEngineConfig, StackConfig, SupervisorConfig, engine_config
 from kvmesh.engines import vllm_available
+from kvmesh.engines.procs import SHM, shm_files
 from kvmesh.gateway import Gateway
 from kvmesh.models import demo
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
@@ -78,3 +88,36 @@ def engine_block_size(stack: Stack) -> int:
     """KV block size of the stack's engines (vLLM-CPU: 128; simulated: configured)."""
     eng = stack.cfg.engine
     return eng.block_size if isinstance(eng, SimEngineConfig) else 128
+
+
+SHM_PATTERNS = ("kvmesh-*", "psm_*", "sem.mp-*")
+_shm_before: set[pathlib.Path] = set()
+
+
+def _shm_now() -> set[pathlib.Path]:
+    return {p for pattern in SHM_PATTERNS for p in SHM.glob(pattern)}
+
+
+def _held_by_live_processes() -> set[pathlib.Path]:
+    return shm_files({int(d.name) for d in pathlib.Path("/proc").iterdir() if d.name.isdigit()})
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _shm_before.update(_shm_now())
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once
+        return
+    leaked = sorted(_shm_now() - _shm_before - _held_by_live_processes())
+    if not leaked:
+        return
+    for f in leaked:
+        f.unlink(missing_ok=True)
+    report = session.config.pluginmanager.get_plugin("terminalreporter")
+    msg = (f"/dev/shm: this run leaked {len(leaked)} shared-memory file(s) (removed now): "
+           f"{', '.join(f.name for f in leaked[:10])}")
+    if report is not None:
+        report.write_sep("!", msg, red=True, bold=True)
+    if os.environ.get("KVMESH_SHM_CHECK") != "warn":
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -49,7 +49,7 @@ NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "
               "engine": {"verbose"}, "cache-node": {"verbose"}, "cache status": {"as_json"}}
 # Commands whose options are run parameters (a trace, a load), not settings of a configured component.
 NO_CONFIG_COMMANDS = {"sim", "bench run", "bench compare", "calibrate", "model demo", "operator",
-                      "k8s manifests", "top"}
+                      "k8s manifests", "top", "tenants hash-key"}
 
 
 def commands(group: typer.core.TyperGroup, prefix: str = "") -> dict[str, Any]:

@@ -336,3 +336,17 @@ def _get_json(url: str) -> dict[str, object] | None:
     except httpx.HTTPError:
         return None
     return json.loads(r.text) if r.status_code == 200 else None
+
+
+def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
+    """Item 8: the suite-wide check (``tests/conftest.py``) fails a run that leaves a shared-memory file
+    nobody holds, removes it, and leaves files held by live processes alone."""
+    leak = pathlib.Path(f"/dev/shm/psm_kvmeshtest_{os.getpid()}_{tmp_path.name}")
+    (tmp_path / "test_leak.py").write_text(f"import pathlib\n\ndef test_leaks():\n"
+                                           f"    pathlib.Path({str(leak)!r}).write_bytes(b'x')\n")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                        "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leak.py")],
+                       capture_output=True, text=True, cwd=repo, timeout=120, env=os.environ | {"KVMESH_SHM_CHECK": ""})
+    assert r.returncode == 1 and "leaked 1 shared-memory file" in r.stdout and leak.name in r.stdout, r.stdout
+    assert not leak.exists()

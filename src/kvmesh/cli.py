@@ -37,6 +37,7 @@ from kvmesh.config import (
     engine_config,
     load_stack_config,
 )
+from kvmesh.gateway.commands import register as register_tenants
 from kvmesh.k8s.commands import register as register_k8s
 from kvmesh.observability.commands import register as register_observability
 from kvmesh.policy_names import policy_spec
@@ -410,6 +411,7 @@ def model_demo(
 register_bench(app)  # kvmesh bench run/compare (kvmesh.bench.commands)
 register_sim(app)  # kvmesh sim, kvmesh calibrate (kvmesh.sim.commands)
 register_k8s(app)  # kvmesh operator, kvmesh k8s manifests (kvmesh.k8s.commands)
+register_tenants(app)  # kvmesh tenants hash-key (kvmesh.gateway.commands)
 register_observability(app)  # kvmesh top (kvmesh.observability.commands)
 
 

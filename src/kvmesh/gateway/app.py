@@ -29,7 +29,7 @@ from kvmesh.gateway.metrics import GatewayMetrics, StateCollector
 from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.path import RequestPath
 from kvmesh.gateway.reconfig import reconfigure
-from kvmesh.gateway.tenants import Tenants, load_tenants
+from kvmesh.gateway.tenants import Tenants, changed_tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.index.index import KvIndex
 from kvmesh.index.subscriber import IndexFeed
@@ -144,9 +144,12 @@ class Gateway:
                                        self.cfg.drain_timeout_s if timeout_s is None else timeout_s)
         return self.path.active
 
-    def reload_tenants(self) -> None:
-        """Re-read the tenants file (keys, limits); raises ``ValueError`` and keeps the old set on error."""
-        self.tenants = Tenants(load_tenants(pathlib.Path(self.cfg.tenants_file) if self.cfg.tenants_file else None))
+    def reload_tenants(self) -> list[str]:
+        """Re-read the tenants file (keys, limits); raises ``ValueError`` and keeps the old set on error.
+        Returns what changed (``tenants.<name>``)."""
+        new = Tenants(load_tenants(pathlib.Path(self.cfg.tenants_file) if self.cfg.tenants_file else None))
+        changed, self.tenants = changed_tenants(self.tenants, new), new
+        return changed
 
     async def stop(self) -> None:
         if self._runner is not None and not self.draining:
@@ -267,12 +270,11 @@ class Gateway:
         """Apply the config file's ``[gateway]`` table (if any) and re-read the tenants file; see
         :mod:`kvmesh.gateway.reconfig`.  Raises ``ValueError``/``ConfigError`` and changes nothing on bad input."""
         if self.config_path is None:
-            self.reload_tenants()
-            return {}
+            return {"changed": self.reload_tenants()}
         new = load_stack_config(self.config_path).gateway
         report = reconfigure(self, new)
         if "tenants_file" not in report["changed"]:
-            self.reload_tenants()  # the file's contents may have changed
+            report["changed"] = [*report["changed"], *self.reload_tenants()]  # the file's contents may have changed
         return report
 
     async def _openapi(self, request: web.Request) -> web.Response:

@@ -14,13 +14,17 @@ import hmac
 import math
 import os
 import pathlib
+import re
 import time
 import tomllib
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvmesh.api.errors import ApiError
+
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_MIN_BURST = 10.0  # units a per-minute bucket holds at least (when the rate allows that many)
 
 
 class TenantConfig(BaseModel):
@@ -35,12 +39,38 @@ class TenantConfig(BaseModel):
     burst_s: float = Field(default=10.0, gt=0, le=60, description="Bucket size: this many seconds of the rate")
     cache_salt: str | None = Field(default=None, description="Defaults to a secret derived from the name")
 
+    @field_validator("key_sha256")
+    @classmethod
+    def _hex(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _digests(v)
+
 
 class TenantsFile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     admin_key_sha256: tuple[str, ...] = ()
     tenants: tuple[TenantConfig, ...] = ()
+
+    @field_validator("admin_key_sha256")
+    @classmethod
+    def _hex(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _digests(v)
+
+
+def _digests(v: tuple[str, ...]) -> tuple[str, ...]:
+    # a key pasted where its hash belongs would be accepted and then match no request (every key gets 401)
+    for h in v:
+        if not _SHA256.fullmatch(h):
+            raise ValueError(f"{h[:8]}... is not a SHA-256 digest (64 hex characters): store the hash of a key, "
+                             "not the key (kvmesh tenants hash-key KEY prints it)")
+    return v
+
+
+def changed_tenants(old: Tenants, new: Tenants) -> list[str]:
+    """What a reload changed, as ``tenants.<name>`` (added, removed or any setting) and ``admin_key_sha256``."""
+    out = [f"tenants.{n}" for n in sorted(old.tenants.keys() | new.tenants.keys())
+           if n not in old.tenants or n not in new.tenants or old.tenants[n].cfg != new.tenants[n].cfg]
+    return out + (["admin_key_sha256"] if old.admin != new.admin else [])
 
 
 def hash_key(key: str) -> str:
@@ -62,7 +92,9 @@ class Bucket:
 
     @property
     def size(self) -> float:
-        return max(1.0, self.rate_per_min * self.burst_s / 60.0)
+        # burst_s of the rate, but at least min(rate, 10) units: a limit of 3 per minute admits 3 requests in a
+        # fresh minute (a 10 s bucket of it would hold half a request, i.e. one)
+        return max(1.0, self.rate_per_min * self.burst_s / 60.0, min(self.rate_per_min, _MIN_BURST))
 
     def refill(self, now: float) -> None:
         self.level = min(self.size, self.level + (now - self.at) * self.rate_per_min / 60.0)
@@ -166,7 +198,8 @@ def load_tenants(path: pathlib.Path | None) -> TenantsFile:
         spec = TenantsFile.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
-        raise ValueError(f"tenants file {path}: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        msg = str(first["msg"]).removeprefix("Value error, ")
+        raise ValueError(f"tenants file {path}: {'.'.join(map(str, first['loc']))}: {msg}") from None
     if env:
         extra: dict[str, list[str]] = {}
         for item in env.split(","):
