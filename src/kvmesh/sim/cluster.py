@@ -14,6 +14,11 @@ event-driven policies are measured against.
 Reported per policy: TTFT and TPOT (per request, first to last token) mean/p50/p99, the engine hit rate,
 each engine's share of prompt tokens, and goodput — the share of requests meeting both the TTFT and the
 TPOT SLO.
+
+With ``tiers`` (:class:`kvmesh.sim.tiers.TierConfig`) each machine of ``engines_per_machine`` engines gets a
+cache node (DRAM over SSD), optionally pooled; their tier events (medium CPU / STORAGE) reach the same index
+after ``event_delay_s``, credited to the engines that can read them.  ``hit_rate`` then counts GPU hits and
+tier loads; ``tier_hit_rate`` the loads alone.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from kvmesh.routing.kv_aware import decode_cost
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
 from kvmesh.sim.profiles import TimingProfile
+from kvmesh.sim.tiers import MachineView, TierConfig, TierSystem, tier_profile
 
 _ARRIVE, _STEP_DONE, _EVENTS = 0, 1, 2
 
@@ -98,6 +104,8 @@ class SimResult:
     tpot_p99_s: float = 0.0
     goodput: float = 0.0            # share of requests within both SLOs
     busiest_over_mean: float = 0.0  # the busiest engine's prompt tokens over the mean (1.0 = even)
+    tier_hit_rate: float = 0.0      # share of prompt tokens loaded from DRAM/SSD/pool tiers
+    load_s_total: float = 0.0       # time engines spent loading from the tiers
 
     def row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -119,7 +127,8 @@ class Slo:
 class Cluster:
     def __init__(self, replicas: int, profile: TimingProfile, policy: str, block_size: int,
                  token_scale: float = 1.0, event_delay_s: float = 0.01, seed: int = 0, *,
-                 routing: RoutingConfig | None = None, informed: bool = False, slo: Slo | None = None) -> None:
+                 routing: RoutingConfig | None = None, informed: bool = False, slo: Slo | None = None,
+                 tiers: TierConfig | None = None) -> None:
         self.profile = profile
         self.block_size = block_size
         self.event_delay_s = event_delay_s
@@ -127,6 +136,13 @@ class Cluster:
         self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
                          for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
+        self.tiers: TierSystem | None = None
+        if tiers is not None and tiers.enabled:
+            block_bytes = block_size * token_scale * profile.kv_bytes_per_token
+            self.tiers = TierSystem(tiers, tier_profile(tiers.profile or profile.name), replicas, block_size,
+                                    block_bytes)
+            for i, b in enumerate(self.backends):
+                b.core.tier = MachineView(self.tiers, self.tiers.machine_of(i))
         cfg = routing or RoutingConfig(prefix_block_size=block_size)
         # speculative entries expire in virtual time
         self.index = KvIndex("kvmesh", pending_ttl_s=cfg.speculative_ttl_s, clock=lambda: self.now)
@@ -164,7 +180,8 @@ class Cluster:
             elif kind == _STEP_DONE:
                 self._step_done(now, *obj)
             else:
-                self.index.apply(obj[0], obj[1])
+                for name in obj[0]:
+                    self.index.apply(name, obj[1])
         return self._result(time.perf_counter() - t0, now)
 
     def _arrive(self, now: float, r: SimRequest) -> None:
@@ -208,7 +225,10 @@ class Cluster:
             self.done.append(r)
         events = b.core.pool.take_events()
         if events:
-            self._push(now + self.event_delay_s, _EVENTS, (b.name, EventBatch(now, events)))
+            self._push(now + self.event_delay_s, _EVENTS, ((b.name,), EventBatch(now, events)))
+        if self.tiers is not None:
+            for readers, evs in self.tiers.take_events():
+                self._push(now + self.event_delay_s, _EVENTS, (readers, EventBatch(now, evs)))
         b.stepping = False
         if b.core.has_work():
             self._step(now, b)
@@ -216,7 +236,8 @@ class Cluster:
     def _result(self, wall: float, end: float) -> SimResult:
         ttft = sorted(r.first_token_at - r.arrival for r in self.done)
         tpot = sorted(_tpot(r) for r in self.done)
-        hits = sum(b.core.pool.hits for b in self.backends)
+        loaded = sum(b.core.tier_hits for b in self.backends)
+        hits = sum(b.core.pool.hits for b in self.backends) + loaded
         queries = sum(b.core.pool.queries for b in self.backends)
         good = sum(1 for r in self.done if r.first_token_at - r.arrival <= self.slo.ttft_s
                    and _tpot(r) <= self.slo.tpot_s)
@@ -226,7 +247,8 @@ class Cluster:
                          hits / max(queries, 1), wall, end,
                          [sum(1 for r in self.done if r.engine == b.name) for b in self.backends],
                          sum(tpot) / n, _q(tpot, 0.5), _q(tpot, 0.99), good / n,
-                         max(load, default=0) / max(sum(load) / max(len(load), 1), 1))
+                         max(load, default=0) / max(sum(load) / max(len(load), 1), 1), loaded / max(queries, 1),
+                         self.tiers.stats.seconds if self.tiers else 0.0)
 
 
 def _q(xs: list[float], p: float) -> float:

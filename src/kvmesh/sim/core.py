@@ -6,6 +6,10 @@ running (chunked prefill), then of waiting requests admitted in arrival order wh
 last.  Admission looks up the request's cached prefix (full blocks only; the last prompt token is always
 computed).  The step's duration comes from a :class:`TimingProfile`.
 
+With ``tier`` set (a :class:`kvmesh.sim.tiers.MachineView`), admission continues the GPU prefix through the
+machine's cache tiers: those blocks are loaded, not computed, and their load time is added to the admitting
+step (the connector loads synchronously before the forward pass); every computed block is saved to the tiers.
+
 Token scale: a simulated token may stand for ``token_scale`` real tokens (traces scaled down so that
 millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
 Not thread-safe; driven by one caller.
@@ -15,10 +19,20 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from kvmesh.sim.blockpool import BlockPool
 from kvmesh.sim.profiles import TimingProfile
+
+
+class TierAccess(Protocol):
+    """An engine's view of the cache tiers below its GPU (``kvmesh.sim.tiers.MachineView``)."""
+
+    def held(self, keys: Sequence[int]) -> int: ...
+    def load(self, keys: Sequence[int]) -> float: ...
+    def save(self, key: int, parent: int | None, tokens: list[int]) -> None: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -30,6 +44,7 @@ class SimRequest:
     arrival: float
     engine: str = ""
     cached: int = 0          # prompt tokens found in the cache at admission
+    loaded: int = 0          # of those, tokens loaded from the tiers below the GPU
     computed: int = 0        # prompt tokens cached or computed so far
     generated: int = 0
     held: list[int] = field(default_factory=list)   # cached block keys this request references
@@ -62,6 +77,9 @@ class EngineCore:
         self.budget = max(1, int(profile.max_batch_tokens / token_scale))
         self.waiting: collections.deque[SimRequest] = collections.deque()
         self.running: list[SimRequest] = []
+        self.tier: TierAccess | None = None
+        self.tier_hits = 0       # prompt tokens loaded from the tiers
+        self._load_s = 0.0       # load time of this step's admissions
 
     def add(self, req: SimRequest) -> None:
         req.engine = self.name
@@ -109,6 +127,7 @@ class EngineCore:
         ctx = sum(len(r.tokens) + r.generated for r in decodes)
         s = self.scale
         dur = self.profile.step_seconds(int(sum(n for _, n in chunks) * s), attn * s * s, len(decodes), int(ctx * s))
+        dur, self._load_s = dur + self._load_s, 0.0
         end = now + dur
         firsts: list[SimRequest] = []
         for r, n in chunks:
@@ -170,7 +189,25 @@ class EngineCore:
         r.cached = r.computed = hit * bs
         self.pool.queries += len(r.tokens)
         self.pool.hits += r.cached
+        if self.tier is not None:
+            self._load(self.tier, r, hit, (len(r.tokens) - 1) // bs)
         return True
+
+    def _load(self, tier: TierAccess, r: SimRequest, hit: int, full: int) -> None:
+        """Load the blocks after the GPU prefix that the tiers hold; they become cached GPU blocks."""
+        n = tier.held(r.keys[hit:full]) if hit < full else 0
+        if not n:
+            return
+        self._load_s += tier.load(r.keys[hit:hit + n])
+        bs = self.block_size
+        for i in range(hit, hit + n):
+            extra = [(r.salt,)] if i == 0 and r.salt else None
+            self.pool.store(r.keys[i], r.keys[i - 1] if i else None, r.tokens[i * bs:(i + 1) * bs], extra)
+            r.held.append(r.keys[i])
+            r.extra_blocks -= 1
+        r.loaded = n * bs
+        r.cached = r.computed = (hit + n) * bs
+        self.tier_hits += r.loaded
 
     def _compute(self, r: SimRequest, n: int) -> None:
         bs = self.block_size
@@ -180,6 +217,8 @@ class EngineCore:
             parent = r.keys[i - 1] if i else None
             extra = [(r.salt,)] if i == 0 and r.salt else None
             self.pool.store(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs], extra)
+            if self.tier is not None:
+                self.tier.save(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs])
             r.held.append(r.keys[i])
             r.extra_blocks -= 1
 

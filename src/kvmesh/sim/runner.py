@@ -9,6 +9,7 @@ from kvmesh.config import RoutingConfig
 from kvmesh.index.hashing import root_seed
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
+from kvmesh.sim.tiers import TierConfig
 from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, infinite_cache_hit_rate, load_trace, mooncake_prompt
 
 DEFAULT_POLICIES = ("round-robin", "least-request", "random", "prefix", "session", "kv-aware", "oracle")
@@ -26,16 +27,18 @@ class TraceRun:
 def run_mooncake(path: str | pathlib.Path, replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, limit: int | None = None,
                  event_delay_s: float = 0.01, fmt: str = "mooncake", routing: RoutingConfig | None = None,
-                 informed: bool = False) -> TraceRun:
+                 informed: bool = False, tiers: TierConfig | None = None) -> TraceRun:
     """Raises ``TraceError`` for an unreadable trace and ``ValueError`` for an unknown profile/policy."""
     return run_requests(load_trace(path, fmt, limit), replicas, policies, profile, tokens_per_block,
-                        event_delay_s, routing, informed)
+                        event_delay_s, routing, informed, tiers)
 
 
 def run_requests(reqs: list[TraceRequest], replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, event_delay_s: float = 0.01,
-                 routing: RoutingConfig | None = None, informed: bool = False) -> TraceRun:
-    """Every policy over the same requests (trace blocks scaled to ``tokens_per_block`` tokens)."""
+                 routing: RoutingConfig | None = None, informed: bool = False,
+                 tiers: TierConfig | None = None) -> TraceRun:
+    """Every policy over the same requests (trace blocks scaled to ``tokens_per_block`` tokens), with the
+    cache tiers ``tiers`` describes (None: GPU prefix caches only)."""
     prof = get_profile(profile)
     prompts = [mooncake_prompt(r, tokens_per_block) for r in reqs]
     scale = MOONCAKE_BLOCK / tokens_per_block
@@ -45,7 +48,7 @@ def run_requests(reqs: list[TraceRequest], replicas: int = 8, policies: tuple[st
         sim = make_requests(prompts, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs],
                             tokens_per_block, seed, [r.session for r in reqs])
         cluster = Cluster(replicas, prof, policy, tokens_per_block, scale, event_delay_s, routing=routing,
-                          informed=informed)
+                          informed=informed, tiers=tiers)
         results.append(cluster.run(sim))
     block_hit, token_hit = infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s if reqs else 0.0

@@ -1,0 +1,165 @@
+"""The simulator's cache tiers: per-machine DRAM over SSD, the pool, load times, tier events into the KV index."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvmesh.cache.pool.ring import Ring
+from kvmesh.index.events import BlockRemoved, BlockStored, EventBatch
+from kvmesh.index.hashing import block_keys, root_seed
+from kvmesh.index.index import KvIndex
+from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
+from kvmesh.sim.core import SimRequest
+from kvmesh.sim.tiers import CacheNode, Link, MachineView, TierConfig, TierProfile, TierSystem
+
+SEED = root_seed("kvmesh")
+BS = 4
+PROFILE = TierProfile("test", host=Link(1.0, 0.001), ssd=Link(0.5, 0.01), network=Link(0.25, 0.1))
+
+
+def _chain(n: int, start: int = 0) -> tuple[list[int], list[int]]:
+    toks = list(range(start, start + n * BS))
+    return toks, [int(k) for k in block_keys(toks, BS, SEED)]
+
+
+def _put_chain(node: CacheNode, toks: list[int], keys: list[int]) -> None:
+    for i, k in enumerate(keys):
+        node.put(k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+
+
+def test_node_demotes_dram_victims_to_ssd_then_drops_ssd_victims() -> None:
+    node = CacheNode("m0", dram_blocks=2, ssd_blocks=2, block_size=BS)
+    toks, keys = _chain(5)
+    _put_chain(node, toks, keys)
+    # LRU: the oldest leave DRAM for SSD; the SSD's oldest is dropped
+    assert node.dram == set(keys[3:]) and node.ssd == set(keys[1:3]) and keys[0] not in node.meta
+    # a demotion is announced stored-on-SSD before removed-from-DRAM
+    evs = [e for e in node.events if isinstance(e, (BlockStored, BlockRemoved)) and keys[0] in e.block_hashes]
+    assert [(type(e).__name__, e.medium) for e in evs] == [
+        ("BlockStored", "CPU"), ("BlockStored", "STORAGE"), ("BlockRemoved", "CPU"), ("BlockRemoved", "STORAGE")]
+
+
+def test_ssd_hit_is_promoted_into_dram_and_keeps_its_ssd_copy() -> None:
+    node = CacheNode("m0", dram_blocks=1, ssd_blocks=4, block_size=BS)
+    toks, keys = _chain(2)
+    _put_chain(node, toks, keys)
+    node.events.clear()
+    assert node.where(keys[0]) == "ssd"
+    assert node.read(keys[0]) == "ssd"
+    assert node.where(keys[0]) == "dram" and keys[0] in node.ssd and node.where(keys[1]) == "ssd"
+    assert isinstance(node.events[0], BlockStored) and node.events[0].medium == "STORAGE"  # keys[1] demoted
+    stored_cpu = [e for e in node.events if isinstance(e, BlockStored) and e.medium == "CPU"]
+    assert [e.block_hashes for e in stored_cpu] == [[keys[0]]]
+    assert any(isinstance(e, BlockRemoved) and e.block_hashes == [keys[1]] for e in node.events)
+
+
+def test_tier_events_reach_the_index_for_the_machines_engines_only() -> None:
+    sys = TierSystem(TierConfig(engines_per_machine=2, dram_bytes=100, ssd_bytes=100), PROFILE, 4, BS, 10.0)
+    toks, keys = _chain(3)
+    for i, k in enumerate(keys):
+        sys.save(1, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+    idx = KvIndex("kvmesh")
+    for names, evs in sys.take_events():
+        for n in names:
+            idx.apply(n, EventBatch(0.0, evs))
+    m = idx.match(keys, ["e0", "e1", "e2", "e3"])
+    assert [x.cpu for x in m] == [0, 0, 3, 3] and all(x.gpu == 0 for x in m)
+    assert sys.take_events() == []
+
+
+def test_pool_places_blocks_on_ring_owners_and_credits_every_engine() -> None:
+    cfg = TierConfig(engines_per_machine=1, dram_bytes=1000, pooled=True, replication=2)
+    sys = TierSystem(cfg, PROFILE, 3, BS, 10.0)
+    ring = Ring.build({"m0": 1000, "m1": 1000, "m2": 1000})
+    toks, keys = _chain(6)
+    for i, k in enumerate(keys):
+        sys.save(0, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+    for k in keys:
+        owners = set(ring.owners(k.to_bytes(8, "little"), 2))
+        assert {n.name for n in sys.nodes if n.where(k)} == owners
+    [(names, evs)] = sys.take_events()
+    assert names == ("e0", "e1", "e2")
+    idx = KvIndex("kvmesh")
+    for n in names:
+        idx.apply(n, EventBatch(0.0, evs))
+    assert [x.cpu for x in idx.match(keys, list(names))] == [6, 6, 6]
+
+
+def test_load_time_is_bytes_over_each_link_plus_latency() -> None:
+    sys = TierSystem(TierConfig(engines_per_machine=1, dram_bytes=int(2e9), ssd_bytes=int(4e9)), PROFILE, 1, BS,
+                     1e9)
+    toks, keys = _chain(3)
+    for i, k in enumerate(keys):
+        sys.save(0, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+    assert [sys.nodes[0].where(k) for k in keys] == ["ssd", "dram", "dram"]
+    assert sys.held(0, keys) == 3
+    # 1 GB blocks: 2 GB over the host link (1 GB/s), plus its latency
+    assert sys.load(0, keys[1:]) == pytest.approx(2.0 + 0.001)
+    # an SSD block: read from SSD (0.5 GB/s) then over the host link; promoted, evicting the LRU DRAM block
+    assert sys.load(0, keys[:1]) == pytest.approx(1.0 + 0.001 + 2.0 + 0.01)
+    assert sys.nodes[0].where(keys[0]) == "dram" and sys.nodes[0].where(keys[1]) == "ssd"
+    assert sys.stats.ssd_blocks == 1 and sys.stats.dram_blocks == 2 and sys.stats.remote_blocks == 0
+
+
+def test_a_load_never_evicts_what_it_already_read() -> None:
+    sys = TierSystem(TierConfig(engines_per_machine=1, dram_bytes=2, ssd_bytes=8), PROFILE, 1, BS, 1.0)
+    toks, keys = _chain(4)
+    for i, k in enumerate(keys):
+        sys.save(0, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+    assert sys.nodes[0].dram == set(keys[2:])
+    # k0, k1 come from SSD and their promotions push k2, k3 out to SSD; promoting k2 would have to evict
+    # k0 or k1, which this load holds: k2 and k3 are read from SSD and stay there
+    sys.load(0, keys)
+    assert sys.stats.ssd_blocks == 4 and sys.nodes[0].dram == set(keys[:2])
+
+
+def test_remote_owner_adds_the_network() -> None:
+    cfg = TierConfig(engines_per_machine=1, dram_bytes=int(10e9), pooled=True)
+    sys = TierSystem(cfg, PROFILE, 2, BS, 1e9)
+    toks, keys = _chain(8)
+    for i, k in enumerate(keys):
+        sys.save(0, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
+    remote = sum(1 for k in keys if sys.nodes[1].where(k))
+    assert 0 < remote < 8  # the ring spreads 8 keys over both machines
+    assert sys.load(0, keys) == pytest.approx(8 + 0.001 + remote / 0.25 + 0.1)
+
+
+def test_engine_loads_the_tiers_prefix_and_charges_the_step() -> None:
+    prof = get_profile("h100-llama3-8b")
+    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12)
+    sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
+    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
+    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
+    toks = list(range(100))
+    keys = [int(k) for k in block_keys(toks, 16, SEED)]
+    a.add(SimRequest(1, toks, keys, 1, 0.0))
+    while a.has_work():
+        a.step(0.0)
+    assert sys.held(0, keys) == 6 and a.tier_hits == 0
+    r = SimRequest(2, toks, keys, 1, 0.0)
+    b.add(r)
+    res = b.step(0.0)
+    load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
+    assert r.loaded == r.cached == 96 and b.tier_hits == 96 and r.first_token_at == res.duration
+    assert res.duration == pytest.approx(prof.step_seconds(4, 4 * (96 + 2), 0, 0) + load)
+    assert b.pool.cached_prefix(keys) == 6  # loaded blocks are cached on the GPU now
+
+
+def _workload(n_groups: int, per_group: int) -> list[SimRequest]:
+    prompts: list[list[int]] = []
+    arrivals: list[float] = []
+    for i in range(per_group):
+        for g in range(n_groups):
+            prompts.append([g * 10_000 + t for t in range(256)] + [i * 7 + g])
+            arrivals.append(len(arrivals) * 0.05)
+    return make_requests(prompts, arrivals, [2] * len(prompts), 16, SEED)
+
+
+def test_cluster_with_pooled_tiers_hits_what_gpu_caches_lost() -> None:
+    prof = get_profile("h100-llama3-8b")
+    small = type(prof)(**{**{f: getattr(prof, f) for f in prof.__slots__}, "kv_capacity_tokens": 20 * 16 * 32})
+    base = Cluster(4, small, "kv-aware", 16, 32.0, seed=1).run(_workload(12, 4))
+    tiered = Cluster(4, small, "kv-aware", 16, 32.0, seed=1,
+                     tiers=TierConfig(engines_per_machine=2, dram_bytes=10**12, pooled=True)).run(_workload(12, 4))
+    assert base.tier_hit_rate == 0.0
+    assert tiered.tier_hit_rate > 0 and tiered.hit_rate > base.hit_rate and tiered.load_s_total > 0
