@@ -257,7 +257,7 @@ def test_engine_that_dies_while_starting_is_one_line(tmp_path: pathlib.Path) -> 
     conf = tmp_path / "k.toml"
     conf.write_text(f'[engine]\nmodel = "Qwen/Qwen3-0.6B"\n[supervisor]\nreplicas = 1\n'
                     f'base_port = {free_port_block(1)}\n[cache]\nenabled = false\n')
-    env = {k: v for k, v in os.environ.items()} | {"PYTHONPATH": str(root)}
+    env = os.environ | {"PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     r = subprocess.run([*KVMESH, "up", "--config", str(conf), "--port", str(free_port_block(1))],
                        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert r.returncode == 1, r.stderr
@@ -350,3 +350,11 @@ def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
                        capture_output=True, text=True, cwd=repo, timeout=120, env=os.environ | {"KVMESH_SHM_CHECK": ""})
     assert r.returncode == 1 and "leaked 1 shared-memory file" in r.stdout and leak.name in r.stdout, r.stdout
     assert not leak.exists()
+
+
+def test_bench_run_against_nothing_fails(tmp_path: pathlib.Path) -> None:
+    """Item 7: ``kvmesh bench run`` against a URL where nothing listens exits 1 with one line, not 0 with NaNs."""
+    r = subprocess.run([*KVMESH, "bench", "run", "--url", "http://127.0.0.1:1", "--limit", "2", "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
+    assert "no request to http://127.0.0.1:1 succeeded" in r.stderr and "nan" not in r.stdout.lower()

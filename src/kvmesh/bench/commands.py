@@ -65,6 +65,9 @@ def bench_run(
     t0 = time.perf_counter()
     results = asyncio.run(run_load(spec, reqs))
     summary = summarize(results, spec, time.perf_counter() - t0)
+    if not summary["ok"]:  # a table of NaNs would look like a result: nothing answered, say so and fail
+        errors = summary["errors"]
+        _fail(f"no request to {url} succeeded ({len(results)} sent; {max(errors, key=errors.get, default='?')})", 1)
     files = write_outputs(out, results, summary)
     typer.echo(markdown(summary))
     typer.echo("wrote " + ", ".join(str(f) for f in files))

@@ -154,6 +154,10 @@ class CacheNode:
                 n += await self.pool.count_remote(req.keys[n:])
             if self.remote is not None and n < len(req.keys) and not req.local:
                 n += await self.remote.count(req.keys[n:])
+            if n < len(req.keys) and not req.local:
+                # the engine reads (Get) only the n chunks found, so the first one missing is counted here:
+                # else a cold prompt would count as nothing and the hit rate read 100 %
+                self.metrics.misses.inc()
             return p.Count(n)
         if isinstance(req, p.Get):
             return await self._get(req, conn)

@@ -39,6 +39,8 @@ from kvmesh.routing import Policy, make_policy
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ENGINE_EXITED = "engine process exited"
+_MAX_REQUEST_LINE = 1 << 20
+_MAX_URL_QUERY = 8190  # aiohttp's own request-line limit, and what proxies commonly accept
 
 
 class Gateway:
@@ -120,7 +122,10 @@ class Gateway:
         await self.pool.check_all(self._health_http)
         self._health_task = asyncio.create_task(self.pool.run(self._health_http), name="health")
         # handler_cancellation: a client disconnect cancels its handler, which closes the upstream request.
-        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None)
+        # a request line up to 1 MiB reaches the handlers, so a long GET /debug/route gets a JSON 414 (not
+        # aiohttp's plain-text 400 and a logged traceback)
+        self._runner = web.AppRunner(self.app(), handler_cancellation=True, access_log=None,
+                                     max_line_size=_MAX_REQUEST_LINE)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_address=True)
         await site.start()
@@ -287,4 +292,7 @@ class Gateway:
         """``GET /debug/route?prompt=...&model=...`` (or ``POST`` a completions/chat body): what the policy would
         do, without sending anything."""
         self._require_admin(request)
+        if request.method == "GET" and len(request.query_string) > _MAX_URL_QUERY:
+            raise ApiError(414, f"the query is {len(request.query_string)} bytes, too long for a URL: POST "
+                           "/debug/route with a completions or chat body instead", kind="uri_too_long")
         return web.json_response(await self.path.explain(request))

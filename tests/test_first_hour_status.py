@@ -1,0 +1,57 @@
+"""Issue 18 item 10: what ``kvmesh cache status`` and ``/debug/route`` say to a new user."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from kvmesh.cache.client import NodeClient
+from kvmesh.cache.node import CacheNode
+from tests.helpers import LoopThread
+from tests.test_cache_node import keys, node_config, put
+
+KVMESH = [sys.executable, "-m", "kvmesh"]
+
+
+@pytest.fixture
+def node(tmp_path: pathlib.Path, loop_thread: LoopThread) -> Iterator[CacheNode]:
+    n = CacheNode(node_config(tmp_path), tmp_path)
+    loop_thread.run(n.start())
+    yield n
+    loop_thread.run(n.stop())
+
+
+def test_cold_lookups_count_as_misses(node: CacheNode) -> None:
+    """Two cold prompts and one warm one: 2 misses and the warm one's hits, not "100 %"."""
+    c = NodeClient(node.socket_path)
+    ks = keys(3)
+    assert c.lookup(keys(2, b"cold1")) == 0 and c.lookup(keys(2, b"cold2")) == 0  # the engine stops here
+    for k in ks:
+        assert put(c, k, os.urandom(4096))
+    assert c.lookup(ks) == 3
+    c.release(c.get(ks))
+    st = c.stats()
+    c.close()
+    assert st is not None and (st.reads.hits, st.reads.misses) == (3, 2)
+    assert st.reads.hit_rate == pytest.approx(0.6)
+
+
+def test_debug_route_get_with_a_long_prompt_is_json_414(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    gw = make_gateway(backends=("http://127.0.0.1:1",))
+    r = httpx.get(f"{gw.url}/debug/route", params={"prompt": "x" * 20000})
+    assert r.status_code == 414 and "POST /debug/route" in r.json()["error"]["message"]
+    r = httpx.post(f"{gw.url}/debug/route", json={"model": "m", "prompt": "x" * 20000})
+    assert r.status_code != 414
+
+
+def test_up_help_shows_tables_and_host() -> None:
+    r = subprocess.run([*KVMESH, "up", "--help"], capture_output=True, text=True, timeout=60,
+                       env=os.environ | {"COLUMNS": "200"})
+    assert "[gateway]" in r.stdout and "[supervisor]" in r.stdout and "--host" in r.stdout, r.stdout
+    assert "[default: (8000)]" in r.stdout or "[default: 8000]" in r.stdout
