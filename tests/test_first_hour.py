@@ -358,3 +358,33 @@ def test_bench_run_against_nothing_fails(tmp_path: pathlib.Path) -> None:
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and r.stderr.strip().count("\n") == 0, r.stderr
     assert "no request to http://127.0.0.1:1 succeeded" in r.stderr and "nan" not in r.stdout.lower()
+
+
+def test_one_config_file_for_gateway_and_cache_node(tmp_path: pathlib.Path) -> None:
+    """Item 3: ``kvmesh gateway --config`` takes the [gateway] table (tenants, routing, admission) and
+    ``kvmesh cache-node --config`` the [cache] table and [supervisor] run_dir, from the file ``kvmesh up`` reads."""
+    from kvmesh.gateway.tenants import hash_key
+
+    gw_port = free_port_block(1)
+    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nname = "a"\nkey_sha256 = ["{hash_key("sk-a")}"]\n')
+    conf = tmp_path / "k.toml"
+    conf.write_text(f'[gateway]\nport = {gw_port}\npolicy = "round-robin"\nbackends = ["http://127.0.0.1:1"]\n'
+                    f'tenants_file = "{tmp_path / "tenants.toml"}"\nmax_queue = 7\n[gateway.routing]\nkv_high = 0.5\n'
+                    f'[cache]\ndram_mib = 4\nssd_mib = 0\nsocket = "{tmp_path / "node.sock"}"\n'
+                    f'[supervisor]\nrun_dir = "{tmp_path / "run"}"\n')
+    procs = [subprocess.Popen([*KVMESH, cmd, "--config", str(conf)], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for cmd in ("gateway", "cache-node")]
+    try:
+        wait_until(lambda: _get_json(f"http://127.0.0.1:{gw_port}/health") is not None, 60, "the gateway")
+        assert (_get_json(f"http://127.0.0.1:{gw_port}/health") or {})["policy"] == "round-robin"
+        r = httpx.post(f"http://127.0.0.1:{gw_port}/v1/completions", json={"model": "m", "prompt": "x"})
+        assert r.status_code == 401  # the tenants file from the config
+        status = [*KVMESH, "cache", "status", "--socket", str(tmp_path / "node.sock"), "--json"]
+        wait_until(lambda: subprocess.run(status, capture_output=True, timeout=30).returncode == 0, 60, "the node")
+        st = json.loads(subprocess.run(status, capture_output=True, text=True, timeout=30).stdout)
+        assert st["dram"]["capacity_bytes"] == 4 << 20
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+            p.communicate(timeout=60)
+    assert [p.returncode for p in procs] == [0, 0]

@@ -320,21 +320,23 @@ def cache_node(
     k8s_api_server: Annotated[str | None, _opt(KubernetesEndpoints, "api_server")] = None,
     k8s_port: Annotated[str | None, _opt(KubernetesEndpoints, "port")] = None,
     run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file whose \\[cache] table (and "
+                                                            "\\[supervisor] run_dir) the flags override")] = None,
     verbose: bool = False,
 ) -> None:
     """Run this machine's KV cache node (DRAM → SSD; optionally one of a pool) until Ctrl-C."""
     _setup_logging(verbose)
     from kvmesh.cache.node import CacheNode
 
-    cfg: CacheNodeConfig = _parse(CacheNodeConfig, socket=_str(socket), dram_mib=dram_mib, ssd_dir=_str(ssd_dir),
-                                  ssd_mib=ssd_mib, eviction=eviction, ttl_s=ttl_s, admit_after=admit_after,
-                                  http_port=http_port, http_host=http_host, node_id=node_id,
-                                  peer_port=peer_port, peer_host=peer_host,
-                                  peers=tuple(peer) if peer else None, replicas=replicas, remote=remote, etcd=etcd,
-                                  etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s,
-                                  discovery=discovery,
-                                  kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port),
-                                  flag_names={"peers": "--peer", **K8S_FLAGS})
+    stack = _stack_config(config, {}, None) if config else None
+    base = stack.cache.model_dump(exclude_unset=True) if stack else {}
+    run_dir = run_dir or (pathlib.Path(stack.supervisor.run_dir) if stack else None)
+    flags = _given(socket=_str(socket), dram_mib=dram_mib, ssd_dir=_str(ssd_dir), ssd_mib=ssd_mib, eviction=eviction,
+                   ttl_s=ttl_s, admit_after=admit_after, http_port=http_port, http_host=http_host, node_id=node_id,
+                   peer_port=peer_port, peer_host=peer_host, peers=tuple(peer) if peer else None, replicas=replicas,
+                   remote=remote, etcd=etcd, etcd_ttl_s=etcd_ttl_s, remote_ttl_s=remote_ttl_s, discovery=discovery,
+                   kubernetes=_k8s(k8s_namespace, k8s_service, k8s_selector, k8s_api_server, k8s_port))
+    cfg: CacheNodeConfig = _parse(CacheNodeConfig, {"peers": "--peer", **K8S_FLAGS}, **(base | flags))
     _check_ports((cfg.http_host, cfg.http_port, "--http-port"), (cfg.peer_host, cfg.peer_port, "--peer-port"))
     run = pathlib.Path(run_dir or SupervisorConfig().run_dir)
     try:
