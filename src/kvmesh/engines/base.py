@@ -16,9 +16,12 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
+import logging
 import time
 
 import aiohttp
+
+log = logging.getLogger(__name__)
 
 
 class EngineState(enum.Enum):
@@ -66,10 +69,20 @@ class Engine(abc.ABC):
         checked with every passing ``/health`` while starting."""
         return True
 
+    def phase(self) -> str | None:
+        """What the replica is doing while it starts (e.g. "loading weights"), when it can be told."""
+        return None
+
     async def wait_ready(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
+        t0 = time.monotonic()
+        deadline, said = t0 + timeout_s, "starting"
+        log.info("engine %s: starting", self.name)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
             while True:
+                now = self.phase()
+                if now is not None and now != said:  # start-up takes a minute: say what is happening
+                    said = now
+                    log.info("engine %s: %s (%.0f s)", self.name, now, time.monotonic() - t0)
                 code = self.exited()
                 if code is not None:
                     self.state = EngineState.FAILED
@@ -78,6 +91,7 @@ class Engine(abc.ABC):
                     async with http.get(f"{self.url}/health") as r:
                         if r.status == 200 and self.owns_endpoint():
                             self.state = EngineState.READY
+                            log.info("engine %s: ready (%.0f s)", self.name, time.monotonic() - t0)
                             return
                 except (aiohttp.ClientError, TimeoutError):
                     pass

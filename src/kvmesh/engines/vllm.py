@@ -30,6 +30,12 @@ from kvmesh.engines.cpu import DtypeChoice, engine_dtype
 
 log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
+# what vLLM logs as it starts (lower case), and the phase it means; the first match in a line wins
+_PHASES = (("application startup complete", "API server up"), ("starting vllm api server", "API server starting"),
+           ("kv cache", "allocating the KV cache"), ("graph capturing", "capturing graphs"),
+           ("torch.compile", "compiling"), ("compil", "compiling"),
+           ("model loading took", "model loaded"), ("loading weights", "loading weights"),
+           ("loading safetensors", "loading weights"), ("initializing a v1 llm engine", "initialising the engine"))
 
 
 def vllm_available() -> bool:
@@ -215,6 +221,14 @@ class VllmEngine(Engine):
         """Signal the replica's whole process group (used by tests and fault injection)."""
         if self._proc is not None:
             _killpg(self._proc.pid, sig)
+
+    def phase(self) -> str | None:
+        """The start-up phase the last recognised line of vLLM's log names."""
+        for line in reversed(self.log_tail(40).lower().splitlines()):
+            for needle, phase in _PHASES:
+                if needle in line:
+                    return phase
+        return None
 
     def log_tail(self, lines: int = 20) -> str:
         try:
