@@ -48,7 +48,7 @@ CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
 NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "config", "verbose"},
               "engine": {"verbose"}, "cache-node": {"config", "verbose"}, "cache status": {"as_json"}}
 # Commands whose options are run parameters (a trace, a load), not settings of a configured component.
-NO_CONFIG_COMMANDS = {"sim", "bench run", "bench compare", "calibrate", "model demo", "operator",
+NO_CONFIG_COMMANDS = {"sim", "plan", "bench run", "bench compare", "calibrate", "model demo", "operator",
                       "k8s manifests", "top", "tenants hash-key"}
 
 

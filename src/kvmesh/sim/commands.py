@@ -1,4 +1,5 @@
-"""``kvmesh sim`` and ``kvmesh calibrate``: typer commands over :mod:`kvmesh.sim` (registered by ``kvmesh.cli``)."""
+"""``kvmesh sim``, ``kvmesh plan`` and ``kvmesh calibrate``: typer commands over :mod:`kvmesh.sim` (registered by
+``kvmesh.cli``)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from kvmesh.policy_names import policy_help
 
 def register(app: typer.Typer) -> None:
     app.command()(sim)
+    app.command()(plan)
     app.command()(calibrate)
 
 
@@ -38,6 +40,47 @@ def sim(
     except (TraceError, ValueError) as e:
         _fail(str(e))
     typer.echo(markdown(run))
+
+
+def plan(
+    trace: Annotated[pathlib.Path, typer.Option(help="Trace file (or a directory of Weka conversations)")],
+    trace_format: Annotated[str, typer.Option("--format", help="mooncake, azure or weka")] = "mooncake",
+    profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
+    slo: Annotated[str, typer.Option(help="Targets, e.g. ttft_p90=2s,tpot_p90=50ms")] = "ttft_p90=2s,tpot_p90=50ms",
+    max_replicas: int = 64,
+    per_machine: Annotated[int, typer.Option(help="Engines (GPUs) per machine")] = 8,
+    policy: Annotated[list[str] | None, typer.Option(help="Routing policies to try (repeat); default kv-aware and "
+                                                          "least-request")] = None,
+    dram_gb: Annotated[str, typer.Option(help="DRAM tier sizes per machine to try, GB")] = "0,1000",
+    ssd_gb: Annotated[str, typer.Option(help="SSD tier sizes per machine to try, GB")] = "0,8000",
+    gpu_hour: Annotated[float, typer.Option(help="$ per GPU-hour")] = 2.5,
+    dram_gb_hour: Annotated[float, typer.Option(help="$ per GB-hour of DRAM")] = 0.004,
+    ssd_gb_hour: Annotated[float, typer.Option(help="$ per GB-hour of SSD")] = 0.0001,
+    limit: Annotated[int | None, typer.Option(help="Only the first N requests of the trace")] = None,
+    out: Annotated[pathlib.Path | None, typer.Option(help="Write PATH.json, PATH.toml (kvmesh config for the "
+                                                          "winner) and PATH.png (Pareto front)")] = None,
+) -> None:
+    """Cheapest replicas x DRAM/SSD x pooling x policy meeting the SLO, searched with the simulator on the first
+    half of the trace and re-checked on the held-back second half."""
+    from kvmesh.sim.plan import PlanSpace, Prices, SloSpec
+    from kvmesh.sim.plan_run import run_plan
+    from kvmesh.workloads import TraceError
+
+    try:
+        space = PlanSpace(tuple(policy or ("kv-aware", "least-request")), _ints(dram_gb), _ints(ssd_gb),
+                          max_replicas=max_replicas, engines_per_machine=per_machine)
+        text = run_plan(trace, trace_format, SloSpec.parse(slo), space, Prices(gpu_hour, dram_gb_hour, ssd_gb_hour),
+                        profile, limit, out, typer.echo)
+    except (TraceError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(text)
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers, got {text!r}") from None
 
 
 def calibrate(

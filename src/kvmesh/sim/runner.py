@@ -6,7 +6,7 @@ import pathlib
 from dataclasses import dataclass
 
 from kvmesh.config import RoutingConfig
-from kvmesh.index.hashing import root_seed
+from kvmesh.index.hashing import block_keys, root_seed
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.tiers import TierConfig
@@ -66,3 +66,21 @@ def markdown(run: TraceRun) -> str:
     lines.append(f"\nInfinite shared cache ceiling: {run.ceiling_token_hit:.3f} of tokens "
                  f"({run.ceiling_block_hit:.3f} of blocks); {run.requests} requests over {run.trace_span_s:.0f} s.")
     return "\n".join(lines)
+
+
+def sim_ceiling_hit(reqs: list[TraceRequest], tokens_per_block: int = 16) -> float:
+    """The hit rate of one unbounded cache shared by every engine, counted as the simulator counts hits
+    (whole blocks of the chained prefix, the last prompt token always computed): what tiers can reach."""
+    seed, seen = root_seed("kvmesh"), set()
+    hit = total = 0
+    for r in reqs:
+        p = mooncake_prompt(r, tokens_per_block)
+        keys = list(block_keys(p, tokens_per_block, seed))
+        n = 0
+        for k in keys[:(len(p) - 1) // tokens_per_block]:
+            if k not in seen:
+                break
+            n += 1
+        hit, total = hit + n * tokens_per_block, total + len(p)
+        seen.update(keys)
+    return hit / max(total, 1)
