@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -102,6 +103,13 @@ def _held_by_live_processes() -> set[pathlib.Path]:
     return shm_files({int(d.name) for d in pathlib.Path("/proc").iterdir() if d.name.isdigit()})
 
 
+def _age_s(f: pathlib.Path) -> float:
+    try:
+        return time.time() - f.stat().st_mtime
+    except OSError:  # gone meanwhile
+        return 0.0
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     _shm_before.update(_shm_now())
 
@@ -109,7 +117,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once
         return
-    leaked = sorted(_shm_now() - _shm_before - _held_by_live_processes())
+    # a file another process created a moment ago may not be mapped yet: only settled files count
+    settled = {f for f in _shm_now() - _shm_before if _age_s(f) > 10}
+    leaked = sorted(settled - _held_by_live_processes())
     if not leaked:
         return
     for f in leaked:

@@ -22,6 +22,11 @@ def run(*args: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProc
     return subprocess.run([*KVMESH, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
+def test_version() -> None:
+    r = run("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kvmesh ")
+
+
 def test_help_everywhere() -> None:
     for cmd in ([], ["up"], ["gateway"], ["engine"], ["model", "demo"], ["sim"], ["bench", "run"],
                 ["bench", "compare"], ["calibrate"], ["cache-node"], ["cache", "status"]):
@@ -125,6 +130,7 @@ def test_bench_against_the_stack(stack, tmp_path: pathlib.Path) -> None:  # type
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["ok"] == 16 and summary["ttft"]["p50_ms"] > 0 and summary["prefix_hit_rate"] is not None
+    assert summary["workload"]["limit"] == 16 and summary["workload"]["workload"] == "groups"  # issue 18 item 12
     lines = (tmp_path / "out" / "requests.jsonl").read_text().splitlines()
     assert len(lines) == 16 and "| TTFT |" in r.stdout
     assert set(summary["per_backend"]) <= {e.name for e in stack.engines}

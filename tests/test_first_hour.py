@@ -49,6 +49,7 @@ FAKE_SERVER = textwrap.dedent('''
     p = argparse.ArgumentParser()
     p.add_argument("--host"); p.add_argument("--port", type=int); p.add_argument("--served-model-name")
     args, _ = p.parse_known_args()
+    print("INFO Loading weights took 0.01 seconds", flush=True)  # before binding: the supervisor sees it
     marks = os.environ["FAKE_VLLM_MARKS"]
     pathlib.Path(marks, f"started-{os.getpid()}").write_text(" ".join(sys.argv))
     core = subprocess.Popen([sys.executable, "-c", CORE, marks])
@@ -149,7 +150,9 @@ def test_gpus_per_replica_in_each_engine_and_in_health(tmp_path: pathlib.Path, t
     env = fake_env(fake_vllm, tmp_path / "marks", KVMESH_GPU_COUNT="8")
     up = Up(["--config", str(conf), "--port", str(gw)], env, tmp_path)
     ups.append(up)
-    up.wait_up()
+    started = up.wait_up()
+    # item 9: each replica's progress, from its log, while the stack starts
+    assert "engine engine-3: loading weights (" in started and "engine engine-3: ready (" in started, started
     health = httpx.get(f"http://127.0.0.1:{gw}/health").json()["backends"]
     assert [health[f"engine-{i}"]["gpus"] for i in range(4)] == ["0,1", "2,3", "4,5", "6,7"]
     for i in range(4):
@@ -342,8 +345,11 @@ def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
     """Item 8: the suite-wide check (``tests/conftest.py``) fails a run that leaves a shared-memory file
     nobody holds, removes it, and leaves files held by live processes alone."""
     leak = pathlib.Path(f"/dev/shm/psm_kvmeshtest_{os.getpid()}_{tmp_path.name}")
-    (tmp_path / "test_leak.py").write_text(f"import pathlib\n\ndef test_leaks():\n"
-                                           f"    pathlib.Path({str(leak)!r}).write_bytes(b'x')\n")
+    # written 60 s in the past: the check leaves files younger than 10 s alone (another process may be about
+    # to map them)
+    (tmp_path / "test_leak.py").write_text(f"import os, pathlib, time\n\ndef test_leaks():\n"
+                                           f"    p = pathlib.Path({str(leak)!r})\n    p.write_bytes(b'x')\n"
+                                           "    os.utime(p, (time.time() - 60, time.time() - 60))\n")
     repo = pathlib.Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
                         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leak.py")],

@@ -65,6 +65,10 @@ def bench_run(
     t0 = time.perf_counter()
     results = asyncio.run(run_load(spec, reqs))
     summary = summarize(results, spec, time.perf_counter() - t0)
+    summary["workload"] = {"trace": str(trace) if trace else None, "trace_format": trace_format if trace else None,
+                           "workload": None if trace else workload, "limit": limit, "turns": turns, "mode": mode,
+                           "speedup": speedup, "rate": rate, "concurrency": concurrency, "max_tokens": max_tokens,
+                           "slo_ttft_s": slo_ttft, "slo_tpot_s": slo_tpot, "url": url, "model": model}
     if not summary["ok"]:  # a table of NaNs would look like a result: nothing answered, say so and fail
         errors = summary["errors"]
         _fail(f"no request to {url} succeeded ({len(results)} sent; {max(errors, key=errors.get, default='?')})", 1)
