@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 import kvmesh.sim.plan as plan_mod
 from kvmesh.cli import app
 from kvmesh.config import StackConfig
+from kvmesh.sim.core import SimRequest
 from kvmesh.sim.plan import Planner, PlanSpace, Point, Prices, Shape, SloSpec, pareto
 from kvmesh.workloads import TraceRequest
 
@@ -41,13 +42,23 @@ def test_search_bisects_replicas_and_prunes_shapes_that_cannot_be_cheaper(monkey
     result = planner.search()
     assert result.best is not None
     assert (result.best.shape, result.best.replicas) == (Shape("kv-aware", 1000), 9)
-    # GPU-only: 16, then bisection 8, 12, 14, 13 -> 13 replicas = $32.50/h.  DRAM per machine ($4/h a
-    # machine) beats that only up to 9 replicas: 9, then 4, 6, 7, 8 -> 9 = $30.50/h.  Pooled DRAM costs the
-    # same: it is tried once, at 8 replicas (the most below $30.50), and dropped.
-    assert len(calls) == len(set(calls)) == 5 + 5 + 1
+    # GPU-only, no bound yet: 1, 2, 4, 8, 16, then bisection 12, 14, 13 -> 13 replicas = $32.50/h.  DRAM per
+    # machine ($4/h a machine) beats that only up to 9 replicas: 9, then 4, 6, 7, 8 -> 9 = $30.50/h.  Pooled
+    # DRAM costs the same: it is tried once, at 8 replicas (the most below $30.50), and dropped.
+    assert [n for s, n in calls if s == Shape("kv-aware")] == [1, 2, 4, 8, 16, 12, 14, 13]
+    assert len(calls) == len(set(calls)) == 8 + 5 + 1
     assert (Shape("kv-aware", 1000, 0, True), 8) in calls
     assert sum(1 for s, _ in calls if s == Shape("kv-aware", 1000, 0, True)) == 1
     assert all(not p.meets for p in result.tried if p.cost_per_hour < result.best.cost_per_hour)
+
+
+def test_a_run_gives_up_once_the_percentile_is_lost() -> None:
+    slo = SloSpec.parse("ttft_p90=1s,tpot_mean=1s")
+    check = slo.give_up(20)  # p90 over 20 requests: index 18 of the sorted TTFTs, so 1 may exceed 1 s
+    slow, fast = SimRequest(0, [1], [], 1, 0.0), SimRequest(1, [1], [], 1, 0.0)
+    slow.first_token_at = slow.done_at = 5.0
+    fast.first_token_at = fast.done_at = 0.5
+    assert [check(r) for r in (fast, slow, fast, slow)] == [False, False, False, True]
 
 
 def test_pareto_front_is_cheapest_first_and_strictly_better() -> None:

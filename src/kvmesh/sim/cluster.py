@@ -28,6 +28,7 @@ import itertools
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -163,16 +164,21 @@ class Cluster:
         self.done: list[SimRequest] = []
         # rid -> (routing context, the decision, tokens queued ahead)
         self._ctx: dict[int, tuple[RequestContext, Decision, int]] = {}
+        self._give_up: Callable[[SimRequest], bool] | None = None
+        self.gave_up = False
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, obj))
 
-    def run(self, reqs: list[SimRequest]) -> SimResult:
+    def run(self, reqs: list[SimRequest], give_up: Callable[[SimRequest], bool] | None = None) -> SimResult:
+        """Simulate ``reqs`` to the end, or until ``give_up`` (told of each finished request) says True."""
         t0 = time.perf_counter()
         for r in reqs:
             self._push(r.arrival, _ARRIVE, r)
         now = 0.0
-        while self._heap:
+        self._give_up = give_up
+        self.gave_up = False
+        while self._heap and not self.gave_up:
             now, _, kind, obj = heapq.heappop(self._heap)
             self.now = now
             if kind == _ARRIVE:
@@ -223,6 +229,8 @@ class Cluster:
             ctx, d, _ = self._ctx.pop(r.rid)
             self.policy.on_finished(ctx, d, r.done_at - r.first_token_at, r.generated)
             self.done.append(r)
+            if self._give_up is not None and self._give_up(r):
+                self.gave_up = True
         events = b.core.pool.take_events()
         if events:
             self._push(now + self.event_delay_s, _EVENTS, ((b.name,), EventBatch(now, events)))

@@ -5,7 +5,10 @@ Search space: a *shape* (routing policy × DRAM and SSD per machine × pooled or
 The search simulates few points:
 
 - **Bisection on replicas.**  For a fixed shape, more replicas never make latency worse (assumed: less
-  queueing, more GPU cache), so the fewest replicas meeting the SLO is found by bisection.
+  queueing, more GPU cache), so the fewest replicas meeting the SLO is found by bisection (after doubling
+  from one replica while no bound is known).
+- **Giving up early.**  A run stops as soon as more requests missed a percentile target than the target
+  allows: overloaded points cost a fraction of a full simulation.
 - **Pruning by cost.**  Shapes are visited cheapest first.  Once a configuration meeting the SLO costs C, a
   shape can only win with a replica count whose cost stays below C; it is simulated at that largest
   affordable count first, and dropped (one simulation) if even that misses the SLO.  Points that cannot beat
@@ -66,6 +69,27 @@ class SloSpec:
             out[key] = sum(xs) / max(len(xs), 1) if stat == "mean" else _q(xs, int(stat[1:]) / 100)
         return out
 
+    def give_up(self, total: int) -> Callable[[SimRequest], bool]:
+        """A check told of each finished request: True once so many requests exceeded a percentile target
+        that the whole run (``total`` requests) can no longer meet it.  Overloaded points end early."""
+        limits = []
+        for key, v in self.targets:
+            kind, stat = key.split("_")
+            if stat != "mean":
+                limits.append((kind, v, total - int(int(stat[1:]) / 100 * total) - 1))
+        over = [0] * len(limits)
+
+        def check(r: SimRequest) -> bool:
+            for i, (kind, v, allowed) in enumerate(limits):
+                x = r.first_token_at - r.arrival if kind == "ttft" else _tpot(r)
+                if x > v:
+                    over[i] += 1
+                    if over[i] > allowed:
+                        return True
+            return False
+
+        return check
+
     def met(self, measured: dict[str, float]) -> bool:
         return all(measured[k] <= v for k, v in self.targets)
 
@@ -111,11 +135,13 @@ class Point:
     attainment: float
     meets: bool
     hit_rate: float
+    gave_up: bool = False  # stopped early: the SLO could no longer be met
 
     def row(self) -> dict[str, object]:
         return {**asdict(self.shape), "replicas": self.replicas, "cost_per_hour": round(self.cost_per_hour, 3),
                 "measured": {k: round(v, 4) for k, v in self.measured.items()},
-                "attainment": round(self.attainment, 4), "meets": self.meets, "hit_rate": round(self.hit_rate, 4)}
+                "attainment": round(self.attainment, 4), "meets": self.meets, "hit_rate": round(self.hit_rate, 4),
+                "gave_up": self.gave_up}
 
 
 @dataclass(slots=True)
@@ -183,7 +209,7 @@ class Planner:
                 hi = min(hi, self._affordable(shape, best.cost_per_hour))
                 if hi < 1:
                     continue  # dominated: even one replica costs more than the best so far
-            found = self._fewest(shape, hi)
+            found = self._fewest(shape, hi, gallop=best is None)
             if found is not None and (best is None or found.cost_per_hour < best.cost_per_hour):
                 best = found
         return Plan(best, sorted(self._memo.values(), key=lambda p: (p.cost_per_hour, -p.attainment)))
@@ -195,11 +221,17 @@ class Planner:
             n += 1
         return n
 
-    def _fewest(self, shape: Shape, hi: int) -> Point | None:
-        top = self.evaluate(shape, hi)
-        if not top.meets:
-            return None
+    def _fewest(self, shape: Shape, hi: int, gallop: bool) -> Point | None:
+        """Fewest replicas <= ``hi`` meeting the SLO.  With no bound yet (``gallop``), 1, 2, 4, ... first:
+        overloaded points are given up early, so climbing from below is cheaper than starting at ``hi``."""
         lo = 0  # lo misses (0 replicas trivially), hi meets
+        if gallop:
+            n = 1
+            while n < hi and not self.evaluate(shape, n).meets:
+                lo, n = n, 2 * n
+            hi = min(n, hi)
+        if not self.evaluate(shape, hi).meets:
+            return None
         while hi - lo > 1:
             mid = (lo + hi) // 2
             if self.evaluate(shape, mid).meets:
@@ -217,9 +249,11 @@ def simulate(reqs: list[TraceRequest], shape: Shape, replicas: int, per_machine:
                         [r.session for r in reqs])
     cluster = Cluster(replicas, prof, shape.policy, tokens_per_block, MOONCAKE_BLOCK / tokens_per_block,
                       routing=routing, tiers=shape.tiers(per_machine))
-    res = cluster.run(sim)
+    res = cluster.run(sim, slo.give_up(len(sim)))
     measured = slo.measure(cluster.done)
-    return Point(shape, replicas, cost, measured, slo.attainment(cluster.done), slo.met(measured), res.hit_rate)
+    meets = not cluster.gave_up and slo.met(measured)
+    # a run given up early reports what it saw until then (attainment over the requests it finished)
+    return Point(shape, replicas, cost, measured, slo.attainment(cluster.done), meets, res.hit_rate, cluster.gave_up)
 
 
 def pareto(points: Sequence[Point]) -> list[Point]:
