@@ -55,3 +55,21 @@ def test_up_help_shows_tables_and_host() -> None:
                        env=os.environ | {"COLUMNS": "200"})
     assert "[gateway]" in r.stdout and "[supervisor]" in r.stdout and "--host" in r.stdout, r.stdout
     assert "[default: (8000)]" in r.stdout or "[default: 8000]" in r.stdout
+
+
+def test_cache_status_finds_a_stacks_node(tmp_path: pathlib.Path) -> None:
+    """With no --socket, ``kvmesh cache status`` finds the node of a stack (run/<port>/cache-node.sock) and
+    names the absolute path it tried when there is none."""
+    r = subprocess.run([*KVMESH, "cache", "status"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert r.returncode == 1 and str(tmp_path / "run" / "cache-node.sock") in r.stderr, r.stderr
+    proc = subprocess.Popen([*KVMESH, "cache-node", "--run-dir", "run/8123", "--dram-mib", "2", "--ssd-mib", "0"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        from tests.helpers import wait_until
+
+        status = [*KVMESH, "cache", "status", "--json"]
+        wait_until(lambda: subprocess.run(status, capture_output=True, timeout=30, cwd=tmp_path).returncode == 0,
+                   60, "the node")
+    finally:
+        proc.send_signal(2)
+        proc.communicate(timeout=60)

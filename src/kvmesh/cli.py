@@ -388,10 +388,8 @@ def cache_status(
     from kvmesh.cache.client import NodeClient
     from kvmesh.cache.stats import describe
 
-    if socket is None:  # where a node started with no flags listens
-        from kvmesh.cache.node import resolve_paths
-
-        socket = pathlib.Path(resolve_paths(CacheNodeConfig(), pathlib.Path(SupervisorConfig().run_dir)).socket or "")
+    if socket is None:
+        socket = _default_node_socket()
     logging.getLogger("kvmesh.cache.client").setLevel(logging.ERROR)  # the one-line error below says it
     c = NodeClient(socket, timeout_s=5.0)
     nodes = c.pool_stats()
@@ -404,6 +402,19 @@ def cache_status(
         return
     for nid, st in sorted(nodes.items()):
         typer.echo("\n".join(describe(st, this=nid == this)))
+
+
+def _default_node_socket() -> pathlib.Path:
+    """The one node socket under ./run: a node started with no flags (run/cache-node.sock) or a stack's
+    (run/<port>/cache-node.sock); several or none: say where to look, by absolute path."""
+    from kvmesh.cache.node import resolve_paths
+
+    run = pathlib.Path(SupervisorConfig().run_dir).resolve()
+    plain = pathlib.Path(resolve_paths(CacheNodeConfig(), run).socket or "")
+    found = [s for s in (plain, *sorted(run.glob("*/cache-node.sock"))) if s.exists()]
+    if len(found) > 1:
+        _fail(f"several cache nodes under {run}: {', '.join(map(str, found))}; choose one with --socket")
+    return found[0] if found else plain
 
 
 @model_app.command("demo")
