@@ -84,6 +84,7 @@ class Bucket:
 
     rate_per_min: float
     burst_s: float = 10.0
+    floor: float = 1.0  # units the bucket holds at least
     level: float = 0.0
     at: float = field(default_factory=time.monotonic)
 
@@ -92,9 +93,7 @@ class Bucket:
 
     @property
     def size(self) -> float:
-        # burst_s of the rate, but at least min(rate, 10) units: a limit of 3 per minute admits 3 requests in a
-        # fresh minute (a 10 s bucket of it would hold half a request, i.e. one)
-        return max(1.0, self.rate_per_min * self.burst_s / 60.0, min(self.rate_per_min, _MIN_BURST))
+        return max(self.floor, self.rate_per_min * self.burst_s / 60.0)
 
     def refill(self, now: float) -> None:
         self.level = min(self.size, self.level + (now - self.at) * self.rate_per_min / 60.0)
@@ -131,7 +130,10 @@ class Tenants:
             # "<name>:<secret>": unguessable, and cache nodes can charge a chunk to its tenant (byte quotas)
             salt = t.cache_salt or f"{t.name}:" + hmac.new(self.secret.encode(), t.name.encode(),
                                                            "sha256").hexdigest()[:32]
-            ten = Tenant(t, salt, Bucket(t.requests_per_min, t.burst_s) if t.requests_per_min else None,
+            # burst_s unset: at least min(rate, 10) requests, so a limit of 3 per minute admits 3 in a fresh
+            # minute (10 s of it would hold half a request, i.e. one); an explicit burst_s is taken as it is
+            floor = 1.0 if "burst_s" in t.model_fields_set else min(t.requests_per_min or 1.0, _MIN_BURST)
+            ten = Tenant(t, salt, Bucket(t.requests_per_min, t.burst_s, floor) if t.requests_per_min else None,
                          Bucket(t.tokens_per_min, t.burst_s) if t.tokens_per_min else None)
             self.tenants[t.name] = ten
             for h in t.key_sha256:
