@@ -22,6 +22,7 @@ within every per-request threshold of the SLO.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -191,6 +192,11 @@ class Planner:
     def evaluate(self, shape: Shape, replicas: int, reqs: list[TraceRequest] | None = None) -> Point:
         key = (shape, replicas)
         if reqs is None and key in self._memo:
+            return self._memo[key]
+        if reqs is None and shape.pooled and replicas <= self.space.engines_per_machine:
+            # one machine: pooled and per-machine tiers are the same cluster
+            same = self.evaluate(dataclasses.replace(shape, pooled=False), replicas)
+            self._memo[key] = dataclasses.replace(same, shape=shape)
             return self._memo[key]
         pt = simulate(reqs or self.reqs, shape, replicas, self.space.engines_per_machine, self.slo,
                       self.profile.name, self.tpb, self.routing, self.cost(shape, replicas))
