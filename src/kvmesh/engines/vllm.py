@@ -127,6 +127,11 @@ class VllmEngine(Engine):
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{self.cfg.kv_cache_gib:g}")
+        if vllm_cpu_build():
+            # vLLM-CPU compiles with the plain "inductor" backend, whose AOT artifact lacks vLLM's wrapper: every
+            # later start failed to load it ("'function' object has no attribute 'finalize_loading'"), then
+            # compiled and saved it again.  Without AOT, vLLM and inductor's own caches are used.
+            env.setdefault("VLLM_USE_AOT_COMPILE", "0")
         if self.cfg.cpu_bind is not None:
             env["VLLM_CPU_OMP_THREADS_BIND"] = self.cfg.cpu_bind
         if self.cfg.gpus is not None:  # this replica's own devices (kvmesh.engines.gpus)
