@@ -166,6 +166,8 @@ class Cluster:
         self._ctx: dict[int, tuple[RequestContext, Decision, int]] = {}
         self._give_up: Callable[[SimRequest], bool] | None = None
         self.gave_up = False
+        self._arrivals: list[float] = []
+        self._next_arrival = 0
 
     def _push(self, t: float, kind: int, obj: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, obj))
@@ -175,6 +177,10 @@ class Cluster:
         t0 = time.perf_counter()
         for r in reqs:
             self._push(r.arrival, _ARRIVE, r)
+        # A decode-only engine fast-forwards until the next arrival: only an arrival can add work to it (other
+        # engines' steps and index deliveries cannot), and its routing signals stay fixed during the run.
+        self._arrivals = sorted(r.arrival for r in reqs)
+        self._next_arrival = 0
         now = 0.0
         self._give_up = give_up
         self.gave_up = False
@@ -191,6 +197,7 @@ class Cluster:
         return self._result(time.perf_counter() - t0, now)
 
     def _arrive(self, now: float, r: SimRequest) -> None:
+        self._next_arrival += 1
         ctx = RequestContext(request_id=str(r.rid), model="sim", endpoint="completions", token_ids=r.tokens,
                              prompt_tokens_estimate=len(r.tokens), block_keys=r.keys, max_tokens=r.max_tokens,
                              session_id=r.session)
@@ -214,7 +221,8 @@ class Cluster:
 
     def _step(self, now: float, b: SimBackend) -> None:
         b.stepping = True
-        horizon = self._heap[0][0] if self._heap else math.inf
+        arr, i = self._arrivals, self._next_arrival
+        horizon = arr[i] if i < len(arr) else math.inf
         res = b.core.step(now, horizon)
         self._push(now + res.duration, _STEP_DONE, (b, res))
 
