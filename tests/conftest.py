@@ -1,11 +1,12 @@
 """Shared fixtures.  The vLLM engines are started once per session (≈30–60 s) and shared by every test.
 
 At the end of the run the session checks ``/dev/shm`` (issue 18): a kvmesh arena (``kvmesh-*``) or a vLLM
-shared-memory file (``psm_*``, ``sem.mp-*``) that appeared during this run and that no live process still
-holds is a leak: it is listed, removed, and the run fails.  Files that were there before the run, or that a
-running process (another test run, another stack on this machine) still holds, are not this run's and are
-left alone, so the check does not depend on test order or on what ran before.  ``KVMESH_SHM_CHECK=warn``
-reports without failing (a machine where unrelated processes share /dev/shm with the run).
+shared-memory file (``psm_*``, ``sem.mp-*``) that appeared during this run, is older than 10 s and that no
+live process holds (by inode: a named semaphore is mapped under another name) is a leak: it is listed and
+the run fails.  Nothing is removed: on a shared machine the file may belong to a process about to map it.
+Files that were there before the run, or that a running process (another test run, another stack on this
+machine) holds, are not this run's, so the check does not depend on test order or on what ran before.
+``KVMESH_SHM_CHECK=warn`` reports without failing (a machine where other runs share /dev/shm).
 """
 
 from __future__ import annotations
@@ -122,10 +123,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     leaked = sorted(settled - _held_by_live_processes())
     if not leaked:
         return
-    for f in leaked:
-        f.unlink(missing_ok=True)
     report = session.config.pluginmanager.get_plugin("terminalreporter")
-    msg = (f"/dev/shm: this run leaked {len(leaked)} shared-memory file(s) (removed now): "
+    msg = (f"/dev/shm: this run leaked {len(leaked)} shared-memory file(s) that no process holds: "
            f"{', '.join(f.name for f in leaked[:10])}")
     if report is not None:
         report.write_sep("!", msg, red=True, bold=True)

@@ -343,7 +343,7 @@ def _get_json(url: str) -> dict[str, object] | None:
 
 def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
     """Item 8: the suite-wide check (``tests/conftest.py``) fails a run that leaves a shared-memory file
-    nobody holds, removes it, and leaves files held by live processes alone."""
+    nobody holds (and removes nothing itself)."""
     leak = pathlib.Path(f"/dev/shm/psm_kvmeshtest_{os.getpid()}_{tmp_path.name}")
     # written 60 s in the past: the check leaves files younger than 10 s alone (another process may be about
     # to map them)
@@ -354,8 +354,20 @@ def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
                         "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leak.py")],
                        capture_output=True, text=True, cwd=repo, timeout=120, env=os.environ | {"KVMESH_SHM_CHECK": ""})
+    leak.unlink(missing_ok=True)
     assert r.returncode == 1 and "leaked 1 shared-memory file" in r.stdout and leak.name in r.stdout, r.stdout
-    assert not leak.exists()
+
+
+def test_a_named_semaphore_is_seen_as_held() -> None:
+    """Item 8: a held ``sem.mp-*`` (mapped under glibc's temporary name) counts as the holder's, so neither the
+    stop's verification nor the session check mistakes a live semaphore for a leak."""
+    import multiprocessing
+
+    from kvmesh.engines.procs import shm_files
+
+    lock = multiprocessing.get_context("spawn").Lock()
+    name = pathlib.Path("/dev/shm", "sem." + lock._semlock.name.lstrip("/"))  # type: ignore[attr-defined]
+    assert name.exists() and name in shm_files({os.getpid()})
 
 
 def test_bench_run_against_nothing_fails(tmp_path: pathlib.Path) -> None:

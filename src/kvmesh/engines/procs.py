@@ -42,28 +42,51 @@ def session_pids(sid: int) -> set[int]:
 
 
 def shm_files(pids: set[int]) -> set[pathlib.Path]:
-    """The ``/dev/shm`` files these processes have open or mapped."""
-    out: set[pathlib.Path] = set()
-    prefix = f"{SHM}/"
+    """The ``/dev/shm`` files these processes have mapped or open, by inode: glibc creates a named semaphore
+    (``sem.mp-*``) under a temporary name, maps it and links it to its real name, so ``maps`` shows the
+    temporary, deleted name; the inode is the same."""
+    inodes: set[int] = set()
     for pid in pids:
+        inodes |= _mapped_inodes(pid) | _open_inodes(pid)
+    out: set[pathlib.Path] = set()
+    try:
+        entries = list(SHM.iterdir())
+    except OSError:
+        return out
+    for f in entries:
         try:
-            for line in (_PROC / str(pid) / "maps").read_text().splitlines():
-                path = line.split(maxsplit=5)[5] if line.count(" ") >= 5 else ""
-                if path.startswith(prefix):
-                    out.add(pathlib.Path(path.removesuffix(" (deleted)")))
-        except (OSError, IndexError):
-            pass
+            if f.stat().st_ino in inodes:
+                out.add(f)
+        except OSError:  # removed meanwhile
+            continue
+    return out
+
+
+def _mapped_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        lines = (_PROC / str(pid) / "maps").read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        f = line.split(maxsplit=5)
+        if len(f) == 6 and f[5].startswith(f"{SHM}/"):
+            out.add(int(f[4]))
+    return out
+
+
+def _open_inodes(pid: int) -> set[int]:
+    out: set[int] = set()
+    try:
+        fds = list((_PROC / str(pid) / "fd").iterdir())
+    except OSError:
+        return out
+    for fd in fds:
         try:
-            fds = list((_PROC / str(pid) / "fd").iterdir())
+            if os.readlink(fd).startswith(f"{SHM}/"):
+                out.add(fd.stat().st_ino)
         except OSError:
             continue
-        for fd in fds:
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith(prefix) and not target.endswith(" (deleted)"):
-                out.add(pathlib.Path(target))
     return out
 
 
