@@ -52,6 +52,20 @@ def test_search_bisects_replicas_and_prunes_shapes_that_cannot_be_cheaper(monkey
     assert all(not p.meets for p in result.tried if p.cost_per_hour < result.best.cost_per_hour)
 
 
+def test_budget_bounds_the_search(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+
+    def fake(reqs: object, shape: Shape, replicas: int, *args: object) -> Point:
+        assert isinstance(args[-1], float)
+        calls.append(replicas)
+        return Point(shape, replicas, args[-1], {}, 1.0, replicas >= 5, 0.0)
+
+    monkeypatch.setattr(plan_mod, "simulate", fake)
+    space = PlanSpace(("kv-aware",), (0,), (0,), max_replicas=16, budget=10.0)  # $10/h: at most 4 GPUs
+    result = Planner([TraceRequest(0.0, 10, 1, [1])], SloSpec.parse("ttft_p90=2s"), space, Prices()).search()
+    assert result.best is None and max(calls) == 4
+
+
 def test_a_run_gives_up_once_the_percentile_is_lost() -> None:
     slo = SloSpec.parse("ttft_p90=1s,tpot_mean=1s")
     check = slo.give_up(20)  # p90 over 20 requests: index 18 of the sorted TTFTs, so 1 may exceed 1 s

@@ -56,6 +56,7 @@ def plan(
     gpu_hour: Annotated[float, typer.Option(help="$ per GPU-hour")] = 2.5,
     dram_gb_hour: Annotated[float, typer.Option(help="$ per GB-hour of DRAM")] = 0.004,
     ssd_gb_hour: Annotated[float, typer.Option(help="$ per GB-hour of SSD")] = 0.0001,
+    budget: Annotated[float | None, typer.Option(help="At most this many $ per hour")] = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N requests of the trace")] = None,
     out: Annotated[pathlib.Path | None, typer.Option(help="Write PATH.json, PATH.toml (kvmesh config for the "
                                                           "winner) and PATH.png (Pareto front)")] = None,
@@ -68,7 +69,7 @@ def plan(
 
     try:
         space = PlanSpace(tuple(policy or ("kv-aware", "least-request")), _ints(dram_gb), _ints(ssd_gb),
-                          max_replicas=max_replicas, engines_per_machine=per_machine)
+                          max_replicas=max_replicas, engines_per_machine=per_machine, budget=budget)
         text = run_plan(trace, trace_format, SloSpec.parse(slo), space, Prices(gpu_hour, dram_gb_hour, ssd_gb_hour),
                         profile, limit, out, typer.echo)
     except (TraceError, ValueError) as e:

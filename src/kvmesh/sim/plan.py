@@ -153,6 +153,7 @@ class PlanSpace:
     pooled: tuple[bool, ...] = (False, True)
     max_replicas: int = 64
     engines_per_machine: int = 8
+    budget: float | None = None  # $ per hour; dearer configurations are not considered
 
     def shapes(self) -> list[Shape]:
         out = []
@@ -211,19 +212,21 @@ class Planner:
         best: Point | None = None
         for shape in shapes:
             hi = self.space.max_replicas
+            if self.space.budget is not None:
+                hi = self._affordable(shape, self.space.budget, inclusive=True)
             if best is not None:
                 hi = min(hi, self._affordable(shape, best.cost_per_hour))
-                if hi < 1:
-                    continue  # dominated: even one replica costs more than the best so far
+            if hi < 1:
+                continue  # dominated: even one replica costs more than the best so far (or the budget)
             found = self._fewest(shape, hi, gallop=best is None)
             if found is not None and (best is None or found.cost_per_hour < best.cost_per_hour):
                 best = found
         return Plan(best, sorted(self._memo.values(), key=lambda p: (p.cost_per_hour, -p.attainment)))
 
-    def _affordable(self, shape: Shape, budget: float) -> int:
-        """The most replicas of ``shape`` costing strictly less than ``budget``."""
+    def _affordable(self, shape: Shape, budget: float, inclusive: bool = False) -> int:
+        """The most replicas of ``shape`` costing less than ``budget`` (or exactly it, ``inclusive``)."""
         n = 0
-        while n < self.space.max_replicas and self.cost(shape, n + 1) < budget:
+        while n < self.space.max_replicas and (c := self.cost(shape, n + 1)) <= budget and (inclusive or c < budget):
             n += 1
         return n
 

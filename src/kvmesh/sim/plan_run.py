@@ -51,7 +51,7 @@ def _summary(plan: Plan, wall: float, held: int) -> str:
     lines = [markdown(plan), ""]
     b, v = plan.best, plan.validation
     if b is None:
-        lines.append("No configuration within --max-replicas meets the SLO.")
+        lines.append("No configuration within --max-replicas (and --budget) meets the SLO.")
     else:
         lines.append(f"Cheapest meeting the SLO: {b.shape.label()}, {b.replicas} replicas, ${b.cost_per_hour:.2f}/hour "
                      f"(attainment {b.attainment:.3f}).")
@@ -67,7 +67,7 @@ def _write(out: pathlib.Path, plan: Plan, slo: SloSpec, space: PlanSpace, prices
     doc = {"slo": dict(slo.targets), "prices": dataclasses.asdict(prices),
            "space": {"policies": space.policies, "dram_gb": space.dram_gb, "ssd_gb": space.ssd_gb,
                      "pooled": space.pooled, "max_replicas": space.max_replicas,
-                     "engines_per_machine": space.engines_per_machine},
+                     "engines_per_machine": space.engines_per_machine, "budget": space.budget},
            "best": plan.best.row() if plan.best else None,
            "validation": plan.validation.row() if plan.validation else None,
            "pareto": [p.row() for p in pareto(plan.tried)], "tried": [p.row() for p in plan.tried],
