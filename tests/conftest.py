@@ -1,26 +1,25 @@
 """Shared fixtures.  The vLLM engines are started once per session (≈30–60 s) and shared by every test.
 
 At the end of the run the session checks ``/dev/shm`` (issue 18): a kvmesh arena (``kvmesh-*``) or a vLLM
-shared-memory file (``psm_*``, ``sem.mp-*``) that appeared during this run, is older than 10 s and that no
-live process holds (by inode: a named semaphore is mapped under another name) is a leak: it is listed and
-the run fails.  Nothing is removed: on a shared machine the file may belong to a process about to map it.
-Files that were there before the run, or that a running process (another test run, another stack on this
-machine) holds, are not this run's, so the check does not depend on test order or on what ran before.
-``KVMESH_SHM_CHECK=warn`` reports without failing (a machine where other runs share /dev/shm).
+shared-memory file (``psm_*``, ``sem.mp-*``) that one of this run's processes held (sampled after every test:
+the files the pytest process and its descendants map or have open, by inode — a named semaphore is mapped
+under another name), that still exists at the end and that no live process holds is a leak: it is listed
+and the run fails.  Nothing is removed.  Only this run's own processes count, so other runs, stacks or
+leftovers sharing the machine's /dev/shm neither fail it nor hide its leaks.  ``KVMESH_SHM_CHECK=warn``
+reports without failing.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from kvmesh.config import CacheNodeConfig, GatewayConfig, SimEngineConfig, StackConfig, SupervisorConfig, engine_config
 from kvmesh.engines import vllm_available
-from kvmesh.engines.procs import SHM, shm_files
+from kvmesh.engines.procs import shm_files
 from kvmesh.gateway import Gateway
 from kvmesh.models import demo
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
@@ -93,34 +92,45 @@ def engine_block_size(stack: Stack) -> int:
 
 
 SHM_PATTERNS = ("kvmesh-*", "psm_*", "sem.mp-*")
-_shm_before: set[pathlib.Path] = set()
+_ours: set[pathlib.Path] = set()  # shared-memory files this run's processes were seen holding
 
 
-def _shm_now() -> set[pathlib.Path]:
-    return {p for pattern in SHM_PATTERNS for p in SHM.glob(pattern)}
+def _descendants(root: int) -> set[int]:
+    """``root`` and every live process below it (parents read from /proc/PID/stat)."""
+    children: dict[int, list[int]] = {}
+    for d in pathlib.Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(d.name))
+    out, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        out.add(pid)
+        todo.extend(children.get(pid, ()))
+    return out
+
+
+def _sample_ours() -> None:
+    _ours.update(f for f in shm_files(_descendants(os.getpid()))
+                 if any(f.match(pattern) for pattern in SHM_PATTERNS))
 
 
 def _held_by_live_processes() -> set[pathlib.Path]:
     return shm_files({int(d.name) for d in pathlib.Path("/proc").iterdir() if d.name.isdigit()})
 
 
-def _age_s(f: pathlib.Path) -> float:
-    try:
-        return time.time() - f.stat().st_mtime
-    except OSError:  # gone meanwhile
-        return 0.0
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    _shm_before.update(_shm_now())
+def pytest_runtest_logfinish(nodeid: str, location: tuple[str, int | None, str]) -> None:
+    _sample_ours()  # session-scoped engines are still up here: their files are seen at least once
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     if hasattr(session.config, "workerinput"):  # an xdist worker: the controller checks once
         return
-    # a file another process created a moment ago may not be mapped yet: only settled files count
-    settled = {f for f in _shm_now() - _shm_before if _age_s(f) > 10}
-    leaked = sorted(settled - _held_by_live_processes())
+    leaked = sorted({f for f in _ours if f.exists()} - _held_by_live_processes())
     if not leaked:
         return
     report = session.config.pluginmanager.get_plugin("terminalreporter")

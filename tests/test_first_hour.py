@@ -341,21 +341,43 @@ def _get_json(url: str) -> dict[str, object] | None:
     return json.loads(r.text) if r.status_code == 200 else None
 
 
+_LEAKY_RUN = """\
+import pathlib, subprocess, sys
+
+HOLD = "import mmap, sys, time; f = open(sys.argv[1], 'w+b'); f.write(b'x' * 4096); f.flush(); " \\
+       "m = mmap.mmap(f.fileno(), 4096); print('held', flush=True); time.sleep(600)"
+child = None
+
+def test_a_process_of_ours_maps_a_file():
+    global child
+    child = subprocess.Popen([sys.executable, "-c", HOLD, {leak!r}], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "held"  # mapped: the check samples it after this test
+
+def test_it_dies_without_unlinking():
+    child.kill()
+    child.wait()
+"""
+
+
 def test_session_end_fails_on_a_shm_leak(tmp_path: pathlib.Path) -> None:
-    """Item 8: the suite-wide check (``tests/conftest.py``) fails a run that leaves a shared-memory file
-    nobody holds (and removes nothing itself)."""
+    """Item 8: the suite-wide check (``tests/conftest.py``) fails a run whose own process left a shared-memory
+    file behind that nobody holds (and removes nothing itself), and ignores a file it never held."""
     leak = pathlib.Path(f"/dev/shm/psm_kvmeshtest_{os.getpid()}_{tmp_path.name}")
-    # written 60 s in the past: the check leaves files younger than 10 s alone (another process may be about
-    # to map them)
-    (tmp_path / "test_leak.py").write_text(f"import os, pathlib, time\n\ndef test_leaks():\n"
-                                           f"    p = pathlib.Path({str(leak)!r})\n    p.write_bytes(b'x')\n"
-                                           "    os.utime(p, (time.time() - 60, time.time() - 60))\n")
+    foreign = pathlib.Path(f"/dev/shm/psm_kvmeshforeign_{os.getpid()}_{tmp_path.name}")
+    foreign.write_bytes(b"x")  # another run's leftover: not this run's leak
+    (tmp_path / "test_leak.py").write_text(_LEAKY_RUN.format(leak=str(leak)))
     repo = pathlib.Path(__file__).resolve().parents[1]
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
-                        "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leak.py")],
-                       capture_output=True, text=True, cwd=repo, timeout=120, env=os.environ | {"KVMESH_SHM_CHECK": ""})
-    leak.unlink(missing_ok=True)
+    try:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "tests.conftest", "-p", "no:cacheprovider",
+                            "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path / "test_leak.py")],
+                           capture_output=True, text=True, cwd=repo, timeout=120,
+                           env=os.environ | {"KVMESH_SHM_CHECK": ""})
+        assert leak.exists(), "the check must not remove anything"
+    finally:
+        leak.unlink(missing_ok=True)
+        foreign.unlink(missing_ok=True)
     assert r.returncode == 1 and "leaked 1 shared-memory file" in r.stdout and leak.name in r.stdout, r.stdout
+    assert foreign.name not in r.stdout
 
 
 def test_a_named_semaphore_is_seen_as_held() -> None:
