@@ -25,8 +25,8 @@ pytest.importorskip("kubernetes_asyncio")
 
 from kvmesh.cache.client import NodeClient
 from kvmesh.config import CacheNodeConfig, GatewayConfig, KubernetesEndpoints
+from kvmesh.discovery.kubernetes import slice_endpoints
 from kvmesh.gateway import Gateway
-from kvmesh.k8s.discovery import slice_endpoints
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
 from kvmesh.stack import DEMO_MODEL_NAME

@@ -150,7 +150,7 @@ def engine_config(**fields: object) -> VllmEngineConfig | SimEngineConfig:
 
 class KubernetesEndpoints(_Strict):
     """Where discovery from Kubernetes finds its members: the EndpointSlices of a Service (or any label
-    selector) in one namespace, read with the API server's list/watch (:mod:`kvmesh.k8s.discovery`)."""
+    selector) in one namespace, read with the API server's list/watch (:mod:`kvmesh.discovery.kubernetes`)."""
 
     namespace: str | None = Field(default=None, description="Namespace of the EndpointSlices; the pod's own "
                                   "(service account) namespace when unset")

@@ -23,6 +23,7 @@ from aiohttp import web
 
 from kvmesh.api.errors import ApiError
 from kvmesh.config import ConfigError, GatewayConfig, load_stack_config
+from kvmesh.discovery.kubernetes import GatewayDiscovery
 from kvmesh.gateway.admission import Admission
 from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.metrics import GatewayMetrics, StateCollector
@@ -33,7 +34,6 @@ from kvmesh.gateway.tenants import Tenants, changed_tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.index.index import KvIndex
 from kvmesh.index.subscriber import IndexFeed
-from kvmesh.k8s.discovery import GatewayDiscovery
 from kvmesh.routing import Policy, make_policy
 
 log = logging.getLogger(__name__)

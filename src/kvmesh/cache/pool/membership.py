@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import aiohttp
 
 from kvmesh.config import CacheNodeConfig, KubernetesEndpoints
-from kvmesh.k8s.discovery import Endpoint, EndpointSliceWatch
+from kvmesh.discovery.kubernetes import Endpoint, EndpointSliceWatch
 
 log = logging.getLogger(__name__)
 Peers = dict[str, tuple[str, int]]
@@ -139,7 +139,7 @@ class EtcdMembership:
 
 class KubernetesMembership:
     """Members are the serving endpoints (ready, not terminating) of the cache-node EndpointSlices, followed
-    with list/watch (:class:`kvmesh.k8s.discovery.EndpointSliceWatch`).  The kubelet's readiness probe and the
+    with list/watch (:class:`kvmesh.discovery.kubernetes.EndpointSliceWatch`).  The kubelet's readiness probe and the
     EndpointSlice controller do what etcd's leases do, so ``join``/``leave`` write nothing: a node joins when
     its pod turns ready and leaves when it starts terminating.  A member's id is its pod name (the endpoint's
     ``targetRef``), so each node must run with ``node_id`` = its pod name to tell itself apart; its address
