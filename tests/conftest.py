@@ -11,6 +11,7 @@ reports without failing.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 from collections.abc import Iterator
@@ -24,6 +25,7 @@ from kvmesh.gateway import Gateway
 from kvmesh.models import demo
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block
+from tests.k8s_apiserver import FakeApiServer
 
 
 @pytest.fixture(scope="session")
@@ -140,3 +142,22 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         report.write_sep("!", msg, red=True, bold=True)
     if os.environ.get("KVMESH_SHM_CHECK") != "warn":
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
+    """The demo model's tokenizer and chat template alone (no weights): what the gateway's tokenise stage reads."""
+    d = tmp_path_factory.mktemp("tok")
+    (d / "tokenizer.json").write_text(demo.tokenizer_json(), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": demo.BOS, "eos_token": demo.EOT,
+                                                         "chat_template": demo.CHAT_TEMPLATE}), encoding="utf-8")
+    return d
+
+
+@pytest.fixture
+def api(loop_thread: LoopThread) -> Iterator[FakeApiServer]:
+    """The protocol-exact EndpointSlice list/watch stand-in (tests/k8s_apiserver.py) on a free port."""
+    srv = loop_thread.call(FakeApiServer)
+    loop_thread.run(srv.start())
+    yield srv
+    loop_thread.run(srv.stop())

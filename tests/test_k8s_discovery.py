@@ -38,14 +38,6 @@ NS = "kvmesh"
 
 
 @pytest.fixture
-def api(loop_thread: LoopThread) -> Iterator[FakeApiServer]:
-    srv = loop_thread.call(FakeApiServer)
-    loop_thread.run(srv.start())
-    yield srv
-    loop_thread.run(srv.stop())
-
-
-@pytest.fixture
 def sims(loop_thread: LoopThread, tiny_model: pathlib.Path) -> Iterator[list[SimServer]]:
     """Two simulated engines publishing KV events on tcp:// (as an engine pod's named port would)."""
     base = free_port_block(2)

@@ -283,14 +283,6 @@ class LocalCluster:
                 p.proc.wait(10)
 
 
-@pytest.fixture
-def api(loop_thread: LoopThread) -> Iterator[FakeApiServer]:
-    srv = loop_thread.call(FakeApiServer)
-    loop_thread.run(srv.start())
-    yield srv
-    loop_thread.run(srv.stop())
-
-
 def sim_model_service(model_dir: pathlib.Path) -> ModelService:
     return ModelService.from_object({
         "metadata": {"name": "chat", "namespace": NS, "uid": "4f1c-local", "generation": 1},

@@ -4,32 +4,20 @@ engine holds, and what it returns is exact — its ids and keys are prefixes of 
 from __future__ import annotations
 
 import asyncio
-import json
 import pathlib
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kvmesh.gateway.metrics import GatewayMetrics
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.index.hashing import block_keys
-from kvmesh.models import demo
 from kvmesh.tokenize import PromptTokenizer
 from kvmesh.tokenize.tokenizer import LAZY_STEP_CHARS
 
 BS, SEED = 16, 777
 WORDS = st.lists(st.sampled_from(["alpha", "beta", "w12", "3.5", "Hello,", "world!", "\n", "é", "日本", "—", "x" * 30]),
                  min_size=50, max_size=900).map(" ".join)
-
-
-@pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    d = tmp_path_factory.mktemp("tok")
-    (d / "tokenizer.json").write_text(demo.tokenizer_json(), encoding="utf-8")
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": demo.BOS, "eos_token": demo.EOT,
-                                                         "chat_template": demo.CHAT_TEMPLATE}), encoding="utf-8")
-    return d
 
 
 def reference(tok: PromptTokenizer, text: str, special: bool) -> tuple[list[int], list[int]]:

@@ -28,15 +28,6 @@ TEXT = st.lists(PIECES, min_size=0, max_size=120).map("".join)
 
 
 @pytest.fixture(scope="module")
-def tok_dir(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
-    d = tmp_path_factory.mktemp("tok")
-    (d / "tokenizer.json").write_text(demo.tokenizer_json(), encoding="utf-8")
-    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": demo.BOS, "eos_token": demo.EOT,
-                                                         "chat_template": demo.CHAT_TEMPLATE}), encoding="utf-8")
-    return d
-
-
-@pytest.fixture(scope="module")
 def tok(tok_dir: pathlib.Path) -> PromptTokenizer:
     t = PromptTokenizer(tok_dir, cache_entries=64, cache_tokens=20_000)
     assert t.cache is not None, "the demo tokenizer (ByteLevel BPE) supports prefix reuse"
