@@ -24,7 +24,7 @@ from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 
 from kvmesh.config import RoutingConfig
-from kvmesh.policy_names import DEFAULT_POLICY, POLICIES
+from kvmesh.policy_names import POLICIES
 
 GROUP = "kvmesh.io"
 VERSION = "v1alpha1"
@@ -138,7 +138,8 @@ RoutingKnobs = _knobs_model()
 
 
 class RoutingSpec(_Spec):
-    policy: Literal[POLICIES] = Field(default=DEFAULT_POLICY, description="Routing policy")  # type: ignore[valid-type]
+    # kv-aware, not the local default: a ModelService's gateways always get the engines' KV events
+    policy: Literal[POLICIES] = Field(default="kv-aware", description="Routing policy")  # type: ignore[valid-type]
     knobs: RoutingKnobs = Field(default_factory=RoutingKnobs, description="Cost-model knobs")  # type: ignore[valid-type]
 
     def knob_values(self) -> dict[str, Any]:
