@@ -360,17 +360,18 @@ def cache_node(
     except OSError as e:
         _fail(f"cannot create the cache node's files: {e}", 1)
 
-    def banner() -> None:
-        from kvmesh.engines.vllm import connector_config
+    _serve(node.start, node.stop, lambda: _cache_banner(node))
 
-        c = node.cfg
-        attach = json.dumps(connector_config(str(node.socket_path.resolve())))
-        pool = f", pool peer port {node.pool.port}, R={c.replicas}" if node.pool else ""
-        typer.echo(f"cache node {node.node_id} on {node.socket_path} (DRAM {c.dram_mib} MiB, SSD {c.ssd_mib} MiB"
-                   f"{pool}, metrics http://{c.http_host}:{node.http_port}/metrics)\n"
-                   f"  attach vLLM: --kv-transfer-config '{attach}'")
 
-    _serve(node.start, node.stop, banner)
+def _cache_banner(node: Any) -> None:
+    from kvmesh.engines.vllm import connector_config
+
+    c = node.cfg
+    attach = json.dumps(connector_config(str(node.socket_path.resolve())))
+    pool = f", pool peer port {node.pool.port}, R={c.replicas}" if node.pool else ""
+    typer.echo(f"cache node {node.node_id} on {node.socket_path} (DRAM {c.dram_mib} MiB, SSD {c.ssd_mib} MiB"
+               f"{pool}, metrics http://{c.http_host}:{node.http_port}/metrics)\n"
+               f"  attach vLLM: --kv-transfer-config '{attach}'")
 
 
 def _str(path: pathlib.Path | None) -> str | None:
