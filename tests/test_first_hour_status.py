@@ -1,4 +1,4 @@
-"""Issue 18 item 10: what ``kvmesh cache status`` and ``/debug/route`` say to a new user."""
+"""Issue 18 items 9 and 10: what ``kvmesh cache status``, ``/debug/route`` and ``/v1/models`` say to a new user."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 
 from kvmesh.cache.client import NodeClient
 from kvmesh.cache.node import CacheNode
-from tests.helpers import LoopThread
+from tests.helpers import LoopThread, wait_until
+from tests.scripted_engine import ScriptedEngine
 from tests.test_cache_node import keys, node_config, put
 
 KVMESH = [sys.executable, "-m", "kvmesh"]
@@ -73,3 +74,24 @@ def test_cache_status_finds_a_stacks_node(tmp_path: pathlib.Path) -> None:
     finally:
         proc.send_signal(2)
         proc.communicate(timeout=60)
+
+
+def test_models_before_any_replica_is_ready_is_503(make_gateway, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    """Item 9: /v1/models answers what /ready answers: an OpenAI-style 503 with Retry-After while no replica is
+    ready (backends known or not), the list once one is."""
+    for backends, why in (((("http://127.0.0.1:1",)), "no replica is ready yet"),
+                          ((), "no backend is configured or discovered yet")):
+        gw = make_gateway(backends=backends)
+        r = httpx.get(f"{gw.url}/v1/models")
+        assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1, r.text
+        assert r.json()["error"]["message"] == f"{why}; wait on /ready"
+        assert r.json()["error"]["type"] == "service_unavailable"
+    eng = loop_thread.call(lambda: ScriptedEngine("s0"))
+    loop_thread.run(eng.start())
+    try:
+        gw = make_gateway(backends=(eng.url,))
+        wait_until(lambda: httpx.get(f"{gw.url}/ready").status_code == 200, 60, "the gateway's /ready")
+        r = httpx.get(f"{gw.url}/v1/models")
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == ["kvmesh-demo"]
+    finally:
+        loop_thread.run(eng.stop())

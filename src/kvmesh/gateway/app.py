@@ -243,10 +243,16 @@ class Gateway:
         return await self.path.handle(request, "chat")
 
     async def _models(self, request: web.Request) -> web.Response:
+        # An empty 200 list while replicas start reads as "this gateway serves no model"; answer what /ready
+        # answers instead: 503 until a replica is healthy, whether backends are known yet or not.
+        if not any(b.healthy for b in self.pool.backends):
+            why = ("no replica is ready yet" if self.pool.backends else
+                   "no backend is configured or discovered yet")
+            raise ApiError(503, f"{why}; wait on /ready", kind="not_ready", retry_after=self.cfg.retry_after_s)
         return web.json_response({"object": "list", "data": self.pool.model_list()})
 
     async def _health(self, request: web.Request) -> web.Response:
-        backends = {b.name: {"url": b.url, "healthy": b.healthy, "in_flight": b.in_flight,
+        backends = {b.name: {"url": b.url, "role": b.role, "healthy": b.healthy, "in_flight": b.in_flight,
                              "breaker": b.breaker.state, "breaker_trips": b.breaker.trips,
                              **self.backend_info.get(b.name, {})}
                     for b in self.pool.backends}

@@ -50,7 +50,9 @@ def openapi_spec() -> dict[str, Any]:
         "paths": {
             "/v1/completions": {"post": _op("Text completion", completion)},
             "/v1/chat/completions": {"post": _op("Chat completion", chat)},
-            "/v1/models": {"get": {"summary": "Models served", "responses": {"200": {"description": "list"}}}},
+            "/v1/models": {"get": {"summary": "Models served", "responses": {"200": {"description": "list"},
+                                                                             "503": {"description": "no replica "
+                                                                                     "ready yet"}}}},
             "/health": {"get": {"summary": "Liveness", "responses": {"200": {"description": "ok"}}}},
             "/ready": {"get": {"summary": "Readiness", "responses": {"200": {"description": "ready"},
                                                                      "503": {"description": "not ready"}}}},
