@@ -1,0 +1,193 @@
+"""kvmesh's own autoscaling policy: size the fleet for the SLO a cold start from now, from a capacity model
+learned online and a short-horizon forecast of the load.
+
+Per role, every tick:
+
+1. **Forecast.**  Holt's linear smoothing (level + trend) of the arrival rate and of prompt tokens/s, read
+   ``horizon_s`` ahead — by default the cold start plus one decision period, the earliest moment a replica
+   ordered now can serve.  The policy sizes for the larger of now and then: it never plans for a fall.
+2. **Demand.**  Prefill: the forecast prompt tokens/s, plus the queued prefill tokens drained within half the
+   TTFT target.  Decode: concurrent streams by Little's law — arrival rate x mean output tokens (learned from
+   finished requests) x the TPOT target.
+3. **Capacity per replica** (:class:`CapacityModel`), starting from a profiled prior and learned from what
+   the fleet does: prefill tokens/s is raised to any observed per-replica throughput, and set (smoothed)
+   to the observed throughput when the fleet was saturated (prompt tokens still queued at the interval's
+   end); decode concurrency at the TPOT target comes from a smoothed least-squares line TPOT = a + b x
+   streams per replica, fitted on the intervals' (streams, TPOT p50) pairs.  Learned figures stay within
+   [``min_factor``, ``max_factor``] of the prior.
+4. **Replicas** = ceil(max(prefill demand / prefill capacity, decode demand / decode concurrency) /
+   ``utilisation``).  On an observed breach (TTFT or TPOT p90 over target) with no replica already starting,
+   at least one more: scale out fast.
+5. **Scale in slowly**: the behaviour removes one replica at a time, only after ``scale_down_window_s`` of
+   recommendations all below the current count.
+
+``Slo.decide`` is pure given the observed history; nothing reads a clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from kvmesh.autoscale.core import Behaviour, Capacity, Decision, Fleet, Policy
+from kvmesh.autoscale.signals import RoleSignals, Signals
+
+
+@dataclass(slots=True)
+class Holt:
+    """Holt's linear exponential smoothing over evenly spaced samples (one per tick)."""
+
+    alpha: float = 0.3
+    beta: float = 0.1
+    level: float | None = None
+    trend: float = 0.0
+
+    def update(self, x: float) -> None:
+        if self.level is None:
+            self.level = x
+            return
+        prev = self.level
+        self.level = self.alpha * x + (1 - self.alpha) * (prev + self.trend)
+        self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.trend
+
+    def forecast(self, steps: float) -> float:
+        """The value ``steps`` samples ahead (0 before any sample; never negative)."""
+        return max(0.0, (self.level or 0.0) + steps * self.trend)
+
+
+@dataclass(slots=True)
+class CapacityModel:
+    """One role's per-replica capacity, learned from the intervals the fleet served (see module docstring)."""
+
+    prior: Capacity
+    smoothing: float = 0.2
+    min_factor: float = 0.25
+    max_factor: float = 4.0
+    prefill_tps: float = 0.0
+    # exponentially weighted sums for TPOT = a + b * streams
+    _n: float = 0.0
+    _x: float = 0.0
+    _y: float = 0.0
+    _xx: float = 0.0
+    _xy: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.prefill_tps = self.prefill_tps or self.prior.prefill_tps
+
+    def _bound(self, value: float, prior: float) -> float:
+        return min(max(value, self.min_factor * prior), self.max_factor * prior)
+
+    def learn(self, s: RoleSignals, ready: int) -> None:
+        g = s.gateway
+        if ready <= 0 or g.interval_s <= 0:
+            return
+        observed = g.prefill_tokens_done / g.interval_s / ready
+        if g.queued_prefill_tokens > 0.5 * self.prefill_tps * ready * g.interval_s:  # saturated
+            self.prefill_tps += self.smoothing * (observed - self.prefill_tps)
+        self.prefill_tps = self._bound(max(self.prefill_tps, observed), self.prior.prefill_tps)
+        if g.tpot_p50_s > 0 and s.running > 0:
+            x, y, k = s.running / ready, g.tpot_p50_s, 1 - self.smoothing / 4
+            self._n, self._x, self._y = k * self._n + 1, k * self._x + x, k * self._y + y
+            self._xx, self._xy = k * self._xx + x * x, k * self._xy + x * y
+
+    def decode_concurrency(self, tpot_s: float) -> float:
+        """Streams per replica at ``tpot_s``: from the fitted line when the samples spread, else the prior."""
+        n = self._n
+        if n < 3:
+            return self.prior.decode_concurrency
+        mx, my = self._x / n, self._y / n
+        var = self._xx / n - mx * mx
+        if var < max(1.0, 0.01 * mx * mx):  # too little spread in load to tell a slope
+            return self.prior.decode_concurrency
+        b = (self._xy / n - mx * my) / var
+        a = my - b * mx
+        if b <= 0:
+            return self.prior.decode_concurrency
+        return self._bound((tpot_s - a) / b, self.prior.decode_concurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class SloConfig:
+    prior: Capacity
+    ttft_s: float = 2.0
+    tpot_s: float = 0.05
+    start_s: float = 60.0
+    period_s: float = 5.0
+    horizon_s: float | None = None   # default: start_s + period_s
+    utilisation: float = 0.75        # plan to use this share of the capacity (bursts within a tick)
+    scale_down_window_s: float = 180.0
+    learn: bool = True
+    alpha: float = 0.3
+    beta: float = 0.1
+
+
+@dataclass(slots=True)
+class _RoleState:
+    capacity: CapacityModel
+    rate: Holt = field(default_factory=Holt)
+    prompt: Holt = field(default_factory=Holt)
+    osl: float = 0.0
+
+
+class SloPolicy(Policy):
+    name = "slo"
+
+    def __init__(self, cfg: SloConfig) -> None:
+        self.cfg = cfg
+        self.period_s = cfg.period_s
+        self.behaviour = Behaviour(scale_down_window_s=cfg.scale_down_window_s, max_down_pods=1)
+        self._roles: dict[str, _RoleState] = {}
+        self._ready: dict[str, int] = {}
+
+    def _state(self, role: str) -> _RoleState:
+        st = self._roles.get(role)
+        if st is None:
+            st = self._roles[role] = _RoleState(CapacityModel(self.cfg.prior))
+        return st
+
+    def observe(self, signals: Signals) -> None:
+        for role, s in signals.roles.items():
+            st, g = self._state(role), s.gateway
+            if g.interval_s <= 0:
+                continue
+            st.rate.alpha = st.prompt.alpha = self.cfg.alpha
+            st.rate.beta = st.prompt.beta = self.cfg.beta
+            st.rate.update(g.arrival_rate)
+            st.prompt.update(g.prompt_tps)
+            if g.finished:
+                mean = g.output_tokens / g.finished
+                st.osl = mean if st.osl == 0 else 0.9 * st.osl + 0.1 * mean
+            if self.cfg.learn:
+                st.capacity.learn(s, len(s.engines))
+
+    def decide(self, now: float, signals: Signals, current: Mapping[str, Fleet]) -> Decision:
+        desired: dict[str, int] = {}
+        inputs: dict[str, float] = {}
+        reasons: list[str] = []
+        for role, fleet in current.items():
+            n, why, figures = self._role(role, signals.role(role), fleet)
+            desired[role] = n
+            reasons.append(f"{role}: {why}")
+            inputs |= {f"{role}.{k}": v for k, v in figures.items()}
+        return Decision(desired, "; ".join(reasons), inputs)
+
+    def _role(self, role: str, s: RoleSignals, fleet: Fleet) -> tuple[int, str, dict[str, float]]:
+        c, st, g = self.cfg, self._state(role), s.gateway
+        steps = (c.horizon_s if c.horizon_s is not None else c.start_s + c.period_s) / c.period_s
+        rate = max(st.rate.forecast(0), st.rate.forecast(steps))
+        prompt_tps = max(st.prompt.forecast(0), st.prompt.forecast(steps))
+        prefill = (prompt_tps + g.queued_prefill_tokens / (c.ttft_s / 2)) / st.capacity.prefill_tps
+        conc_cap = st.capacity.decode_concurrency(c.tpot_s)
+        decode = rate * st.osl * c.tpot_s / conc_cap
+        load = {"prefill": prefill, "decode": decode}.get(role, max(prefill, decode))
+        n = max(1, math.ceil(load / c.utilisation - 1e-9))
+        why = f"load {load:.2f} replicas (prefill {prefill:.2f}, decode {decode:.2f}) at {c.utilisation:.0%}"
+        breach = g.ttft_p90_s > c.ttft_s or g.tpot_p90_s > c.tpot_s
+        if breach and fleet.starting == 0 and n <= fleet.replicas:
+            n = fleet.replicas + 1
+            why = f"SLO breach (TTFT p90 {g.ttft_p90_s:.2f} s, TPOT p90 {g.tpot_p90_s * 1000:.0f} ms): +1"
+        figures = {"rate_forecast": rate, "prompt_tps_forecast": prompt_tps, "prefill_load": prefill,
+                   "decode_load": decode, "prefill_tps_per_replica": st.capacity.prefill_tps,
+                   "decode_concurrency_per_replica": conc_cap, "osl": st.osl}
+        return n, why, figures
