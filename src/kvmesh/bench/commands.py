@@ -1,10 +1,17 @@
 """``kvmesh bench run`` and ``kvmesh bench compare``: typer commands over :mod:`kvmesh.bench` (registered by
-``kvmesh.cli``)."""
+``kvmesh.cli``).
+
+Outputs go to ``--out``, by default a fresh ``run/bench/<command>-<time>/`` directory beside the stacks' run
+directories (which git ignores): a benchmark never writes into the current directory itself, and a second run
+never overwrites the first.  Progress bars draw on stderr only when it is a terminal.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import pathlib
+import sys
+import time
 from typing import Annotated
 
 import typer
@@ -36,12 +43,10 @@ def bench_run(
     slo_ttft: float = 2.0,
     slo_tpot: float = 0.2,
     api_key: Annotated[str | None, typer.Option(help="Bearer key (tenants)")] = None,
-    out: Annotated[pathlib.Path, typer.Option(help="Directory for requests.jsonl, summary, plots")] = pathlib.Path(
-        "bench-out"),
+    out: Annotated[pathlib.Path | None, typer.Option(help="Directory for requests.jsonl, summary, plots "
+                                                          "[default: run/bench/run-<time>]")] = None,
 ) -> None:
     """Replay a workload against an OpenAI-compatible URL; report TTFT/TPOT/E2E, goodput, hit rate."""
-    import time
-
     from kvmesh.bench.loadgen import LoadSpec, markdown, run_load, summarize, write_outputs
     from kvmesh.workloads import TraceError, load_trace, multi_turn_chat, shared_prefix_groups
 
@@ -63,7 +68,7 @@ def bench_run(
     spec = LoadSpec(url.rstrip("/"), model, mode, speedup, rate, concurrency, max_tokens, slo_ttft, slo_tpot,
                     headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
     t0 = time.perf_counter()
-    results = asyncio.run(run_load(spec, reqs))
+    results = asyncio.run(run_load(spec, reqs, progress=sys.stderr.isatty()))
     summary = summarize(results, spec, time.perf_counter() - t0)
     summary["workload"] = {"trace": str(trace) if trace else None, "trace_format": trace_format if trace else None,
                            "workload": None if trace else workload, "limit": limit, "turns": turns, "mode": mode,
@@ -72,9 +77,21 @@ def bench_run(
     if not summary["ok"]:  # a table of NaNs would look like a result: nothing answered, say so and fail
         errors = summary["errors"]
         _fail(f"no request to {url} succeeded ({len(results)} sent; {max(errors, key=errors.get, default='?')})", 1)
-    files = write_outputs(out, results, summary)
+    files = write_outputs(out or default_out("run"), results, summary)
     typer.echo(markdown(summary))
     typer.echo("wrote " + ", ".join(str(f) for f in files))
+
+
+def default_out(command: str) -> pathlib.Path:
+    """``run/bench/<command>-<local time>``, suffixed ``-2``, ``-3``... when a run in the same second took it."""
+    from kvmesh.config import SupervisorConfig
+
+    base = pathlib.Path(SupervisorConfig().run_dir) / "bench" / f"{command}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out, n = base, 1
+    while out.exists():
+        n += 1
+        out = base.with_name(f"{base.name}-{n}")
+    return out
 
 
 def _plot_path(out: pathlib.Path) -> pathlib.Path | None:
@@ -82,7 +99,7 @@ def _plot_path(out: pathlib.Path) -> pathlib.Path | None:
         import matplotlib  # noqa: F401
     except ImportError:
         return None
-    return out.with_suffix(".png")
+    return out / "compare.png"
 
 
 @bench_app.command("compare")
@@ -95,24 +112,27 @@ def bench_compare(
     load: Annotated[float, typer.Option(help="Arrivals this much denser than the trace's")] = 1.0,
     routers: Annotated[str, typer.Option(help="Comma-separated: kvmesh-<policy>, sglang-<policy>, "
                                               "vllm-router-<policy>")] = "",
-    out: Annotated[pathlib.Path, typer.Option(help="Result JSON (and a TTFT CDF plot beside it, .png)")] = (
-        pathlib.Path("compare.json")),
-    run_dir: pathlib.Path = pathlib.Path("run/compare"),
+    out: Annotated[pathlib.Path | None, typer.Option(help="Directory for compare.json, the TTFT CDF plot "
+                                                          "(compare.png) and the routers' logs "
+                                                          "[default: run/bench/compare-<time>]")] = None,
 ) -> None:
     """The same trace through several routers over the SAME 8 simulated engines (caches reset between)."""
     import json
 
-    from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare
+    from kvmesh.bench.compare import DEFAULT_ROUTERS, CompareArgs, compare, print_table
+    from kvmesh.config import StackConfig
     from kvmesh.models import demo
     from kvmesh.workloads import TraceError
 
-    model_dir = run_dir / "demo-tiny"
+    out = out or default_out("compare")
+    model_dir = pathlib.Path(StackConfig().models_dir) / "demo-tiny"  # where `kvmesh up --model-size tiny` puts it
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
     try:
         args = CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS, workload, _plot_path(out))
-        m = compare(trace, model_dir, run_dir, args)
+        m = compare(trace, model_dir, out, args)
     except TraceError as e:
         _fail(str(e))
-    out.write_text(json.dumps(m, indent=2) + "\n")
-    typer.echo(f"wrote {out}")
+    (out / "compare.json").write_text(json.dumps(m, indent=2) + "\n")
+    print_table(m)
+    typer.echo(f"wrote {out / 'compare.json'}" + (f", {args.plot}" if args.plot else "") + f" (logs in {out})")

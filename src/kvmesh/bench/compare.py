@@ -25,8 +25,11 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
-from kvmesh.bench.util import pct, wait_http
+from kvmesh.bench.util import free_ports, pct, wait_http
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.server import SimServer
 from kvmesh.workloads import MOONCAKE_BLOCK, TraceError, TraceRequest, load_mooncake, multi_turn_chat
@@ -61,9 +64,10 @@ class EnginePool:
         threading.Thread(target=self.loop.run_forever, daemon=True).start()
         run_dir.mkdir(parents=True, exist_ok=True)
         # one block of 16 words ~ 32 tokens of the demo tokenizer stands for 512 trace tokens
-        self.servers = [SimServer(str(model_dir), MODEL, get_profile("h100-llama3-8b"), port=18500 + i,
+        ports = free_ports(2 * n)  # HTTP, then KV events (TCP: the Rust routers subscribe too)
+        self.servers = [SimServer(str(model_dir), MODEL, get_profile("h100-llama3-8b"), port=ports[i],
                                   block_size=BLOCK_SIZE, time_scale=time_scale, token_scale=MOONCAKE_BLOCK / 32,
-                                  kv_events_endpoint=f"tcp://127.0.0.1:{18700 + i}", max_model_len=1 << 20)
+                                  kv_events_endpoint=f"tcp://127.0.0.1:{ports[n + i]}", max_model_len=1 << 20)
                         for i in range(n)]
         for s in self.servers:
             asyncio.run_coroutine_threadsafe(s.start(), self.loop).result()
@@ -271,15 +275,15 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
     pool = EnginePool(8, model_dir, run_dir, 1.0 / args.speedup)
     results: dict[str, dict[str, object]] = {}
     try:
-        for i, name in enumerate(args.routers.split(",")):
+        for name in args.routers.split(","):
             if not name.startswith("kvmesh-") and not ROUTERS_BIN.is_dir():
                 results[name] = {"error": "not installed: run `make routers`"}
                 continue
             try:
-                results[name] = run_router(name, pool, reqs, args, model_dir, 18600 + i, run_dir)
+                results[name] = run_router(name, pool, reqs, args, model_dir, free_ports(1)[0], run_dir)
             except (TimeoutError, OSError, httpx.HTTPError) as e:
                 results[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(f"{name:32} " + str({k: v for k, v in results[name].items() if k != "ttfts_ms"}))
+            print(router_line(name, results[name]), flush=True)
     finally:
         pool.stop()
     if args.plot is not None:
@@ -291,6 +295,46 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
     metrics["slo"] = {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}
     metrics.update(ratios(results))
     return metrics
+
+
+def router_line(name: str, m: dict[str, object]) -> str:
+    """One line per finished router while the comparison runs (the table follows at the end)."""
+    if "error" in m:
+        return f"{name}: {m['error']}"
+    return (f"{name}: TTFT mean {m['ttft_mean_ms']} ms, p99 {m['ttft_p99_ms']} ms; goodput {m['goodput']}; "
+            f"hit rate {m['hit_rate']}; {m['ok']} ok, {m['errors']} errors")
+
+
+_COLUMNS = (("TTFT mean ms", "ttft_mean_ms"), ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"),
+            ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"), ("goodput", "goodput"),
+            ("hit rate", "hit_rate"), ("busiest/mean", "load_max_over_mean"), ("ok", "ok"), ("errors", "errors"))
+
+
+def table(metrics: dict[str, object]) -> Table:
+    """The routers side by side (a rich table): one row per router, a router that could not run says why."""
+    t = Table(title=f"{metrics['workload']}: {metrics['requests']} requests, 8 simulated engines, speed-up "
+                    f"{metrics['speedup']}, load x{metrics['load']}")
+    t.add_column("router", no_wrap=True)
+    for title, _ in _COLUMNS:
+        t.add_column(title, justify="right")
+    routers = metrics["routers"]
+    for name, m in routers.items() if isinstance(routers, dict) else ():
+        if "error" in m:
+            t.add_row(name, Text(str(m["error"]), style="red"), *[""] * (len(_COLUMNS) - 1))
+        else:
+            t.add_row(name, *("-" if m.get(key) is None else str(m[key]) for _, key in _COLUMNS))
+    return t
+
+
+def print_table(metrics: dict[str, object]) -> None:
+    """:func:`table` and the kv-aware ratios, on stdout (plain text when stdout is not a terminal)."""
+    console = Console()
+    if not console.is_terminal:  # a pipe or a file: rich would squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table(metrics))
+    for key, value in metrics.items():
+        if key.startswith("kvaware_"):
+            console.print(f"{key} = {value}", highlight=False)
 
 
 def ratios(results: dict[str, dict[str, object]]) -> dict[str, float]:

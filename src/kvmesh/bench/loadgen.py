@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+from rich.console import Console
 from rich.progress import Progress
 
 from kvmesh.workloads import TraceRequest, block_tokens
@@ -98,8 +99,9 @@ async def _one(http: httpx.AsyncClient, spec: LoadSpec, i: int, r: TraceRequest,
         res.tpot_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
 
 
-async def run_load(spec: LoadSpec, reqs: list[TraceRequest], progress: bool = True) -> list[Result]:
-    """Send every request of ``reqs``; never raises for request failures (they are recorded)."""
+async def run_load(spec: LoadSpec, reqs: list[TraceRequest], progress: bool = False) -> list[Result]:
+    """Send every request of ``reqs``; never raises for request failures (they are recorded).  ``progress``: a
+    bar of finished requests on stderr (``kvmesh bench run`` shows it when stderr is a terminal)."""
     results = [Result(i, 0.0, session=r.session) for i, r in enumerate(reqs)]
     rng = random.Random(spec.seed)
     start = time.perf_counter()
@@ -113,7 +115,7 @@ async def run_load(spec: LoadSpec, reqs: list[TraceRequest], progress: bool = Tr
             offsets.append((r.arrival_s - base) / spec.speedup)
     limits = httpx.Limits(max_connections=max(spec.concurrency, 1000))
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
-        with Progress(disable=not progress, transient=True) as bar:
+        with Progress(console=Console(stderr=True), disable=not progress, transient=True) as bar:
             task = bar.add_task("requests", total=len(reqs))
 
             async def send(i: int) -> None:

@@ -1,7 +1,9 @@
-"""Small helpers shared by benchmarks: percentiles and waiting for an HTTP endpoint."""
+"""Small helpers shared by benchmarks: percentiles, free ports and waiting for an HTTP endpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import time
 
 import httpx
@@ -23,3 +25,13 @@ def wait_http(url: str, timeout: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct loopback ports the kernel just handed out (fixed ports made two benchmarks, or a benchmark
+    and a test, collide).  Another process could take one before it is bound again; nothing here guards that."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]

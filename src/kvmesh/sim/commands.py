@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import pathlib
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from kvmesh.cli_options import fail as _fail
 from kvmesh.policy_names import policy_help
+
+if TYPE_CHECKING:
+    from kvmesh.sim.runner import TraceRun
+    from kvmesh.workloads import TraceRequest
 
 
 def register(app: typer.Typer) -> None:
@@ -29,17 +33,44 @@ def sim(
     limit: Annotated[int | None, typer.Option(help="Only the first N requests")] = None,
 ) -> None:
     """Virtual-time simulation of N engines under kvmesh's real routing policies and KV index."""
-    from kvmesh.sim.runner import DEFAULT_POLICIES, markdown, run_mooncake
-    from kvmesh.workloads import TraceError
+    from kvmesh.sim.profiles import get_profile
+    from kvmesh.sim.runner import DEFAULT_POLICIES, markdown
+    from kvmesh.workloads import TraceError, load_trace
 
     if replicas < 1 or tokens_per_block < 1:
         _fail("--replicas and --tokens-per-block must be >= 1")
     try:
-        run = run_mooncake(trace, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, limit,
-                           fmt=trace_format)
+        reqs = load_trace(trace, trace_format, limit)
+        prof = get_profile(profile)
+        typer.echo(f"simulating {len(reqs)} requests of {trace} ({trace_format}) on {replicas} replicas, timing "
+                   f"profile {prof.name}" + (f" (from {profile})" if profile != prof.name else ""))
+        run = _simulate(reqs, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block)
     except (TraceError, ValueError) as e:
         _fail(str(e))
     typer.echo(markdown(run))
+
+
+def _simulate(reqs: list[TraceRequest], replicas: int, policies: tuple[str, ...], profile: str,
+              tokens_per_block: int) -> TraceRun:
+    """One policy at a time, so a bar (on stderr, when it is a terminal) shows which one runs and how many are
+    left; the results are those of :func:`kvmesh.sim.runner.run_requests` over all of them."""
+    import dataclasses
+    import sys
+
+    from rich.console import Console
+    from rich.progress import Progress, TimeElapsedColumn
+
+    from kvmesh.sim.runner import run_requests
+
+    runs = []
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=Console(stderr=True),
+                  disable=not sys.stderr.isatty(), transient=True) as bar:
+        task = bar.add_task("simulating", total=len(policies))
+        for name in policies:
+            bar.update(task, description=f"policy {name}")
+            runs.append(run_requests(reqs, replicas, (name,), profile, tokens_per_block))
+            bar.advance(task)
+    return dataclasses.replace(runs[0], results=[r.results[0] for r in runs])
 
 
 def plan(
