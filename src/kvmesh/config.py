@@ -347,8 +347,12 @@ class GatewayConfig(_Strict):
     health_interval_s: float = Field(default=2.0, gt=0)
     connect_timeout_s: float = Field(default=2.0, gt=0)
     read_timeout_s: float = Field(default=600.0, gt=0, description="Max silence between upstream bytes")
-    ttft_timeout_s: float = Field(default=120.0, gt=0, description="Streams: first token within this, else "
-                                  "the request is retried on another backend")
+    ttft_timeout_s: float = Field(default=120.0, gt=0, description="Streams: no first token in this and no "
+                                  "progress on the engine's other streams (hung): retried elsewhere; busy: waited on")
+    busy_timeout_s: float = Field(default=300.0, gt=0, description="Streams: most wait on a busy engine, then 503")
+    max_expected_wait_s: float | None = Field(default=60.0, gt=0, description="Shed (503, Retry-After) when the "
+                                              "queued prefill tokens / learned prefill tokens/s exceed this")
+    cold_start_hold_s: float = Field(default=0.0, ge=0, description="Scale to zero: hold requests while no replica")
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"

@@ -29,6 +29,7 @@ from kvmesh.gateway.backends import Backend, BackendPool
 from kvmesh.gateway.metrics import GatewayMetrics, StateCollector
 from kvmesh.gateway.openapi import openapi_spec
 from kvmesh.gateway.path import RequestPath
+from kvmesh.gateway.pressure import Pressure
 from kvmesh.gateway.reconfig import reconfigure
 from kvmesh.gateway.tenants import Tenants, changed_tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
@@ -59,7 +60,12 @@ class Gateway:
         self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
         self.draining = False
         self.admission = Admission(self._capacity, cfg.max_queue, cfg.queue_timeout_s, cfg.retry_after_s,
-                                   reserve=cfg.admission_reserve)
+                                   reserve=cfg.admission_reserve, max_expected_wait_s=cfg.max_expected_wait_s,
+                                   ready_fn=lambda: any(b.healthy for b in self.pool.backends),
+                                   hold_s=cfg.cold_start_hold_s)
+        # overload is not failure: queued prefill / learned throughput → shed early (gateway/pressure.py)
+        self.pressure = self.admission.pressure = Pressure(lambda: self.pool.backends, self.admission.queued_prefill)
+        self.metrics.watch_pressure(self.pressure)
         self.metrics.queue_depth.set_function(self.admission.queued)
         self.metrics.registry.register(StateCollector(lambda: self.pool.backends,
                                                       lambda: self.tenants.tenants.values()))

@@ -24,7 +24,14 @@ log = logging.getLogger(__name__)
 # label sets: one engine process may report several engine indexes (data parallel).
 _GAUGE_RE = re.compile(rb"^vllm:(num_requests_running|num_requests_waiting|kv_cache_usage_perc)\{[^}]*\} "
                        rb"([0-9.e+-]+)$", re.M)
+# Token counters: when either moves between two scrapes, the engine computed something (progress).
+_WORK_RE = re.compile(rb"^vllm:(?:prompt_tokens|generation_tokens)_total\{[^}]*\} ([0-9.e+-]+)$", re.M)
 METRICS_FRESH_S = 5.0  # older scrapes are not trusted (the engine may have died or hung)
+
+
+def engine_work(text: bytes) -> float:
+    """Prompt + generated tokens an engine reports having processed (its counters; 0 when absent)."""
+    return sum(float(v) for v in _WORK_RE.findall(text))
 
 
 def parse_engine_metrics(text: bytes) -> tuple[int, int, float]:
@@ -94,6 +101,18 @@ class Backend:
     last_error: str = ""
     failures: int = 0
     slow_checks: int = 0
+    # Busy is not broken: the last time this engine was seen doing work — a chunk relayed on any of its
+    # streams, an answer completed, or its token counters / request gauges moving between scrapes.  A
+    # stream's first-token timeout bypasses the engine only when it made no progress (hung, SIGSTOPped).
+    progress_at: float = 0.0
+    work_seen: tuple[float, int, int] = (-1.0, -1, -1)  # (token counters, running, waiting) last scraped
+
+    def progressed(self) -> None:
+        self.progress_at = time.monotonic()
+
+    def progressed_since(self, t: float) -> bool:
+        """Did the engine do any work after monotonic time ``t``?"""
+        return self.progress_at > t
 
     @property
     def healthy(self) -> bool:
@@ -176,6 +195,10 @@ class BackendPool:
                 async with http.get(f"{b.url}/metrics") as r:
                     text = await r.read()
                 running, waiting, b.kv_usage_value = parse_engine_metrics(text)
+                work = (engine_work(text), running, waiting)
+                if r.status == 200 and b.work_seen[0] >= 0 and work != b.work_seen:
+                    b.progressed()  # counted tokens or its queue moved since the last scrape
+                b.work_seen = work if r.status == 200 else b.work_seen
                 b.engine_running_value, b.engine_queue_value = running, running + waiting
                 b.engine_queue_at = time.monotonic()
             if ok:

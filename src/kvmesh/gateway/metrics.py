@@ -49,6 +49,27 @@ class GatewayMetrics:
         self.tenant_requests = Counter("kvmesh_gateway_tenant_requests", "Requests by tenant (\"default\" when "
                                        "auth is off) and HTTP status", ["tenant", "status"], registry=r)
 
+        # overload (gateway/pressure.py): what the autoscaler reads
+        self.busy_waits = Counter("kvmesh_gateway_busy_waits", "First-token windows that expired on an engine "
+                                  "still making progress (busy, not hung: waited on, not retried)", registry=r)
+        self.queued_prefill = Gauge("kvmesh_gateway_queued_prefill_tokens", "Prompt tokens sent or queued but "
+                                    "not yet prefilled", registry=r)
+        self.expected_wait = Gauge("kvmesh_gateway_expected_wait_seconds", "Expected wait before a new "
+                                   "request's prefill starts (queued prefill / learned throughput; -1: unknown)",
+                                   registry=r)
+        self.shed = Gauge("kvmesh_gateway_shed", "Requests shed by reason (expected_wait, busy_timeout, "
+                          "cold_start), since start", ["reason"], registry=r)
+
+    def watch_pressure(self, p: Any) -> None:
+        """Read the pressure's figures at scrape time (no bookkeeping on the request path)."""
+        self.queued_prefill.set_function(p.queued_prefill_tokens)
+        self.expected_wait.set_function(lambda: w if (w := p.expected_wait_s()) is not None else -1.0)
+        def shed(reason: str) -> Callable[[], float]:
+            return lambda: float(p.shed[reason])
+
+        for reason in ("expected_wait", "busy_timeout", "cold_start"):
+            self.shed.labels(reason).set_function(shed(reason))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

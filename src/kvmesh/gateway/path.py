@@ -7,8 +7,9 @@ Read it top to bottom; each stage is one method below, in this order, over one :
 3. **admit** — the tenant's token/rate limits (429), then the fair queue across tenants (VTC);
 4. **tokenise** — token ids and block keys, only when the policy reads them (:attr:`Policy.needs_tokens`);
 5. **route** — the policy picks a backend from the healthy ones not tried yet;
-6. **forward** — send it upstream; a connect failure or a silent engine (no first token in time) before
-   the client saw a byte bypasses that backend and goes back to 5;
+6. **forward** — send it upstream; a connect failure or a hung engine (no first token in time, and no
+   progress on any of its streams) before the client saw a byte bypasses that backend and goes back to 5;
+   a busy engine (making progress) is waited on, up to ``busy_timeout_s``, then 503 — overload is not failure;
 7. **relay** — stream (or copy) the answer to the client; charge what was used.
 
 Prefill/decode disaggregation goes in as one more stage between 5 and 6 (prefill on another engine,
@@ -42,7 +43,11 @@ _json = msgspec.json.Encoder()
 
 
 class FirstByteTimeout(Exception):
-    """A streaming backend sent no first token within ``ttft_timeout_s``."""
+    """A streaming backend sent no first token within ``ttft_timeout_s`` and made no progress meanwhile."""
+
+
+class EngineBusy(Exception):
+    """A streaming backend kept making progress but sent no first token within ``busy_timeout_s``."""
 
 
 def admission_cost(endpoint: str, payload: dict[str, object]) -> int:
@@ -117,7 +122,8 @@ class RequestPath:
             req.charged = req.cost
             gw.tenants.admit(t, req.charged)  # raises 429 before anything is queued
         try:
-            await gw.admission.acquire(req.tenant_name, t.cfg.priority if t else 0, req.cost)
+            await gw.admission.acquire(req.tenant_name, t.cfg.priority if t else 0, req.cost,
+                                       req.route.prompt_tokens_estimate)
             try:
                 yield
             finally:
@@ -221,19 +227,31 @@ class RequestPath:
     # 7 ------------------------------------------------------------------------------------------------
     async def relay(self, req: ProxyRequest, b: Backend) -> web.StreamResponse | None:
         gw = self.gw
+        ahead = b.pending_prefill_tokens  # what the engine must prefill before this one's first token
         try:
             upstream, first = await self.open(req, b)
         except CONNECT_ERRORS as e:
             self.bypass(b, "upstream_connect", f"connect failed: {type(e).__name__}")
             return None
         except FirstByteTimeout:
-            # Nothing reached the client yet: bypass this (hung or overloaded) engine and retry.
-            # (no early health check: a hung engine often still answers /health)
-            self.bypass(b, "upstream_ttft_timeout", f"no first token within {gw.cfg.ttft_timeout_s:g}s", poke=False)
+            # Nothing reached the client yet and the engine did nothing for a whole window: hung.  Bypass
+            # it and retry.  (no early health check: a hung engine often still answers /health)
+            self.bypass(b, "upstream_ttft_timeout", f"no first token within {gw.cfg.ttft_timeout_s:g}s and no "
+                        "progress on any of its streams", poke=False)
             return None
+        except EngineBusy:
+            # Busy, not broken: no breaker, no retry (the other engines are as busy; a retry only adds load).
+            gw.metrics.errors.labels("upstream_busy").inc()
+            gw.pressure.shed["busy_timeout"] += 1
+            raise ApiError(503, f"backend {b.name} is busy: no first token within {gw.cfg.busy_timeout_s:g}s "
+                           "although it is making progress; retry later", kind="upstream_busy",
+                           retry_after=gw.admission.retry_after()) from None
         except TimeoutError:
             gw.metrics.errors.labels("upstream_timeout").inc()
             raise ApiError(504, f"backend {b.name} did not answer in time") from None
+        b.progressed()
+        if first:
+            gw.pressure.observe(b.name, ahead, time.perf_counter() - req.t_forward)
         async with upstream:
             if req.stream and upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 resp = await relay_stream(req, upstream, b, gw.metrics, first)
@@ -245,29 +263,53 @@ class RequestPath:
                     # The engine died while answering; the client has received nothing: retry.
                     self.bypass(b, "upstream_broken", f"connect failed mid-response: {type(e).__name__}")
                     return None
+                b.progressed()
                 if req.on_first is not None:
                     req.on_first()
         gw.metrics.e2e.labels(req.endpoint).observe(time.perf_counter() - req.t_arrival)
         return resp
 
     async def open(self, req: ProxyRequest, b: Backend) -> tuple[aiohttp.ClientResponse, bytes]:
-        """Response headers (and, for streams, the first chunk) within ``ttft_timeout_s``; raises
-        :class:`FirstByteTimeout` after closing the upstream request."""
-        http = self.gw.http
+        """Response headers (and, for streams, the first chunk).  A stream waits in windows of
+        ``ttft_timeout_s``: a window in which the engine made no progress at all (no chunk on any stream,
+        no answer, no token counted) means it is hung → :class:`FirstByteTimeout`; one in which it made
+        progress means busy → wait on, up to ``busy_timeout_s`` in all → :class:`EngineBusy`.  Either way
+        the upstream request is closed first."""
         if not req.stream:
-            return await open_upstream(http, b, req), b""
+            return await open_upstream(self.gw.http, b, req), b""
+        cfg = self.gw.cfg
+        task = asyncio.ensure_future(self._first_chunk(req, b))
+        start = time.monotonic()
+        try:
+            while True:
+                window = time.monotonic()
+                left = start + cfg.busy_timeout_s - window
+                done, _ = await asyncio.wait({task}, timeout=max(min(cfg.ttft_timeout_s, left), 0.0))
+                if done:
+                    return task.result()
+                if not b.progressed_since(window):
+                    raise FirstByteTimeout
+                if time.monotonic() - start >= cfg.busy_timeout_s:
+                    raise EngineBusy
+                self.gw.metrics.busy_waits.inc()
+        finally:
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+    async def _first_chunk(self, req: ProxyRequest, b: Backend) -> tuple[aiohttp.ClientResponse, bytes]:
         upstream: aiohttp.ClientResponse | None = None
         try:
-            async with asyncio.timeout(self.gw.cfg.ttft_timeout_s):
-                upstream = await open_upstream(http, b, req)
-                first = b""
-                if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                    first = await upstream.content.readany()
-                return upstream, first
-        except TimeoutError:
+            upstream = await open_upstream(self.gw.http, b, req)
+            first = b""
+            if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
+                first = await upstream.content.readany()
+            return upstream, first
+        except asyncio.CancelledError:
             if upstream is not None:
-                upstream.close()
-            raise FirstByteTimeout from None
+                upstream.close()  # gave up on it: vLLM aborts the request
+            raise
 
     def bypass(self, b: Backend, kind: str, reason: str, poke: bool = True) -> None:
         """Take ``b`` out of rotation after a failure the client never saw (its breaker opens; a refused

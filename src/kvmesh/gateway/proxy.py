@@ -83,6 +83,7 @@ async def relay_stream(req: ProxyRequest, upstream: aiohttp.ClientResponse, b: B
                 if req.on_first is not None:
                     req.on_first()
             req.chunks += chunk.count(b"data: ")
+            b.progressed()  # busy, not hung: other streams' first-token waits read this
             await resp.write(chunk)
     except (ConnectionResetError, asyncio.CancelledError):
         # The client went away: dropping the upstream connection makes the engine abort the request.
