@@ -15,6 +15,22 @@ the paged KV tensors → release); a missing or corrupt chunk is reported throug
 :meth:`get_block_ids_with_load_errors`, so vLLM recomputes.  Saves run after the forward pass: reserve arena
 space, copy, checksum, commit; the node does the rest (SSD write-behind, events) off the engine's path.
 Node trouble never fails a request: the client reads it as a miss.
+
+Prefill/decode disaggregation speaks vLLM's ``kv_transfer_params`` handshake (the one ``NixlConnector`` and
+every P/D router use), carried over the cache node instead of an engine-to-engine transfer:
+
+* **Prefill side** — a request with ``do_remote_decode``: every full prompt block is saved as usual, but
+  committed *synchronously* (one round trip), so the chunks are on the node before the one-token answer
+  leaves the engine.  :meth:`request_finished` returns ``{"do_remote_prefill": true, "do_remote_decode":
+  false, "remote_engine_id", "remote_block_ids", "remote_host", "remote_port", "kvmesh": {"node",
+  "node_id", "chunks", "block_size"}}``; vLLM puts them in the response's ``kv_transfer_params``.
+  Blocks are freed at once: the node holds the copy, nothing waits on the decode engine.
+* **Decode side** — a request with ``do_remote_prefill`` loads like any prefix hit: keys are
+  content-addressed (chained prompt hashes), so the decode engine finds the blocks by prompt alone; the
+  params' engine ids and block ids are not needed.  The ``kvmesh`` hint names the node that holds them: when
+  the engine's own node (and its pool) holds fewer chunks than the hint says and the hinted node's socket is
+  one the engine trusts (``kv_connector_extra_config.nodes``), the engine reads from that node directly.
+  Missing or corrupt chunks are recomputed (:meth:`get_block_ids_with_load_errors`), never served.
 """
 
 from __future__ import annotations
@@ -61,6 +77,7 @@ class LoadSpec:
     block_ids: list[int]
     keys: list[bytes]
     salt: str | None = None  # the tenant's: charges local copies of pool chunks to its quota
+    node: str | None = None  # another node's socket (a P/D hint); None: the engine's own node
 
 
 @dataclass(slots=True)
@@ -70,6 +87,7 @@ class SaveSpec:
     parents: list[bytes | None]
     tokens: list[list[int]]
     salt: str | None = None
+    sync: bool = False  # P/D prefill: committed before the answer leaves (the decode engine looks next)
 
 
 @dataclass
@@ -87,6 +105,9 @@ class _ReqState:
     saved: int = 0            # prompt blocks already offered to the node
     load_from: int = 0        # first block to load (after the engine's own hit)
     load_n: int = 0           # blocks to load (0: none)
+    load_node: str | None = None  # load from this hinted node instead of the engine's own
+    remote_decode: bool = False   # P/D prefill leg: save synchronously, answer with transfer params
+    hint: dict[str, Any] = field(default_factory=dict)  # P/D decode leg: the prefill's "kvmesh" hint
 
 
 def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Namespace:
@@ -109,6 +130,13 @@ class KvmeshConnector(KVConnectorBase_V1):
         if not sock:
             raise ValueError("KvmeshConnector needs kv_connector_extra_config.socket (the cache node's socket)")
         self.client = NodeClient(sock)
+        # P/D: other nodes whose hints this engine follows (a hint names a socket; only trusted ones are
+        # opened, since kv_transfer_params come with the request), and the address put in remote_host/port.
+        self._trusted = {str(n) for n in extra.get("nodes", ())} - {str(sock)}
+        self._others: dict[str, NodeClient] = {}
+        host, _, port = str(extra.get("advertise", "")).rpartition(":")
+        self._advertise = (host or None, int(port) if port.isdigit() else None)
+        self.engine_id = self._kv_transfer_config.engine_id
         assert kv_cache_config is not None
         self.ns = _namespace(vllm_config, kv_cache_config)
         self.block_size = self.ns.block_size
@@ -118,7 +146,16 @@ class KvmeshConnector(KVConnectorBase_V1):
         # worker side
         self.layout: KvLayout | None = None
         self._failed: set[int] = set()
-        self.stats = {"loaded_blocks": 0, "saved_blocks": 0, "load_failures": 0}
+        self.stats = {"loaded_blocks": 0, "saved_blocks": 0, "load_failures": 0, "hinted_loads": 0}
+
+    def _client(self, node: str | None) -> NodeClient:
+        """The engine's own node, or a trusted node a P/D hint named (one client each, opened lazily)."""
+        if node is None or node not in self._trusted:
+            return self.client
+        c = self._others.get(node)
+        if c is None:
+            c = self._others[node] = NodeClient(node)
+        return c
 
     # ================= scheduler side ==================================================================
     def _state(self, request: Request) -> _ReqState:
@@ -128,6 +165,10 @@ class KvmeshConnector(KVConnectorBase_V1):
             salt = getattr(request, "cache_salt", None)
             keys = chunk_keys(self.ns.seed(salt), toks, self.block_size)
             st = self._reqs[request.request_id] = _ReqState(toks, keys, salt)
+            params = getattr(request, "kv_transfer_params", None) or {}
+            st.remote_decode = bool(params.get("do_remote_decode"))
+            hint = params.get("kvmesh") if params.get("do_remote_prefill") else None
+            st.hint = hint if isinstance(hint, dict) else {}
         return st
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
@@ -138,7 +179,14 @@ class KvmeshConnector(KVConnectorBase_V1):
         if usable <= first:
             return 0, False
         held = self.client.lookup(st.keys[first:usable])
-        st.load_from, st.load_n = first, held
+        st.load_from, st.load_n, st.load_node = first, held, None
+        node = st.hint.get("node")
+        if isinstance(node, str) and first + held < min(usable, _int(st.hint.get("chunks"))):
+            other = self._client(node)
+            if other is not self.client:  # own node lacks what the prefill saved: read the hinted node
+                n = other.lookup(st.keys[first:usable])
+                if n > held:
+                    st.load_n, st.load_node, held = n, node, n
         return held * self.block_size, False
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -156,7 +204,7 @@ class KvmeshConnector(KVConnectorBase_V1):
             st.block_ids = list(new.block_ids[0])
             if st.load_n:
                 sl = slice(st.load_from, st.load_from + st.load_n)
-                meta.loads.append(LoadSpec(st.block_ids[sl], list(st.keys[sl]), st.salt))
+                meta.loads.append(LoadSpec(st.block_ids[sl], list(st.keys[sl]), st.salt, st.load_node))
                 st.load_n = 0
             self._plan_save(meta, st, new.num_computed_tokens + sched.get(new.req_id, 0))
         cached = scheduler_output.scheduled_cached_reqs
@@ -179,12 +227,24 @@ class KvmeshConnector(KVConnectorBase_V1):
         rng = range(st.saved, upto)
         meta.saves.append(SaveSpec(
             [st.block_ids[i] for i in rng], [st.keys[i] for i in rng],
-            [st.keys[i - 1] if i else None for i in rng], [st.tokens[i * bs:(i + 1) * bs] for i in rng], st.salt))
+            [st.keys[i - 1] if i else None for i in rng], [st.tokens[i * bs:(i + 1) * bs] for i in rng], st.salt,
+            st.remote_decode))
         st.saved = upto
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._reqs.pop(request.request_id, None)
-        return False, None  # saves are synchronous: the blocks may be freed at once
+        """Blocks are always freed at once (saves are synchronous).  A P/D prefill leg that ran to its end
+        answers with the params its decode leg needs; an aborted one answers nothing (the gateway's decode
+        engine then prefills itself)."""
+        st = self._reqs.pop(request.request_id, None)
+        if st is None or not st.remote_decode or not _finished_normally(request):
+            return False, None
+        host, port = self._advertise
+        return False, {
+            "do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+            "remote_block_ids": list(block_ids[:st.saved]), "remote_host": host, "remote_port": port,
+            "kvmesh": {"node": self.client.socket_path, "node_id": self.client.node_id, "chunks": st.saved,
+                       "block_size": self.block_size},
+        }
 
     # ================= worker side =====================================================================
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -203,7 +263,8 @@ class KvmeshConnector(KVConnectorBase_V1):
     def _load(self, spec: LoadSpec) -> None:
         assert self.layout is not None
         # Knowing the chunk size lets the client read chunks only pool peers hold straight from them.
-        leases = self.client.get(spec.keys, fetch_size=self.layout.chunk_bytes, tenant=tenant_of(spec.salt))
+        client = self._client(spec.node)
+        leases = client.get(spec.keys, fetch_size=self.layout.chunk_bytes, tenant=tenant_of(spec.salt))
         good = 0
         corrupt: list[bytes] = []
         for le in leases:
@@ -215,7 +276,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             if good:
                 self._copy_in(spec.block_ids[:good], leases[:good])
         finally:
-            self.client.release(leases, corrupt)
+            client.release(leases, corrupt)
+        if client is not self.client:
+            self.stats["hinted_loads"] += good
         if good < len(spec.block_ids):
             # Missing (evicted, node down) or corrupt: vLLM recomputes these blocks.
             self._failed.update(spec.block_ids[good:])
@@ -256,7 +319,9 @@ class KvmeshConnector(KVConnectorBase_V1):
         del dests
         for i in todo:
             views[i].release()  # type: ignore[union-attr]
-        self.client.commit(items, wait=False)  # nothing to wait for: saves a round trip per step
+        # Nothing to wait for (saves a round trip per step) unless a decode engine will look for these chunks
+        # as soon as the answer is out: another connection's lookup is not ordered after this commit.
+        self.client.commit(items, wait=spec.sync)
         self.stats["saved_blocks"] += len(items)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -265,3 +330,16 @@ class KvmeshConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self.client.close()
+        for c in self._others.values():
+            c.close()
+
+
+def _int(v: object) -> int:
+    return v if isinstance(v, int) and not isinstance(v, bool) else 0
+
+
+def _finished_normally(request: Request) -> bool:
+    """Stopped or length-capped (a P/D prefill leg's normal end), not aborted or errored."""
+    from vllm.v1.request import RequestStatus  # scheduler side only: the worker never calls this
+
+    return request.status in (RequestStatus.FINISHED_LENGTH_CAPPED, RequestStatus.FINISHED_STOPPED)
