@@ -88,6 +88,7 @@ class Backend:
     url: str
     kv_events: str | None = None
     replay: str | None = None
+    role: str = "both"  # P/D role: prefill | decode | both (kvmesh.routing.disagg)
     up: bool = False  # health checks / connect results
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     in_flight: int = 0
@@ -149,8 +150,9 @@ class BackendPool:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
-    def add(self, name: str, url: str, kv_events: str | None = None, replay: str | None = None) -> Backend:
-        b = Backend(name, url.rstrip("/"), kv_events, replay)
+    def add(self, name: str, url: str, kv_events: str | None = None, replay: str | None = None,
+            role: str = "both") -> Backend:
+        b = Backend(name, url.rstrip("/"), kv_events, replay, role)
         self.backends.append(b)
         self._wake.set()
         return b
