@@ -19,6 +19,12 @@ With ``tiers`` (:class:`kvmesh.sim.tiers.TierConfig`) each machine of ``engines_
 cache node (DRAM over SSD), optionally pooled; their tier events (medium CPU / STORAGE) reach the same index
 after ``event_delay_s``, credited to the engines that can read them.  ``hit_rate`` then counts GPU hits and
 tier loads; ``tier_hit_rate`` the loads alone.
+
+With ``roles`` naming some engines ``prefill``, arrivals take the gateway's decode-first P/D flow
+(:mod:`kvmesh.sim.pd`): a decode engine is routed first, the shared decision in
+:mod:`kvmesh.routing.disagg` sends long uncached prompts to a prefill engine, and their KV moves to the
+decode engine over the profile's transfer bandwidth; ``SimResult.pd`` reports remote vs local prefills,
+the transfers and each role's load.
 """
 
 from __future__ import annotations
@@ -38,13 +44,15 @@ from kvmesh.index.hashing import block_keys
 from kvmesh.index.index import KvIndex
 from kvmesh.routing import Policy, RequestContext, make_policy
 from kvmesh.routing.base import Candidate, CandidateState, Decision, Scorer, Scores
+from kvmesh.routing.disagg import PdConfig, Role, is_disaggregated
 from kvmesh.routing.kv_aware import decode_cost
 from kvmesh.routing.policies import HealthyServingModel, MinCostPicker
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
+from kvmesh.sim.pd import PdFlow
 from kvmesh.sim.profiles import TimingProfile
 from kvmesh.sim.tiers import MachineView, TierConfig, TierSystem, tier_profile
 
-_ARRIVE, _STEP_DONE, _EVENTS = 0, 1, 2
+_ARRIVE, _STEP_DONE, _EVENTS, _DELIVER = 0, 1, 2, 3
 
 
 @dataclass(slots=True, kw_only=True)
@@ -52,7 +60,9 @@ class SimBackend(CandidateState):
     """What a policy sees of a simulated engine (the gateway's ``Backend`` load fields), plus its core."""
 
     core: EngineCore
+    role: Role = "both"
     stepping: bool = False
+    busy_s: float = 0.0   # virtual time spent stepping
     pending_of: dict[int, int] = field(default_factory=dict)
 
     def sync(self) -> None:
@@ -107,6 +117,7 @@ class SimResult:
     busiest_over_mean: float = 0.0  # the busiest engine's prompt tokens over the mean (1.0 = even)
     tier_hit_rate: float = 0.0      # share of prompt tokens loaded from DRAM/SSD/pool tiers
     load_s_total: float = 0.0       # time engines spent loading from the tiers
+    pd: dict[str, Any] = field(default_factory=dict)  # P/D clusters: PdFlow.stats()
 
     def row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -129,13 +140,16 @@ class Cluster:
     def __init__(self, replicas: int, profile: TimingProfile, policy: str, block_size: int,
                  token_scale: float = 1.0, event_delay_s: float = 0.01, seed: int = 0, *,
                  routing: RoutingConfig | None = None, informed: bool = False, slo: Slo | None = None,
-                 tiers: TierConfig | None = None) -> None:
+                 tiers: TierConfig | None = None, roles: list[Role] | None = None,
+                 pd: PdConfig | None = None) -> None:
         self.profile = profile
         self.block_size = block_size
         self.event_delay_s = event_delay_s
         self.now = 0.0
-        self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale))
-                         for i in range(replicas)]
+        if roles is not None and len(roles) != replicas:
+            raise ValueError(f"{len(roles)} roles for {replicas} replicas")
+        self.backends = [SimBackend(name=f"e{i}", core=EngineCore(f"e{i}", profile, block_size, token_scale),
+                                    role=roles[i] if roles else "both") for i in range(replicas)]
         self.by_name = {b.name: b for b in self.backends}
         self.tiers: TierSystem | None = None
         if tiers is not None and tiers.enabled:
@@ -152,6 +166,7 @@ class Cluster:
                 "prefill_tps": profile.prefill_tps / token_scale, "decode_penalty_s": profile.decode_s_per_seq,
                 "decode_s_per_seq": profile.decode_s_per_seq,
                 "decode_s_per_ctx_token": profile.decode_s_per_ctx_token * token_scale})
+        self.routing = cfg
         self.slo = slo or Slo.for_profile(profile)
         if policy == "oracle":
             oracle = OracleScorer(profile, token_scale, cfg.decode_weight)
@@ -159,11 +174,12 @@ class Cluster:
         else:
             self.policy = make_policy(policy, seed=seed, index=self.index, cfg=cfg)
         self.policy_name = policy
+        self.pd = PdFlow(self, pd or PdConfig()) if is_disaggregated(self.backends) else None
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         self.done: list[SimRequest] = []
-        # rid -> (routing context, the decision, tokens queued ahead)
-        self._ctx: dict[int, tuple[RequestContext, Decision, int]] = {}
+        # rid -> (routing context, the decision, tokens queued ahead, when forwarded)
+        self._ctx: dict[int, tuple[RequestContext, Decision, int, float]] = {}
         self._give_up: Callable[[SimRequest], bool] | None = None
         self.gave_up = False
         self._arrivals: list[float] = []
@@ -191,6 +207,8 @@ class Cluster:
                 self._arrive(now, obj)
             elif kind == _STEP_DONE:
                 self._step_done(now, *obj)
+            elif kind == _DELIVER:
+                self._enqueue(now, *obj)
             else:
                 for name in obj[0]:
                     self.index.apply(name, obj[1])
@@ -206,15 +224,32 @@ class Cluster:
         spec = self.policy.key_spec(None)
         if self.policy.needs_tokens and (spec is None or spec[0] != self.block_size):
             ctx.block_keys = None  # the policy cuts its own keys (e.g. before it learned the block size)
+        if self.pd is not None:
+            self.pd.arrive(now, r, ctx)
+            return
         d = self.policy.choose(ctx, self.backends)
-        b: SimBackend = d.backend  # type: ignore[assignment]
         self.policy.on_routed(ctx, d)
+        self.forward(now, r, ctx, d)
+
+    def forward(self, now: float, r: SimRequest, ctx: RequestContext, d: Decision, enqueue: bool = True) -> None:
+        """Commit ``r`` to ``d.backend`` as the gateway's forward stage does (its prefill tokens pending until
+        its first token, one more in flight); the engine gets it now, or (``enqueue=False``) once
+        :meth:`deliver_at` says its KV has arrived."""
+        b: SimBackend = d.backend  # type: ignore[assignment]
         unc = len(r.tokens) if d.prefill_tokens is None else d.prefill_tokens
         b.pending_of[r.rid] = unc
         b.pending_prefill_tokens += unc
         b.in_flight += 1
         r.engine = b.name
-        self._ctx[r.rid] = (ctx, d, b.pending_prefill_tokens - unc)
+        self._ctx[r.rid] = (ctx, d, b.pending_prefill_tokens - unc, now)
+        if enqueue:
+            self._enqueue(now, b, r)
+
+    def deliver_at(self, t: float, b: SimBackend, r: SimRequest) -> None:
+        """``r`` reaches ``b``'s queue at ``t`` (its KV transfer has landed)."""
+        self._push(t, _DELIVER, (b, r))
+
+    def _enqueue(self, now: float, b: SimBackend, r: SimRequest) -> None:
         b.core.add(r)
         if not b.stepping:
             self._step(now, b)
@@ -224,18 +259,22 @@ class Cluster:
         arr, i = self._arrivals, self._next_arrival
         horizon = arr[i] if i < len(arr) else math.inf
         res = b.core.step(now, horizon)
+        b.busy_s += res.duration
         self._push(now + res.duration, _STEP_DONE, (b, res))
 
     def _step_done(self, now: float, b: SimBackend, res: StepResult) -> None:
         for r in res.first_tokens:
             unc = b.pending_of.pop(r.rid, 0)
             b.pending_prefill_tokens -= unc
-            ctx, d, queued = self._ctx[r.rid]
-            self.policy.on_first_token(ctx, d, now - r.arrival, queued)
+            ctx, d, queued, sent = self._ctx[r.rid]
+            self.policy.on_first_token(ctx, d, now - sent, queued)
         for r in res.finished:
             b.in_flight -= 1
-            ctx, d, _ = self._ctx.pop(r.rid)
+            ctx, d, _, _ = self._ctx.pop(r.rid)
             self.policy.on_finished(ctx, d, r.done_at - r.first_token_at, r.generated)
+            if self.pd is not None and self.pd.is_leg(r):
+                self.pd.prefilled(now, r)
+                continue
             self.done.append(r)
             if self._give_up is not None and self._give_up(r):
                 self.gave_up = True
@@ -257,14 +296,16 @@ class Cluster:
         queries = sum(b.core.pool.queries for b in self.backends)
         good = sum(1 for r in self.done if r.first_token_at - r.arrival <= self.slo.ttft_s
                    and _tpot(r) <= self.slo.tpot_s)
-        load = [sum(len(r.tokens) for r in self.done if r.engine == b.name) for b in self.backends]
+        load = [sum(len(r.tokens) for r in self.done if r.engine == b.name) for b in self.backends
+                if b.role != "prefill"]  # requests are counted where they decode
         n = max(len(ttft), 1)
         return SimResult(self.policy_name, len(self.done), sum(ttft) / n, _q(ttft, 0.5), _q(ttft, 0.99),
                          hits / max(queries, 1), wall, end,
                          [sum(1 for r in self.done if r.engine == b.name) for b in self.backends],
                          sum(tpot) / n, _q(tpot, 0.5), _q(tpot, 0.99), good / n,
                          max(load, default=0) / max(sum(load) / max(len(load), 1), 1), loaded / max(queries, 1),
-                         self.tiers.stats.seconds if self.tiers else 0.0)
+                         self.tiers.stats.seconds if self.tiers else 0.0,
+                         self.pd.stats(end) if self.pd is not None else {})
 
 
 def _q(xs: list[float], p: float) -> float:

@@ -12,6 +12,7 @@ from kvmesh.cli_options import fail as _fail
 from kvmesh.policy_names import policy_help
 
 if TYPE_CHECKING:
+    from kvmesh.routing.disagg import Role
     from kvmesh.sim.runner import TraceRun
     from kvmesh.workloads import TraceRequest
 
@@ -25,7 +26,9 @@ def register(app: typer.Typer) -> None:
 def sim(
     trace: Annotated[pathlib.Path, typer.Option(help="Trace file (or a directory of Weka conversations)")],
     trace_format: Annotated[str, typer.Option(help="mooncake, azure or weka")] = "mooncake",
-    replicas: int = 8,
+    replicas: Annotated[int | None, typer.Option(help="Engines (default 8, or prefill + decode)")] = None,
+    prefill: Annotated[int, typer.Option(help="Prefill-role engines (P/D disaggregation, with --decode)")] = 0,
+    decode: Annotated[int, typer.Option(help="Decode-role engines (P/D disaggregation, with --prefill)")] = 0,
     policy: Annotated[list[str] | None, typer.Option(help="Policy to simulate (repeat); default: all + oracle "
                                                           "(sees every cache exactly) — " + policy_help())] = None,
     profile: Annotated[str, typer.Option(help="Timing profile: h100-llama3-8b or cpu-demo-small")] = "h100-llama3-8b",
@@ -37,6 +40,8 @@ def sim(
     from kvmesh.sim.runner import DEFAULT_POLICIES, markdown
     from kvmesh.workloads import TraceError, load_trace
 
+    roles = _roles(replicas, prefill, decode)
+    replicas = len(roles) if roles else replicas or 8
     if replicas < 1 or tokens_per_block < 1:
         _fail("--replicas and --tokens-per-block must be >= 1")
     try:
@@ -44,14 +49,41 @@ def sim(
         prof = get_profile(profile)
         typer.echo(f"simulating {len(reqs)} requests of {trace} ({trace_format}) on {replicas} replicas, timing "
                    f"profile {prof.name}" + (f" (from {profile})" if profile != prof.name else ""))
-        run = _simulate(reqs, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block)
+        run = _simulate(reqs, replicas, tuple(policy or DEFAULT_POLICIES), profile, tokens_per_block, roles)
     except (TraceError, ValueError) as e:
         _fail(str(e))
     typer.echo(markdown(run))
+    if roles:
+        typer.echo(pd_summary(run, f"{prefill}P{decode}D"))
+
+
+def _roles(replicas: int | None, prefill: int, decode: int) -> list[Role] | None:
+    """Each engine's P/D role (prefill ones first), or None for an aggregated fleet."""
+    if not prefill and not decode:
+        return None
+    if prefill < 1 or decode < 1 or (replicas is not None and replicas != prefill + decode):
+        _fail("P/D needs --prefill >= 1 and --decode >= 1 (and --replicas, if given, equal to their sum)")
+    p: list[Role] = ["prefill"]
+    d: list[Role] = ["decode"]
+    return p * prefill + d * decode
+
+
+def pd_summary(run: TraceRun, label: str) -> str:
+    """One line per policy: remote vs local prefills (by reason), the KV moved, each role's busy share."""
+    lines = [f"\nP/D {label}:"]
+    for r in run.results:
+        pd = r.pd
+        local = ", ".join(f"{k} {v}" for k, v in pd["local_by_reason"].items()) or "none"
+        busy = ", ".join(f"{k} {v['busy_share']:.0%}" for k, v in pd["roles"].items())
+        lines.append(f"- {r.policy}: remote prefills {pd['remote_prefills']}, local {pd['local_prefills']} "
+                     f"({local}); KV moved {pd['transfer_bytes'] / 1e9:.1f} GB at {pd['kv_transfer_gbps']:g} GB/s, "
+                     f"transfer mean {pd['transfer_mean_s'] * 1000:.1f} ms (p99 {pd['transfer_p99_s'] * 1000:.1f} ms, "
+                     f"not overlapped with prefill); busy {busy}")
+    return "\n".join(lines)
 
 
 def _simulate(reqs: list[TraceRequest], replicas: int, policies: tuple[str, ...], profile: str,
-              tokens_per_block: int) -> TraceRun:
+              tokens_per_block: int, roles: list[Role] | None = None) -> TraceRun:
     """One policy at a time, so a bar (on stderr, when it is a terminal) shows which one runs and how many are
     left; the results are those of :func:`kvmesh.sim.runner.run_requests` over all of them."""
     import dataclasses
@@ -68,7 +100,7 @@ def _simulate(reqs: list[TraceRequest], replicas: int, policies: tuple[str, ...]
         task = bar.add_task("simulating", total=len(policies))
         for name in policies:
             bar.update(task, description=f"policy {name}")
-            runs.append(run_requests(reqs, replicas, (name,), profile, tokens_per_block))
+            runs.append(run_requests(reqs, replicas, (name,), profile, tokens_per_block, roles=roles))
             bar.advance(task)
     return dataclasses.replace(runs[0], results=[r.results[0] for r in runs])
 

@@ -53,6 +53,8 @@ class SimRequest:
     done_at: float = -1.0
     salt: str | None = None  # cache_salt: published with the first block, as vLLM does
     session: str | None = None  # the conversation it belongs to (routing sees it as x-session-id)
+    remote_kv: bool = False  # its prompt's KV was prefilled on another engine and transferred here
+    transferred: int = 0     # prompt tokens whose KV arrived by transfer rather than from this engine's cache
 
     @property
     def prefilling(self) -> bool:
@@ -79,6 +81,7 @@ class EngineCore:
         self.running: list[SimRequest] = []
         self.tier: TierAccess | None = None
         self.tier_hits = 0       # prompt tokens loaded from the tiers
+        self.received = 0        # prompt tokens whose KV arrived from a prefill engine
         self._load_s = 0.0       # load time of this step's admissions
 
     def add(self, req: SimRequest) -> None:
@@ -189,9 +192,24 @@ class EngineCore:
         r.cached = r.computed = hit * bs
         self.pool.queries += len(r.tokens)
         self.pool.hits += r.cached
-        if self.tier is not None:
+        if r.remote_kv:
+            self._receive(r, hit, (len(r.tokens) - 1) // bs)
+        elif self.tier is not None:
             self._load(self.tier, r, hit, (len(r.tokens) - 1) // bs)
         return True
+
+    def _receive(self, r: SimRequest, hit: int, full: int) -> None:
+        """The transferred KV fills the blocks after this engine's own cached prefix, up to the last prompt
+        token (computed here, as vLLM's decode side does)."""
+        bs = self.block_size
+        for i in range(hit, full):
+            extra = [(r.salt,)] if i == 0 and r.salt else None
+            self.pool.store(r.keys[i], r.keys[i - 1] if i else None, r.tokens[i * bs:(i + 1) * bs], extra)
+            r.held.append(r.keys[i])
+            r.extra_blocks -= 1
+        r.computed = len(r.tokens) - 1
+        r.transferred = r.computed - r.cached
+        self.received += r.transferred
 
     def _load(self, tier: TierAccess, r: SimRequest, hit: int, full: int) -> None:
         """Load the blocks after the GPU prefix that the tiers hold; they become cached GPU blocks."""

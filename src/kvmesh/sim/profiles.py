@@ -19,6 +19,16 @@ Sources:
 - ``cpu-demo-small``: kvmesh's small demo model on one core of the development machine under vLLM-CPU,
   fitted by ``bench/sim_fidelity.py`` (least squares over cold prompts of 256–4,096 tokens and a 64-token
   decode; held-out mean-TTFT error +4.3%).  Re-run it to fit your own machine.
+
+KV transfer between a prefill and a decode engine (``kv_transfer_gbps``, GB/s per engine NIC, and a fixed
+``kv_transfer_latency_s`` per transfer, which also covers the gateway's second hop):
+- ``h100-llama3-8b``: 25 GB/s, RDMA between machines (a 200 Gb/s NIC per GPU, or half of a 400 Gb/s
+  ConnectX-7 as NIXL transfers reach in practice: the low end of 25-50 GB/s, chosen to be conservative;
+  NVLink within a machine would be ~10x faster), 1 ms per transfer.
+- ``cpu-demo-small``: 1.73 GB/s, the cache pool's measured GET from a peer over loopback with 32 MiB
+  objects (``bench/results/cache_pool.json``, ``throughput.32mb.pool_get``): kvmesh's own transfer path
+  through the pool on this machine; 1 ms per transfer.
+A calibrated profile file without these fields gets the H100 figures.
 """
 
 from __future__ import annotations
@@ -40,6 +50,8 @@ class TimingProfile:
     max_batch_tokens: int
     max_running: int
     kv_bytes_per_token: int
+    kv_transfer_gbps: float = 25.0
+    kv_transfer_latency_s: float = 0.001
 
     def step_seconds(self, prefill_tokens: int, prefill_attn: float, decode_seqs: int, decode_ctx: int) -> float:
         """``prefill_attn`` = sum over prefill chunks of new_tokens * (cached + new / 2) context tokens."""
@@ -51,11 +63,13 @@ PROFILES: dict[str, TimingProfile] = {
     "h100-llama3-8b": TimingProfile(
         name="h100-llama3-8b", prefill_tps=45_000, attn_s_per_token2=1.2e-10, overhead_s=0.008,
         decode_s_per_seq=0.0001, decode_s_per_ctx_token=4e-8, kv_capacity_tokens=480_000,
-        max_batch_tokens=8192, max_running=256, kv_bytes_per_token=128 * 1024),
+        max_batch_tokens=8192, max_running=256, kv_bytes_per_token=128 * 1024,
+        kv_transfer_gbps=25.0, kv_transfer_latency_s=0.001),
     "cpu-demo-small": TimingProfile(
         name="cpu-demo-small", prefill_tps=3_497, attn_s_per_token2=5.14e-8, overhead_s=0.0127,
         decode_s_per_seq=0.0061, decode_s_per_ctx_token=1.5e-6, kv_capacity_tokens=60_000,
-        max_batch_tokens=2048, max_running=64, kv_bytes_per_token=2 * 8 * 4 * 64 * 2),
+        max_batch_tokens=2048, max_running=64, kv_bytes_per_token=2 * 8 * 4 * 64 * 2,
+        kv_transfer_gbps=1.73),
 }
 
 

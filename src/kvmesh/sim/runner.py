@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from kvmesh.config import RoutingConfig
 from kvmesh.index.hashing import block_keys, root_seed
+from kvmesh.routing.disagg import Role
 from kvmesh.sim.cluster import Cluster, SimResult, make_requests
 from kvmesh.sim.profiles import get_profile
 from kvmesh.sim.tiers import TierConfig
@@ -27,18 +28,19 @@ class TraceRun:
 def run_mooncake(path: str | pathlib.Path, replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, limit: int | None = None,
                  event_delay_s: float = 0.01, fmt: str = "mooncake", routing: RoutingConfig | None = None,
-                 informed: bool = False, tiers: TierConfig | None = None) -> TraceRun:
+                 informed: bool = False, tiers: TierConfig | None = None, roles: list[Role] | None = None) -> TraceRun:
     """Raises ``TraceError`` for an unreadable trace and ``ValueError`` for an unknown profile/policy."""
     return run_requests(load_trace(path, fmt, limit), replicas, policies, profile, tokens_per_block,
-                        event_delay_s, routing, informed, tiers)
+                        event_delay_s, routing, informed, tiers, roles)
 
 
 def run_requests(reqs: list[TraceRequest], replicas: int = 8, policies: tuple[str, ...] = DEFAULT_POLICIES,
                  profile: str = "h100-llama3-8b", tokens_per_block: int = 16, event_delay_s: float = 0.01,
                  routing: RoutingConfig | None = None, informed: bool = False,
-                 tiers: TierConfig | None = None) -> TraceRun:
+                 tiers: TierConfig | None = None, roles: list[Role] | None = None) -> TraceRun:
     """Every policy over the same requests (trace blocks scaled to ``tokens_per_block`` tokens), with the
-    cache tiers ``tiers`` describes (None: GPU prefix caches only)."""
+    cache tiers ``tiers`` describes (None: GPU prefix caches only) and the engines' P/D ``roles`` (None: all
+    ``both``)."""
     prof = get_profile(profile)
     prompts = [mooncake_prompt(r, tokens_per_block) for r in reqs]
     scale = MOONCAKE_BLOCK / tokens_per_block
@@ -48,7 +50,7 @@ def run_requests(reqs: list[TraceRequest], replicas: int = 8, policies: tuple[st
         sim = make_requests(prompts, [r.arrival_s for r in reqs], [r.output_tokens for r in reqs],
                             tokens_per_block, seed, [r.session for r in reqs])
         cluster = Cluster(replicas, prof, policy, tokens_per_block, scale, event_delay_s, routing=routing,
-                          informed=informed, tiers=tiers)
+                          informed=informed, tiers=tiers, roles=roles)
         results.append(cluster.run(sim))
     block_hit, token_hit = infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s if reqs else 0.0

@@ -1,0 +1,151 @@
+"""Prefill/decode disaggregation in the virtual-time simulator (kvmesh.sim.pd): what moves, when, and that the
+simulator decides with the gateway's own code."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from kvmesh import cli
+from kvmesh.config import RoutingConfig
+from kvmesh.gateway import pd as gateway_pd
+from kvmesh.index.hashing import block_keys, root_seed
+from kvmesh.routing import Decision, RequestContext, disagg
+from kvmesh.routing.disagg import PdConfig, Role
+from kvmesh.sim import pd as sim_pd
+from kvmesh.sim.cluster import Cluster
+from kvmesh.sim.core import SimRequest
+from kvmesh.sim.profiles import get_profile
+
+SEED = root_seed("kvmesh")
+H100 = get_profile("h100-llama3-8b")
+BS = 16
+ONE_P_ONE_D: list[Role] = ["prefill", "decode"]
+
+
+def req(rid: int, tokens: list[int], arrival: float, out: int = 4) -> SimRequest:
+    return SimRequest(rid, tokens, list(block_keys(tokens, BS, SEED)), out, arrival)
+
+
+def cluster(roles: list[Role], policy: str = "kv-aware", **kw: Any) -> Cluster:
+    return Cluster(len(roles), H100, policy, BS, roles=roles, informed=True, **kw)
+
+
+def test_remote_prefill_then_transfer_then_first_decode_step() -> None:
+    """TTFT = the prefill leg's step + bytes / bandwidth (+ the fixed latency) + the decode engine's step that
+    computes the last prompt token; nothing else is charged."""
+    prompt = list(range(4000))
+    r = req(0, prompt, 0.0)
+    res = cluster(ONE_P_ONE_D, "round-robin").run([r])
+    n, bpt = len(prompt), H100.kv_bytes_per_token
+    prefill = H100.step_seconds(n, n * (n / 2), 0, 0)
+    transfer = H100.kv_transfer_latency_s + n * bpt / (H100.kv_transfer_gbps * 1e9)
+    first_step = H100.step_seconds(1, 1 * (n - 1 + 0.5), 0, 0)
+    assert r.engine == "e1" and r.transferred == n - 1 and r.cached == 0
+    assert r.first_token_at == pytest.approx(prefill + transfer + first_step)
+    assert res.pd["remote_prefills"] == 1 and res.pd["local_prefills"] == 0
+    assert res.pd["transfer_bytes"] == n * bpt
+    assert res.pd["transfer_mean_s"] == pytest.approx(transfer)
+    assert res.pd["roles"]["prefill"]["computed_tokens"] == n      # the prefill engine computed the prompt
+    assert res.pd["roles"]["decode"]["computed_tokens"] == 1       # the decode engine only the last token
+
+
+def test_decode_engine_hits_what_it_received_and_short_prompt_stays_local() -> None:
+    """A's KV lands on the decode engine as cached blocks (and KV events): B, which shares A's first 248
+    blocks and adds 50 tokens, finds them there, so it has too few uncached tokens to pay a hop; C adds
+    984 uncached tokens and goes remote, moving only what the decode engine lacks."""
+    rest = list(range(100_000, 102_000))
+    a = req(0, list(range(4000)), 0.0)
+    b = req(1, a.tokens[:3968] + rest[:50], 5.0)
+    c = req(2, a.tokens[:3984] + rest[:984], 10.0)
+    cl = cluster(ONE_P_ONE_D)
+    res = cl.run([a, b, c])
+    received = (len(a.tokens) - 1) // BS                  # full blocks before the last token
+    assert set(a.keys[:received]) <= cl.index.engine_keys("e1")  # announced by the decode engine
+    assert b.engine == "e1" and b.cached == 3968 and not b.remote_kv
+    assert c.remote_kv and c.cached == 3984 and c.transferred == len(c.tokens) - 1 - 3984
+    assert res.pd["local_by_reason"] == {"short_prompt": 1} and res.pd["remote_prefills"] == 2
+    assert res.pd["transfer_bytes"] == (len(a.tokens) + len(c.tokens) - 3984) * H100.kv_bytes_per_token
+
+
+def test_saturated_prefill_engine_means_local_prefill() -> None:
+    """Two long prompts at once: the second finds the prefill engine's queue (4,000 tokens at the config's
+    4,000 tokens/s: 1 s) over the limit, so its decode engine prefills it."""
+    r1, r2 = req(0, list(range(4000)), 0.0), req(1, list(range(50_000, 54_000)), 0.0)
+    cl = Cluster(2, H100, "round-robin", BS, roles=ONE_P_ONE_D, routing=RoutingConfig(prefix_block_size=BS),
+                 pd=PdConfig(max_prefill_queue_s=0.5))
+    res = cl.run([r1, r2])
+    assert res.pd["local_by_reason"] == {"prefill_saturated": 1} and res.pd["remote_prefills"] == 1
+    assert r1.remote_kv and not r2.remote_kv and r2.engine == "e1"
+
+
+def test_aggregated_cluster_has_no_pd_stage() -> None:
+    r = req(0, list(range(4000)), 0.0)
+    res = Cluster(2, H100, "kv-aware", BS).run([r])
+    assert res.pd == {} and not r.remote_kv
+
+
+def test_sim_decides_with_the_shared_decision_code(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every arrival goes through disagg.local_reason, and (when not ruled out) disagg.plan_prefill; the
+    simulator's counts are exactly what those functions answered."""
+    answered: list[str] = []
+
+    def spy(real: Any) -> Any:
+        def call(*args: Any) -> Any:
+            out = real(*args)
+            answered.append(out.reason if hasattr(out, "reason") else out or "")
+            return out
+        return call
+
+    monkeypatch.setattr(sim_pd, "plan_prefill", spy(disagg.plan_prefill))
+    monkeypatch.setattr(sim_pd, "local_reason", spy(disagg.local_reason))
+    lengths = [100, 3000, 2000, 50, 4000, 200]
+    reqs = [req(i, list(range(i * 10_000, i * 10_000 + n)), i * 0.01) for i, n in enumerate(lengths)]
+    res = cluster(["prefill", "decode", "decode"]).run(reqs)
+    reasons = [x for x in answered if x]  # local_reason's None: go on to plan_prefill
+    counted = {"remote": res.pd["remote_prefills"], **res.pd["local_by_reason"]}
+    assert sorted(reasons) == sorted(k for k, v in counted.items() for _ in range(v))
+    assert len(reasons) == len(reqs)
+
+
+# (uncached tokens on the decode engine, pending prefill tokens on e0 and e1, max queue s)
+TABLE = [(100, (0, 0), 2.0), (255, (0, 0), 2.0), (256, (0, 0), 2.0), (5000, (0, 0), 2.0),
+         (5000, (9000, 0), 2.0), (5000, (9000, 9000), 2.0), (5000, (0, 9000), 2.0), (5000, (8000, 8000), 2.0),
+         (5000, (100, 50), 0.0), (5000, (0, 0), 0.0)]
+
+
+@pytest.mark.parametrize(("uncached", "pending", "max_q"), TABLE)
+def test_sim_and_gateway_make_the_same_plan(uncached: int, pending: tuple[int, int], max_q: float) -> None:
+    """The simulator's plan and the gateway's ``plan_for`` over the same candidates, load and policy."""
+    cfg = PdConfig(max_prefill_queue_s=max_q)
+
+    def plan(side: str) -> object:
+        cl = Cluster(3, H100, "kv-aware", BS, roles=["prefill", "prefill", "decode"], seed=7, pd=cfg)
+        for b, p in zip(cl.backends, pending, strict=False):
+            b.pending_prefill_tokens = p
+        ctx = RequestContext("r", "sim", "completions", prompt_tokens_estimate=uncached + 16)
+        d = Decision(cl.by_name["e2"], prefill_tokens=uncached)
+        if side == "sim":
+            assert cl.pd is not None
+            return cl.pd.plan(ctx, d)
+        gw = SimpleNamespace(pool=SimpleNamespace(backends=cl.backends), policy=cl.policy,
+                             cfg=SimpleNamespace(routing=cl.routing))
+        return gateway_pd.plan_for(gw, SimpleNamespace(route=ctx), d, cfg)  # type: ignore[arg-type]
+
+    assert plan("sim") == plan("gateway")
+
+
+def test_cli_sim_prefill_decode(tmp_path: pathlib.Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    rows = [{"timestamp": i * 500, "input_length": 4096, "output_length": 16,
+             "hash_ids": [i * 10 + j for j in range(8)]} for i in range(6)]
+    trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = CliRunner().invoke(cli.app, ["sim", "--trace", str(trace), "--prefill", "1", "--decode", "2",
+                                       "--policy", "kv-aware"])
+    assert out.exit_code == 0, out.output
+    assert "1P2D" in out.output and "remote prefills 6" in out.output
