@@ -96,3 +96,26 @@ def test_readme_says_where_the_traces_come_from() -> None:
     for source in ("kvcache-ai/Mooncake", "Azure/AzurePublicDataset", "callanjfox/kv-cache-tester", "../shared/traces"):
         assert source in sim, source
     assert "--engine-kind sim --model-size tiny --replicas 8 --policy kv-aware" in README  # the fast stack: kv-aware
+
+
+def test_readme_troubleshoots_the_aot_compile_cache() -> None:
+    """Item 9: the README names the error a vLLM-CPU log shows and what kvmesh does about it."""
+    trouble = README.split("\n### Troubleshooting\n", 1)[1].split("\n## ", 1)[0]
+    assert "'function' object has no attribute 'finalize_loading'" in trouble
+    assert "VLLM_USE_AOT_COMPILE=0" in trouble and "/ready" in trouble
+
+
+def test_the_aot_explanation_still_holds_for_the_installed_vllm() -> None:
+    """DEVELOPERS.md's why, read from vLLM's source (not imported: it is slow): on CPU the compile backend is the
+    plain "inductor" string, and loading an AOT artifact calls a method only vLLM's own wrapper has."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        pytest.skip("vLLM is not installed")
+    root = pathlib.Path(spec.origin).parent
+    cpu = (root / "platforms" / "cpu.py").read_text()
+    assert "CompilationMode.DYNAMO_TRACE_ONCE" in cpu and '"inductor"' in cpu
+    assert "compiled_fn.finalize_loading(" in (root / "compilation" / "decorators.py").read_text()
+    caching = (root / "compilation" / "caching.py").read_text()
+    assert "class VllmSerializableFunction" in caching and "def finalize_loading" in caching
