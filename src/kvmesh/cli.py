@@ -258,7 +258,8 @@ def gateway(
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def engine(
     ctx: typer.Context,
-    model: Annotated[str, _opt(VllmEngineConfig, "model", help="Model directory")],
+    model: Annotated[str | None, _opt(VllmEngineConfig, "model", help="Model directory (unless the --config "
+                                                                      "file's \\[engine] table names it)")] = None,
     kind: Annotated[str | None, _opt(VllmEngineConfig, "kind", help="vllm (a real engine) or sim (kvmesh's "
                                                                     "simulated engine)")] = None,
     port: Annotated[int | None, _opt(VllmEngineConfig, "port", help="Engine port")] = None,
@@ -272,6 +273,9 @@ def engine(
     time_scale: Annotated[float | None, _opt(SimEngineConfig, "time_scale")] = None,
     block_size: Annotated[int | None, _opt(SimEngineConfig, "block_size", help="KV block size (sim)")] = None,
     run_dir: Annotated[pathlib.Path | None, _opt(SupervisorConfig, "run_dir")] = None,
+    config: Annotated[pathlib.Path | None, typer.Option(help="TOML file whose \\[engine] table (and \\[supervisor] "
+                                                            "run_dir, timeouts, base_port) the flags override; "
+                                                            "flags after -- add to its extra_args")] = None,
     verbose: bool = False,
 ) -> None:
     """Run one supervised engine replica (restarted on crash) until Ctrl-C.  vLLM flags after -- are passed
@@ -280,19 +284,38 @@ def engine(
     from kvmesh.engines import Supervisor
     from kvmesh.stack import make_engine
 
+    base, sup_base = _engine_file(config)
+    if model is None and "model" not in base:
+        _fail("give --model DIR (or a --config file with an [engine] table naming the model)")
+    extra = (*base.pop("extra_args", ()), *ctx.args)
     # a flag of the other kind fails as "--cpu-bind: not a field of kind = 'sim' engines"
-    cfg: EngineConfig = _parse(engine_config, {"extra_args": "flags after --"}, kind=kind, model=model, port=port,
-                               served_model_name=served_model_name,
-                               kv_events_endpoint=kv_events, cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, host=host,
-                               dtype=dtype, profile=profile, time_scale=time_scale, block_size=block_size,
-                               extra_args=tuple(ctx.args) or None)
+    cfg: EngineConfig = _parse(engine_config, {"extra_args": "flags after --"}, **(base | _given(
+        kind=kind, model=model, port=port, served_model_name=served_model_name, kv_events_endpoint=kv_events,
+        cpu_bind=cpu_bind, kv_cache_gib=kv_cache_gib, host=host, dtype=dtype, profile=profile, time_scale=time_scale,
+        block_size=block_size, extra_args=extra or None)))
     if isinstance(cfg, SimEngineConfig):
         _check_sim_engine(cfg)
     _check_ports((cfg.host, cfg.port, "--port"))
-    sup_cfg: SupervisorConfig = _parse(SupervisorConfig, replicas=1, run_dir=str(run_dir) if run_dir else None)
+    sup_cfg: SupervisorConfig = _parse(SupervisorConfig, **(sup_base | _given(
+        replicas=1, run_dir=str(run_dir) if run_dir else None)))
     eng = make_engine("engine-0", cfg, pathlib.Path(sup_cfg.run_dir))
     sup = Supervisor([eng], sup_cfg)
     _serve(sup.start, sup.stop, lambda: typer.echo(f"{cfg.kind} engine ready on {eng.url}"))
+
+
+def _engine_file(config: pathlib.Path | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What ``kvmesh engine --config`` reads: the [engine] table's fields as the file sets them, and the
+    [supervisor] settings that apply to one replica; the engine listens on [supervisor] base_port (as replica 0
+    of ``kvmesh up`` would) when the [engine] table sets no port."""
+    if config is None:
+        return {}, {}
+    stack = _stack_config(config, {}, None)
+    base = stack.engine.model_dump(exclude_unset=True) if stack.engine else {}
+    sup = stack.supervisor.model_dump(exclude_unset=True)
+    if "base_port" in sup:
+        base.setdefault("port", sup["base_port"])
+    keep = ("run_dir", "start_timeout_s", "restart_backoff_s", "restart_backoff_max_s", "stop_grace_s")
+    return base, {k: v for k, v in sup.items() if k in keep}
 
 
 def _check_sim_engine(cfg: SimEngineConfig) -> None:
