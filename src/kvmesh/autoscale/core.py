@@ -212,6 +212,8 @@ class Scaler:
     def _behave(self, now: float, role: str, rec: int, have: int) -> int:
         b, cfg = self.policy.behaviour, self.cfg
         window = self._recs[role]
+        if not window:  # the first decision: the count that exists stands for the window before it
+            window.append((now, have))
         window.append((now, rec))
         while window and window[0][0] < now - b.scale_down_window_s - 1e-9:
             window.popleft()

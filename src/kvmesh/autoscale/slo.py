@@ -6,18 +6,19 @@ Per role, every tick:
 1. **Forecast.**  Holt's linear smoothing (level + trend) of the arrival rate and of prompt tokens/s, read
    ``horizon_s`` ahead — by default the cold start plus one decision period, the earliest moment a replica
    ordered now can serve.  The policy sizes for the larger of now and then: it never plans for a fall.
-2. **Demand.**  Prefill: the forecast prompt tokens/s, plus the queued prefill tokens drained within half the
-   TTFT target.  Decode: concurrent streams by Little's law — arrival rate x mean output tokens (learned from
-   finished requests) x the TPOT target.
+2. **Demand**, in replicas' time.  Prefill: the forecast prompt tokens/s, plus the queued prefill tokens
+   drained within the horizon, over the prefill capacity.  Decode: concurrent streams by Little's law —
+   arrival rate x mean output tokens (learned from finished requests) x the TPOT target — over the streams
+   one replica holds at the TPOT target.  An aggregated replica does both in the same steps, so its load is
+   the sum; a prefill or decode role takes its own.
 3. **Capacity per replica** (:class:`CapacityModel`), starting from a profiled prior and learned from what
    the fleet does: prefill tokens/s is raised to any observed per-replica throughput, and set (smoothed)
    to the observed throughput when the fleet was saturated (prompt tokens still queued at the interval's
    end); decode concurrency at the TPOT target comes from a smoothed least-squares line TPOT = a + b x
    streams per replica, fitted on the intervals' (streams, TPOT p50) pairs.  Learned figures stay within
    [``min_factor``, ``max_factor``] of the prior.
-4. **Replicas** = ceil(max(prefill demand / prefill capacity, decode demand / decode concurrency) /
-   ``utilisation``).  On an observed breach (TTFT or TPOT p90 over target) with no replica already starting,
-   at least one more: scale out fast.
+4. **Replicas** = ceil(load / ``utilisation``).  On an observed breach (TTFT or TPOT p90 over target) with
+   no replica already starting, at least one more: scale out fast.
 5. **Scale in slowly**: the behaviour removes one replica at a time, only after ``scale_down_window_s`` of
    recommendations all below the current count.
 
@@ -174,13 +175,14 @@ class SloPolicy(Policy):
 
     def _role(self, role: str, s: RoleSignals, fleet: Fleet) -> tuple[int, str, dict[str, float]]:
         c, st, g = self.cfg, self._state(role), s.gateway
-        steps = (c.horizon_s if c.horizon_s is not None else c.start_s + c.period_s) / c.period_s
+        horizon = c.horizon_s if c.horizon_s is not None else c.start_s + c.period_s
+        steps = horizon / c.period_s
         rate = max(st.rate.forecast(0), st.rate.forecast(steps))
         prompt_tps = max(st.prompt.forecast(0), st.prompt.forecast(steps))
-        prefill = (prompt_tps + g.queued_prefill_tokens / (c.ttft_s / 2)) / st.capacity.prefill_tps
+        prefill = (prompt_tps + g.queued_prefill_tokens / max(horizon, c.ttft_s)) / st.capacity.prefill_tps
         conc_cap = st.capacity.decode_concurrency(c.tpot_s)
         decode = rate * st.osl * c.tpot_s / conc_cap
-        load = {"prefill": prefill, "decode": decode}.get(role, max(prefill, decode))
+        load = {"prefill": prefill, "decode": decode}.get(role, prefill + decode)
         n = max(1, math.ceil(load / c.utilisation - 1e-9))
         why = f"load {load:.2f} replicas (prefill {prefill:.2f}, decode {decode:.2f}) at {c.utilisation:.0%}"
         breach = g.ttft_p90_s > c.ttft_s or g.tpot_p90_s > c.tpot_s

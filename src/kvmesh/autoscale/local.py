@@ -1,0 +1,297 @@
+"""The local actuator: ``kvmesh up --autoscale`` starts and stops engine replicas on this machine.
+
+:class:`LocalAutoscaler` runs the decision core (:class:`~kvmesh.autoscale.core.Scaler`) every
+``interval_s`` over signals it gathers from the gateway (every served request, through
+``Gateway.observers``; the overload pressure; the engines' scraped gauges) and applies the counts through
+:class:`LocalActuator`, which talks to the engine supervisor and the gateway's backend pool:
+
+- **scale-out** starts a replica (``Supervisor.add``: started and watched like the others), waits until it
+  is ready, **pre-warms** it, then adds it to the pool with a **ramped share**: for ``ramp_s`` it takes a new
+  request only while its in-flight count is below ``ramp_share(age) ×`` the others' mean (at least one).
+  Pre-warm replays the hottest prompt prefixes the gateway served (:class:`~kvmesh.autoscale.cacheaware.
+  Hotness` over their block keys, :func:`~kvmesh.autoscale.cacheaware.prewarm_plan` for the chains) to the
+  new replica directly, as ``max_tokens=1`` completions of their token ids, before it is in the pool: a
+  vLLM replica with kvmesh's connector loads those blocks from the cache node instead of computing them; a
+  simulated engine computes them into its prefix cache.  Either way its first routed requests sharing a
+  hot prefix find it cached.  (Pre-warm needs token ids: a KV-aware routing policy.)
+- **scale-in** cancels replicas still starting first, then drains the victims the core chose (the
+  cache-aware chooser: least valuable cache first): the backend is marked ``draining`` (no new request;
+  in-flight ones, streams included, run to their end), the actuator waits until it has none in flight (at
+  most ``drain_timeout_s``, then stops it anyway and says so), removes it from the pool and the index, and
+  stops the engine (``Supervisor.remove``: no restart).
+- **scale to zero** (``min_replicas = 0``): the gateway holds requests while no replica is ready
+  (``[gateway] cold_start_hold_s``); a held request wakes the autoscaler, which starts one at once.
+
+This module imports no other kvmesh package (the stack hands it the supervisor, the gateway and an engine
+factory), so the autoscale package stays below the engines, the simulator and the gateway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from kvmesh.autoscale.cacheaware import CacheAwareVictims, Hotness, prewarm_plan, ramp_share
+from kvmesh.autoscale.core import Capacity, Scaler, ScalerConfig
+from kvmesh.autoscale.policies import make_policy
+from kvmesh.autoscale.signals import AGGREGATED, EngineSignals, GatewaySignals, RoleSignals, Signals
+
+log = logging.getLogger("kvmesh.autoscale")
+_DRAIN_POLL_S = 0.05
+
+
+@dataclass(frozen=True, slots=True)
+class LocalConfig:
+    policy: str = "slo"
+    min_replicas: int = 1
+    max_replicas: int = 4
+    interval_s: float = 5.0
+    start_s: float = 15.0          # the cold start the policies assume (model load)
+    drain_timeout_s: float = 600.0
+    ramp_s: float = 30.0
+    prewarm_prompts: int = 16      # hottest chains replayed to a new replica
+    prewarm_blocks: int = 1024
+    capacity: Capacity = field(default_factory=lambda: Capacity(prefill_tps=2000.0, decode_concurrency=8.0))
+
+
+class _Engine(Protocol):
+    name: str
+    url: str
+
+
+class _Supervisor(Protocol):
+    async def add(self, engine: Any) -> None: ...
+    async def remove(self, name: str) -> None: ...
+
+
+Factory = Callable[[int], tuple[_Engine, str | None]]  # replica index -> (engine, its KV-event endpoint)
+
+
+class LocalActuator:
+    """:class:`~kvmesh.autoscale.core.Actuator` over the local supervisor and the gateway's pool (one
+    role: aggregated).  ``scale`` is synchronous and level-triggered; the work runs in tasks."""
+
+    def __init__(self, gw: Any, supervisor: _Supervisor, factory: Factory, serving: Sequence[str],
+                 cfg: LocalConfig, prewarm: Callable[[_Engine], Any]) -> None:
+        self.gw, self.supervisor, self.factory, self.cfg, self.prewarm = gw, supervisor, factory, cfg, prewarm
+        self.serving: dict[str, float] = dict.fromkeys(serving, -1e9)  # name -> serving since (monotonic)
+        self.starting: dict[str, asyncio.Task[None]] = {}
+        self.draining: dict[str, asyncio.Task[None]] = {}
+        self.events: list[dict[str, Any]] = []  # what happened, for /debug/autoscale and tests
+
+    def replicas(self, role: str) -> int:
+        return len(self.serving) + len(self.starting)
+
+    def ready(self, role: str) -> int:
+        return len(self.serving)
+
+    def members(self, role: str) -> list[str]:
+        return list(self.serving)
+
+    def scale(self, role: str, n: int, victims: Sequence[str] = ()) -> None:
+        have = self.replicas(role)
+        for _ in range(n - have):
+            name = self._free_name()
+            self.starting[name] = asyncio.create_task(self._start(name), name=f"scale-out-{name}")
+        k = have - n
+        for name in list(reversed(self.starting))[:max(k, 0)]:  # cancel the youngest starting ones first
+            self.starting.pop(name).cancel()
+            k -= 1
+        order = [v for v in victims if v in self.serving] + [m for m in reversed(self.serving) if m not in victims]
+        for name in order[:max(k, 0)]:
+            del self.serving[name]
+            self.draining[name] = asyncio.create_task(self._drain(name), name=f"drain-{name}")
+
+    def _free_name(self) -> str:
+        used = {*self.serving, *self.starting, *self.draining}
+        return next(f"engine-{i}" for i in range(len(used) + 1) if f"engine-{i}" not in used)
+
+    def _note(self, kind: str, name: str, **kw: Any) -> None:
+        self.events.append({"t": time.time(), "event": kind, "replica": name, **kw})
+        del self.events[:-200]
+        log.info("autoscale: %s %s %s", kind, name, kw or "")
+
+    async def _start(self, name: str) -> None:
+        engine, kv_events = self.factory(int(name.rsplit("-", 1)[1]))
+        self._note("starting", name)
+        try:
+            await self.supervisor.add(engine)
+            warmed = await self.prewarm(engine)
+        except asyncio.CancelledError:
+            await self.supervisor.remove(name)
+            self._note("cancelled", name)
+            raise
+        except Exception as e:  # EngineDied, TimeoutError: the supervisor stopped it already
+            self._note("start_failed", name, error=str(e))
+            self.starting.pop(name, None)
+            return
+        b = self.gw.pool.add(name, engine.url, kv_events)
+        b.up = True  # it just answered; the next health round confirms
+        since = time.monotonic()
+        b.ramp = lambda b: self._ramp_admits(b, since)
+        self.gw.subscribe(b)
+        self.starting.pop(name, None)
+        self.serving[name] = since
+        self.gw.admission.pump()  # held requests (scale from zero) go on
+        self._note("serving", name, prewarmed_prompts=warmed)
+
+    def _ramp_admits(self, b: Any, since: float) -> bool:
+        share = ramp_share(time.monotonic() - since, self.cfg.ramp_s)
+        if share >= 1.0:
+            b.ramp = None
+            return True
+        others = [o.in_flight for o in self.gw.pool.backends if o is not b and o.up and not o.draining]
+        fair = sum(others) / len(others) if others else 0.0
+        return bool(b.in_flight < max(1.0, share * fair))
+
+    async def _drain(self, name: str) -> None:
+        b = self.gw.pool.get(name)
+        left = 0
+        if b is not None:
+            b.draining = True
+            self._note("draining", name, in_flight=b.in_flight)
+            deadline = time.monotonic() + self.cfg.drain_timeout_s
+            # polled: the request path keeps no per-backend event, and this is the control plane
+            while b.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(_DRAIN_POLL_S)
+            left = b.in_flight
+            self.gw.pool.remove(name)
+            if self.gw.index is not None:
+                self.gw.index.clear_engine(name)  # its GPU cache goes with it (hot blocks stay in the node)
+        if left:
+            log.warning("autoscale: %s still had %d requests after %.0fs of draining; stopping it", name, left,
+                        self.cfg.drain_timeout_s)
+        await self.supervisor.remove(name)
+        self.draining.pop(name, None)
+        self._note("stopped", name, cut=left)
+
+    async def close(self) -> None:
+        for t in [*self.starting.values(), *self.draining.values()]:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+
+class _Window:
+    """What the gateway served since the last tick (reset every tick)."""
+
+    def __init__(self) -> None:
+        self.arrivals = self.prompt = self.output = 0
+        self.ttfts: list[float] = []
+        self.tpots: list[float] = []
+
+
+def _pct(xs: list[float], q: float) -> float:
+    return sorted(xs)[min(len(xs) - 1, int(q * len(xs)))] if xs else 0.0
+
+
+class LocalAutoscaler:
+    """The control loop of ``kvmesh up --autoscale``: signals → Scaler → :class:`LocalActuator`."""
+
+    def __init__(self, gw: Any, supervisor: _Supervisor, factory: Factory, serving: Sequence[str],
+                 cfg: LocalConfig) -> None:
+        self.gw, self.cfg = gw, cfg
+        self.hot = Hotness(half_life_s=300.0)
+        self.prompts: dict[int, list[int]] = {}  # last block key of a prompt's chain -> its token ids
+        self.actuator = LocalActuator(gw, supervisor, factory, serving, cfg, self._prewarm)
+        index = gw.index
+        victims = CacheAwareVictims(lambda e: index.engine_keys(e) if index is not None else set(),
+                                    lambda: self.hot.snapshot(time.monotonic()),
+                                    lambda e: b.in_flight if (b := gw.pool.get(e)) is not None else 0)
+        policy = make_policy(cfg.policy, cfg.capacity, start_s=cfg.start_s)
+        self.scaler = Scaler(policy, self.actuator, ScalerConfig(cfg.min_replicas, cfg.max_replicas,
+                                                                 interval_s=cfg.interval_s, start_s=cfg.start_s),
+                             victims=victims)
+        self.window = _Window()
+        self.shed_seen = 0
+        self.last_signals: Signals | None = None
+        self._task: asyncio.Task[None] | None = None
+        gw.observers.append(self.observe)
+        gw.autoscale_state = self.snapshot
+        gw.admission.on_hold = self.wake
+
+    def observe(self, req: Any) -> None:
+        """One served request (``ProxyRequest``): the interval's counts and the hot prefixes."""
+        w, ctx = self.window, req.route
+        w.arrivals += 1
+        w.prompt += ctx.prompt_tokens_estimate
+        w.output += max(req.chunks - 1, 0)
+        if req.chunks:
+            w.ttfts.append(req.t_first - req.t_arrival)
+        if ctx.block_keys and ctx.token_ids:
+            keys = list(ctx.block_keys)
+            self.hot.touch(keys, time.monotonic())
+            if len(self.prompts) < 100_000:
+                self.prompts[keys[-1]] = list(ctx.token_ids)
+
+    def signals(self) -> Signals:
+        w, self.window = self.window, _Window()
+        shed = sum(self.gw.pressure.shed.values())
+        backends = [b for b in self.gw.pool.backends if b.name in self.actuator.serving]
+        g = GatewaySignals(interval_s=self.cfg.interval_s, arrivals=w.arrivals, prompt_tokens=w.prompt,
+                           prefill_tokens_done=w.prompt, output_tokens=w.output, finished=w.arrivals,
+                           queued_prefill_tokens=self.gw.pressure.queued_prefill_tokens(),
+                           in_flight=sum(b.in_flight for b in backends), ttft_p50_s=_pct(w.ttfts, 0.5),
+                           ttft_p90_s=_pct(w.ttfts, 0.9), shed=shed - self.shed_seen)
+        self.shed_seen = shed
+        engines = tuple(EngineSignals(b.name, max(b.engine_queue - b.running, 0), max(b.running, b.in_flight),
+                                      max(b.kv_usage, 0.0)) for b in backends)
+        return Signals(time.monotonic(), {AGGREGATED: RoleSignals(g, engines)})
+
+    def tick(self) -> None:
+        self.last_signals = self.signals()
+        self.scaler.tick(self.last_signals)
+
+    def wake(self) -> None:
+        """A request is held with no replica ready (scale to zero): start one now, not at the next tick."""
+        if self.actuator.replicas(AGGREGATED) == 0:
+            self.actuator.scale(AGGREGATED, 1)
+
+    async def _prewarm(self, engine: _Engine) -> int:
+        spec = self.gw.policy.key_spec(None)
+        if spec is None or not self.prompts:
+            return 0
+        plan = prewarm_plan(self.hot.snapshot(time.monotonic()), self.hot.parent, self.cfg.prewarm_blocks)
+        parents = {self.hot.parent.get(k) for k in plan}
+        leaves = [k for k in plan if k not in parents and k in self.prompts][:self.cfg.prewarm_prompts]
+        model = next(iter(self.gw.pool.known_models()), None)
+        sent = 0
+        for key in leaves:
+            ids = self.prompts[key]
+            body = {"model": model, "prompt": ids, "max_tokens": 1}
+            try:
+                async with self.gw.http.post(f"{engine.url}/v1/completions", json=body) as r:
+                    sent += r.status == 200
+            except Exception as e:  # a failed pre-warm costs a cold cache, never the replica
+                log.warning("autoscale: pre-warm of %s failed: %s", engine.name, e)
+                break
+        return sent
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.interval_s)
+            try:
+                self.tick()
+            except Exception:
+                log.exception("autoscale tick failed")
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="autoscale")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.actuator.close()
+
+    def snapshot(self) -> dict[str, Any]:
+        a = self.actuator
+        return {"enabled": True, **self.scaler.snapshot(), "serving": list(a.serving),
+                "starting": list(a.starting), "draining": list(a.draining), "events": a.events[-50:],
+                "last_signals": self.last_signals.to_dict() if self.last_signals is not None else None}
