@@ -33,7 +33,8 @@ _K8S = {f"k8s_{n}": (KubernetesEndpoints, n) for n in ("namespace", "service", "
 CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
     "up": {"model_size": (StackConfig, "model_size"), "replicas": (SupervisorConfig, "replicas"),
            "port": (GatewayConfig, "port"), "host": (GatewayConfig, "host"), "policy": (GatewayConfig, "policy"),
-           "engine_kind": (StackConfig, "engine_kind"), "dtype": (StackConfig, "engine_dtype")},
+           "engine_kind": (StackConfig, "engine_kind"), "dtype": (StackConfig, "engine_dtype"),
+           "prefill": (SupervisorConfig, "prefill"), "decode": (SupervisorConfig, "decode")},
     "gateway": {**{n: (GatewayConfig, n) for n in ("tokenizer", "host", "port", "policy", "max_body_bytes")},
                 "tenants": (GatewayConfig, "tenants_file"), "discovery": (GatewayConfig, "discovery"), **_K8S},
     "engine": {**{n: (VllmEngineConfig, n) for n in ("model", "kind", "port", "served_model_name", "cpu_bind",

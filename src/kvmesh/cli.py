@@ -107,6 +107,7 @@ def _serve(start: Callable[[], Coroutine[Any, Any, None]], stop: Callable[[], Aw
 
 
 UP_FLAGS = {"model_size": "--model-size", "supervisor.replicas": "--replicas", "gateway.port": "--port",
+            "supervisor.prefill": "--prefill", "supervisor.decode": "--decode",
             "gateway.host": "--host", "gateway.policy": "--policy", "engine_kind": "--engine-kind",
             "engine_dtype": "--dtype", "engine.dtype": "--dtype"}
 
@@ -134,6 +135,8 @@ def up(
                                                             "\\[engine] and \\[cache] tables")] = None,
     model_size: Annotated[str | None, _opt(StackConfig, "model_size")] = None,
     replicas: Annotated[int | None, _opt(SupervisorConfig, "replicas", help="Engine replicas")] = None,
+    prefill: Annotated[int | None, _opt(SupervisorConfig, "prefill")] = None,
+    decode: Annotated[int | None, _opt(SupervisorConfig, "decode")] = None,
     host: Annotated[str | None, _opt(GatewayConfig, "host", help="Gateway address")] = None,
     port: Annotated[int | None, _opt(GatewayConfig, "port", help="Gateway port")] = None,
     policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
@@ -145,6 +148,7 @@ def up(
     vLLM flags after -- go to every replica (kvmesh up -- --gpu-memory-utilization 0.8)."""
     _setup_logging(verbose)
     cfg = _stack_config(config, {"model_size": model_size, "supervisor.replicas": replicas, "gateway.port": port,
+                                 "supervisor.prefill": prefill, "supervisor.decode": decode,
                                  "gateway.host": host, "gateway.policy": policy, "engine_kind": engine_kind},
                         dtype)
     from kvmesh.engines import vllm_available

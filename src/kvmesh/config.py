@@ -258,6 +258,32 @@ class SupervisorConfig(_Strict):
     restart_backoff_s: float = Field(default=1.0, gt=0)
     restart_backoff_max_s: float = Field(default=30.0, gt=0)
     stop_grace_s: float = Field(default=10.0, ge=0)
+    prefill: int = Field(default=0, ge=0, le=64, description="Prefill-role replicas (P/D disaggregation; "
+                         "0 with decode 0: aggregated). Set, replicas defaults to prefill + decode")
+    decode: int = Field(default=0, ge=0, le=64, description="Decode-role replicas (P/D disaggregation)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _pd_replicas(cls, v: object) -> object:
+        # `--prefill 1 --decode 1` means two replicas without also saying --replicas 2
+        if isinstance(v, dict) and "replicas" not in v and (v.get("prefill") or v.get("decode")):
+            return {**v, "replicas": int(v.get("prefill") or 0) + int(v.get("decode") or 0)}
+        return v
+
+    @model_validator(mode="after")
+    def _pd_fits(self) -> SupervisorConfig:
+        if self.prefill + self.decode > self.replicas:
+            raise ValueError(f"prefill {self.prefill} + decode {self.decode} replicas exceed replicas "
+                             f"{self.replicas}")
+        if self.prefill and self.prefill == self.replicas:
+            raise ValueError("every replica is prefill-only: some must decode (set decode)")
+        return self
+
+    def roles(self) -> list[Literal["prefill", "decode", "both"]]:
+        """Each replica's role, by index: the prefill ones first, then decode, the rest both."""
+        both = self.replicas - self.prefill - self.decode
+        roles: list[Literal["prefill", "decode", "both"]] = ["prefill"] * self.prefill
+        return roles + ["decode"] * self.decode + ["both"] * both
 
 
 class BackendSpec(_Strict):
@@ -267,6 +293,8 @@ class BackendSpec(_Strict):
     name: str | None = None
     kv_events: str | None = Field(default=None, description="The engine's KV-event publisher endpoint")
     replay: str | None = Field(default=None, description="The publisher's replay endpoint")
+    role: Literal["prefill", "decode", "both"] = Field(default="both", description="P/D role: prefill engines "
+                                                       "only prefill for decode engines; both serves whole requests")
 
     @field_validator("url")
     @classmethod
@@ -313,6 +341,18 @@ class RoutingConfig(_Strict):
     session_slack: int = Field(default=4, ge=0)
 
 
+class PdSettings(_Strict):
+    """Prefill/decode disaggregation (see ``kvmesh.routing.disagg``); used when a backend has role prefill."""
+
+    enabled: bool = Field(default=True, description="Prefill long prompts on prefill-role engines")
+    min_remote_prefill_tokens: int = Field(default=256, ge=0, description="Uncached prompt tokens on the decode "
+                                           "engine below which it prefills itself (a short prompt pays no hop)")
+    max_prefill_queue_s: float = Field(default=2.0, ge=0, description="A prefill engine whose estimated queue is "
+                                       "longer is saturated: the decode engine prefills instead")
+    prefill_timeout_s: float = Field(default=30.0, gt=0, description="The remote prefill's limit; past it the "
+                                     "decode engine prefills itself")
+
+
 class CacheNodeSpec(_Strict):
     """A cache node whose tier events (DRAM → medium CPU, SSD → STORAGE) the KV index follows."""
 
@@ -333,6 +373,7 @@ class GatewayConfig(_Strict):
     policy: str = Field(default=DEFAULT_POLICY, description="Routing policy — " + policy_help())
     tokenizer: str | None = Field(default=None, description="Model dir with tokenizer.json (KV-aware policies)")
     routing: RoutingConfig = RoutingConfig()
+    pd: PdSettings = Field(default_factory=PdSettings, description="Prefill/decode disaggregation")
     debug_endpoints: bool = Field(default=True, description="Serve GET /debug/route (admin key when tenants)")
     tenants_file: str | None = Field(default=None, description="TOML with [[tenants]] and admin_key_sha256")
     drain_timeout_s: float = Field(default=30.0, ge=0, description="SIGTERM: wait this long for in-flight")

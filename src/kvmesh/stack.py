@@ -1,5 +1,10 @@
 """The local stack behind ``kvmesh up``: a demo model, N supervised vLLM replicas and a gateway.
 
+With ``[supervisor] prefill``/``decode`` (``kvmesh up --prefill 1 --decode 1``) the first replicas serve as
+prefill engines and the next as decode engines (:mod:`kvmesh.routing.disagg`); the engines themselves are
+started alike (with the cache node, every one runs the KvmeshConnector as ``kv_both``), the gateway's
+backends carry the roles.
+
 ``Stack`` is importable so tests and benchmarks run exactly what the CLI runs.  Before it starts anything
 (:meth:`Stack.preflight`) it locks its run directory and checks every port it will bind, so a second stack
 on the same machine fails with one line instead of adopting the first one's engines.  Each vLLM replica gets
@@ -167,9 +172,9 @@ class Stack:
                                  replay=self.cache_node.events_replay_endpoint)
             gw_cfg = gw_cfg.model_copy(update={"cache_nodes": (*gw_cfg.cache_nodes, spec)})
         self.gateway = Gateway(gw_cfg)
-        for e in self.engines:
+        for e, role in zip(self.engines, sup.roles(), strict=True):  # P/D: prefill replicas first
             replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer
-            self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay)
+            self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay, role)
             if isinstance(e, VllmEngine) and e.cfg.gpus is not None:
                 self.gateway.backend_info[e.name] = {"gpus": e.cfg.gpus}
         self.supervisor.on_change(self._engine_changed)

@@ -55,7 +55,7 @@ class Gateway:
         self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed,
                                 scrape_metrics=self.policy.needs_tokens)
         for i, spec in enumerate(cfg.backends):
-            self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay)
+            self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay, spec.role)
         self.feed: IndexFeed | None = None
         self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
         self.draining = False

@@ -49,6 +49,21 @@ class GatewayMetrics:
         self.tenant_requests = Counter("kvmesh_gateway_tenant_requests", "Requests by tenant (\"default\" when "
                                        "auth is off) and HTTP status", ["tenant", "status"], registry=r)
 
+        # prefill/decode disaggregation (kvmesh.gateway.pd)
+        self.pd_remote = Counter("kvmesh_pd_remote_prefills", "Prompts prefilled on a prefill-role engine and "
+                                 "decoded elsewhere", registry=r)
+        self.pd_local = Counter("kvmesh_pd_local_prefills", "Requests in a P/D fleet the decode engine prefilled "
+                                "itself, by the decision's reason (short_prompt, no_prefill_engine, "
+                                "prefill_saturated, disabled)", ["reason"], registry=r)
+        self.pd_fallbacks = Counter("kvmesh_pd_fallbacks", "Remote prefills that failed (the decode engine "
+                                    "prefilled instead) or whose decode engine was replaced, by reason",
+                                    ["reason"], registry=r)
+        self.pd_transfer = Histogram("kvmesh_pd_transfer_seconds", "The remote prefill leg: request sent to the "
+                                     "prefill engine until its KV transfer parameters came back", buckets=_LAT,
+                                     registry=r)
+        self.pd_transfer_blocks = Counter("kvmesh_pd_transfer_blocks", "KV blocks prefill engines announced for "
+                                          "decode engines to load (remote_block_ids)", registry=r)
+
         # overload (gateway/pressure.py): what the autoscaler reads
         self.busy_waits = Counter("kvmesh_gateway_busy_waits", "First-token windows that expired on an engine "
                                   "still making progress (busy, not hung: waited on, not retried)", registry=r)
@@ -88,6 +103,15 @@ class StateCollector(Collector):
         for b in self.backends():
             breaker.add_metric([b.name], 1.0 if b.breaker.state != "closed" else 0.0)
         yield breaker
+        by_role: dict[str, int] = {"prefill": 0, "decode": 0, "both": 0}
+        for b in self.backends():
+            role = getattr(b, "role", "both")
+            by_role[role] = by_role.get(role, 0) + b.in_flight
+        role_load = GaugeMetricFamily("kvmesh_gateway_role_in_flight", "Requests in flight on engines of each "
+                                      "P/D role (prefill legs count on prefill engines)", labels=["role"])
+        for role, n in by_role.items():
+            role_load.add_metric([role], float(n))
+        yield role_load
         in_flight = GaugeMetricFamily("kvmesh_gateway_tenant_in_flight", "Requests in flight per tenant",
                                       labels=["tenant"])
         limit = GaugeMetricFamily("kvmesh_gateway_tenant_limit", "A tenant's configured limits "

@@ -7,13 +7,12 @@ Read it top to bottom; each stage is one method below, in this order, over one :
 3. **admit** — the tenant's token/rate limits (429), then the fair queue across tenants (VTC);
 4. **tokenise** — token ids and block keys, only when the policy reads them (:attr:`Policy.needs_tokens`);
 5. **route** — the policy picks a backend from the healthy ones not tried yet;
+5b. **prefill** — in a P/D fleet (some engine has role ``prefill``), a long uncached prompt is first prefilled
+   on a prefill engine and its KV handed to the decode engine chosen in 5 (:mod:`kvmesh.gateway.pd`);
 6. **forward** — send it upstream; a connect failure or a hung engine (no first token in time, and no
    progress on any of its streams) before the client saw a byte bypasses that backend and goes back to 5;
    a busy engine (making progress) is waited on, up to ``busy_timeout_s``, then 503 — overload is not failure;
 7. **relay** — stream (or copy) the answer to the client; charge what was used.
-
-Prefill/decode disaggregation goes in as one more stage between 5 and 6 (prefill on another engine,
-then forward to the decode engine); everything it needs is on the request object.
 """
 
 from __future__ import annotations
@@ -31,10 +30,12 @@ from aiohttp import web
 
 from kvmesh.api.errors import ApiError
 from kvmesh.api.validation import parse_json, prompt_size_estimate, validate
+from kvmesh.gateway import pd
 from kvmesh.gateway.backends import Backend
 from kvmesh.gateway.proxy import CONNECT_ERRORS, open_upstream, relay_stream, relay_whole
 from kvmesh.gateway.request import ProxyRequest
 from kvmesh.routing import Decision, NoCandidate, RequestContext
+from kvmesh.routing.disagg import decode_side
 
 if TYPE_CHECKING:
     from kvmesh.gateway.app import Gateway
@@ -148,11 +149,17 @@ class RequestPath:
 
     # 5-7 ----------------------------------------------------------------------------------------------
     async def dispatch(self, req: ProxyRequest) -> web.StreamResponse:
-        """Route and forward until one backend answers; each backend is tried at most once."""
+        """Route and forward until one backend answers; each backend is tried at most once.  The first
+        decode engine chosen may get the prompt prefilled elsewhere (5b); a retry keeps those KV parameters."""
         tried: set[str] = set()
+        remote: bool | None = None  # not planned yet / prefilled remotely or not
         while True:
             d = self.route(req, tried)
             tried.add(d.backend.name)
+            if remote is None:
+                remote = await pd.prefill_stage(self.gw, req, d)
+            elif remote:
+                pd.decode_retry(self.gw, d)
             resp = await self.forward(req, d)
             if resp is not None:
                 return resp
@@ -166,7 +173,7 @@ class RequestPath:
         gw, ctx = self.gw, req.route
         t0 = time.perf_counter()
         try:
-            d = gw.policy.choose(ctx, gw.pool.backends, frozenset(tried))
+            d = gw.policy.choose(ctx, decode_side(gw.pool.backends), frozenset(tried))  # P/D: never a prefill one
         except NoCandidate as e:
             if tried:
                 raise ApiError(502, f"could not reach any backend for model {ctx.model!r} "
@@ -358,7 +365,7 @@ class RequestPath:
         req.ctx = self.context(req)
         await self.tokenise(req)
         try:
-            d = gw.policy.choose(req.route, gw.pool.backends, explain=True)
+            d = gw.policy.choose(req.route, decode_side(gw.pool.backends), explain=True)
         except NoCandidate as e:
             raise ApiError(503, str(e), kind="no_backend", retry_after=gw.cfg.retry_after_s) from None
         spec = gw.policy.key_spec(None)

@@ -65,5 +65,5 @@ def _sync_backends(gw: Gateway, cfg: GatewayConfig) -> tuple[list[str], list[str
             gw.metrics.healthy.remove(n)
     for n in added:
         s = want[n]
-        gw.subscribe(gw.pool.add(n, s.url, s.kv_events, s.replay))
+        gw.subscribe(gw.pool.add(n, s.url, s.kv_events, s.replay, s.role))
     return added, removed

@@ -85,6 +85,16 @@ def queue_s(pending_prefill_tokens: int, prefill_tps: float) -> float:
     return pending_prefill_tokens / prefill_tps if prefill_tps > 0 else 0.0
 
 
+def local_reason(uncached_tokens: int, cfg: PdConfig) -> str | None:
+    """Why the decode engine prefills itself whatever the prefill engines' state (disabled, short prompt),
+    else None.  Callers check it first to skip scoring the prefill engines for most chat turns."""
+    if not cfg.enabled:
+        return DISABLED
+    if uncached_tokens < cfg.min_remote_prefill_tokens:
+        return SHORT_PROMPT
+    return None
+
+
 def plan_prefill(uncached_tokens: int, prefill_candidates: Sequence[tuple[str, float]],
                  cfg: PdConfig) -> PrefillPlan:
     """Decide where the prompt's prefill runs, once the decode engine is chosen.
@@ -96,10 +106,9 @@ def plan_prefill(uncached_tokens: int, prefill_candidates: Sequence[tuple[str, f
     disabled, short prompt (checked before the engines: a short prompt never pays a hop), no prefill
     engine, or all saturated.
     """
-    if not cfg.enabled:
-        return PrefillPlan(False, None, DISABLED)
-    if uncached_tokens < cfg.min_remote_prefill_tokens:
-        return PrefillPlan(False, None, SHORT_PROMPT)
+    reason = local_reason(uncached_tokens, cfg)
+    if reason is not None:
+        return PrefillPlan(False, None, reason)
     if not prefill_candidates:
         return PrefillPlan(False, None, NO_PREFILL_ENGINE)
     for name, q in prefill_candidates:

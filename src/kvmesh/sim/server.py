@@ -3,7 +3,11 @@
 Speaks what kvmesh and its clients use of vLLM: ``/v1/completions`` and ``/v1/chat/completions`` (stream
 and non-stream, ``usage`` with ``prompt_tokens_details.cached_tokens``), ``/v1/models``, ``/health``,
 ``/tokenize``, ``/reset_prefix_cache``, ``/metrics`` with vLLM's metric names, and KV events on a ZMQ PUB
-socket in vLLM's wire format (topic, 8-byte sequence, msgpack batch).  Inside: the same
+socket in vLLM's wire format (topic, 8-byte sequence, msgpack batch).  It takes part in vLLM's P/D handshake
+(``kv_transfer_params``): asked to ``do_remote_decode``, it answers where the prompt's blocks are (its engine
+id, the blocks' keys, its host and port); asked to ``do_remote_prefill``, it counts the prompt as received
+from the prefill engine — loaded, not computed — in ``vllm:external_prefix_cache_hits`` and in the usage's
+``cached_tokens``.  Inside: the same
 :class:`EngineCore` the virtual-time simulator uses, stepped by an asyncio task that sleeps each step's
 modelled duration × ``time_scale``.  Many servers can share one process and event loop.
 """
@@ -53,6 +57,10 @@ class SimMetrics:
         self.usage = Gauge("vllm:kv_cache_usage_perc", "KV cache usage (0-1)", lab, registry=r)
         self.queries = Counter("vllm:prefix_cache_queries", "Prompt tokens looked up", lab, registry=r)
         self.hits = Counter("vllm:prefix_cache_hits", "Prompt tokens found cached", lab, registry=r)
+        self.ext_queries = Counter("vllm:external_prefix_cache_queries", "Prompt tokens looked up through the "
+                                   "KV connector (remote prefill)", lab, registry=r)
+        self.ext_hits = Counter("vllm:external_prefix_cache_hits", "Prompt tokens whose KV the KV connector "
+                                "loaded (remote prefill)", lab, registry=r)
         self.gen = Counter("vllm:generation_tokens", "Generated tokens", lab, registry=r)
         self.prompt = Counter("vllm:prompt_tokens", "Prompt tokens", lab, registry=r)
         self.ttft = Histogram("vllm:time_to_first_token_seconds", "TTFT", lab, registry=r,
@@ -74,6 +82,7 @@ class SimServer:
         self.time_scale = time_scale
         self.kv_events_endpoint = kv_events_endpoint
         self.seed = root_seed("kvmesh")
+        self.engine_id = uuid.uuid4().hex  # P/D: how a decode engine names this one as the blocks' owner
         self.metrics = SimMetrics(served_name)
         self.live: dict[int, _Live] = {}
         self._rid = 0
@@ -215,8 +224,10 @@ class SimServer:
         self._rid += 1
         salt = body.get("cache_salt") if isinstance(body.get("cache_salt"), str) else None
         seed = salted_seed(self.seed, salt)
+        kv = body.get("kv_transfer_params")
+        kv = kv if isinstance(kv, dict) else {}
         req = SimRequest(self._rid, ids, list(block_keys(ids, self.core.block_size, seed)), max_tokens,
-                         time.monotonic(), salt=salt)
+                         time.monotonic(), salt=salt, remote_kv=bool(kv.get("do_remote_prefill")))
         lv = _Live(req)
         self.live[req.rid] = lv
         self.core.add(req)
@@ -225,7 +236,7 @@ class SimServer:
         try:
             if body.get("stream"):
                 return await self._stream(request, endpoint, body, lv)
-            return await self._whole(endpoint, lv)
+            return await self._whole(endpoint, lv, bool(kv.get("do_remote_decode")))
         except ConnectionResetError:  # the client went away mid-stream: abort below, as vLLM does
             return web.Response(status=499)
         finally:
@@ -255,15 +266,23 @@ class SimServer:
         r, m = lv.req, self.metrics
         m.queries.labels(*m.labels).inc(len(r.tokens))
         m.hits.labels(*m.labels).inc(r.cached)
+        if r.remote_kv:
+            m.ext_queries.labels(*m.labels).inc(len(r.tokens) - r.cached)
+            m.ext_hits.labels(*m.labels).inc(r.transferred)
         m.ttft.labels(*m.labels).observe(max(0.0, lv.first_at - r.arrival))
 
     def _usage(self, lv: _Live) -> dict[str, Any]:
         r = lv.req
         return {"prompt_tokens": len(r.tokens), "completion_tokens": r.generated,
                 "total_tokens": len(r.tokens) + r.generated,
-                "prompt_tokens_details": {"cached_tokens": r.cached}}
+                "prompt_tokens_details": {"cached_tokens": r.cached + r.transferred}}
 
-    async def _whole(self, endpoint: str, lv: _Live) -> web.Response:
+    def _handoff(self, lv: _Live) -> dict[str, Any]:
+        """The ``kv_transfer_params`` a prefill answer carries: where a decode engine finds the prompt's KV."""
+        return {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_id": self.engine_id,
+                "remote_block_ids": list(lv.req.keys), "remote_host": self.host, "remote_port": self.port}
+
+    async def _whole(self, endpoint: str, lv: _Live, handoff: bool = False) -> web.Response:
         toks = await self._collect(lv)
         self._record(lv)
         text = self.tok.tok.decode(toks)
@@ -272,8 +291,11 @@ class SimServer:
                                   {"index": 0, "message": {"role": "assistant", "content": text},
                                    "finish_reason": "length"})
         obj = "text_completion" if endpoint == "completions" else "chat.completion"
-        return web.json_response({"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": obj, "created": int(time.time()),
-                                  "model": self.model, "choices": [choice], "usage": self._usage(lv)})
+        out = {"id": f"cmpl-{uuid.uuid4().hex[:16]}", "object": obj, "created": int(time.time()),
+               "model": self.model, "choices": [choice], "usage": self._usage(lv)}
+        if handoff:
+            out["kv_transfer_params"] = self._handoff(lv)
+        return web.json_response(out)
 
     async def _stream(self, request: web.Request, endpoint: str, body: dict[str, Any],
                       lv: _Live) -> web.StreamResponse:
