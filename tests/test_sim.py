@@ -272,3 +272,14 @@ def test_compare_ratios_cover_the_decode_side() -> None:
     assert got == {"kvaware_ttft_mean_over_rr": 0.5, "kvaware_ttft_mean_over_session": 0.75,
                    "kvaware_tpot_p99_over_session": 0.9, "kvaware_goodput_over_rr": 1.5,
                    "kvaware_busiest_over_mean": 1.2}
+
+
+def test_block_tokens_distinct_for_ids_far_apart() -> None:
+    """Block ids that share low bits are different blocks (a power-of-two LCG's low bits repeat with the
+    seed's: ids 8,192 apart used to be the same tokens, which inflated every simulated hit rate)."""
+    from kvmesh.workloads import block_tokens
+    base = block_tokens(7, 64)
+    assert all(block_tokens(7 + k * 8192, 64) != base for k in range(1, 16))
+    assert block_tokens(7, 64) == base  # deterministic
+    firsts = {tuple(block_tokens(i, 4)) for i in range(0, 1 << 20, 4096)}
+    assert len(firsts) == 256
