@@ -307,4 +307,6 @@ class Gateway:
         if request.method == "GET" and len(request.query_string) > _MAX_URL_QUERY:
             raise ApiError(414, f"the query is {len(request.query_string)} bytes, too long for a URL: POST "
                            "/debug/route with a completions or chat body instead", kind="uri_too_long")
-        return web.json_response(await self.path.explain(request))
+        out = await self.path.explain(request)
+        out["roles"] = {b.name: b.role for b in self.pool.backends}  # P/D: prefill engines never decode
+        return web.json_response(out)
