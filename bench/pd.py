@@ -1,0 +1,242 @@
+"""Prefill/decode disaggregation in virtual time: 8 aggregated H100s vs the best xPyD split of the same 8.
+
+Every configuration runs the same requests through the simulator (``kvmesh.sim.pd``: the gateway's
+decode-first flow and its shared decision, kv-aware routing with the profile's true figures), H100 /
+Llama-3-8B: 128 KiB of KV per token moved over 25 GB/s RDMA per engine, not overlapped with the prefill
+(``kvmesh.sim.profiles``).  The P/D decision uses the gateway's defaults (``[gateway.pd]``: remote prefill
+from 256 uncached tokens, a prefill engine saturated past a 2 s queue) unless ``--min-remote`` says otherwise.
+
+- **SLO**: TTFT <= 2 s and TPOT (mean per request after the first token) <= 50 ms.
+- **Goodput**: the highest arrival rate at which >= 90 % of requests meet both (DistServe's definition),
+  found by doubling the trace's own rate until attainment drops below 90 %, then bisecting (attainment is
+  taken to fall with the rate).  A run stops early once more than 10 % have missed: it cannot pass.
+- **Workloads**: long prompts — the Azure code trace (context mean 2k tokens, output 28; no prefix
+  information) and the Mooncake conversation trace (input mean 12k, output 343, shared prefixes) — and
+  chat (kvmesh's multi-turn generator: a shared system prompt, each turn extends the session's history).
+- Splits 1P7D … 7P1D are all searched; the best is the one with the highest goodput.  TTFT/TPOT
+  percentiles are reported at the aggregated fleet's goodput rate (where it is stressed), for it and the
+  best split.  Chat TTFT is compared at half the aggregated fleet's chat goodput rate (moderate load).
+
+Prompts are built here from the traces' block ids with a collision-free token generator (one PRNG per
+block id); ``kvmesh.workloads.block_tokens`` yields only 8,192 distinct blocks, which makes unrelated
+requests share prefixes.  Writes ``bench/results/pd.json``; ``--real`` adds the real vLLM-CPU part
+(``bench/pd_real.py``) when that file is present.
+
+    python bench/pd.py [--limit-azure 2000 --limit-mooncake 1000 --chat-sessions 150] [--real]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import pathlib
+import random
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench.common import write_result
+from kvmesh.index.hashing import root_seed
+from kvmesh.routing.disagg import PdConfig, Role
+from kvmesh.sim.cluster import Cluster, SimResult, Slo, make_requests
+from kvmesh.sim.core import SimRequest
+from kvmesh.sim.profiles import get_profile
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, load_trace, multi_turn_chat
+
+TRACES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "traces"
+SLO = Slo(ttft_s=2.0, tpot_s=0.05)
+ATTAIN = 0.9
+TPB = 16  # simulated tokens per 512-token trace block (token scale 32)
+GPUS = 8
+
+
+@dataclasses.dataclass
+class Workload:
+    name: str
+    reqs: list[TraceRequest]
+    prompts: list[list[int]]
+    base_rate: float  # requests/s of the trace as recorded
+
+    def requests(self, mult: float) -> list[SimRequest]:
+        return make_requests(self.prompts, [r.arrival_s / mult for r in self.reqs],
+                             [r.output_tokens for r in self.reqs], TPB, root_seed("kvmesh"),
+                             [r.session for r in self.reqs])
+
+
+def prompts(reqs: list[TraceRequest]) -> list[list[int]]:
+    """Deterministic tokens per trace block id, distinct for distinct ids (lengths scaled as the sim does)."""
+    cache: dict[int, list[int]] = {}
+    out = []
+    for r in reqs:
+        toks: list[int] = []
+        for b in r.block_ids:
+            if b not in cache:
+                cache[b] = random.Random(b).choices(range(1, 32_000), k=TPB)
+            toks += cache[b]
+        total = max(1, -(-r.input_tokens * TPB // MOONCAKE_BLOCK))
+        out.append(toks[:total] if len(toks) >= total else toks + [0] * (total - len(toks)))
+    return out
+
+
+def workload(name: str, reqs: list[TraceRequest]) -> Workload:
+    span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9)
+    return Workload(name, reqs, prompts(reqs), len(reqs) / span)
+
+
+def roles_of(prefill: int) -> list[Role] | None:
+    p: list[Role] = ["prefill"]
+    d: list[Role] = ["decode"]
+    return p * prefill + d * (GPUS - prefill) if prefill else None
+
+
+def simulate(w: Workload, prefill: int, mult: float, pd: PdConfig, stop_early: bool = True) -> SimResult:
+    reqs = w.requests(mult)
+    budget = int((1 - ATTAIN) * len(reqs))
+    missed = 0
+
+    def give_up(r: SimRequest) -> bool:
+        nonlocal missed
+        ok = r.first_token_at - r.arrival <= SLO.ttft_s and _tpot(r) <= SLO.tpot_s
+        missed += not ok
+        return stop_early and missed > budget
+
+    cl = Cluster(GPUS, get_profile("h100-llama3-8b"), "kv-aware", TPB, MOONCAKE_BLOCK / TPB, slo=SLO,
+                 informed=True, roles=roles_of(prefill), pd=pd)
+    res = cl.run(reqs, give_up)
+    if cl.gave_up:
+        res.goodput = 0.0  # stopped: more than 10 % missed
+    return res
+
+
+def _tpot(r: SimRequest) -> float:
+    return (r.done_at - r.first_token_at) / (r.generated - 1) if r.generated > 1 else 0.0
+
+
+def max_rate(w: Workload, prefill: int, pd: PdConfig, steps: int, log: Callable[[str], None]) -> float:
+    """The highest rate multiplier (of the trace's own) at which >= 90 % meet the SLO (0 if none of 1/8 does)."""
+    def ok(m: float) -> bool:
+        return simulate(w, prefill, m, pd).goodput >= ATTAIN
+
+    lo, hi = 0.0, 1.0
+    while ok(hi):
+        lo, hi = hi, hi * 2
+        if hi > 256:
+            log(f"  {w.name} {label(prefill)}: meets the SLO up to x{lo:g} of the trace rate (search cap)")
+            return lo
+    if lo == 0.0:
+        lo, hi = (0.0, 1.0) if not ok(1 / 8) else (1 / 8, 1.0)
+        if lo == 0.0:
+            return 0.0
+    for _ in range(steps):
+        mid = (lo * hi) ** 0.5
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    log(f"  {w.name} {label(prefill)}: goodput x{lo:.2f} of the trace rate = {lo * w.base_rate:.2f} req/s")
+    return lo
+
+
+def label(prefill: int) -> str:
+    return f"{prefill}P{GPUS - prefill}D" if prefill else f"{GPUS} aggregated"
+
+
+def row(r: SimResult) -> dict[str, Any]:
+    out: dict[str, Any] = {"ttft_p50_ms": round(r.ttft_p50_s * 1000, 1), "ttft_p99_ms": round(r.ttft_p99_s * 1000, 1),
+                           "tpot_p50_ms": round(r.tpot_p50_s * 1000, 2), "tpot_p99_ms": round(r.tpot_p99_s * 1000, 2),
+                           "slo_attainment": round(r.goodput, 4), "hit_rate": round(r.hit_rate, 4)}
+    if r.pd:
+        pd = r.pd
+        out["pd"] = {"remote_prefills": pd["remote_prefills"], "local_by_reason": pd["local_by_reason"],
+                     "transfer_gb": round(pd["transfer_bytes"] / 1e9, 1),
+                     "transfer_mean_ms": round(pd["transfer_mean_s"] * 1000, 1),
+                     "transfer_p99_ms": round(pd["transfer_p99_s"] * 1000, 1),
+                     "busy_share": {k: round(v["busy_share"], 3) for k, v in pd["roles"].items()}}
+    return out
+
+
+def compare(w: Workload, pd: PdConfig, splits: list[int], steps: int,
+            log: Callable[[str], None]) -> tuple[dict[str, Any], int, dict[int, float]]:
+    """Goodput of every configuration; percentiles of aggregated and the best split at aggregated's rate.
+    Also returns the best split and every configuration's goodput multiplier."""
+    t0 = time.perf_counter()
+    rates = {p: max_rate(w, p, pd, steps, log) for p in [0, *splits]}
+    best = max(splits, key=lambda p: rates[p])
+    ref = rates[0] or 1.0
+    at_ref = {label(p): row(simulate(w, p, ref, pd, stop_early=False)) for p in (0, best)}
+    return {"requests": len(w.reqs), "trace_rate_rps": round(w.base_rate, 3),
+            "goodput_rps": {label(p): round(m * w.base_rate, 3) for p, m in rates.items()},
+            "best_split": label(best), "pd_goodput_over_agg": round(rates[best] / max(rates[0], 1e-9), 3),
+            "at_agg_goodput_rate": {"rate_rps": round(ref * w.base_rate, 3), **at_ref},
+            "wall_s": round(time.perf_counter() - t0, 1)}, best, rates
+
+
+def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, log: Callable[[str], None],
+         alt_min_remote: int) -> dict[str, Any]:
+    """As :func:`compare`, plus TTFT at half aggregated's goodput rate, with the P/D decision's threshold and
+    (the best split only) with ``alt_min_remote`` instead."""
+    out, best, rates = compare(w, pd, splits, steps, log)
+    moderate = rates[0] / 2 or 0.5
+    agg, split = (simulate(w, p, moderate, pd, stop_early=False) for p in (0, best))
+    out["at_half_agg_goodput_rate"] = {"rate_rps": round(moderate * w.base_rate, 3), label(0): row(agg),
+                                       label(best): row(split)}
+    out["chat_ttft_pd_over_agg"] = round(split.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)
+    out["chat_ttft_p99_pd_over_agg"] = round(split.ttft_p99_s / max(agg.ttft_p99_s, 1e-9), 3)
+    alt = simulate(w, best, moderate, dataclasses.replace(pd, min_remote_prefill_tokens=alt_min_remote), False)
+    out[f"min_remote_{alt_min_remote}"] = {label(best): row(alt),
+                                           "ttft_pd_over_agg": round(alt.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--azure", type=pathlib.Path, default=TRACES / "azure2023" / "AzureLLMInferenceTrace_code.csv")
+    ap.add_argument("--mooncake", type=pathlib.Path, default=TRACES / "mooncake" / "conversation_trace.jsonl")
+    ap.add_argument("--limit-azure", type=int, default=2000)
+    ap.add_argument("--limit-mooncake", type=int, default=1000)
+    ap.add_argument("--chat-sessions", type=int, default=150)
+    ap.add_argument("--splits", default="1,2,3,4,5,6,7", help="prefill engine counts to try (of 8)")
+    ap.add_argument("--bisect", type=int, default=3, help="bisection steps after the doubling search")
+    ap.add_argument("--min-remote", type=int, default=256, help="[gateway.pd] min_remote_prefill_tokens")
+    ap.add_argument("--chat-alt-min-remote", type=int, default=2048,
+                    help="chat: also the best split's TTFT with this threshold")
+    ap.add_argument("--real", action="store_true", help="also run bench/pd_real.py's vLLM-CPU part")
+    ap.add_argument("--name", default="pd")
+    a = ap.parse_args()
+    pd = PdConfig(min_remote_prefill_tokens=a.min_remote)
+    splits = [int(x) for x in a.splits.split(",")]
+    metrics: dict[str, Any] = {
+        "profile": "h100-llama3-8b", "gpus": GPUS, "policy": "kv-aware (informed)", "kv_transfer_gbps": 25.0,
+        "transfer_overlaps_prefill": False, "slo": {"ttft_s": SLO.ttft_s, "tpot_s": SLO.tpot_s},
+        "goodput_definition": "highest arrival rate with >= 90% of requests meeting both SLOs",
+        "pd_config": dataclasses.asdict(pd), "workloads": {}}
+    long_prompt: list[tuple[str, float]] = []
+    for name, path, fmt, limit in (("azure_code", a.azure, "azure", a.limit_azure),
+                                   ("mooncake", a.mooncake, "mooncake", a.limit_mooncake)):
+        if not path.is_file():
+            print(f"skipping {name}: trace not found at {path} (see ../shared/traces/README.md)")
+            continue
+        out, _, _ = compare(workload(name, load_trace(path, fmt, limit)), pd, splits, a.bisect, print)
+        metrics["workloads"][name] = out
+        long_prompt.append((name, out["pd_goodput_over_agg"]))
+    if long_prompt:
+        metrics["pd_goodput_over_agg"] = min(v for _, v in long_prompt)  # the less favourable trace
+        metrics["pd_goodput_over_agg_by_workload"] = dict(long_prompt)
+    cw = workload("chat", multi_turn_chat(a.chat_sessions, 6, rate=1.0, think_s=5.0, output_tokens=128, seed=1))
+    metrics["workloads"]["chat"] = chat(cw, pd, splits, a.bisect, print, a.chat_alt_min_remote)
+    metrics["chat_ttft_pd_over_agg"] = metrics["workloads"]["chat"]["chat_ttft_pd_over_agg"]
+    if a.real:
+        metrics["real"] = real_part()
+    print(f"wrote {write_result(a.name, metrics)}")
+
+
+def real_part() -> dict[str, Any]:
+    try:
+        from bench import pd_real
+    except ImportError as e:
+        return {"skipped": f"bench/pd_real.py not importable: {e}"}
+    return pd_real.run_real(pd_real.parser().parse_args([]))
+
+
+if __name__ == "__main__":
+    main()
