@@ -30,7 +30,7 @@ from kvmesh.index.events import (
     EngineHash,
     EventBatch,
 )
-from kvmesh.index.hashing import BlockKey, chain_key, root_seed, salted_seed
+from kvmesh.index.hashing import BlockKey, block_keys, chain_key, root_seed, salted_seed
 
 log = logging.getLogger(__name__)
 TIERS = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE)
@@ -202,13 +202,16 @@ class KvIndex:
         t = _TIER_OF.get(ev.medium, 0)
         bit = 1 << e.bit
         d = self.tiers[t]
-        toks = ev.token_ids
-        for i, h in enumerate(ev.block_hashes):
-            key = chain_key(parent, toks[i * bs:(i + 1) * bs])
-            old = e.hashes.get(h)
-            e.hashes[h] = (key, (old[1] if old else 0) | tier_bit)
+        # One token-array conversion per event, not per block (the simulator sends millions of these).
+        keys = block_keys(ev.token_ids, bs, parent, len(ev.block_hashes))
+        while len(keys) < len(ev.block_hashes):  # a short last block: key what is there, as before
+            i = len(keys)
+            keys.append(chain_key(keys[-1] if keys else parent, ev.token_ids[i * bs:(i + 1) * bs]))
+        hashes = e.hashes
+        for h, key in zip(ev.block_hashes, keys, strict=True):
+            old = hashes.get(h)
+            hashes[h] = (key, old[1] | tier_bit) if old else (key, tier_bit)
             d[key] = d.get(key, 0) | bit
-            parent = key
         self.blocks_stored += len(ev.block_hashes)
         if len(e.hashes) > self.max_blocks_per_engine:
             self._shed(e)

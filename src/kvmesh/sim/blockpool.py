@@ -68,7 +68,10 @@ class BlockPool:
         return True
 
     def store(self, key: int, parent: int | None, tokens: list[int], extra_keys: list[Any] | None = None) -> None:
-        """A freshly computed (allocated, referenced) block becomes cached under ``key``."""
+        """A freshly computed (allocated, referenced) block becomes cached under ``key``.  ``tokens`` must be
+        the caller's own list (a fresh slice): a block continuing the previous event's chain is appended to
+        that event, as vLLM batches a step's blocks into one ``BlockStored`` (an event per block made the
+        index's per-event work most of the simulator's time)."""
         if key in self.refs:  # computed twice (or cached meanwhile): keep one copy, free the other
             if self.refs[key] == 0:
                 del self.lru[key]
@@ -76,6 +79,14 @@ class BlockPool:
             self.used -= 1
             return
         self.refs[key] = 1
+        last = self.events[-1] if self.events else None
+        if (extra_keys is None and parent is not None and isinstance(last, BlockStored)
+                and last.block_hashes[-1] == parent):
+            last.block_hashes.append(key)
+            last.token_ids.extend(tokens)
+            if last.extra_keys is not None:
+                last.extra_keys.append(None)
+            return
         self.events.append(BlockStored(block_hashes=[key], parent_block_hash=parent, token_ids=tokens,
                                        block_size=self.block_size, medium=self.medium, extra_keys=extra_keys))
 
