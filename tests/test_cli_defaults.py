@@ -46,7 +46,10 @@ CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
                    "discovery": (CacheNodeConfig, "discovery"), **_K8S},
     "cache status": {"socket": (CacheNodeConfig, "socket")},
 }
-NOT_CONFIG = {"up": {"config", "verbose"}, "gateway": {"backend", "kv_events", "config", "verbose"},
+NOT_CONFIG = {"up": {"config", "verbose",
+                     # --autoscale settings are the local actuator's (kvmesh.autoscale.local.LocalConfig)
+                     "autoscale", "autoscale_policy", "min_replicas", "max_replicas"},
+              "gateway": {"backend", "kv_events", "config", "verbose"},
               "engine": {"config", "verbose"}, "cache-node": {"config", "verbose"}, "cache status": {"as_json"}}
 # Options for a required field that the command's --config file may give instead (the command checks for one).
 FROM_CONFIG_FILE = {("engine", "model")}

@@ -142,6 +142,12 @@ def up(
     policy: Annotated[str | None, _opt(GatewayConfig, "policy")] = None,
     engine_kind: Annotated[str | None, _opt(StackConfig, "engine_kind")] = None,
     dtype: Annotated[str | None, _opt(StackConfig, "engine_dtype")] = None,
+    autoscale: Annotated[bool, typer.Option(help="Start and stop replicas with the load (between --min and "
+                                                 "--max; see GET /debug/autoscale)")] = False,
+    autoscale_policy: Annotated[str, typer.Option(help="slo, kpa, hpa, queue or dynamo")] = "slo",
+    min_replicas: Annotated[int, typer.Option("--min", help="--autoscale: fewest replicas (0: scale to "
+                                                           "zero; set [gateway] cold_start_hold_s)")] = 1,
+    max_replicas: Annotated[int, typer.Option("--max", help="--autoscale: most replicas")] = 4,
     verbose: bool = False,
 ) -> None:
     """Start the local stack: demo model (generated if missing), N engine replicas and the gateway.
@@ -159,7 +165,10 @@ def up(
               1)
     cfg = with_run_dir(cfg)
     with up_errors(_fail):
-        stack = Stack(cfg, engine_args=tuple(ctx.args))
+        from kvmesh.autoscale.local import LocalConfig
+
+        auto = LocalConfig(autoscale_policy, min_replicas, max_replicas) if autoscale else None
+        stack = Stack(cfg, engine_args=tuple(ctx.args), autoscale=auto)
         stack.preflight()
 
     def banner() -> None:

@@ -20,6 +20,7 @@ import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
+from kvmesh.autoscale.local import LocalAutoscaler, LocalConfig
 from kvmesh.cache.node import CacheNode
 from kvmesh.config import CacheNodeSpec, EngineConfig, SimEngineConfig, StackConfig, VllmEngineConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
@@ -142,7 +143,7 @@ def warn_unless_local(template: EngineConfig) -> None:
 
 
 class Stack:
-    def __init__(self, cfg: StackConfig, engine_args: Sequence[str] = ()) -> None:
+    def __init__(self, cfg: StackConfig, engine_args: Sequence[str] = (), autoscale: LocalConfig | None = None) -> None:
         self.cfg = cfg
         run_dir = pathlib.Path(cfg.supervisor.run_dir)
         template = with_engine_args(engine_template(cfg), engine_args)
@@ -157,10 +158,12 @@ class Stack:
             run_dir.mkdir(parents=True, exist_ok=True)
             self.cache_node = CacheNode(cfg.cache, run_dir)
             template = template.model_copy(update={"cache_node_socket": str(self.cache_node.socket_path.resolve())})
-        self.engines: list[Engine] = [
-            make_engine(name, c, run_dir)
-            for name, c in replica_configs(template, sup.replicas, sup.base_port, sup.bind_cores, run_dir, gpus)
-        ]
+        # autoscaled: configs for up to max replicas (ports, sockets), the first min of them started now
+        n = max(sup.replicas, autoscale.max_replicas) if autoscale else sup.replicas
+        self._replica_cfgs = replica_configs(template, n, sup.base_port, sup.bind_cores, run_dir, gpus)
+        self._run_dir = run_dir
+        self.engines: list[Engine] = [make_engine(name, c, run_dir) for name, c in
+                                      self._replica_cfgs[:autoscale.min_replicas if autoscale else n]]
         self.supervisor = Supervisor(self.engines, sup)
         gw_cfg = cfg.gateway
         if gw_cfg.tokenizer is None:  # the served model's own tokenizer, for KV-aware routing
@@ -172,12 +175,21 @@ class Stack:
                                  replay=self.cache_node.events_replay_endpoint)
             gw_cfg = gw_cfg.model_copy(update={"cache_nodes": (*gw_cfg.cache_nodes, spec)})
         self.gateway = Gateway(gw_cfg)
-        for e, role in zip(self.engines, sup.roles(), strict=True):  # P/D: prefill replicas first
+        roles = sup.roles() if autoscale is None else ["both"] * len(self.engines)  # autoscaled: aggregated
+        for e, role in zip(self.engines, roles, strict=True):  # P/D: prefill replicas first
             replay = e.cfg.replay_endpoint if isinstance(e, VllmEngine) else None  # sim: no replay buffer
             self.gateway.pool.add(e.name, e.url, e.kv_events_endpoint, replay, role)
             if isinstance(e, VllmEngine) and e.cfg.gpus is not None:
                 self.gateway.backend_info[e.name] = {"gpus": e.cfg.gpus}
         self.supervisor.on_change(self._engine_changed)
+        self.autoscaler = None if autoscale is None else LocalAutoscaler(
+            self.gateway, self.supervisor, self._new_replica, [e.name for e in self.engines], autoscale)
+
+    def _new_replica(self, i: int) -> tuple[Engine, str | None]:
+        """Replica ``i`` for the autoscaler (its port and sockets were reserved with the others)."""
+        name, c = self._replica_cfgs[i]
+        e = make_engine(name, c, self._run_dir)
+        return e, e.kv_events_endpoint
 
     def dtype_line(self) -> str | None:
         """The engines' dtype for the banner (resolved, and logged, when the first engine starts)."""
@@ -230,8 +242,12 @@ class Stack:
             raise
         if wait:
             await self.gateway.refresh_backends()
+        if self.autoscaler is not None:
+            self.autoscaler.start()
 
     async def stop(self) -> None:
+        if self.autoscaler is not None:
+            await self.autoscaler.stop()
         if not self._locked:  # never started: the run directory's files may be another stack's
             if self.cache_node is not None:
                 await self.cache_node.store.close()  # the arena it allocated

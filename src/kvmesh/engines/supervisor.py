@@ -2,7 +2,9 @@
 
 Listeners (``on_change``) are called on the supervisor's event loop whenever a replica becomes ready or
 goes down, so the gateway's backend pool can take it out of rotation at once instead of waiting for a
-failed health check.  ``stop()`` is idempotent and leaves no child processes behind.
+failed health check.  ``stop()`` is idempotent and leaves no child processes behind.  The autoscaler
+(``kvmesh.autoscale.local``) grows and shrinks the set at run time: ``add()`` starts and watches one more
+replica, ``remove()`` stops one for good (no restart; the caller drained it first).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ class Supervisor:
         self.cfg = cfg
         self.restarts: dict[str, int] = {e.name: 0 for e in self.engines}
         self._listeners: list[Listener] = []
-        self._watchers: list[asyncio.Task[None]] = []
+        self._watchers: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
 
     def on_change(self, fn: Listener) -> None:
@@ -43,7 +45,7 @@ class Supervisor:
     async def start(self, wait: bool = True) -> None:
         """Start every replica; with ``wait``, return when all are ready (raises if one fails to start)."""
         await asyncio.gather(*(e.start() for e in self.engines))
-        self._watchers = [asyncio.create_task(self._watch(e), name=f"watch-{e.name}") for e in self.engines]
+        self._watchers = {e.name: asyncio.create_task(self._watch(e), name=f"watch-{e.name}") for e in self.engines}
         if wait:
             await self.wait_ready()
 
@@ -79,11 +81,37 @@ class Supervisor:
             await engine.stop(0)  # reap what is left of the old process group
             await engine.start()
 
+    async def add(self, engine: Engine) -> None:
+        """Start one more replica, watched (restarted) like the others; returns when it is ready (raises
+        ``EngineDied``/``TimeoutError`` after stopping it when it does not get there)."""
+        self.engines.append(engine)
+        self.restarts.setdefault(engine.name, 0)
+        try:
+            await engine.start()
+            await engine.wait_ready(self.cfg.start_timeout_s)
+        except BaseException:
+            await self.remove(engine.name)
+            raise
+        self._watchers[engine.name] = asyncio.create_task(self._watch(engine), name=f"watch-{engine.name}")
+
+    async def remove(self, name: str) -> None:
+        """Stop replica ``name`` for good: no restart (scale-in; it was drained first).  No-op if unknown."""
+        engine = next((e for e in self.engines if e.name == name), None)
+        if engine is None:
+            return
+        self.engines.remove(engine)
+        task = self._watchers.pop(name, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await engine.stop(self.cfg.stop_grace_s)
+
     async def stop(self) -> None:
         self._stopping = True
-        for t in self._watchers:
+        for t in self._watchers.values():
             t.cancel()
-        for t in self._watchers:
+        for t in self._watchers.values():
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         await asyncio.gather(*(e.stop(self.cfg.stop_grace_s) for e in self.engines))

@@ -78,6 +78,8 @@ class Gateway:
         self._health_task: asyncio.Task[None] | None = None
         self.discovery: GatewayDiscovery | None = None  # backends from Kubernetes EndpointSlices
         self.backend_info: dict[str, dict[str, object]] = {}  # shown per backend in /health (e.g. its GPUs)
+        self.observers: list[Callable[[Any], None]] = []  # called with each served ProxyRequest (autoscaler)
+        self.autoscale_state: Callable[[], dict[str, Any]] | None = None  # GET /debug/autoscale
 
     @property
     def index(self) -> KvIndex | None:
@@ -103,6 +105,7 @@ class Gateway:
         if self.cfg.debug_endpoints:
             app.router.add_get("/debug/route", self._debug_route)
             app.router.add_post("/debug/route", self._debug_route)  # prompts too long for a URL
+            app.router.add_get("/debug/autoscale", self._debug_autoscale)
         app.router.add_post("/admin/reload", self._reload)
         app.router.add_get("/openapi.json", self._openapi)
         return app
@@ -299,6 +302,12 @@ class Gateway:
 
     async def _metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def _debug_autoscale(self, request: web.Request) -> web.Response:
+        """The autoscaler's decisions, reasons and inputs, and the overload pressure (``kvmesh up --autoscale``)."""
+        self._require_admin(request)
+        state = self.autoscale_state() if self.autoscale_state is not None else {"enabled": False}
+        return web.json_response({**state, "pressure": self.pressure.snapshot()})
 
     async def _debug_route(self, request: web.Request) -> web.Response:
         """``GET /debug/route?prompt=...&model=...`` (or ``POST`` a completions/chat body): what the policy would

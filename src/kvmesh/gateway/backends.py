@@ -12,6 +12,7 @@ import asyncio
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,6 +108,10 @@ class Backend:
     # stream's first-token timeout bypasses the engine only when it made no progress (hung, SIGSTOPped).
     progress_at: float = 0.0
     work_seen: tuple[float, int, int] = (-1.0, -1, -1)  # (token counters, running, waiting) last scraped
+    # autoscaling (kvmesh.autoscale.local): a draining backend takes no new request (its in-flight ones
+    # finish); a ramping one (just added) takes one only while ``ramp()`` says its share allows it
+    draining: bool = False
+    ramp: Callable[[Backend], bool] | None = None
 
     def progressed(self) -> None:
         self.progress_at = time.monotonic()
@@ -117,8 +122,9 @@ class Backend:
 
     @property
     def healthy(self) -> bool:
-        """In rotation: up, and its breaker admits requests."""
-        return self.up and self.breaker.admits(time.monotonic())
+        """In rotation: up, not draining, its breaker admits requests (and its ramp, if ramping, one more)."""
+        return (self.up and not self.draining and self.breaker.admits(time.monotonic())
+                and (self.ramp is None or self.ramp(self)))
 
     def _fresh(self) -> bool:
         return time.monotonic() - self.engine_queue_at < METRICS_FRESH_S
@@ -155,6 +161,13 @@ class BackendPool:
         b = Backend(name, url.rstrip("/"), kv_events, replay, role)
         self.backends.append(b)
         self._wake.set()
+        return b
+
+    def remove(self, name: str) -> Backend | None:
+        """Take ``name`` out of the pool (requests already on it keep their Backend object and finish)."""
+        b = self.get(name)
+        if b is not None:
+            self.backends.remove(b)
         return b
 
     def get(self, name: str) -> Backend | None:

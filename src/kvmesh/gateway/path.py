@@ -274,6 +274,8 @@ class RequestPath:
                 if req.on_first is not None:
                     req.on_first()
         gw.metrics.e2e.labels(req.endpoint).observe(time.perf_counter() - req.t_arrival)
+        for fn in gw.observers:  # the autoscaler's signals and hot prefixes
+            fn(req)
         return resp
 
     async def open(self, req: ProxyRequest, b: Backend) -> tuple[aiohttp.ClientResponse, bytes]:
