@@ -291,3 +291,10 @@ def test_sim_stack_one_prefill_one_decode(tmp_path: pathlib.Path, tiny_model: pa
         assert metric(st.gateway, "kvmesh_pd_remote_prefills_total") == 3
     finally:
         loop_thread.run(st.stop())
+
+
+def test_up_flags_make_a_pd_fleet() -> None:
+    from kvmesh import cli
+
+    cfg = cli._stack_config(None, {"supervisor.prefill": 1, "supervisor.decode": 1, "engine_kind": "sim"}, None)
+    assert cfg.supervisor.replicas == 2 and cfg.supervisor.roles() == ["prefill", "decode"]
