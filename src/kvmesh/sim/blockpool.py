@@ -63,7 +63,11 @@ class BlockPool:
             k, _ = self.lru.popitem(last=False)
             del self.refs[k]
             self.used -= 1
-            self.events.append(BlockRemoved(block_hashes=[k], medium=self.medium))
+            last = self.events[-1] if self.events else None
+            if isinstance(last, BlockRemoved):  # one event for a run of evictions, as vLLM sends them
+                last.block_hashes.append(k)
+            else:
+                self.events.append(BlockRemoved(block_hashes=[k], medium=self.medium))
         self.used += n
         return True
 

@@ -161,11 +161,18 @@ class CacheNode:
         self._dram_policy.inserted(_kb(key))
         self._stored(key, MEDIUM_CPU)
 
+    def _removed(self, key: int, medium: str) -> None:
+        last = self.events[-1] if self.events else None
+        if isinstance(last, BlockRemoved) and last.medium == medium:
+            last.block_hashes.append(key)  # consecutive removals: one event (the index's cost is per event)
+        else:
+            self.events.append(BlockRemoved(block_hashes=[key], medium=medium))
+
     def _demote(self, key: int) -> None:
         if self.ssd_cap and key not in self.ssd:
             self._into_ssd(key)  # stored on SSD before the DRAM removal: the chain link is never lost
         self.dram.discard(key)
-        self.events.append(BlockRemoved(block_hashes=[key], medium=MEDIUM_CPU))
+        self._removed(key, MEDIUM_CPU)
         if key not in self.ssd:
             self.meta.pop(key, None)
 
@@ -176,7 +183,7 @@ class CacheNode:
                 return
             v = int.from_bytes(victim, "little")
             self.ssd.discard(v)
-            self.events.append(BlockRemoved(block_hashes=[v], medium=MEDIUM_STORAGE))
+            self._removed(v, MEDIUM_STORAGE)
             if v not in self.dram:
                 self.meta.pop(v, None)
         self.ssd.add(key)
