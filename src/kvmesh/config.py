@@ -324,7 +324,7 @@ class RoutingConfig(_Strict):
                                     "request (then fitted per engine from observed TPOT)")
     decode_s_per_ctx_token: float = Field(default=2e-8, ge=0, description="Prior: decode step time per active "
                                           "context token")
-    kv_pressure_s: float = Field(default=2.0, ge=0, description="Cost of an engine whose KV space is full")
+    kv_pressure_s: float = Field(default=10.0, ge=0, description="Cost of an engine whose KV space is full")
     kv_high: float = Field(default=0.8, ge=0, lt=1, description="KV usage above which kv_pressure_s is charged")
     output_tokens: int = Field(default=128, gt=0, description="Expected output when a request sets no "
                                "max_tokens (then learned from finished streams)")
