@@ -25,7 +25,10 @@ For every candidate engine e (all terms in seconds; ``tps(e)`` is its prefill th
   them, as the simulator's timing profile models a step; over L steps that is the time this stream loses
   to the others plus the time it costs them.  Its prefill also stalls the R running streams.  ``a_e``,
   ``b_e`` start from priors and are fitted online per engine from observed TPOT (``on_finished``).
-- **KV pressure**: an engine near full KV space pays for the evictions and preemptions it would cause.
+- **KV pressure**: an engine near full KV space pays for the evictions and preemptions it would cause, and
+  a request that does not fit waits there until running streams finish.  At 2 s (full) a Weka session kept
+  extending its context on an engine whose KV a 15k-token decode filled and waited 145 s; at 10 s it moves
+  (Weka, 4 engines: mean TTFT 305 → 198 ms; Mooncake unchanged).
 - **Sessions as a prior**: a request whose session's previous turn went to e, and whose prompt extends
   that turn's, counts that turn's blocks as cached on e while the index has no event from e (an engine
   that publishes none, or whose stream has not started) — the cost model then decides whether moving
@@ -109,7 +112,7 @@ class CostModel:
     decode_weight: float = 0.2        # seconds of TTFT worth one second of decode time (this stream + others)
     decode_s_per_seq: float = 1e-4    # prior: decode step time per running request
     decode_s_per_ctx_token: float = 2e-8  # prior: decode step time per active context token
-    kv_pressure_s: float = 2.0
+    kv_pressure_s: float = 10.0       # at full KV a request waits for running streams to finish: seconds to minutes
     kv_high: float = 0.8
     output_tokens: int = 128          # expected output when the request does not say (then learned)
     session_prior: bool = True
