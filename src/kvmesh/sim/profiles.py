@@ -18,7 +18,10 @@ Sources:
   cost nothing in decode, and the simulator could not show what saturated real engines show.)
 - ``cpu-demo-small``: kvmesh's small demo model on one core of the development machine under vLLM-CPU,
   fitted by ``bench/sim_fidelity.py`` (least squares over cold prompts of 256–4,096 tokens and a 64-token
-  decode; held-out mean-TTFT error +4.3%).  Re-run it to fit your own machine.
+  decode; held-out mean-TTFT error +4.3%).  Re-run it to fit your own machine.  KV bytes per token: 8 layers
+  x 4 KV heads x 64 dims x 2 (K,V) x 4 bytes — vLLM-CPU runs the model in float32 on a CPU without native
+  bf16 (kvmesh.engines.cpu), as the connector's 2 MiB chunks per 128-token block show (was 2 bytes, which
+  halved every simulated tier load).
 
 KV transfer between a prefill and a decode engine (``kv_transfer_gbps``, GB/s per engine NIC, and a fixed
 ``kv_transfer_latency_s`` per transfer, which also covers the gateway's second hop):
@@ -68,7 +71,7 @@ PROFILES: dict[str, TimingProfile] = {
     "cpu-demo-small": TimingProfile(
         name="cpu-demo-small", prefill_tps=3_497, attn_s_per_token2=5.14e-8, overhead_s=0.0127,
         decode_s_per_seq=0.0061, decode_s_per_ctx_token=1.5e-6, kv_capacity_tokens=60_000,
-        max_batch_tokens=2048, max_running=64, kv_bytes_per_token=2 * 8 * 4 * 64 * 2,
+        max_batch_tokens=2048, max_running=64, kv_bytes_per_token=2 * 8 * 4 * 64 * 4,
         kv_transfer_gbps=1.73),
 }
 

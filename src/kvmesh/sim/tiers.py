@@ -60,9 +60,12 @@ class TierProfile:
 TIER_PROFILES: dict[str, TierProfile] = {
     # PCIe Gen5 x16 host→GPU ~50 GB/s; one NVMe drive ~7 GB/s; RDMA 200 Gb/s NIC ~25 GB/s.
     "h100-llama3-8b": TierProfile("h100-llama3-8b", Link(50.0, 20e-6), Link(7.0, 100e-6), Link(25.0, 10e-6)),
-    # This machine's cache node (bench/results/cache_node.json, cache_pool.json): shared-memory get 5.3 GB/s,
-    # SSD read 1.74 GB/s (64 MiB objects), pool get from a peer 1.47 GB/s (4 MiB).
-    "cpu-demo-small": TierProfile("cpu-demo-small", Link(5.3, 50e-6), Link(1.74, 200e-6), Link(1.47, 300e-6)),
+    # This machine's cache node (bench/results/cache_node.json, cache_pool.json) at the connector's chunk size
+    # (one 128-token block of the small demo model in float32: 2 MiB): shared-memory get 5.3 GB/s (1-4 MiB
+    # objects); SSD read 1.0 GB/s — the node reads one file per chunk, one after another, and 1 MiB objects
+    # read at 0.81 GB/s, 4 MiB at 1.14 (1.74 is the 64 MiB figure, which no chunk reaches); pool get from a
+    # peer 1.47 GB/s (4 MiB).  bench/sim_fidelity.py checks DRAM- and SSD-hit TTFT against the real node.
+    "cpu-demo-small": TierProfile("cpu-demo-small", Link(5.3, 50e-6), Link(1.0, 200e-6), Link(1.47, 300e-6)),
 }
 
 
@@ -137,6 +140,15 @@ class CacheNode:
                 self._into_dram(key, leased)
             return "ssd"
         return None
+
+    def evict_dram(self) -> int:
+        """Demote every DRAM block to SSD in eviction order, as the node's ``evict_dram`` does (benchmarks
+        force SSD-tier hits this way); returns the count."""
+        n = 0
+        while (victim := self._dram_policy.victim(lambda _k: True)) is not None:
+            self._demote(int.from_bytes(victim, "little"))
+            n += 1
+        return n
 
     def _stored(self, key: int, medium: str) -> None:
         parent, tokens = self.meta[key]
