@@ -1,16 +1,22 @@
 """``kvmesh up --autoscale`` on simulated engines: scale out (start, pre-warm, ramp in) and back in (cache-aware
-victim, drain, stop) under a step load, with no failed request and no stream cut.
+victim, drain, stop) under a step load, with no failed request and no stream cut; scale from zero.
 
-The step is scripted: the test sets the load level a step policy reads, and calls the control tick itself
-(no timer), so what happens depends on events, not on how fast the machine runs.
+The tests call the control tick themselves (no timer), so what happens depends on events, not on how fast
+the machine runs.  The first scripts the step as a replica count (a test policy); the second runs the real
+``queue`` policy (KEDA on ``vllm:num_requests_waiting``, its windows shortened through
+``LocalConfig.tuning``) and makes the waiting count real with a :class:`Gate` on the engines' schedulers.
 """
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import math
 import pathlib
 import re
+import threading
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +25,8 @@ from kvmesh.autoscale.core import Decision, Fleet, Policy
 from kvmesh.autoscale.local import LocalConfig
 from kvmesh.autoscale.signals import AGGREGATED, Signals
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, engine_config
+from kvmesh.engines.sim import SimEngine
+from kvmesh.sim.core import StepResult
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block, wait_until
 
@@ -40,20 +48,47 @@ class StepPolicy(Policy):
                         {"in_flight": float(g.in_flight), "arrivals": float(g.arrivals)})
 
 
-@pytest.fixture
-def auto_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
+def make_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread, auto: LocalConfig,
+               **gateway: Any) -> Stack:
     cfg = StackConfig(model_size="tiny", models_dir=str(tiny_model.parent),
                       engine=engine_config(kind="sim", model=str(tiny_model), served_model_name=DEMO_MODEL_NAME),
-                      supervisor=SupervisorConfig(replicas=1, base_port=free_port_block(2), run_dir=str(tmp_path)),
-                      gateway=GatewayConfig(port=0, policy="kv-aware", health_interval_s=0.5),
+                      supervisor=SupervisorConfig(replicas=1, base_port=free_port_block(auto.max_replicas),
+                                                  run_dir=str(tmp_path)),
+                      gateway=GatewayConfig(port=0, policy="kv-aware", health_interval_s=0.2, **gateway),
                       cache=CacheNodeConfig(enabled=False))
-    auto = LocalConfig(policy="hpa", min_replicas=1, max_replicas=2, interval_s=3600, ramp_s=0)
     st = loop_thread.call(lambda: Stack(cfg, autoscale=auto))
     loop_thread.run(st.start(wait=True))
+    assert st.autoscaler is not None
+    return st
+
+
+@pytest.fixture
+def auto_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
+    auto = LocalConfig(policy="hpa", min_replicas=1, max_replicas=2, interval_s=3600, ramp_s=0)
+    st = make_stack(tmp_path, tiny_model, loop_thread, auto)
     assert st.autoscaler is not None
     st.autoscaler.scaler.policy = StepPolicy()
     yield st
     loop_thread.run(st.stop())
+
+
+class Gate:
+    """Holds a simulated engine's scheduler while its HTTP server and ``/metrics`` keep answering (as vLLM's
+    API server does while its engine core is stopped).  ``closed``: no step runs, new requests wait;
+    ``prefill``: steps run only while a request waits or prefills (streams get their first token, then
+    hold); ``open``: every step runs."""
+
+    def __init__(self, engine: object) -> None:
+        assert isinstance(engine, SimEngine) and engine.server is not None
+        self.core = engine.server.core
+        self._step, self.mode = self.core.step, "open"
+        self.core.step = self.step  # type: ignore[method-assign]
+
+    def step(self, now: float, horizon: float = math.inf) -> StepResult:
+        c = self.core
+        if self.mode == "open" or (self.mode == "prefill" and (c.waiting or any(r.prefilling for r in c.running))):
+            return self._step(now, horizon)
+        return StepResult(0.02, [], [])  # the engine loop asks again in 20 ms
 
 
 def complete(url: str, prompt: object, max_tokens: int = 4) -> tuple[int, str]:
@@ -115,3 +150,109 @@ def test_scales_out_prewarmed_and_back_in_without_failing_a_request(auto_stack: 
     assert [d["desired"] for d in dbg["decisions"]] == [2, 1]
     assert dbg["decisions"][0]["reason"] == "scripted step to 2" and "in_flight" in dbg["decisions"][0]["inputs"]
     assert "queued_prefill_tokens" in dbg["pressure"]
+
+
+@pytest.fixture
+def queue_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
+    # the real queue policy (KEDA: waiting per replica over a target), deciding at every tick, no cooldown
+    auto = LocalConfig(policy="queue", min_replicas=1, max_replicas=2, interval_s=3600, ramp_s=0,
+                       tuning={"target": 1.0, "period_s": 0.0, "scale_down_window_s": 0.0})
+    st = make_stack(tmp_path, tiny_model, loop_thread, auto)
+    yield st
+    loop_thread.run(st.stop())
+
+
+def engine(st: Stack, name: str) -> Any:
+    return next(e for e in st.supervisor.engines if e.name == name)
+
+
+def scraped(st: Stack, name: str, waiting: int, running: int) -> bool:
+    """The gateway's latest scrape of ``name``'s /metrics shows these counts."""
+    b = st.gateway.pool.get(name)
+    return b is not None and b.running == running and b.engine_queue == running + waiting
+
+
+def test_queue_policy_scales_out_on_waiting_requests_and_in_when_they_are_gone(queue_stack: Stack,
+                                                                               loop_thread: LoopThread) -> None:
+    st = queue_stack
+    auto, url = st.autoscaler, st.gateway.url
+    assert auto is not None and auto.scaler.policy.name == "queue"
+    for i in range(4):  # the hot prefix, served by engine-0
+        assert complete(url, [*HOT, 500 + i]) == (200, "engine-0")
+    gate0 = loop_thread.call(lambda: Gate(engine(st, "engine-0")))
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        gate0.mode = "closed"  # engine-0 stops scheduling: 4 requests wait there
+        held = [pool.submit(stream, url, [*HOT, 600 + i]) for i in range(4)]
+        wait_until(lambda: scraped(st, "engine-0", waiting=4, running=0), 60, "4 waiting on engine-0")
+        loop_thread.call(auto.tick)  # 4 waiting / target 1 -> 4, within max 2
+        wait_until(lambda: "engine-1" in auto.actuator.serving, 120, "engine-1 serving")
+        assert auto.scaler.history[-1].desired == 2 and "waiting" in auto.scaler.history[-1].reason
+        served = [ev for ev in auto.actuator.events if ev["event"] == "serving"]
+        assert served[0]["replica"] == "engine-1" and served[0]["prewarmed_prompts"] >= 1
+        hits = cache_hits(engine(st, "engine-1").url)
+        # the hot prefix through the gateway: engine-1 takes it (engine-0 is queued) and finds it pre-warmed
+        assert complete(url, [*HOT, 999]) == (200, "engine-1")
+        assert cache_hits(engine(st, "engine-1").url) >= hits + len(HOT) - 16
+        gate0.mode = "open"
+        outs = [f.result() for f in held]
+        # load stops with streams in flight on both replicas (first token out, then held): 0 waiting
+        gate1 = loop_thread.call(lambda: Gate(engine(st, "engine-1")))
+        gate0.mode = gate1.mode = "prefill"
+        streams = [pool.submit(stream, url, [7 + i, *range(100 + 40 * i, 140 + 40 * i)]) for i in range(6)]
+        wait_until(lambda: len(gate0.core.running) + len(gate1.core.running) == 6, 60, "6 streams running")
+        wait_until(lambda: all(scraped(st, n, waiting=0, running=len(g.core.running))
+                               for n, g in (("engine-0", gate0), ("engine-1", gate1))), 60, "scraped: 0 waiting")
+        loop_thread.call(auto.tick)  # 0 waiting -> min 1: the cache-aware victim drains
+        wait_until(lambda: any(ev["event"] == "draining" for ev in auto.actuator.events), 30, "a drain")
+        draining = [ev for ev in auto.actuator.events if ev["event"] == "draining"]
+        more = [pool.submit(complete, url, [*HOT, 800 + i]) for i in range(4)]
+        gate0.mode = gate1.mode = "open"
+        wait_until(lambda: len(auto.actuator.serving) == 1 and not auto.actuator.draining, 120, "scale-in done")
+        outs += [f.result() for f in streams]
+        codes = [f.result()[0] for f in more]
+    assert draining[0]["in_flight"] >= 1  # the victim had streams in flight when it began to drain
+    assert all(lines[-1] == "data: [DONE]" and '"error"' not in "".join(lines) for lines in outs)  # none cut
+    assert codes == [200] * 4
+    stopped = [ev for ev in auto.actuator.events if ev["event"] == "stopped"]
+    assert len(stopped) == 1 and stopped[0]["cut"] == 0
+    assert len(st.supervisor.engines) == 1 and auto.scaler.scale_events == {"up": 1, "down": 1}
+
+
+@pytest.fixture
+def zero_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
+    auto = LocalConfig(policy="queue", min_replicas=0, max_replicas=1, interval_s=3600, ramp_s=0)
+    st = make_stack(tmp_path, tiny_model, loop_thread, auto, cold_start_hold_s=120.0)
+    yield st
+    loop_thread.run(st.stop())
+
+
+def test_scale_from_zero_holds_the_request_until_the_first_replica_is_ready(zero_stack: Stack,
+                                                                           loop_thread: LoopThread) -> None:
+    st = zero_stack
+    auto = st.autoscaler
+    assert auto is not None and st.supervisor.engines == [] and st.gateway.pool.backends == []
+    release = threading.Event()  # the first replica's start (its model load) ends when the test says
+    make = auto.actuator.factory
+
+    def slow_factory(i: int) -> Any:
+        e: Any
+        e, kv = make(i)
+        start = e.start
+
+        async def gated_start() -> None:
+            await asyncio.to_thread(release.wait, 120)
+            await start()
+
+        e.start = gated_start
+        return e, kv
+
+    auto.actuator.factory = slow_factory
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(complete, st.gateway.url, [*HOT, 1])
+        wait_until(lambda: st.gateway.admission.holding == 1 and "engine-0" in auto.actuator.starting, 60,
+                   "the request held while engine-0 starts")
+        assert not fut.done()
+        release.set()
+        assert fut.result() == (200, "engine-0")
+    assert [ev["event"] for ev in auto.actuator.events] == ["starting", "serving"]
+    assert st.gateway.admission.holding == 0 and st.gateway.pressure.shed["cold_start"] == 0

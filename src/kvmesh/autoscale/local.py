@@ -13,12 +13,15 @@
   new replica directly, as ``max_tokens=1`` completions of their token ids, before it is in the pool: a
   vLLM replica with kvmesh's connector loads those blocks from the cache node instead of computing them; a
   simulated engine computes them into its prefix cache.  Either way its first routed requests sharing a
-  hot prefix find it cached.  (Pre-warm needs token ids: a KV-aware routing policy.)
+  hot prefix find it cached.  (Pre-warm needs token ids: a KV-aware routing policy.)  Each prompt is replayed
+  with its tenant's ``cache_salt``: the blocks warmed are the tenant's own, those its requests will look up.
 - **scale-in** cancels replicas still starting first, then drains the victims the core chose (the
   cache-aware chooser: least valuable cache first): the backend is marked ``draining`` (no new request;
   in-flight ones, streams included, run to their end), the actuator waits until it has none in flight (at
   most ``drain_timeout_s``, then stops it anyway and says so), removes it from the pool and the index, and
   stops the engine (``Supervisor.remove``: no restart).
+- **policy**: one of :mod:`kvmesh.autoscale.policies`' registry with its published defaults;
+  ``LocalConfig.tuning`` overrides fields of its config (shorter windows for a demo, a bench or a test).
 - **scale to zero** (``min_replicas = 0``): the gateway holds requests while no replica is ready
   (``[gateway] cold_start_hold_s``); a held request wakes the autoscaler, which starts one at once.
 
@@ -30,19 +33,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from kvmesh.autoscale.cacheaware import CacheAwareVictims, Hotness, prewarm_plan, ramp_share
-from kvmesh.autoscale.core import Capacity, Scaler, ScalerConfig
-from kvmesh.autoscale.policies import make_policy
+from kvmesh.autoscale.core import Capacity, Policy, Scaler, ScalerConfig
+from kvmesh.autoscale.policies import HpaPolicy, make_policy
 from kvmesh.autoscale.signals import AGGREGATED, EngineSignals, GatewaySignals, RoleSignals, Signals
 
 log = logging.getLogger("kvmesh.autoscale")
 _DRAIN_POLL_S = 0.05
+_PROBES = 40  # pre-warm: fresh-block requests sent until the index hears the new replica's KV events
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +62,27 @@ class LocalConfig:
     prewarm_prompts: int = 16      # hottest chains replayed to a new replica
     prewarm_blocks: int = 1024
     capacity: Capacity = field(default_factory=lambda: Capacity(prefill_tps=2000.0, decode_concurrency=8.0))
+    # fields of the policy's own config (SloConfig, HpaConfig, KpaConfig, DynamoConfig) over its published
+    # defaults: e.g. {"period_s": 1, "scale_down_window_s": 10} shortens the windows for a demo or a test
+    tuning: Mapping[str, float] = field(default_factory=dict)
+
+
+def tuned_policy(cfg: LocalConfig) -> Policy:
+    """``cfg.policy`` with its published defaults, then ``cfg.tuning`` over its config (``ValueError`` for a
+    field the policy does not have)."""
+    p = make_policy(cfg.policy, cfg.capacity, start_s=cfg.start_s)
+    if not cfg.tuning:
+        return p
+    pcfg = getattr(p, "cfg", None)
+    names = {f.name for f in dataclasses.fields(pcfg)} if dataclasses.is_dataclass(pcfg) else set()
+    if unknown := sorted(set(cfg.tuning) - names):
+        raise ValueError(f"policy {cfg.policy!r} has no setting {', '.join(unknown)}; it has "
+                         f"{', '.join(sorted(names)) or 'none'}")
+    new = dataclasses.replace(pcfg, **cfg.tuning)  # type: ignore[type-var]
+    if isinstance(p, HpaPolicy):  # queue is an HPA on the waiting count: keep its class and name
+        HpaPolicy.__init__(p, new)
+        return p
+    return type(p)(new)  # type: ignore[call-arg]
 
 
 class _Engine(Protocol):
@@ -119,26 +145,43 @@ class LocalActuator:
     async def _start(self, name: str) -> None:
         engine, kv_events = self.factory(int(name.rsplit("-", 1)[1]))
         self._note("starting", name)
+        b = None
         try:
             await self.supervisor.add(engine)
+            # in the pool (health-checked, its KV events followed, so the index learns what the pre-warm
+            # puts in its cache) but closed to requests until it is warm
+            b = self.gw.pool.add(name, engine.url, kv_events)
+            b.ramp = _closed
+            self.gw.subscribe(b)
             warmed = await self.prewarm(engine)
-        except asyncio.CancelledError:
-            await self.supervisor.remove(name)
-            self._note("cancelled", name)
-            raise
-        except Exception as e:  # EngineDied, TimeoutError: the supervisor stopped it already
+        except BaseException as e:
+            if b is not None:
+                self._forget(name)
+            if isinstance(e, asyncio.CancelledError):
+                await self.supervisor.remove(name)
+                self._note("cancelled", name)
+                raise
+            if not isinstance(e, Exception):
+                raise
+            # EngineDied, TimeoutError: the supervisor stopped it already
             self._note("start_failed", name, error=str(e))
             self.starting.pop(name, None)
             return
-        b = self.gw.pool.add(name, engine.url, kv_events)
         b.up = True  # it just answered; the next health round confirms
         since = time.monotonic()
         b.ramp = lambda b: self._ramp_admits(b, since)
-        self.gw.subscribe(b)
         self.starting.pop(name, None)
         self.serving[name] = since
         self.gw.admission.pump()  # held requests (scale from zero) go on
         self._note("serving", name, prewarmed_prompts=warmed)
+
+    def _forget(self, name: str) -> None:
+        """Out of the pool, the KV-event feed and the index."""
+        self.gw.pool.remove(name)
+        if self.gw.feed is not None:
+            self.gw.feed.remove(name)
+        if self.gw.index is not None:
+            self.gw.index.clear_engine(name)
 
     def _ramp_admits(self, b: Any, since: float) -> bool:
         share = ramp_share(time.monotonic() - since, self.cfg.ramp_s)
@@ -160,9 +203,7 @@ class LocalActuator:
             while b.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(_DRAIN_POLL_S)
             left = b.in_flight
-            self.gw.pool.remove(name)
-            if self.gw.index is not None:
-                self.gw.index.clear_engine(name)  # its GPU cache goes with it (hot blocks stay in the node)
+            self._forget(name)  # its GPU cache goes with it (hot blocks stay in the node)
         if left:
             log.warning("autoscale: %s still had %d requests after %.0fs of draining; stopping it", name, left,
                         self.cfg.drain_timeout_s)
@@ -175,6 +216,10 @@ class LocalActuator:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+
+
+def _closed(b: Any) -> bool:
+    return False
 
 
 class _Window:
@@ -197,13 +242,14 @@ class LocalAutoscaler:
                  cfg: LocalConfig) -> None:
         self.gw, self.cfg = gw, cfg
         self.hot = Hotness(half_life_s=300.0)
-        self.prompts: dict[int, list[int]] = {}  # last block key of a prompt's chain -> its token ids
+        # last block key of a prompt's chain -> its token ids and its tenant's cache salt (the key is salted)
+        self.prompts: dict[int, tuple[list[int], str | None]] = {}
         self.actuator = LocalActuator(gw, supervisor, factory, serving, cfg, self._prewarm)
         index = gw.index
         victims = CacheAwareVictims(lambda e: index.engine_keys(e) if index is not None else set(),
                                     lambda: self.hot.snapshot(time.monotonic()),
                                     lambda e: b.in_flight if (b := gw.pool.get(e)) is not None else 0)
-        policy = make_policy(cfg.policy, cfg.capacity, start_s=cfg.start_s)
+        policy = tuned_policy(cfg)
         self.scaler = Scaler(policy, self.actuator, ScalerConfig(cfg.min_replicas, cfg.max_replicas,
                                                                  interval_s=cfg.interval_s, start_s=cfg.start_s),
                              victims=victims)
@@ -227,7 +273,8 @@ class LocalAutoscaler:
             keys = list(ctx.block_keys)
             self.hot.touch(keys, time.monotonic())
             if len(self.prompts) < 100_000:
-                self.prompts[keys[-1]] = list(ctx.token_ids)
+                salt = req.tenant.salt if req.tenant is not None else None
+                self.prompts[keys[-1]] = (list(ctx.token_ids), salt)
 
     def signals(self) -> Signals:
         w, self.window = self.window, _Window()
@@ -259,18 +306,44 @@ class LocalAutoscaler:
         plan = prewarm_plan(self.hot.snapshot(time.monotonic()), self.hot.parent, self.cfg.prewarm_blocks)
         parents = {self.hot.parent.get(k) for k in plan}
         leaves = [k for k in plan if k not in parents and k in self.prompts][:self.cfg.prewarm_prompts]
-        model = next(iter(self.gw.pool.known_models()), None)
+        if not leaves or not await self._events_live(engine, spec[0]):
+            return 0
         sent = 0
         for key in leaves:
-            ids = self.prompts[key]
-            body = {"model": model, "prompt": ids, "max_tokens": 1}
-            try:
-                async with self.gw.http.post(f"{engine.url}/v1/completions", json=body) as r:
-                    sent += r.status == 200
-            except Exception as e:  # a failed pre-warm costs a cold cache, never the replica
-                log.warning("autoscale: pre-warm of %s failed: %s", engine.name, e)
-                break
+            ids, salt = self.prompts[key]
+            body: dict[str, Any] = {"prompt": ids}
+            if salt is not None:  # the tenant's own blocks: unsalted, they would warm nobody's cache
+                body["cache_salt"] = salt
+            sent += await self._complete1(engine, body)
         return sent
+
+    async def _complete1(self, engine: _Engine, body: dict[str, Any]) -> bool:
+        """A ``max_tokens=1`` completion straight to ``engine``; False (logged) when it fails."""
+        model = next(iter(self.gw.pool.known_models()), None)
+        try:
+            async with self.gw.http.post(f"{engine.url}/v1/completions",
+                                         json={"model": model, "max_tokens": 1, **body}) as r:
+                return bool(r.status == 200)
+        except Exception as e:  # a failed pre-warm costs a cold cache, never the replica
+            log.warning("autoscale: pre-warm request to %s failed: %s", engine.name, e)
+            return False
+
+    async def _events_live(self, engine: _Engine, block_size: int) -> bool:
+        """Whether the index hears ``engine``'s KV events yet.  A ZMQ subscriber misses what the engine
+        publishes before its subscription reaches it (and a simulated engine keeps no replay buffer), so the
+        pre-warm would warm a cache the router does not know of: send 1-token probes of a fresh block until
+        the index holds one (at most ``_PROBES``)."""
+        index = self.gw.index
+        if index is None:
+            return False
+        for i in range(_PROBES):
+            if index.engine_keys(engine.name):
+                return True
+            base = 1000 + (time.monotonic_ns() // 1000 + 97 * i) % 3000  # a block no prompt holds (ids < 4200)
+            await self._complete1(engine, {"prompt": [base + j for j in range(block_size + 1)]})
+            await asyncio.sleep(_DRAIN_POLL_S)  # the event travels engine -> socket -> index
+        log.warning("autoscale: no KV event from %s after %d probes; pre-warming it anyway", engine.name, _PROBES)
+        return True
 
     async def run(self) -> None:
         while True:
