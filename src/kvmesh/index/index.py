@@ -89,6 +89,8 @@ class KvIndex:
         self._pending_q: collections.deque[tuple[float, int, int]] = collections.deque()
         self.blocks_stored = 0
         self.blocks_removed = 0
+        # the keys of the last stored event: a cache node's event is applied once per engine it serves
+        self._last_keys: tuple[BlockStored | None, int, list[BlockKey]] = (None, 0, [])
 
     def seed_for(self, salt: str | None) -> int:
         """Root of the key chain for a tenant's cache salt (vLLM mixes ``cache_salt`` into the first block)."""
@@ -202,11 +204,7 @@ class KvIndex:
         t = _TIER_OF.get(ev.medium, 0)
         bit = 1 << e.bit
         d = self.tiers[t]
-        # One token-array conversion per event, not per block (the simulator sends millions of these).
-        keys = block_keys(ev.token_ids, bs, parent, len(ev.block_hashes))
-        while len(keys) < len(ev.block_hashes):  # a short last block: key what is there, as before
-            i = len(keys)
-            keys.append(chain_key(keys[-1] if keys else parent, ev.token_ids[i * bs:(i + 1) * bs]))
+        keys = self._keys(ev, parent, bs)
         hashes = e.hashes
         for h, key in zip(ev.block_hashes, keys, strict=True):
             old = hashes.get(h)
@@ -216,6 +214,18 @@ class KvIndex:
         if len(e.hashes) > self.max_blocks_per_engine:
             self._shed(e)
         return len(ev.block_hashes)
+
+    def _keys(self, ev: BlockStored, parent: int, bs: int) -> list[BlockKey]:
+        last_ev, last_parent, last = self._last_keys
+        if last_ev is ev and last_parent == parent:
+            return last
+        # One token-array conversion per event, not per block (the simulator sends millions of these).
+        keys = block_keys(ev.token_ids, bs, parent, len(ev.block_hashes))
+        while len(keys) < len(ev.block_hashes):  # a short last block: key what is there, as before
+            i = len(keys)
+            keys.append(chain_key(keys[-1] if keys else parent, ev.token_ids[i * bs:(i + 1) * bs]))
+        self._last_keys = (ev, parent, keys)
+        return keys
 
     def _removed(self, e: EngineEntry, ev: BlockRemoved) -> int:
         t = _TIER_OF.get(ev.medium, 0)
