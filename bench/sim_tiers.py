@@ -9,11 +9,13 @@ hits (``sim_ceiling_hit``); the trace's own token ceiling (``infinite_cache_hit_
 Prints the table and writes ``bench/results/sim_tiers.json``.
 
     python bench/sim_tiers.py [--replicas 8,32] [--trace DIR --format weka --name sim_tiers_weka]
+    python bench/sim_tiers.py --load 3 --replicas 8 --name sim_tiers_load3   # a fleet the trace keeps busy
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import pathlib
 import sys
 
@@ -55,11 +57,14 @@ def main() -> None:
     ap.add_argument("--dram-tb", type=float, default=1.0, help="DRAM tier per machine, TB")
     ap.add_argument("--ssd-tb", type=float, default=8.0, help="NVMe tier per machine, TB")
     ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--load", type=float, default=1.0, help="arrivals this much denser than the trace's (a fleet "
+                    "sized tighter than the trace's: at 1.0 eight H100s are mostly idle)")
     ap.add_argument("--name", default="sim_tiers", help="result file name under bench/results")
     args = ap.parse_args()
     if not args.trace.exists():
         sys.exit(f"trace not found: {args.trace} (the traces live in ../shared/traces/, see its README)")
-    reqs = load_trace(args.trace, args.format, args.limit)
+    reqs = [dataclasses.replace(r, arrival_s=r.arrival_s / args.load)
+            for r in load_trace(args.trace, args.format, args.limit)]
     ceiling, (_, trace_ceiling) = sim_ceiling_hit(reqs), infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s
     runs: dict[str, dict[str, dict[str, object]]] = {}
@@ -82,7 +87,7 @@ def main() -> None:
         head[f"sim_speedup_x_{n}"] = round(span / best.wall_s, 1)
     last = args.replicas.split(",")[-1]
     metrics: dict[str, object] = {
-        "trace_format": args.format, "requests": len(reqs), "trace_span_s": round(span, 1),
+        "trace_format": args.format, "requests": len(reqs), "trace_span_s": round(span, 1), "load": args.load,
         "profile": "h100-llama3-8b", "policy": "kv-aware", "engines_per_machine": args.per_machine,
         "dram_tb_per_machine": args.dram_tb, "ssd_tb_per_machine": args.ssd_tb,
         "load_overlaps_compute": False, "ceiling_hit": round(ceiling, 4),
