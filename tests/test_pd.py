@@ -18,9 +18,16 @@ import httpx
 import pytest
 from aiohttp import web
 
-from kvmesh.config import CacheNodeConfig, GatewayConfig, SimEngineConfig, StackConfig, SupervisorConfig
+from kvmesh.config import (
+    CacheNodeConfig,
+    GatewayConfig,
+    PdSettings,
+    SimEngineConfig,
+    StackConfig,
+    SupervisorConfig,
+)
 from kvmesh.gateway.pd import PREFILL_PARAMS
-from kvmesh.routing.disagg import PdConfig, plan_prefill
+from kvmesh.routing.disagg import EngineLoad, PdConfig, plan_prefill
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block, wait_until
 
@@ -113,6 +120,9 @@ def engines(loop_thread: LoopThread) -> Iterator[Any]:
 
 
 def pd_gateway(make_gateway: Any, prefill: list[PdEngine], decode: list[PdEngine], **kw: Any) -> Any:
+    """A gateway whose P/D stage takes every long prompt remote (``decision = "threshold"``): these tests are
+    about the handshake and its failures, not about when a hop pays (the cost rule's tests are below)."""
+    kw["pd"] = {"decision": "threshold", **kw.get("pd", {})}
     backends = [{"url": e.url, "role": "prefill"} for e in prefill] + [{"url": e.url, "role": "decode"}
                                                                           for e in decode]
     return make_gateway(backends=tuple(backends), policy="round-robin", health_interval_s=300, **kw)
@@ -142,14 +152,42 @@ def request_body(endpoint: str, stream: bool, prompt: str = LONG) -> dict[str, A
 
 
 # -- the decision -----------------------------------------------------------------------------------------
-def test_plan_pays_a_hop_only_for_long_uncached_prompts_and_a_free_prefill_engine() -> None:
-    cfg = PdConfig(min_remote_prefill_tokens=256, max_prefill_queue_s=1.0)
-    assert plan_prefill(1000, [("p0", 0.2)], cfg).engine == "p0"
-    assert plan_prefill(255, [("p0", 0.0)], cfg).reason == "short_prompt"
-    assert plan_prefill(1000, [], cfg).reason == "no_prefill_engine"
-    assert plan_prefill(1000, [("p0", 5.0), ("p1", 0.5)], cfg).engine == "p1"
-    assert plan_prefill(1000, [("p0", 5.0)], cfg).reason == "prefill_saturated"
-    assert plan_prefill(1000, [("p0", 0.0)], PdConfig(enabled=False)).reason == "disabled"
+TPS = 10_000.0  # tokens/s everywhere below: 1,000 uncached tokens are 0.1 s of prefill
+
+
+def dec(uncached: int = 1000, running: int = 8, queued: int = 0, step_s: float = 0.02) -> EngineLoad:
+    return EngineLoad("d0", uncached, queued, TPS, running, step_s)
+
+
+def pre(name: str = "p0", queued: int = 0, running: int = 0, uncached: int = 1000) -> EngineLoad:
+    return EngineLoad(name, uncached, queued, TPS, running)
+
+
+def test_cost_plan_pays_a_hop_only_to_spare_stalled_streams_or_a_long_local_queue() -> None:
+    """Remote when the local prefill (0.1 s) would stall running streams past the 50 ms TPOT budget at a TTFT
+    cost within the margin, or when the decode engine's own queue makes local slower by more than the margin;
+    short prompts, idle decode engines and stalls that fit the budget stay local."""
+    cfg = PdConfig(min_remote_prefill_tokens=256, max_prefill_queue_s=1.0, ttft_margin_s=0.5)
+    assert plan_prefill(dec(), [pre(queued=2000)], cfg).engine == "p0"       # 0.2 s queue: within the margin
+    assert plan_prefill(dec(255), [pre()], cfg).reason == "short_prompt"
+    assert plan_prefill(dec(), [], cfg).reason == "no_prefill_engine"
+    assert plan_prefill(dec(running=0), [pre()], cfg).reason == "no_stall"    # idle: nothing to protect
+    assert plan_prefill(dec(200 + 256, step_s=0.001), [pre()], cfg).reason == "no_stall"  # 46 ms: fits
+    assert plan_prefill(dec(), [pre(queued=9000)], cfg).reason == "remote_slower"  # 0.9 s queue there
+    assert plan_prefill(dec(), [pre(queued=20_000)], cfg).reason == "prefill_saturated"
+    assert plan_prefill(dec(), [pre("p0", 20_000), pre("p1", 100)], cfg).engine == "p1"
+    assert plan_prefill(dec(running=0, queued=8000), [pre()], cfg).engine == "p0"  # local queue 0.8 s
+    assert plan_prefill(dec(), [pre(running=8)], cfg).reason == "no_gain"   # it would stall as many streams
+    assert plan_prefill(dec(), [pre(running=2)], cfg).engine == "p0"
+    assert plan_prefill(dec(), [pre()], PdConfig(enabled=False)).reason == "disabled"
+
+
+def test_threshold_plan_takes_every_long_prompt_to_an_unsaturated_engine() -> None:
+    cfg = PdConfig(max_prefill_queue_s=1.0, decision="threshold")
+    assert plan_prefill(dec(running=0), [pre()], cfg).engine == "p0"
+    assert plan_prefill(dec(running=0), [pre("p0", 20_000), pre("p1", 5000)], cfg).engine == "p1"
+    assert plan_prefill(dec(), [pre(queued=20_000)], cfg).reason == "prefill_saturated"
+    assert plan_prefill(dec(100), [pre()], cfg).reason == "short_prompt"
 
 
 # -- the handshake ----------------------------------------------------------------------------------------
@@ -270,7 +308,8 @@ def test_sim_stack_one_prefill_one_decode(tmp_path: pathlib.Path, tiny_model: pa
         model_size="tiny", models_dir=str(tiny_model.parent),
         engine=SimEngineConfig(kind="sim", model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, block_size=16),
         supervisor=SupervisorConfig(prefill=1, decode=1, base_port=free_port_block(2), run_dir=str(tmp_path)),
-        gateway=GatewayConfig(port=0, policy="least-request", health_interval_s=0.5),
+        gateway=GatewayConfig(port=0, policy="least-request", health_interval_s=0.5,
+                              pd=PdSettings(decision="threshold")),  # an idle decode engine: remote anyway
         cache=CacheNodeConfig(enabled=False))
     st = loop_thread.call(lambda: Stack(cfg))
     loop_thread.run(st.start(wait=True))

@@ -26,6 +26,7 @@ SEED = root_seed("kvmesh")
 H100 = get_profile("h100-llama3-8b")
 BS = 16
 ONE_P_ONE_D: list[Role] = ["prefill", "decode"]
+THRESHOLD = PdConfig(decision="threshold")  # every long prompt remote: for the tests of what moves and when
 
 
 def req(rid: int, tokens: list[int], arrival: float, out: int = 4) -> SimRequest:
@@ -33,6 +34,7 @@ def req(rid: int, tokens: list[int], arrival: float, out: int = 4) -> SimRequest
 
 
 def cluster(roles: list[Role], policy: str = "kv-aware", **kw: Any) -> Cluster:
+    kw.setdefault("pd", THRESHOLD)
     return Cluster(len(roles), H100, policy, BS, roles=roles, informed=True, **kw)
 
 
@@ -78,7 +80,7 @@ def test_saturated_prefill_engine_means_local_prefill() -> None:
     4,000 tokens/s: 1 s) over the limit, so its decode engine prefills it."""
     r1, r2 = req(0, list(range(4000)), 0.0), req(1, list(range(50_000, 54_000)), 0.0)
     cl = Cluster(2, H100, "round-robin", BS, roles=ONE_P_ONE_D, routing=RoutingConfig(prefix_block_size=BS),
-                 pd=PdConfig(max_prefill_queue_s=0.5))
+                 pd=PdConfig(max_prefill_queue_s=0.5, decision="threshold"))
     res = cl.run([r1, r2])
     assert res.pd["local_by_reason"] == {"prefill_saturated": 1} and res.pd["remote_prefills"] == 1
     assert r1.remote_kv and not r2.remote_kv and r2.engine == "e1"
@@ -91,43 +93,69 @@ def test_aggregated_cluster_has_no_pd_stage() -> None:
 
 
 def test_sim_decides_with_the_shared_decision_code(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every arrival goes through disagg.local_reason, and (when not ruled out) disagg.plan_prefill; the
-    simulator's counts are exactly what those functions answered."""
+    """Every arrival goes through disagg.decide (the gateway's ranking and cost rule); the simulator's counts
+    are exactly what it answered."""
     answered: list[str] = []
 
-    def spy(real: Any) -> Any:
-        def call(*args: Any) -> Any:
-            out = real(*args)
-            answered.append(out.reason if hasattr(out, "reason") else out or "")
-            return out
-        return call
+    def spy(*args: Any) -> Any:
+        out = disagg.decide(*args)
+        answered.append(out.reason)
+        return out
 
-    monkeypatch.setattr(sim_pd, "plan_prefill", spy(disagg.plan_prefill))
-    monkeypatch.setattr(sim_pd, "local_reason", spy(disagg.local_reason))
+    monkeypatch.setattr(sim_pd, "decide", spy)
     lengths = [100, 3000, 2000, 50, 4000, 200]
     reqs = [req(i, list(range(i * 10_000, i * 10_000 + n)), i * 0.01) for i, n in enumerate(lengths)]
-    res = cluster(["prefill", "decode", "decode"]).run(reqs)
-    reasons = [x for x in answered if x]  # local_reason's None: go on to plan_prefill
+    res = cluster(["prefill", "decode", "decode"], pd=PdConfig()).run(reqs)
     counted = {"remote": res.pd["remote_prefills"], **res.pd["local_by_reason"]}
-    assert sorted(reasons) == sorted(k for k, v in counted.items() for _ in range(v))
-    assert len(reasons) == len(reqs)
+    assert sorted(answered) == sorted(k for k, v in counted.items() for _ in range(v))
+    assert len(answered) == len(reqs)
 
 
-# (uncached tokens on the decode engine, pending prefill tokens on e0 and e1, max queue s)
-TABLE = [(100, (0, 0), 2.0), (255, (0, 0), 2.0), (256, (0, 0), 2.0), (5000, (0, 0), 2.0),
-         (5000, (9000, 0), 2.0), (5000, (9000, 9000), 2.0), (5000, (0, 9000), 2.0), (5000, (8000, 8000), 2.0),
-         (5000, (100, 50), 0.0), (5000, (0, 0), 0.0)]
+def test_cost_rule_spares_a_busy_decode_engine_not_an_idle_one() -> None:
+    """A long prompt reaching an idle decode engine is prefilled there (nothing to stall); the same length
+    arriving while 40 streams decode there goes to the prefill engine (8,000 tokens would freeze them for
+    ~0.2 s, far past the 50 ms budget)."""
+    first = req(0, list(range(8000)), 0.0, out=200)
+    streams = [req(i, list(range(i * 1000, i * 1000 + 300)), 0.5, out=200) for i in range(10, 50)]
+    late = req(1, list(range(900_000, 908_000)), 1.0)
+    res = cluster(ONE_P_ONE_D, pd=PdConfig()).run([first, *streams, late])
+    assert not first.remote_kv and late.remote_kv
+    # the 300-token streams stall nobody for long (7 ms of prefill): local too
+    assert res.pd["remote_prefills"] == 1 and res.pd["local_by_reason"] == {"no_stall": 41}
 
 
-@pytest.mark.parametrize(("uncached", "pending", "max_q"), TABLE)
-def test_sim_and_gateway_make_the_same_plan(uncached: int, pending: tuple[int, int], max_q: float) -> None:
-    """The simulator's plan and the gateway's ``plan_for`` over the same candidates, load and policy."""
-    cfg = PdConfig(max_prefill_queue_s=max_q)
+def test_dynamic_pd_lets_a_both_engine_prefill_for_another() -> None:
+    """``dynamic``: with no prefill-role engine, the busy engine's long prompt is prefilled on the idle one."""
+    streams = [req(i, list(range(i * 1000, i * 1000 + 300)), 0.0, out=200) for i in range(10, 50)]
+    late = req(1, list(range(900_000, 908_000)), 1.0)
+    cl = cluster(["both", "both"], "round-robin", pd=PdConfig(dynamic=True))
+    assert cl.pd is not None and Cluster(2, H100, "kv-aware", BS).pd is None  # off unless asked for
+    res = cl.run([*streams, late])
+    assert late.remote_kv and res.pd["remote_prefills"] == 1
+    assert res.pd["roles"]["both"]["engines"] == 2
+
+
+# (uncached tokens on the decode engine, pending prefill tokens on e0 and e1, max queue s, streams running on
+# the decode engine e2, threshold rule)
+TABLE = [(100, (0, 0), 2.0, 0, False), (255, (0, 0), 2.0, 8, True), (256, (0, 0), 2.0, 8, True),
+         (5000, (0, 0), 2.0, 0, False), (5000, (0, 0), 2.0, 8, False), (5000, (9000, 0), 2.0, 8, False),
+         (5000, (9000, 9000), 2.0, 8, False), (5000, (0, 9000), 2.0, 8, False), (5000, (8000, 8000), 2.0, 8, True),
+         (5000, (100, 50), 0.0, 8, False), (5000, (0, 0), 0.0, 8, True), (50_000, (0, 0), 2.0, 0, False),
+         (5000, (90_000, 90_000), 30.0, 8, False), (1000, (0, 0), 2.0, 64, False)]
+
+
+@pytest.mark.parametrize(("uncached", "pending", "max_q", "running", "threshold"), TABLE)
+def test_sim_and_gateway_make_the_same_plan(uncached: int, pending: tuple[int, int], max_q: float, running: int,
+                                            threshold: bool) -> None:
+    """The simulator's plan and the gateway's ``plan_for`` over the same candidates, load and policy: one
+    ranking and one rule (``disagg.decide``), whatever the inputs."""
+    cfg = PdConfig(max_prefill_queue_s=max_q, decision="threshold" if threshold else "cost")
 
     def plan(side: str) -> object:
         cl = Cluster(3, H100, "kv-aware", BS, roles=["prefill", "prefill", "decode"], seed=7, pd=cfg)
         for b, p in zip(cl.backends, pending, strict=False):
             b.pending_prefill_tokens = p
+        cl.backends[2].running = running
         ctx = RequestContext("r", "sim", "completions", prompt_tokens_estimate=uncached + 16)
         d = Decision(cl.by_name["e2"], prefill_tokens=uncached)
         if side == "sim":
@@ -135,17 +163,21 @@ def test_sim_and_gateway_make_the_same_plan(uncached: int, pending: tuple[int, i
             return cl.pd.plan(ctx, d)
         gw = SimpleNamespace(pool=SimpleNamespace(backends=cl.backends), policy=cl.policy,
                              cfg=SimpleNamespace(routing=cl.routing))
-        return gateway_pd.plan_for(gw, SimpleNamespace(route=ctx), d, cfg)  # type: ignore[arg-type]
+        return gateway_pd.plan_for(gw, SimpleNamespace(route=ctx), d, cl.pd.sim_cfg)  # type: ignore[arg-type,union-attr]
 
-    assert plan("sim") == plan("gateway")
+    sim = plan("sim")
+    assert sim == plan("gateway")
+    reasons = {"remote", *disagg.LOCAL_REASONS}
+    assert getattr(sim, "reason", None) in reasons
 
 
 def test_cli_sim_prefill_decode(tmp_path: pathlib.Path) -> None:
     trace = tmp_path / "t.jsonl"
-    rows = [{"timestamp": i * 500, "input_length": 4096, "output_length": 16,
-             "hash_ids": [i * 10 + j for j in range(8)]} for i in range(6)]
+    # 10 ms apart with long answers: the decode engines are busy when the later prompts arrive, so they go remote
+    rows = [{"timestamp": i * 10, "input_length": 16384, "output_length": 200,
+             "hash_ids": [i * 100 + j for j in range(32)]} for i in range(6)]
     trace.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = CliRunner().invoke(cli.app, ["sim", "--trace", str(trace), "--prefill", "1", "--decode", "2",
                                        "--policy", "kv-aware"])
     assert out.exit_code == 0, out.output
-    assert "1P2D" in out.output and "remote prefills 6" in out.output
+    assert "1P2D" in out.output and "remote prefills 4" in out.output, out.output

@@ -23,6 +23,7 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from kvmesh.config_pd import PdSettings as PdSettings  # re-exported: the [gateway.pd] table
 from kvmesh.policy_names import DEFAULT_POLICY, policy_help, policy_spec
 
 Dtype = Literal["auto", "bfloat16", "float32", "float16"]
@@ -339,18 +340,6 @@ class RoutingConfig(_Strict):
     prefix_block_size: int = Field(default=128, gt=0, description="Chunk size of the prefix policy")
     max_index_blocks: int = Field(default=4_000_000, gt=0, description="Per engine")
     session_slack: int = Field(default=4, ge=0)
-
-
-class PdSettings(_Strict):
-    """Prefill/decode disaggregation (see ``kvmesh.routing.disagg``); used when a backend has role prefill."""
-
-    enabled: bool = Field(default=True, description="Prefill long prompts on prefill-role engines")
-    min_remote_prefill_tokens: int = Field(default=256, ge=0, description="Uncached prompt tokens on the decode "
-                                           "engine below which it prefills itself (a short prompt pays no hop)")
-    max_prefill_queue_s: float = Field(default=2.0, ge=0, description="A prefill engine whose estimated queue is "
-                                       "longer is saturated: the decode engine prefills instead")
-    prefill_timeout_s: float = Field(default=30.0, gt=0, description="The remote prefill's limit; past it the "
-                                     "decode engine prefills itself")
 
 
 class CacheNodeSpec(_Strict):

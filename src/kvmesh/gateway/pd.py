@@ -34,9 +34,8 @@ import msgspec
 from kvmesh.gateway.backends import Backend
 from kvmesh.gateway.proxy import CONNECT_ERRORS
 from kvmesh.gateway.request import ProxyRequest
-from kvmesh.routing import Decision, NoCandidate
-from kvmesh.routing.disagg import PdConfig, PrefillPlan, is_disaggregated, local_reason, plan_prefill, prefill_side
-from kvmesh.routing.disagg import queue_s as est_queue_s
+from kvmesh.routing import Decision
+from kvmesh.routing.disagg import PdConfig, PrefillPlan, decide, is_disaggregated
 
 if TYPE_CHECKING:
     from kvmesh.config import PdSettings
@@ -61,7 +60,7 @@ class PrefillFailed(Exception):
 
 
 def plan_config(s: PdSettings) -> PdConfig:
-    return PdConfig(s.enabled, s.min_remote_prefill_tokens, s.max_prefill_queue_s, s.prefill_timeout_s)
+    return PdConfig(**s.model_dump())
 
 
 def prefill_payload(endpoint: str, payload: dict[str, Any]) -> dict[str, Any]:
@@ -79,9 +78,9 @@ async def prefill_stage(gw: Gateway, req: ProxyRequest, d: Decision) -> bool:
     """Prefill ``req`` remotely for its decode engine ``d.backend`` when that pays; True when it did (then
     ``req.body`` carries the ``kv_transfer_params`` the decode engine loads with).  Never raises for a
     failed prefill: the request then goes to the decode engine unchanged."""
-    if not is_disaggregated(gw.pool.backends):
-        return False
     cfg = plan_config(gw.cfg.pd)
+    if not is_disaggregated(gw.pool.backends, cfg.dynamic):
+        return False
     plan = plan_for(gw, req, d, cfg)
     if not plan.remote or plan.engine is None:
         gw.metrics.pd_local.labels(plan.reason).inc()
@@ -110,25 +109,9 @@ def decode_retry(gw: Gateway, d: Decision) -> None:
 
 
 def plan_for(gw: Gateway, req: ProxyRequest, d: Decision, cfg: PdConfig) -> PrefillPlan:
-    """The decision over the live pool: the decode engine's uncached tokens, and the healthy prefill engines
-    serving the model, the policy's pick first, then the rest by estimated queue."""
-    ctx = req.route
-    uncached = d.prefill_tokens if d.prefill_tokens is not None else ctx.prompt_tokens_estimate
-    if (reason := local_reason(uncached, cfg)) is not None:  # most chat turns stop here, unscored
-        return PrefillPlan(False, None, reason)
-    pool = [b for b in prefill_side(gw.pool.backends) if b.healthy and (not b.models or ctx.model in b.models)]
-    try:
-        first = gw.policy.choose(ctx, pool).backend.name if pool else None
-    except NoCandidate:
-        first = None
-    model = getattr(gw.policy, "model", None)  # the kv-aware cost model learns each engine's prefill rate
-
-    def q(b: Backend) -> float:
-        tps = model.tps(b.name) if model is not None else gw.cfg.routing.prefill_tps
-        return est_queue_s(b.pending_prefill_tokens, tps)
-
-    ranked = sorted(pool, key=lambda b: (b.name != first, q(b)))
-    return plan_prefill(uncached, [(b.name, q(b)) for b in ranked], cfg)
+    """The decision over the live pool: :func:`kvmesh.routing.disagg.decide`, the ranking and cost rule the
+    simulator uses too (the engines' running counts come from their scraped metrics)."""
+    return decide(gw.policy, req.route, d, gw.pool.backends, cfg, gw.cfg.routing.prefill_tps)
 
 
 async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) -> dict[str, Any]:

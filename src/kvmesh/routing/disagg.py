@@ -2,21 +2,36 @@
 
 An engine has a :data:`Role`: ``prefill`` (computes prompts' KV and hands it on), ``decode`` (generates,
 loading a prompt's KV another engine computed) or ``both`` (the default: aggregated serving).  A fleet with
-no prefill-role engine is aggregated and never consults this module.
+no prefill-role engine is aggregated and never consults this module — unless ``PdConfig.dynamic`` is set:
+then any engine may prefill for another (**dynamic P/D** over a ``both`` fleet).
 
 The flow is decode-first, as llm-d does it:
 
 1. pick the **decode engine** with the routing policy, over :func:`decode_side` (``decode`` and ``both``
    engines) — load, free KV and the prefix it already caches decide, as for any request;
-2. :func:`plan_prefill` decides whether a **remote prefill** pays: the prompt tokens the decode engine would
-   have to compute (its uncached tokens) must reach ``min_remote_prefill_tokens`` — a short or well-cached
-   prompt never pays a hop — and a prefill engine must not be saturated (its estimated queue at most
-   ``max_prefill_queue_s``; a long queue there would cost more TTFT than prefilling locally);
-3. the prefill engine is the policy's pick over :func:`prefill_side`; the caller passes its candidates
-   best first and the plan takes the first one that is not saturated.
+2. :func:`decide` ranks the possible prefill engines (:func:`prefill_side`, less the decode engine; the
+   policy's pick first, then by estimated queue) and describes each, and the decode engine, as an
+   :class:`EngineLoad` built only from what the gateway knows: its learned prefill rate, the prompt tokens
+   routed to it and not answered, its running streams (engine metrics) and its decode step (the cost
+   model's fit);
+3. :func:`plan_prefill` — pure: no I/O, no clock, no randomness — makes it a **cost decision**:
 
-Everything here is pure — no I/O, no clock, no randomness — so the simulator makes exactly the gateway's
-decisions.  The result says why (:attr:`PrefillPlan.reason`), and callers count local prefills by reason.
+   - ``local TTFT = (queued + uncached) / tps + step`` on the decode engine;
+   - ``remote TTFT = queue there + what the prefill engine lacks / its tps + transfer + step``, the transfer
+     being ``uncached * kv_bytes_per_token / bandwidth + latency``;
+   - a local prefill of ``U`` uncached tokens freezes the decode engine's running streams for ``U / tps``
+     (summed over its chunks): it **stalls** them when they are running and ``step + U / tps`` exceeds
+     ``tpot_budget_s`` — that is what P/D protects;
+   - (``decision = "threshold"`` instead sends every prompt past ``min_remote_prefill_tokens`` to the first
+     unsaturated candidate: llm-d's rule, and what the handshake's tests pin);
+   - remote when it protects stalled streams at a TTFT cost of at most ``ttft_margin_s``, or when it is
+     faster than local by more than ``ttft_margin_s`` (the decode engine's own queue is long), on the first
+     candidate not saturated (queue over ``max_prefill_queue_s``) that does not stall more stream-seconds
+     there (``running * its prefill time``) than it saves here.  Short prompts (``min_remote_prefill_tokens``),
+     well-cached ones (few uncached tokens: no stall) and idle decode engines (nothing to stall, and no hop
+     is free) stay local.
+
+The result says why (:attr:`PrefillPlan.reason`), and callers count local prefills by reason.
 """
 
 from __future__ import annotations
@@ -25,7 +40,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
+from kvmesh.routing.base import Candidate, Decision, NoCandidate, Policy, RequestContext
+
 Role = Literal["prefill", "decode", "both"]
+DecisionRule = Literal["cost", "threshold"]
 ROLES: tuple[Role, ...] = get_args(Role)
 
 # PrefillPlan.reason values
@@ -33,10 +51,14 @@ REMOTE = "remote"
 SHORT_PROMPT = "short_prompt"          # too few uncached tokens on the decode engine: local prefill is cheaper
 NO_PREFILL_ENGINE = "no_prefill_engine"  # no healthy prefill-role engine serves the model
 PREFILL_SATURATED = "prefill_saturated"  # every prefill engine's queue is too long
+NO_STALL = "no_stall"                  # the local prefill stalls no stream beyond the budget, and is not slower
+REMOTE_SLOWER = "remote_slower"        # it would stall streams, but remote costs more TTFT than the margin
+NO_GAIN = "no_gain"                    # every prefill engine would stall at least as many stream-seconds
 DISABLED = "disabled"                  # P/D switched off in the config
-LOCAL_REASONS = (SHORT_PROMPT, NO_PREFILL_ENGINE, PREFILL_SATURATED, DISABLED)
+LOCAL_REASONS = (SHORT_PROMPT, NO_PREFILL_ENGINE, PREFILL_SATURATED, NO_STALL, REMOTE_SLOWER, NO_GAIN, DISABLED)
 
 T = TypeVar("T")
+GB = 1e9
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +69,38 @@ class PdConfig:
     min_remote_prefill_tokens: int = 256  # uncached prompt tokens on the decode engine below which it prefills
     max_prefill_queue_s: float = 2.0      # a prefill engine with a longer estimated queue is saturated
     prefill_timeout_s: float = 30.0       # the remote-prefill leg's limit; past it the decode engine prefills
+    tpot_budget_s: float = 0.05           # a decode step longer than this, with the prefill in it, is a stall
+    ttft_margin_s: float = 0.5            # TTFT a remote prefill may cost to protect stalled streams
+    dynamic: bool = False                 # any engine may prefill for another (a ``both`` fleet's P/D)
+    decision: DecisionRule = "cost"          # "threshold": remote from min_remote_prefill_tokens, whatever the load
+    kv_bytes_per_token: float = 128 * 1024  # KV moved per uncached token (Llama-3-8B bf16)
+    transfer_gbps: float = 25.0           # GB/s between a prefill and a decode engine
+    transfer_latency_s: float = 0.001     # per transfer, with the second hop
+
+    def transfer_s(self, tokens: int) -> float:
+        return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * GB)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """What the decision knows of one engine: the prompt tokens it would compute for this request, the
+    prompt tokens routed to it and not yet answered, its prefill rate (tokens/s), the streams decoding there
+    and its decode step (seconds, without any prefill in it)."""
+
+    name: str
+    uncached_tokens: int
+    queued_tokens: int
+    prefill_tps: float
+    running: int = 0
+    step_s: float = 0.0
+
+    @property
+    def queue_s(self) -> float:
+        return queue_s(self.queued_tokens, self.prefill_tps)
+
+    @property
+    def prefill_s(self) -> float:
+        return queue_s(self.uncached_tokens, self.prefill_tps)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,25 +123,24 @@ def decode_side(backends: Sequence[T]) -> list[T]:
     return [b for b in backends if role_of(b) != "prefill"]
 
 
-def prefill_side(backends: Sequence[T]) -> list[T]:
-    """The engines a remote prefill may run on: ``prefill`` only (a ``both`` engine prefills for itself)."""
-    return [b for b in backends if role_of(b) == "prefill"]
+def prefill_side(backends: Sequence[T], dynamic: bool = False) -> list[T]:
+    """The engines a remote prefill may run on: ``prefill`` ones, and (``dynamic``) ``both`` ones too."""
+    return [b for b in backends if role_of(b) == "prefill" or (dynamic and role_of(b) == "both")]
 
 
-def is_disaggregated(backends: Sequence[object]) -> bool:
-    """Whether the fleet has a prefill-role engine, i.e. whether the P/D stage runs at all."""
-    return any(role_of(b) == "prefill" for b in backends)
+def is_disaggregated(backends: Sequence[object], dynamic: bool = False) -> bool:
+    """Whether the P/D stage runs: a prefill-role engine, or (``dynamic``) two engines that may prefill."""
+    return any(role_of(b) == "prefill" for b in backends) or (dynamic and len(prefill_side(backends, True)) > 1)
 
 
 def queue_s(pending_prefill_tokens: int, prefill_tps: float) -> float:
-    """A prefill engine's estimated queue: the prompt tokens routed to it and not answered yet, at its
-    prefill throughput (tokens/s)."""
+    """Prompt tokens at a prefill throughput (tokens/s), in seconds (an engine's estimated queue)."""
     return pending_prefill_tokens / prefill_tps if prefill_tps > 0 else 0.0
 
 
 def local_reason(uncached_tokens: int, cfg: PdConfig) -> str | None:
-    """Why the decode engine prefills itself whatever the prefill engines' state (disabled, short prompt),
-    else None.  Callers check it first to skip scoring the prefill engines for most chat turns."""
+    """Why the decode engine prefills itself whatever the engines' state (disabled, short prompt), else
+    None.  Callers check it first to skip scoring the prefill engines for most chat turns."""
     if not cfg.enabled:
         return DISABLED
     if uncached_tokens < cfg.min_remote_prefill_tokens:
@@ -95,23 +148,84 @@ def local_reason(uncached_tokens: int, cfg: PdConfig) -> str | None:
     return None
 
 
-def plan_prefill(uncached_tokens: int, prefill_candidates: Sequence[tuple[str, float]],
-                 cfg: PdConfig) -> PrefillPlan:
-    """Decide where the prompt's prefill runs, once the decode engine is chosen.
-
-    ``uncached_tokens``: prompt tokens the chosen decode engine would compute itself (the prompt less the
-    prefix it caches or can load).  ``prefill_candidates``: healthy prefill-role engines serving the model,
-    as ``(name, estimated queue seconds)``, best first (the policy's order).  Returns a remote plan on the
-    first candidate whose queue is within ``cfg.max_prefill_queue_s``, else a local plan with the reason:
-    disabled, short prompt (checked before the engines: a short prompt never pays a hop), no prefill
-    engine, or all saturated.
-    """
-    reason = local_reason(uncached_tokens, cfg)
+def plan_prefill(decode: EngineLoad, candidates: Sequence[EngineLoad], cfg: PdConfig) -> PrefillPlan:
+    """Decide where the prompt's prefill runs, once the decode engine is chosen (the module docstring's
+    cost rule).  ``decode``: the chosen decode engine (its ``uncached_tokens`` are what a local prefill
+    computes and a remote one moves).  ``candidates``: the possible prefill engines, best first.  Returns a
+    remote plan on the first candidate that pays, else a local plan with the reason: disabled, short
+    prompt, no prefill engine, all saturated, no stall (local is fine), remote slower than the margin
+    allows, or no gain (the candidates would stall as much)."""
+    reason = local_reason(decode.uncached_tokens, cfg)
     if reason is not None:
         return PrefillPlan(False, None, reason)
-    if not prefill_candidates:
+    if not candidates:
         return PrefillPlan(False, None, NO_PREFILL_ENGINE)
-    for name, q in prefill_candidates:
-        if q <= cfg.max_prefill_queue_s:
-            return PrefillPlan(True, name, REMOTE)
-    return PrefillPlan(False, None, PREFILL_SATURATED)
+    if cfg.decision == "threshold":  # llm-d's rule: every long prompt goes to the first unsaturated engine
+        return next((PrefillPlan(True, c.name, REMOTE) for c in candidates if c.queue_s <= cfg.max_prefill_queue_s),
+                    PrefillPlan(False, None, PREFILL_SATURATED))
+    local_ttft = decode.queue_s + decode.prefill_s + decode.step_s
+    stalls = decode.running > 0 and decode.step_s + decode.prefill_s > cfg.tpot_budget_s
+    saved = decode.running * decode.prefill_s if stalls else 0.0  # stream-seconds a remote prefill spares
+    transfer = cfg.transfer_s(decode.uncached_tokens)
+    reason = PREFILL_SATURATED
+    for c in candidates:
+        if c.queue_s > cfg.max_prefill_queue_s:
+            continue
+        remote_ttft = c.queue_s + c.prefill_s + transfer + decode.step_s
+        if remote_ttft + cfg.ttft_margin_s < local_ttft:  # the decode engine's own queue is the longer wait
+            return PrefillPlan(True, c.name, REMOTE)
+        if not stalls:
+            return PrefillPlan(False, None, NO_STALL)
+        if remote_ttft > local_ttft + cfg.ttft_margin_s:
+            reason = REMOTE_SLOWER
+            continue
+        if c.running > 0 and c.running * c.prefill_s >= saved:
+            reason = NO_GAIN
+            continue
+        return PrefillPlan(True, c.name, REMOTE)
+    return PrefillPlan(False, None, reason)
+
+
+def engine_load(policy: Policy, b: Candidate, uncached: int, default_tps: float) -> EngineLoad:
+    """``b`` as the decision sees it: the kv-aware cost model's learned prefill rate and fitted decode step
+    (``default_tps`` and no step for other policies), its running streams (the engine's metric, else what the
+    gateway has in flight there; none on a prefill-role engine) and the prompt tokens routed to it and not
+    answered."""
+    model = getattr(policy, "model", None)
+    # a prefill-role engine runs only prefill legs: no stream of its own to stall
+    running = 0 if role_of(b) == "prefill" else b.running if b.running >= 0 else b.in_flight
+    if model is None:
+        return EngineLoad(b.name, uncached, b.pending_prefill_tokens, default_tps, running)
+    per_seq, per_ctx = model.decode_coeffs(b.name)
+    ledger = getattr(getattr(policy, "scorer", None), "ledger", None)
+    active = ledger.active.get(b.name, 0) if ledger is not None else 0
+    return EngineLoad(b.name, uncached, b.pending_prefill_tokens, model.tps(b.name), running,
+                      per_seq * running + per_ctx * active)
+
+
+def decide(policy: Policy, ctx: RequestContext, d: Decision, backends: Sequence[Candidate], cfg: PdConfig,
+           default_tps: float) -> PrefillPlan:
+    """The P/D stage's decision for ``ctx``, routed to decode on ``d.backend``, over the live ``backends``
+    — the one ranking the gateway and the simulator share.  The candidates are :func:`prefill_side`'s
+    healthy engines serving the model, less the decode engine; the policy's pick among them comes first
+    (with the uncached tokens it scored there), then the rest by estimated queue (the whole prompt to
+    compute).  Calls ``policy.choose`` (which may draw from the policy's random tie-breaker); no I/O."""
+    uncached = d.prefill_tokens if d.prefill_tokens is not None else ctx.prompt_tokens_estimate
+    cfg_reason = local_reason(uncached, cfg)
+    if cfg_reason is not None:  # most chat turns stop here, unscored
+        return PrefillPlan(False, None, cfg_reason)
+    me = d.backend.name
+    pool = [b for b in prefill_side(backends, cfg.dynamic)
+            if b.healthy and b.name != me and (not b.models or ctx.model in b.models)]
+    first, first_unc = None, ctx.prompt_tokens_estimate
+    if pool:
+        try:
+            pick = policy.choose(ctx, pool)
+            first = pick.backend.name
+            first_unc = pick.prefill_tokens if pick.prefill_tokens is not None else first_unc
+        except NoCandidate:
+            pass
+    loads = [engine_load(policy, b, first_unc if b.name == first else ctx.prompt_tokens_estimate, default_tps)
+             for b in pool]
+    ranked = sorted(loads, key=lambda e: (e.name != first, e.queue_s))
+    return plan_prefill(engine_load(policy, d.backend, uncached, default_tps), ranked, cfg)

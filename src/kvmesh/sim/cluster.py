@@ -174,7 +174,8 @@ class Cluster:
         else:
             self.policy = make_policy(policy, seed=seed, index=self.index, cfg=cfg)
         self.policy_name = policy
-        self.pd = PdFlow(self, pd or PdConfig()) if is_disaggregated(self.backends) else None
+        pd = pd or PdConfig()
+        self.pd = PdFlow(self, pd) if is_disaggregated(self.backends, pd.dynamic) else None
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = itertools.count()
         self.done: list[SimRequest] = []

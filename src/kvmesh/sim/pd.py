@@ -5,11 +5,12 @@ flow (:mod:`kvmesh.gateway.pd`, with the pure decision of :mod:`kvmesh.routing.d
 
 1. the routing policy picks the **decode engine** among :func:`decode_side` (``decode`` and ``both``), and the
    request is committed to it (``on_routed``), as the gateway's route stage does;
-2. :func:`kvmesh.routing.disagg.plan_prefill` decides, from the tokens that engine would prefill and the
-   prefill engines' estimated queues (ranked as the gateway ranks them: the policy's pick first, then by
-   queue), whether a **remote prefill** pays; a local plan forwards the request to the decode engine;
+2. :func:`kvmesh.routing.disagg.decide` — the gateway's own ranking and cost decision — says whether a
+   **remote prefill** pays (the tokens the decode engine would prefill, its running streams and decode step,
+   the prefill engines' queues and rates, the profile's transfer figures); a local plan forwards the
+   request to the decode engine.  With ``PdConfig.dynamic`` any ``both`` engine may prefill for another;
 3. a remote plan sends the **prefill leg** (``max_tokens = 1``, no session) to the prefill engine, which runs
-   it like any request — its batches hold only such legs, so they are prefill-only;
+   it like any request — a prefill-role engine's batches hold only such legs, so they are prefill-only;
 4. when the leg's token is out, the request is forwarded to the decode engine (no prefill pending there)
    and its KV **moves**: the tokens the decode engine does not cache itself, times the profile's
    ``kv_bytes_per_token``, over ``kv_transfer_gbps`` plus ``kv_transfer_latency_s``.  Each engine has one
@@ -37,17 +38,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.routing import Decision, RequestContext
-from kvmesh.routing.disagg import (
-    REMOTE,
-    PdConfig,
-    PrefillPlan,
-    decode_side,
-    local_reason,
-    plan_prefill,
-    prefill_side,
-    queue_s,
-    role_of,
-)
+from kvmesh.routing.disagg import REMOTE, PdConfig, PrefillPlan, decide, decode_side, role_of
 from kvmesh.sim.core import SimRequest
 
 if TYPE_CHECKING:
@@ -95,14 +86,16 @@ class PdFlow:
         self.cluster = cluster
         self.cfg = cfg
         scale = cluster.backends[0].core.scale if cluster.backends else 1.0
-        # the threshold is in real tokens; routing sees simulated ones (``token_scale`` real tokens each)
-        self.sim_cfg = dataclasses.replace(cfg, min_remote_prefill_tokens=math.ceil(
-            cfg.min_remote_prefill_tokens / scale))
+        p = cluster.profile
+        # the threshold is in real tokens; routing sees simulated ones (``token_scale`` real tokens each); the
+        # transfer's figures are the profile's
+        self.sim_cfg = dataclasses.replace(
+            cfg, min_remote_prefill_tokens=math.ceil(cfg.min_remote_prefill_tokens / scale),
+            kv_bytes_per_token=p.kv_bytes_per_token * scale, transfer_gbps=p.kv_transfer_gbps,
+            transfer_latency_s=p.kv_transfer_latency_s)
         self.decoders = decode_side(cluster.backends)
-        self.prefillers = prefill_side(cluster.backends)
         if not self.decoders:
             raise ValueError("a P/D cluster needs at least one decode (or both) engine")
-        p = cluster.profile
         self.transfers = Transfers(p.kv_transfer_gbps, p.kv_transfer_latency_s)
         self.bytes_per_token = p.kv_bytes_per_token * scale
         self.plans: collections.Counter[str] = collections.Counter()
@@ -128,22 +121,9 @@ class PdFlow:
         cl.forward(now, leg, lctx, ld)
 
     def plan(self, ctx: RequestContext, d: Decision) -> PrefillPlan:
-        """As ``kvmesh.gateway.pd.plan_for``: the decode engine's uncached tokens; the prefill engines, the
-        policy's pick first, then by estimated queue (the kv-aware model's learned rate, else the config's)."""
+        """The gateway's decision (``kvmesh.routing.disagg.decide``) over the simulated engines."""
         cl = self.cluster
-        uncached = d.prefill_tokens if d.prefill_tokens is not None else ctx.prompt_tokens_estimate
-        if (reason := local_reason(uncached, self.sim_cfg)) is not None:
-            return PrefillPlan(False, None, reason)
-        pool = [b for b in self.prefillers if b.healthy]
-        first = cl.policy.choose(ctx, pool).backend.name if pool else None
-        model = getattr(cl.policy, "model", None)
-
-        def q(b: SimBackend) -> float:
-            tps = model.tps(b.name) if model is not None else cl.routing.prefill_tps
-            return queue_s(b.pending_prefill_tokens, tps)
-
-        ranked = sorted(pool, key=lambda b: (b.name != first, q(b)))
-        return plan_prefill(uncached, [(b.name, q(b)) for b in ranked], self.sim_cfg)
+        return decide(cl.policy, ctx, d, cl.backends, self.sim_cfg, cl.routing.prefill_tps)
 
     @staticmethod
     def is_leg(r: SimRequest) -> bool:
