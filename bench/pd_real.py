@@ -6,8 +6,9 @@ KV connector on one cache node — the P/D transfer path.  The same two engines 
 gateway in front changes (in-process, on a background loop):
 
 * ``agg``: both engines ``role = "both"``, ``--policy`` (least-request) spreads whole requests;
-* ``pd``: engine 0 ``prefill``, engine 1 ``decode``: long prompts are prefilled on engine 0 and their KV
-  loaded by engine 1 from the node; short prompts stay on engine 1 (the decode-first decision).
+* ``pd``: engine 0 ``prefill``, engine 1 ``decode``: a long prompt that would stall the decode engine's
+  streams is prefilled on engine 0 and its KV loaded by engine 1 from the node; short prompts stay on
+  engine 1 (the decode-first decision, ``--decision cost`` by default, ``threshold`` for llm-d's rule).
 
 The workload mixes **ongoing decodes** (``--decodes`` short prompts with ``--decode-output`` tokens each,
 started over the first seconds) with **long prompts** (``--longs`` prompts of ``--long-words`` words,
@@ -99,14 +100,15 @@ class Fleet:
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(900)
 
-    def gateway(self, mode: str, policy: str) -> Gateway:
+    def gateway(self, mode: str, policy: str, decision: Literal["cost", "threshold"]) -> Gateway:
         roles: tuple[Literal["prefill", "decode", "both"], ...] = \
             ("prefill", "decode") if mode == "pd" else ("both", "both")
         backends = tuple(BackendSpec(url=u, name=f"engine-{i}", role=r)
                          for i, (u, r) in enumerate(zip(self.urls, roles, strict=True)))
 
         async def make() -> Gateway:
-            gw = Gateway(GatewayConfig(port=0, policy=policy, backends=backends, pd=PdSettings()))
+            gw = Gateway(GatewayConfig(port=0, policy=policy, backends=backends,
+                                       pd=PdSettings(decision=decision)))
             await gw.start()
             return gw
 
@@ -190,7 +192,7 @@ def gateway_counts(url: str) -> dict[str, float]:
 def run_mode(fleet: Fleet, mode: str, a: argparse.Namespace) -> dict[str, Any]:
     for u in fleet.urls:
         httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
-    gw = fleet.gateway(mode, a.policy)
+    gw = fleet.gateway(mode, a.policy, a.decision)
     try:
         samples = asyncio.run(drive(gw.url, workload(a, f"{mode}{a.seed}"), a.timeout_s))
         return {**summary(samples), **gateway_counts(gw.url)}
@@ -219,7 +221,7 @@ def run_real(a: argparse.Namespace) -> dict[str, Any]:
             "engine_cores": cores, "client_cores": sorted(rest),
             "workload": {"decodes": a.decodes, "decode_output": a.decode_output, "longs": a.longs,
                          "long_words": a.long_words, "long_output": a.long_output, "rate_rps": a.rate,
-                         "seed": a.seed},
+                         "seed": a.seed}, "pd_decision": a.decision,
             "agg": agg, "pd": pd,
             "real_tpot_p99_pd_over_agg": ratio(pd["tpot_p99_ms"], agg["tpot_p99_ms"]),
             "real_ttft_p50_pd_over_agg": ratio(pd["ttft_p50_ms"], agg["ttft_p50_ms"]),
@@ -237,6 +239,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--long-output", type=int, default=4)
     ap.add_argument("--rate", type=float, default=0.5, help="long-prompt arrivals per second (Poisson)")
     ap.add_argument("--policy", default="least-request", help="the gateways' routing policy")
+    ap.add_argument("--decision", default="cost", choices=["cost", "threshold"],
+                    help="[gateway.pd] decision: the cost rule, or llm-d's threshold (every long prompt remote)")
     ap.add_argument("--engine-cores", default="", help="one CPU per engine, e.g. '2,3' (default: the last two)")
     ap.add_argument("--node-mib", type=int, default=512)
     ap.add_argument("--base-port", type=int, default=18410)
