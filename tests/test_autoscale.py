@@ -150,8 +150,32 @@ def test_slo_scales_out_before_the_breach_on_a_ramp() -> None:
         if ordered_at is None and act.replicas(AGGREGATED) > 1:
             ordered_at = t
         t += 5.0
-    assert ordered_at is not None and ordered_at + 60.0 < 500 * 0.75 / 1.0 + 60
+    assert ordered_at is not None and ordered_at + 60.0 < 500  # serving before one replica saturates
     assert all(r.reason.startswith("both: load") for r in scaler.history)  # from the forecast, not a breach
+
+
+def test_slo_panics_on_a_predicted_breach_not_on_a_long_prompt() -> None:
+    pol = SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False))
+    act = FakeActuator(2, start_s=60.0)
+    scaler = Scaler(pol, act, ScalerConfig(1, 64, start_s=60.0))
+    # one 30k-token prompt per 5 s: TTFT p90 3 s (> 2 s) on an otherwise idle fleet, nothing queued behind it
+    drive(scaler, act, 0, 120, prompt_tokens=30_000, arrivals=1, ttft_p90_s=3.0)
+    assert act.replicas(AGGREGATED) == 2  # 6,000 tokens/s / 10,000 / 0.85 -> 1; hysteresis keeps 2
+    # 50,000 prompt tokens queued on 2 ready replicas: 2.5 s of backlog > the 2 s TTFT target
+    drive(scaler, act, 120, 125, prompt_tokens=30_000, arrivals=1, queued_prefill_tokens=50_000)
+    assert act.replicas(AGGREGATED) == 3 and "predicted TTFT breach" in scaler.history[-1].reason
+
+
+def test_slo_scales_in_only_below_n_minus_1_with_headroom() -> None:
+    pol = SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False))
+    act = FakeActuator(3, start_s=60.0)
+    scaler = Scaler(pol, act, ScalerConfig(1, 64, start_s=60.0))
+    # 1.6 replicas of load: 2 carry it at the 0.85 scale-out share (80 %) but not at the 0.75 scale-in share
+    drive(scaler, act, 0, 400, prompt_tokens=5 * 16_000)
+    assert act.replicas(AGGREGATED) == 3
+    drive(scaler, act, 400, 700, prompt_tokens=5 * 12_000)  # 1.2 / 0.75 -> 2, after the window
+    ups = [t for t, n in act.calls if n == 2]
+    assert act.replicas(AGGREGATED) == 2 and ups and ups[0] >= 400 + 120
 
 
 def test_cold_start_replicas_count_so_no_reorder() -> None:

@@ -3,24 +3,32 @@ learned online and a short-horizon forecast of the load.
 
 Per role, every tick:
 
-1. **Forecast.**  Holt's linear smoothing (level + trend) of the arrival rate and of prompt tokens/s, read
+1. **Forecast.**  Holt's smoothing (level + damped trend) of the arrival rate and of prompt tokens/s, read
    ``horizon_s`` ahead — by default the cold start plus one decision period, the earliest moment a replica
-   ordered now can serve.  The policy sizes for the larger of now and then: it never plans for a fall.
-2. **Demand**, in replicas' time.  Prefill: the forecast prompt tokens/s, plus the queued prefill tokens
-   drained within the horizon, over the prefill capacity.  Decode: concurrent streams by Little's law —
-   arrival rate x mean output tokens (learned from finished requests) x the TPOT target — over the streams
-   one replica holds at the TPOT target.  An aggregated replica does both in the same steps, so its load is
-   the sum; a prefill or decode role takes its own.
+   ordered now can serve.  The policy sizes for the larger of now and then: it never plans for a fall.  The
+   smoothing is slow on purpose (``alpha`` 0.1 on 5 s samples: a ~50 s memory): one noisy interval must not
+   order a replica that then sits out a whole stabilisation window.
+2. **Demand**, in replicas' time.  Prefill: the forecast prompt tokens/s over the prefill capacity, plus a
+   drain term — the queued prefill tokens drained within the horizon.  Decode: concurrent streams by
+   Little's law — arrival rate x mean output tokens (learned from finished requests) x the TPOT target —
+   over the streams one replica holds at the TPOT target.  An aggregated replica does both in the same
+   steps, so its load is the sum; a prefill or decode role takes its own.
 3. **Capacity per replica** (:class:`CapacityModel`), starting from a profiled prior and learned from what
-   the fleet does: prefill tokens/s is raised to any observed per-replica throughput, and set (smoothed)
+   the fleet does: prefill tokens/s rises towards any observed per-replica throughput, and is set (smoothed)
    to the observed throughput when the fleet was saturated (prompt tokens still queued at the interval's
    end); decode concurrency at the TPOT target comes from a smoothed least-squares line TPOT = a + b x
    streams per replica, fitted on the intervals' (streams, TPOT p50) pairs.  Learned figures stay within
    [``min_factor``, ``max_factor``] of the prior.
-4. **Replicas** = ceil(load / ``utilisation``).  On an observed breach (TTFT or TPOT p90 over target) with
-   no replica already starting, at least one more: scale out fast.
-5. **Scale in slowly**: the behaviour removes one replica at a time, only after ``scale_down_window_s`` of
-   recommendations all below the current count.
+4. **Scale out**: replicas = ceil(demand / ``utilisation``).  **Panic on a predicted breach**: when the
+   queued prefill tokens would take the ready fleet longer than ``backlog_s`` (default: the TTFT target) to
+   drain, every request behind them misses its TTFT — order at least one more replica at once (none already
+   starting).  An *observed* TTFT p90 over target is not a trigger by itself: a prompt too long to prefill
+   within the target on an idle replica breaches at any fleet size, and reacting to it ratchets the fleet to
+   its maximum (the first version did, on Mooncake's 100k-token prompts).
+5. **Scale in slowly, with hysteresis**: below the current count the policy recommends only what fits at
+   ``scale_in_utilisation`` (lower than ``utilisation``), the scaler keeps the highest recommendation of
+   ``scale_down_window_s`` and removes one replica at a time — so the forecast must stay below n-1 replicas'
+   capacity with headroom for a whole window.
 
 ``Slo.decide`` is pure given the observed history; nothing reads a clock.
 """
@@ -37,24 +45,35 @@ from kvmesh.autoscale.signals import RoleSignals, Signals
 
 @dataclass(slots=True)
 class Holt:
-    """Holt's linear exponential smoothing over evenly spaced samples (one per tick)."""
+    """Holt's exponential smoothing with a damped trend (Gardner & McKenzie) over evenly spaced samples (one
+    per tick).  Damping (``phi`` < 1) bounds how far a trend is extrapolated: an undamped trend learned on a
+    ramp kept forecasting ~30 % above the load for minutes after the ramp ended (Azure conv's first minute),
+    and the fleet was sized for that."""
 
     alpha: float = 0.3
     beta: float = 0.1
+    phi: float = 1.0
     level: float | None = None
     trend: float = 0.0
+    samples: int = 0
 
     def update(self, x: float) -> None:
+        """Add one sample.  Warm-up: the first ``1 / alpha`` samples are averaged (weight ``1 / n``) and no
+        trend is learned — a first noisy interval must not stand for the level, nor two for a trend."""
+        self.samples += 1
         if self.level is None:
             self.level = x
             return
-        prev = self.level
-        self.level = self.alpha * x + (1 - self.alpha) * (prev + self.trend)
-        self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.trend
+        prev, a = self.level, max(self.alpha, 1.0 / self.samples)
+        self.level = a * x + (1 - a) * (prev + self.phi * self.trend)
+        if a <= self.alpha:
+            self.trend = self.beta * (self.level - prev) + (1 - self.beta) * self.phi * self.trend
 
     def forecast(self, steps: float) -> float:
         """The value ``steps`` samples ahead (0 before any sample; never negative)."""
-        return max(0.0, (self.level or 0.0) + steps * self.trend)
+        phi = self.phi
+        reach = steps if phi >= 1.0 else phi * (1 - phi ** steps) / (1 - phi)
+        return max(0.0, (self.level or 0.0) + reach * self.trend)
 
 
 @dataclass(slots=True)
@@ -63,8 +82,8 @@ class CapacityModel:
 
     prior: Capacity
     smoothing: float = 0.2
-    min_factor: float = 0.25
-    max_factor: float = 4.0
+    min_factor: float = 0.5
+    max_factor: float = 2.0
     prefill_tps: float = 0.0
     # exponentially weighted sums for TPOT = a + b * streams
     _n: float = 0.0
@@ -84,9 +103,10 @@ class CapacityModel:
         if ready <= 0 or g.interval_s <= 0:
             return
         observed = g.prefill_tokens_done / g.interval_s / ready
-        if g.queued_prefill_tokens > 0.5 * self.prefill_tps * ready * g.interval_s:  # saturated
+        saturated = g.queued_prefill_tokens > 0.5 * self.prefill_tps * ready * g.interval_s
+        if saturated or observed > self.prefill_tps:  # smoothed: a prompt is counted whole when it answers
             self.prefill_tps += self.smoothing * (observed - self.prefill_tps)
-        self.prefill_tps = self._bound(max(self.prefill_tps, observed), self.prior.prefill_tps)
+        self.prefill_tps = self._bound(self.prefill_tps, self.prior.prefill_tps)
         if g.tpot_p50_s > 0 and s.running > 0:
             x, y, k = s.running / ready, g.tpot_p50_s, 1 - self.smoothing / 4
             self._n, self._x, self._y = k * self._n + 1, k * self._x + x, k * self._y + y
@@ -116,11 +136,14 @@ class SloConfig:
     start_s: float = 60.0
     period_s: float = 5.0
     horizon_s: float | None = None   # default: start_s + period_s
-    utilisation: float = 0.75        # plan to use this share of the capacity (bursts within a tick)
-    scale_down_window_s: float = 180.0
+    utilisation: float = 0.85        # scale out above this share of the capacity (bursts within a tick)
+    scale_in_utilisation: float = 0.75  # scale in only to a count that carries the load at this share
+    scale_down_window_s: float = 120.0
+    backlog_s: float | None = None   # predicted breach: queued prefill drains slower than this (default ttft_s)
     learn: bool = True
-    alpha: float = 0.3
-    beta: float = 0.1
+    alpha: float = 0.1
+    beta: float = 0.05
+    phi: float = 0.95                # trend damping per tick: a trend reaches at most phi / (1 - phi) ticks ahead
 
 
 @dataclass(slots=True)
@@ -154,6 +177,7 @@ class SloPolicy(Policy):
                 continue
             st.rate.alpha = st.prompt.alpha = self.cfg.alpha
             st.rate.beta = st.prompt.beta = self.cfg.beta
+            st.rate.phi = st.prompt.phi = self.cfg.phi
             st.rate.update(g.arrival_rate)
             st.prompt.update(g.prompt_tps)
             if g.finished:
@@ -179,17 +203,22 @@ class SloPolicy(Policy):
         steps = horizon / c.period_s
         rate = max(st.rate.forecast(0), st.rate.forecast(steps))
         prompt_tps = max(st.prompt.forecast(0), st.prompt.forecast(steps))
-        prefill = (prompt_tps + g.queued_prefill_tokens / max(horizon, c.ttft_s)) / st.capacity.prefill_tps
+        cap = st.capacity.prefill_tps
+        drain = g.queued_prefill_tokens / max(horizon, c.ttft_s) / cap
+        prefill = prompt_tps / cap + drain
         conc_cap = st.capacity.decode_concurrency(c.tpot_s)
         decode = rate * st.osl * c.tpot_s / conc_cap
         load = {"prefill": prefill, "decode": decode}.get(role, prefill + decode)
         n = max(1, math.ceil(load / c.utilisation - 1e-9))
         why = f"load {load:.2f} replicas (prefill {prefill:.2f}, decode {decode:.2f}) at {c.utilisation:.0%}"
-        breach = g.ttft_p90_s > c.ttft_s or g.tpot_p90_s > c.tpot_s
-        if breach and fleet.starting == 0 and n <= fleet.replicas:
-            n = fleet.replicas + 1
-            why = f"SLO breach (TTFT p90 {g.ttft_p90_s:.2f} s, TPOT p90 {g.tpot_p90_s * 1000:.0f} ms): +1"
-        figures = {"rate_forecast": rate, "prompt_tps_forecast": prompt_tps, "prefill_load": prefill,
-                   "decode_load": decode, "prefill_tps_per_replica": st.capacity.prefill_tps,
-                   "decode_concurrency_per_replica": conc_cap, "osl": st.osl}
+        if n < fleet.replicas:  # hysteresis: scale in only to a count with headroom
+            n = min(fleet.replicas, max(1, math.ceil(load / c.scale_in_utilisation - 1e-9)))
+            why = f"load {load:.2f} replicas: {n} carry it at {c.scale_in_utilisation:.0%}"
+        backlog = g.queued_prefill_tokens / (max(fleet.ready, 1) * cap)
+        if role != "decode" and backlog > (c.backlog_s or c.ttft_s) and fleet.starting == 0:
+            n = max(n, fleet.replicas + 1)
+            why = f"predicted TTFT breach: {backlog:.1f} s of queued prefill on {fleet.ready} ready: +1"
+        figures = {"rate_forecast": rate, "prompt_tps_forecast": prompt_tps,
+                   "prefill_load": prefill, "decode_load": decode, "drain_load": drain, "backlog_s": backlog,
+                   "prefill_tps_per_replica": cap, "decode_concurrency_per_replica": conc_cap, "osl": st.osl}
         return n, why, figures
