@@ -75,13 +75,17 @@ def pdstack(tmp_path_factory: pytest.TempPathFactory, tiny_model: pathlib.Path,
 @pytest.fixture
 def pd_gateway(pdstack: Stack, make_gateway: Callable[..., Any], loop_thread: LoopThread) -> Callable[..., Any]:
     """A gateway with the given prefill URL (default: engine 0) and engine 1 as the decode engine, both seen
-    healthy before it is returned (a test may then pause the prefill engine)."""
+    healthy before it is returned (a test may then pause the prefill engine).  The prefill leg's limit is
+    long unless a test sets it (a loaded CI host must not turn a remote prefill into a fallback), and the
+    decision is llm-d's threshold rule: every long prompt goes remote, even to an idle decode engine, which
+    the default cost rule would let prefill itself."""
 
     def make(prefill_url: str | None = None, **pd: Any) -> Any:
         p, d = pdstack.engines
         gw = make_gateway(backends=(BackendSpec(url=prefill_url or p.url, name="prefill-0", role="prefill"),
                                     BackendSpec(url=d.url, name="decode-0", role="decode")),
-                          policy="round-robin", pd=PdSettings(**pd))
+                          policy="round-robin",
+                          pd=PdSettings(**{"decision": "threshold", "prefill_timeout_s": 300.0, **pd}))
         want = 1 if prefill_url else 2
         wait_until(lambda: loop_thread.call(lambda: sum(b.healthy for b in gw.pool.backends)) >= want, 60,
                    "the gateway to see its engines healthy")
