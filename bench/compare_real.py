@@ -111,9 +111,28 @@ def router_cmd(name: str, urls: list[str], port: int, events: list[str], model: 
     raise SystemExit(f"unknown router {name!r}: kvmesh-<policy> or sglang-<policy>")
 
 
-def aiperf_cmd(url: str, trace: pathlib.Path, model: pathlib.Path, out: pathlib.Path,
+def hf_cache(model: pathlib.Path, run_dir: pathlib.Path) -> tuple[str, dict[str, str]]:
+    """The demo tokenizer as a repo in a private Hugging Face cache, and the environment that points aiperf
+    at it.  aiperf's worker processes set ``HF_HUB_OFFLINE=1`` and then resolve every tokenizer name through
+    ``snapshot_download(local_files_only=True)``, which rejects a local directory path (aiperf 0.x): a
+    cached repo id is the form that works offline in every one of its processes."""
+    repo = f"kvmesh/{model.name}"
+    root = run_dir / "hf-cache" / f"models--kvmesh--{model.name}"
+    rev = "0" * 40
+    snap = root / "snapshots" / rev
+    snap.mkdir(parents=True, exist_ok=True)
+    (root / "refs").mkdir(exist_ok=True)
+    (root / "refs" / "main").write_text(rev)
+    for f in model.iterdir():
+        if f.is_file() and not f.name.endswith(".safetensors") and not (snap / f.name).exists():
+            (snap / f.name).symlink_to(f.resolve())
+    env = {**os.environ, "HF_HUB_CACHE": str(run_dir / "hf-cache"), "HF_HUB_OFFLINE": "1"}
+    return repo, env
+
+
+def aiperf_cmd(url: str, trace: pathlib.Path, tokenizer: str, out: pathlib.Path,
                a: argparse.Namespace) -> list[str]:
-    return [str(AIPERF_VENV / "bin" / "aiperf"), "profile", "--model", MODEL, "--tokenizer", str(model),
+    return [str(AIPERF_VENV / "bin" / "aiperf"), "profile", "--model", MODEL, "--tokenizer", tokenizer,
             "--url", url, "--endpoint-type", "completions", "--streaming", "--input-file", str(trace),
             "--custom-dataset-type", "mooncake_trace", "--isl-block-size", str(BLOCK), "--fixed-schedule",
             "--extra-inputs", "ignore_eos:true", "--request-timeout-seconds", str(a.timeout_s),
@@ -152,9 +171,10 @@ def run_router(name: str, port: int, urls: list[str], events: list[str], trace: 
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
         t0 = time.perf_counter()
+        tokenizer, env = hf_cache(model, run_dir)
         with (run_dir / f"aiperf-{name}.log").open("wb") as alog:
-            subprocess.run(aiperf_cmd(f"http://127.0.0.1:{port}", trace, model, out, a), stdout=alog,
-                           stderr=subprocess.STDOUT, check=False, timeout=a.timeout_s * 4)
+            subprocess.run(aiperf_cmd(f"http://127.0.0.1:{port}", trace, tokenizer, out, a), stdout=alog,
+                           stderr=subprocess.STDOUT, check=False, timeout=a.timeout_s * 4, env=env)
         wall = time.perf_counter() - t0
         h1, q1, p1 = engine_counters(urls)
     finally:
