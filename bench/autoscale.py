@@ -267,7 +267,7 @@ def main() -> None:
     opts = Options(frozenset(x for x in args.policies.split(",") if x),
                    tuple(int(x) for x in args.static.split(",") if x),
                    frozenset(x for x in args.decisions.split(",") if x),
-                   cache_study=not args.quick, plots=not (args.quick or args.no_plots))
+                   cache_study=not args.quick, plots=not (args.quick or args.no_plots or args.policies))
     with concurrent.futures.ProcessPoolExecutor(len(names)) as pool:  # one process per trace
         traces = dict(zip(names, pool.map(_study, [(n, minutes, amplify[n], opts) for n in names]), strict=True))
     if args.quick or opts.policies:
