@@ -100,8 +100,13 @@ def write_trace(path: pathlib.Path, reqs: list[TraceRequest], rate: float, max_i
 
 def router_cmd(name: str, urls: list[str], port: int, events: list[str], model: pathlib.Path) -> list[str]:
     if name.startswith("kvmesh-"):
-        cmd = [sys.executable, "-m", "kvmesh", "gateway", "--port", str(port), "--policy", name[len("kvmesh-"):],
-               "--tokenizer", str(model)]
+        # Shedding off: the comparison offers more than the engines can serve on purpose, and the other
+        # routers queue everything, so kvmesh must too (its default sheds beyond a 60 s expected wait).
+        conf = model.parent.parent / "run" / "compare-real-gateway.toml"
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text("[gateway]\nmax_expected_wait_s = 1e9\n")
+        cmd = [sys.executable, "-m", "kvmesh", "gateway", "--config", str(conf), "--port", str(port),
+               "--policy", name[len("kvmesh-"):], "--tokenizer", str(model)]
         for u, ev in zip(urls, events, strict=True):
             cmd += ["--backend", u, "--kv-events", ev]
         return cmd
