@@ -43,3 +43,14 @@ def test_a_slow_client_does_not_block_others(stack: Stack) -> None:
         slow.settimeout(30)  # a blocking read with a deadline: the answer comes once the body is complete
         data = slow.recv(65536)
         assert data.startswith(b"HTTP/1.1 200"), data[:200]
+
+
+def test_a_clients_kv_transfer_params_never_reach_an_engine(stack: Stack) -> None:
+    """The P/D handshake is the gateway's: asked by a client to ``do_remote_decode``, a simulated engine
+    would answer where its blocks are, and vLLM's NixlConnector would pull KV from a client-named host."""
+    body = {"model": MODEL, "prompt": "hello " * 40, "max_tokens": 2,
+            "kv_transfer_params": {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+                                   "remote_block_ids": None, "remote_host": None, "remote_port": None}}
+    r = httpx.post(f"{stack.gateway.url}/v1/completions", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert not r.json().get("kv_transfer_params")

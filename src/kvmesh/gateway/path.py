@@ -99,8 +99,12 @@ class RequestPath:
         req.payload = parse_json(req.body)
         validate(req.endpoint, req.payload)
         self.gw.check_model(req.payload["model"])
+        # P/D's handshake is the gateway's alone: a client's kv_transfer_params would make an engine pull
+        # KV from a host the client names, or answer where its blocks are
+        dropped = req.payload.pop("kv_transfer_params", None) is not None
         if req.tenant is not None:
             req.payload["cache_salt"] = req.tenant.salt  # engines and caches never share KV across tenants
+        if dropped or req.tenant is not None:
             req.body = _json.encode(req.payload)
         req.ctx = self.context(req)
 
