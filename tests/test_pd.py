@@ -9,6 +9,7 @@ sleeps for correctness: a hung engine never answers, so a timeout is certain; wa
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import pathlib
 from collections.abc import Iterator
@@ -50,10 +51,18 @@ class PdEngine:
         self.runner: web.AppRunner | None = None
         self.url = ""
 
+    @staticmethod
+    async def _health(_: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    @staticmethod
+    async def _models(_: web.Request) -> web.Response:
+        return web.json_response({"data": [{"id": MODEL}]})
+
     async def start(self) -> None:
         app = web.Application()
-        app.router.add_get("/health", lambda r: web.Response(text="ok"))
-        app.router.add_get("/v1/models", lambda r: web.json_response({"data": [{"id": MODEL}]}))
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         self.runner = web.AppRunner(app, handler_cancellation=True)
@@ -109,7 +118,7 @@ def engines(loop_thread: LoopThread) -> Iterator[Any]:
 
     def make(*modes: str) -> list[PdEngine]:
         for m in modes:
-            e = loop_thread.call(lambda m=m: PdEngine(m))
+            e = loop_thread.call(functools.partial(PdEngine, m))
             loop_thread.run(e.start())
             made.append(e)
         return made[-len(modes):]
@@ -172,14 +181,35 @@ def test_cost_plan_pays_a_hop_only_to_spare_stalled_streams_or_a_long_local_queu
     assert plan_prefill(dec(255), [pre()], cfg).reason == "short_prompt"
     assert plan_prefill(dec(), [], cfg).reason == "no_prefill_engine"
     assert plan_prefill(dec(running=0), [pre()], cfg).reason == "no_stall"    # idle: nothing to protect
-    assert plan_prefill(dec(200 + 256, step_s=0.001), [pre()], cfg).reason == "no_stall"  # 46 ms: fits
-    assert plan_prefill(dec(), [pre(queued=9000)], cfg).reason == "remote_slower"  # 0.9 s queue there
+    assert plan_prefill(dec(300, step_s=0.001), [pre()], cfg).reason == "no_stall"  # 30 + 1 + 8 ms: fits
     assert plan_prefill(dec(), [pre(queued=20_000)], cfg).reason == "prefill_saturated"
     assert plan_prefill(dec(), [pre("p0", 20_000), pre("p1", 100)], cfg).engine == "p1"
     assert plan_prefill(dec(running=0, queued=8000), [pre()], cfg).engine == "p0"  # local queue 0.8 s
     assert plan_prefill(dec(), [pre(running=8)], cfg).reason == "no_gain"   # it would stall as many streams
     assert plan_prefill(dec(), [pre(running=2)], cfg).engine == "p0"
     assert plan_prefill(dec(), [pre()], PdConfig(enabled=False)).reason == "disabled"
+
+
+def test_stall_counts_the_step_overhead_and_the_prefills_queued_before() -> None:
+    """A prompt judged alone fits the budget, but the decode step's fixed cost or the prompt tokens already
+    waiting to prefill on the decode engine push the step past it: remote.  The same prompt on a decode engine
+    with nothing queued and no overhead stays local."""
+    cfg = PdConfig(min_remote_prefill_tokens=256, max_prefill_queue_s=1.0)
+    bare = PdConfig(min_remote_prefill_tokens=256, max_prefill_queue_s=1.0, step_overhead_s=0.0)
+    assert plan_prefill(dec(420, step_s=0.001), [pre()], bare).reason == "no_stall"  # 42 + 1 ms
+    assert plan_prefill(dec(420, step_s=0.001), [pre()], cfg).engine == "p0"         # + 8 ms overhead: 51 ms
+    assert plan_prefill(dec(300, step_s=0.001), [pre()], cfg).reason == "no_stall"   # 30 + 1 + 8 ms
+    assert plan_prefill(dec(300, queued=200, step_s=0.001), [pre()], cfg).engine == "p0"  # + 20 ms queued
+
+
+def test_ttft_margin_grows_with_the_stall_on_a_prefill_engine_without_streams() -> None:
+    """A 0.9 s queue on the prefill engine costs ~0.9 s of TTFT: worth it to spare a stall of 2.6 TPOT budgets
+    (128 ms; margin 1.28 s), not one of 1.2 budgets (59 ms; margin 0.59 s); and on a candidate with streams
+    of its own (where the stall only moves) the margin stays 0.5 s."""
+    cfg = PdConfig(min_remote_prefill_tokens=256, max_prefill_queue_s=1.0, ttft_margin_s=0.5)
+    assert plan_prefill(dec(), [pre(queued=9000)], cfg).engine == "p0"
+    assert plan_prefill(dec(500, step_s=0.001), [pre(queued=9000)], cfg).reason == "remote_slower"
+    assert plan_prefill(dec(), [pre(queued=9000, running=1)], cfg).reason == "remote_slower"
 
 
 def test_threshold_plan_takes_every_long_prompt_to_an_unsaturated_engine() -> None:
@@ -298,7 +328,8 @@ def test_config_roles() -> None:
     assert SupervisorConfig(replicas=3, prefill=1).roles() == ["prefill", "both", "both"]
     with pytest.raises(ValueError, match="some must decode"):
         SupervisorConfig(prefill=2)
-    assert GatewayConfig(backends=({"url": "http://e:1", "role": "decode"},)).backends[0].role == "decode"
+    cfg = GatewayConfig.model_validate({"backends": [{"url": "http://e:1", "role": "decode"}]})
+    assert cfg.backends[0].role == "decode"
 
 
 # -- a 1P+1D stack of simulated engines -------------------------------------------------------------------

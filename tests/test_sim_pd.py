@@ -114,14 +114,17 @@ def test_sim_decides_with_the_shared_decision_code(monkeypatch: pytest.MonkeyPat
 def test_cost_rule_spares_a_busy_decode_engine_not_an_idle_one() -> None:
     """A long prompt reaching an idle decode engine is prefilled there (nothing to stall); the same length
     arriving while 40 streams decode there goes to the prefill engine (8,000 tokens would freeze them for
-    ~0.2 s, far past the 50 ms budget)."""
+    ~0.2 s, far past the 50 ms budget).  A burst of 40 300-token prompts (7 ms of prefill each): the first
+    few stay local, then the prefills queued before each push the step past the budget and the rest go
+    remote — judged one at a time, all 40 would pile up on the decode engine."""
     first = req(0, list(range(8000)), 0.0, out=200)
     streams = [req(i, list(range(i * 1000, i * 1000 + 300)), 0.5, out=200) for i in range(10, 50)]
     late = req(1, list(range(900_000, 908_000)), 1.0)
     res = cluster(ONE_P_ONE_D, pd=PdConfig()).run([first, *streams, late])
     assert not first.remote_kv and late.remote_kv
-    # the 300-token streams stall nobody for long (7 ms of prefill): local too
-    assert res.pd["remote_prefills"] == 1 and res.pd["local_by_reason"] == {"no_stall": 41}
+    local = [s.remote_kv for s in streams].index(True)
+    assert 1 <= local < 10 and all(s.remote_kv for s in streams[local:])
+    assert res.pd["remote_prefills"] == 1 + 40 - local and res.pd["local_by_reason"] == {"no_stall": 1 + local}
 
 
 def test_dynamic_pd_lets_a_both_engine_prefill_for_another() -> None:
@@ -131,7 +134,8 @@ def test_dynamic_pd_lets_a_both_engine_prefill_for_another() -> None:
     cl = cluster(["both", "both"], "round-robin", pd=PdConfig(dynamic=True))
     assert cl.pd is not None and Cluster(2, H100, "kv-aware", BS).pd is None  # off unless asked for
     res = cl.run([*streams, late])
-    assert late.remote_kv and res.pd["remote_prefills"] == 1
+    # the burst of streams counts too: past a few queued prompts, some are prefilled on the other engine
+    assert late.remote_kv and res.pd["remote_prefills"] > 1
     assert res.pd["roles"]["both"]["engines"] == 2
 
 

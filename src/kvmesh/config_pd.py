@@ -25,9 +25,11 @@ class PdSettings(BaseModel):
     prefill_timeout_s: float = Field(default=30.0, gt=0, description="The remote prefill's limit; past it the "
                                      "decode engine prefills itself")
     tpot_budget_s: float = Field(default=0.05, gt=0, description="A local prefill stalls the decode engine's "
-                                 "running streams when their step, with it, would exceed this")
+                                 "running streams when their step, with it and the prefills queued before "
+                                 "it, would exceed this")
     ttft_margin_s: float = Field(default=0.5, ge=0, description="TTFT a remote prefill may cost to spare "
-                                 "stalled streams (and must save to be taken when nothing stalls)")
+                                 "stalled streams, per TPOT budget of stall on a prefill engine without "
+                                 "streams (and must save to be taken when nothing stalls)")
     dynamic: bool = Field(default=False, description="Any engine may prefill for another (P/D over a fleet "
                           "of role both)")
     decision: Literal["cost", "threshold"] = Field(default="cost", description="cost: remote prefill when it "
@@ -37,3 +39,5 @@ class PdSettings(BaseModel):
                                       "(Llama-3-8B bf16: 128 KiB)")
     transfer_gbps: float = Field(default=25.0, gt=0, description="GB/s between a prefill and a decode engine")
     transfer_latency_s: float = Field(default=0.001, ge=0, description="Fixed cost of one KV transfer")
+    step_overhead_s: float = Field(default=0.008, ge=0, description="A decode step's fixed cost, added to the "
+                                   "fitted per-stream/per-token step when judging a stall (H100: 8 ms)")

@@ -16,20 +16,28 @@ The flow is decode-first, as llm-d does it:
    model's fit);
 3. :func:`plan_prefill` — pure: no I/O, no clock, no randomness — makes it a **cost decision**:
 
-   - ``local TTFT = (queued + uncached) / tps + step`` on the decode engine;
+   - ``step = fitted decode step + step_overhead_s`` (the step's fixed cost, which the fit leaves out);
+     ``backlog = (queued + uncached) / tps``: the prompt tokens already waiting to prefill on the decode
+     engine, plus this one's;
+   - ``local TTFT = backlog + step`` on the decode engine;
    - ``remote TTFT = queue there + what the prefill engine lacks / its tps + transfer + step``, the transfer
      being ``uncached * kv_bytes_per_token / bandwidth + latency``;
-   - a local prefill of ``U`` uncached tokens freezes the decode engine's running streams for ``U / tps``
-     (summed over its chunks): it **stalls** them when they are running and ``step + U / tps`` exceeds
-     ``tpot_budget_s`` — that is what P/D protects;
+   - a local prefill freezes the decode engine's running streams behind the whole backlog (chunked prefill
+     only spreads it over steps): it **stalls** them when they are running and ``step + backlog`` exceeds
+     ``tpot_budget_s`` — that is what P/D protects.  Judging one prefill alone, without the queue before
+     it or the fixed overhead, let bursts of ~2k-token prompts pile up on decode engines (Azure code);
    - (``decision = "threshold"`` instead sends every prompt past ``min_remote_prefill_tokens`` to the first
      unsaturated candidate: llm-d's rule, and what the handshake's tests pin);
-   - remote when it protects stalled streams at a TTFT cost of at most ``ttft_margin_s``, or when it is
-     faster than local by more than ``ttft_margin_s`` (the decode engine's own queue is long), on the first
-     candidate not saturated (queue over ``max_prefill_queue_s``) that does not stall more stream-seconds
-     there (``running * its prefill time``) than it saves here.  Short prompts (``min_remote_prefill_tokens``),
-     well-cached ones (few uncached tokens: no stall) and idle decode engines (nothing to stall, and no hop
-     is free) stay local.
+   - remote when it protects stalled streams at a TTFT cost within the margin, or when it is faster than
+     local by more than ``ttft_margin_s`` (the decode engine's own queue is long), on the first candidate
+     not saturated (queue over ``max_prefill_queue_s``) that does not stall more stream-seconds there
+     (``running * its prefill time``) than it saves here.  The margin is ``ttft_margin_s`` times the stall
+     in TPOT budgets (``(step + backlog) / tpot_budget_s``, at least 1) on a candidate with no streams of
+     its own (a dedicated prefill engine: the hop costs TTFT only, and a local prefill leaves the split's
+     prefill pool idle while it slows every stream here), and plain ``ttft_margin_s`` on one with streams
+     (dynamic P/D: the stall only moves).  Short prompts (``min_remote_prefill_tokens``), well-cached ones
+     and prompts on a lightly loaded decode engine (the step with the backlog fits the budget: no stall)
+     and idle decode engines (nothing to stall, and no hop is free) stay local.
 
 The result says why (:attr:`PrefillPlan.reason`), and callers count local prefills by reason.
 """
@@ -76,6 +84,7 @@ class PdConfig:
     kv_bytes_per_token: float = 128 * 1024  # KV moved per uncached token (Llama-3-8B bf16)
     transfer_gbps: float = 25.0           # GB/s between a prefill and a decode engine
     transfer_latency_s: float = 0.001     # per transfer, with the second hop
+    step_overhead_s: float = 0.008        # a decode step's fixed cost (H100 / Llama-3-8B); the fit omits it
 
     def transfer_s(self, tokens: int) -> float:
         return self.transfer_latency_s + tokens * self.kv_bytes_per_token / (self.transfer_gbps * GB)
@@ -154,7 +163,8 @@ def plan_prefill(decode: EngineLoad, candidates: Sequence[EngineLoad], cfg: PdCo
     computes and a remote one moves).  ``candidates``: the possible prefill engines, best first.  Returns a
     remote plan on the first candidate that pays, else a local plan with the reason: disabled, short
     prompt, no prefill engine, all saturated, no stall (local is fine), remote slower than the margin
-    allows, or no gain (the candidates would stall as much)."""
+    allows (the margin grows with the stall, see the module docstring), or no gain (the candidates would
+    stall as much)."""
     reason = local_reason(decode.uncached_tokens, cfg)
     if reason is not None:
         return PrefillPlan(False, None, reason)
@@ -163,20 +173,24 @@ def plan_prefill(decode: EngineLoad, candidates: Sequence[EngineLoad], cfg: PdCo
     if cfg.decision == "threshold":  # llm-d's rule: every long prompt goes to the first unsaturated engine
         return next((PrefillPlan(True, c.name, REMOTE) for c in candidates if c.queue_s <= cfg.max_prefill_queue_s),
                     PrefillPlan(False, None, PREFILL_SATURATED))
-    local_ttft = decode.queue_s + decode.prefill_s + decode.step_s
-    stalls = decode.running > 0 and decode.step_s + decode.prefill_s > cfg.tpot_budget_s
+    step = decode.step_s + cfg.step_overhead_s
+    backlog = decode.queue_s + decode.prefill_s  # what already waits to prefill there, and this prompt
+    local_ttft = backlog + step
+    stalls = decode.running > 0 and step + backlog > cfg.tpot_budget_s
     saved = decode.running * decode.prefill_s if stalls else 0.0  # stream-seconds a remote prefill spares
+    # the worse the stall (in TPOT budgets), the more TTFT sparing it is worth, where no stream pays instead
+    spared_margin = cfg.ttft_margin_s * max(1.0, (step + backlog) / cfg.tpot_budget_s)
     transfer = cfg.transfer_s(decode.uncached_tokens)
     reason = PREFILL_SATURATED
     for c in candidates:
         if c.queue_s > cfg.max_prefill_queue_s:
             continue
-        remote_ttft = c.queue_s + c.prefill_s + transfer + decode.step_s
+        remote_ttft = c.queue_s + c.prefill_s + transfer + step
         if remote_ttft + cfg.ttft_margin_s < local_ttft:  # the decode engine's own queue is the longer wait
             return PrefillPlan(True, c.name, REMOTE)
         if not stalls:
             return PrefillPlan(False, None, NO_STALL)
-        if remote_ttft > local_ttft + cfg.ttft_margin_s:
+        if remote_ttft > local_ttft + (spared_margin if c.running == 0 else cfg.ttft_margin_s):
             reason = REMOTE_SLOWER
             continue
         if c.running > 0 and c.running * c.prefill_s >= saved:

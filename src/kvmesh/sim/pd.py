@@ -92,7 +92,7 @@ class PdFlow:
         self.sim_cfg = dataclasses.replace(
             cfg, min_remote_prefill_tokens=math.ceil(cfg.min_remote_prefill_tokens / scale),
             kv_bytes_per_token=p.kv_bytes_per_token * scale, transfer_gbps=p.kv_transfer_gbps,
-            transfer_latency_s=p.kv_transfer_latency_s)
+            transfer_latency_s=p.kv_transfer_latency_s, step_overhead_s=p.overhead_s)
         self.decoders = decode_side(cluster.backends)
         if not self.decoders:
             raise ValueError("a P/D cluster needs at least one decode (or both) engine")
