@@ -4,8 +4,9 @@ Every configuration runs the same requests through the simulator (``kvmesh.sim.p
 decode-first flow and its shared decision, kv-aware routing with the profile's true figures), H100 /
 Llama-3-8B: 128 KiB of KV per token moved over 25 GB/s RDMA per engine, not overlapped with the prefill
 (``kvmesh.sim.profiles``).  The P/D decision is the gateway's default cost rule (``kvmesh.routing.disagg``:
-remote prefill when a local one would stall the decode engine's running streams past the 50 ms TPOT budget
-at a TTFT cost within 0.5 s, or saves more than 0.5 s; from 256 uncached tokens; a prefill engine saturated
+remote prefill when a local one — with the prompt tokens already queued there and the step's fixed
+overhead — would stall the decode engine's running streams past the 50 ms TPOT budget at a TTFT cost within
+0.5 s per budget of stall, or saves more than 0.5 s; from 256 uncached tokens; a prefill engine saturated
 past a 2 s queue); ``--decision threshold`` takes every long prompt remote instead (llm-d's rule).
 
 - **SLO**: TTFT <= 2 s and TPOT (mean per request after the first token) <= 50 ms.
