@@ -117,6 +117,17 @@ def test_scales_out_prewarmed_and_back_in_without_failing_a_request(auto_stack: 
     assert auto is not None
     policy = auto.scaler.policy
     assert isinstance(policy, StepPolicy)
+    # The router keys prompts only once one of engine-0's KV events has told it the block size, and a
+    # simulated engine's events published before the gateway's subscription connected are lost: until one
+    # arrives nothing is hot and there is nothing to pre-warm (this raced the first requests and failed).
+    probes = iter(range(100))
+
+    def heard() -> bool:  # each probe a fresh prompt: a cached one stores no block, so publishes nothing
+        n = next(probes)
+        assert complete(url, [3000 + 64 * n + j for j in range(64)])[0] == 200
+        return st.gateway.policy.key_spec(None) is not None
+
+    wait_until(heard, 60, "engine-0's KV events")
     for i in range(4):  # the hot prefix, served by engine-0
         assert complete(url, [*HOT, 500 + i]) == (200, "engine-0")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
