@@ -99,6 +99,22 @@ async def prefix_counters(http: httpx.AsyncClient, url: str) -> tuple[float, flo
     return val("prefix_cache_hits_total"), val("prefix_cache_queries_total")
 
 
+def summarise(summary: dict[str, dict[str, float]], args: argparse.Namespace) -> dict[str, object]:
+    """The recorded metrics: each policy's means over the rounds, and kv-aware's ratios."""
+    rr, kv, ss = summary["round-robin"], summary["kv-aware"], summary["session"]
+    return {"convs": args.convs, "turns": args.turns, "concurrency": args.concurrency, "rounds": args.rounds,
+            "model": f"demo-{args.size}",
+            "rr_hit_rate": round(rr["hit_rate"], 4), "kv_hit_rate": round(kv["hit_rate"], 4),
+            "rr_ttft_p50_ms": round(rr["ttft_p50_ms"], 1), "kv_ttft_p50_ms": round(kv["ttft_p50_ms"], 1),
+            "rr_ttft_p90_ms": round(rr["ttft_p90_ms"], 1), "kv_ttft_p90_ms": round(kv["ttft_p90_ms"], 1),
+            "ttft_p50_ratio_kv_over_rr": round(kv["ttft_p50_ms"] / rr["ttft_p50_ms"], 3),
+            "ttft_p90_ratio_kv_over_rr": round(kv["ttft_p90_ms"] / rr["ttft_p90_ms"], 3),
+            "session_hit_rate": round(ss["hit_rate"], 4), "session_ttft_p50_ms": round(ss["ttft_p50_ms"], 1),
+            "ttft_p50_ratio_kv_over_session": round(kv["ttft_p50_ms"] / ss["ttft_p50_ms"], 3),
+            **{f"{k}_tpot_{q}_ms": round(v[f"tpot_{q}_ms"], 1) for k, v in (("rr", rr), ("kv", kv), ("session", ss))
+               for q in ("p50", "p99")}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--convs", type=int, default=16)
@@ -142,18 +158,7 @@ def main() -> None:
             g.wait(10)
         loop.run_until_complete(sup.stop())
     summary = {p: {k: sum(r[k] for r in rs) / len(rs) for k in rs[0]} for p, rs in results.items()}
-    rr, kv, ss = summary["round-robin"], summary["kv-aware"], summary["session"]
-    metrics = {"convs": args.convs, "turns": args.turns, "concurrency": args.concurrency, "rounds": args.rounds,
-               "model": f"demo-{args.size}",
-               "rr_hit_rate": round(rr["hit_rate"], 4), "kv_hit_rate": round(kv["hit_rate"], 4),
-               "rr_ttft_p50_ms": round(rr["ttft_p50_ms"], 1), "kv_ttft_p50_ms": round(kv["ttft_p50_ms"], 1),
-               "rr_ttft_p90_ms": round(rr["ttft_p90_ms"], 1), "kv_ttft_p90_ms": round(kv["ttft_p90_ms"], 1),
-               "ttft_p50_ratio_kv_over_rr": round(kv["ttft_p50_ms"] / rr["ttft_p50_ms"], 3),
-               "ttft_p90_ratio_kv_over_rr": round(kv["ttft_p90_ms"] / rr["ttft_p90_ms"], 3),
-               "session_hit_rate": round(ss["hit_rate"], 4), "session_ttft_p50_ms": round(ss["ttft_p50_ms"], 1),
-               "ttft_p50_ratio_kv_over_session": round(kv["ttft_p50_ms"] / ss["ttft_p50_ms"], 3),
-               **{f"{k}_tpot_{q}_ms": round(v[f"tpot_{q}_ms"], 1) for k, v in (("rr", rr), ("kv", kv), ("session", ss))
-                  for q in ("p50", "p99")}}
+    metrics = summarise(summary, args)
     print(f"\n{'policy':12} {'hit rate':>9} {'TTFT p50':>10} {'TTFT p90':>10} {'TPOT p50':>10} {'TPOT p99':>10}")
     for p, s in summary.items():
         print(f"{p:12} {s['hit_rate']:9.3f} {s['ttft_p50_ms']:8.1f}ms {s['ttft_p90_ms']:8.1f}ms "
