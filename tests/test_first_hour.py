@@ -181,7 +181,11 @@ def test_two_stacks_side_by_side(tmp_path: pathlib.Path, tiny_model: pathlib.Pat
     (run/<port>), and stopping one leaves the other whole; a third asking for the first one's engine port
     fails with one line before starting any engine (checked: no engine process was spawned, not a clock)."""
     env = fake_env(fake_vllm, tmp_path / "marks")
-    (gw_a, base_a), (gw_b, base_b) = (free_port_block(1), free_port_block(2)), (free_port_block(1), free_port_block(2))
+    # each stack's gateway and engine ports from one free block: two separate draws could pick the same port
+    # (a fresh-clone CI run drew gateway port == engine base port)
+    block_a = free_port_block(3)
+    block_b = next(b for b in iter(lambda: free_port_block(3), None) if abs(b - block_a) >= 3)
+    (gw_a, base_a), (gw_b, base_b) = (block_a + 2, block_a), (block_b + 2, block_b)
     a = Up(["--config", str(write_config(tmp_path / "a.toml", tiny_model, base_a, 2)), "--port", str(gw_a)],
            env, tmp_path)
     ups.append(a)
