@@ -186,6 +186,18 @@ class Cluster:
         self._arrivals: list[float] = []
         self._next_arrival = 0
 
+    def _handle(self, now: float, kind: int, obj: Any) -> None:
+        """One event off the heap (a subclass adds its own kinds and passes the rest here)."""
+        if kind == _ARRIVE:
+            self._arrive(now, obj)
+        elif kind == _STEP_DONE:
+            self._step_done(now, *obj)
+        elif kind == _DELIVER:
+            self._enqueue(now, *obj)
+        else:
+            for name in obj[0]:
+                self.index.apply(name, obj[1])
+
     def _push(self, t: float, kind: int, obj: Any) -> None:
         heapq.heappush(self._heap, (t, next(self._seq), kind, obj))
 
@@ -204,15 +216,7 @@ class Cluster:
         while self._heap and not self.gave_up:
             now, _, kind, obj = heapq.heappop(self._heap)
             self.now = now
-            if kind == _ARRIVE:
-                self._arrive(now, obj)
-            elif kind == _STEP_DONE:
-                self._step_done(now, *obj)
-            elif kind == _DELIVER:
-                self._enqueue(now, *obj)
-            else:
-                for name in obj[0]:
-                    self.index.apply(name, obj[1])
+            self._handle(now, kind, obj)
         return self._result(time.perf_counter() - t0, now)
 
     def _arrive(self, now: float, r: SimRequest) -> None:

@@ -33,7 +33,7 @@ from kvmesh.autoscale.cacheaware import CacheAwareVictims, Hotness, prewarm_plan
 from kvmesh.autoscale.core import Capacity, Scaler
 from kvmesh.autoscale.signals import AGGREGATED, EngineSignals, GatewaySignals, RoleSignals, Signals
 from kvmesh.index.events import EventBatch
-from kvmesh.sim.cluster import _ARRIVE, _STEP_DONE, Cluster, SimBackend, Slo, _q, _tpot
+from kvmesh.sim.cluster import _ARRIVE, Cluster, SimBackend, Slo, _q, _tpot
 from kvmesh.sim.core import EngineCore, SimRequest, StepResult
 from kvmesh.sim.profiles import TimingProfile
 from kvmesh.sim.tiers import tier_profile
@@ -251,17 +251,12 @@ class ElasticCluster(Cluster):
         while self._heap:
             now, _, kind, obj = heapq.heappop(self._heap)
             self.now = now
-            if kind == _ARRIVE:
-                self._arrive(now, obj)
-            elif kind == _STEP_DONE:
-                self._step_done(now, *obj)
-            elif kind == _TICK:
+            if kind == _TICK:
                 self._tick(now)
             elif kind == _READY:
                 self._ready(*obj)
-            else:
-                for name in obj[0]:
-                    self.index.apply(name, obj[1])
+            else:  # arrivals, steps, P/D hand-offs and KV events as the fixed-size cluster handles them
+                self._handle(now, kind, obj)
         return self._elastic_result(reqs, time.perf_counter() - t0)
 
     def _arrive(self, now: float, r: SimRequest) -> None:
