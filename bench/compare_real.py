@@ -56,7 +56,7 @@ AIPERF_VENV = ROOT / ".venv-aiperf"
 ROUTERS_BIN = ROOT / ".venv-routers" / "bin"
 MODEL = "kvmesh-demo"
 BLOCK = 128  # tokens per trace block after scaling
-ROUTERS = "kvmesh-kv-aware,sglang-cache_aware,kvmesh-round-robin"
+ROUTERS = "kvmesh-kv-aware,sglang-cache_aware,kvmesh-kv-aware/fcfs,kvmesh-round-robin/fcfs"
 
 
 def install_aiperf() -> None:
@@ -102,11 +102,13 @@ def router_cmd(name: str, urls: list[str], port: int, events: list[str], model: 
     if name.startswith("kvmesh-"):
         # Shedding off: the comparison offers more than the engines can serve on purpose, and the other
         # routers queue everything, so kvmesh must too (its default sheds beyond a 60 s expected wait).
-        conf = model.parent.parent / "run" / "compare-real-gateway.toml"
+        # "kvmesh-<policy>[/<queue order>]": uncached-first unless told (kvmesh.gateway.order).
+        policy, _, order = name[len("kvmesh-"):].partition("/")
+        conf = model.parent.parent / "run" / f"compare-real-gateway-{port}.toml"
         conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text("[gateway]\nmax_expected_wait_s = 1e9\n")
+        conf.write_text(f'[gateway]\nmax_expected_wait_s = 1e9\nqueue_order = "{order or "uncached-first"}"\n')
         cmd = [sys.executable, "-m", "kvmesh", "gateway", "--config", str(conf), "--port", str(port),
-               "--policy", name[len("kvmesh-"):], "--tokenizer", str(model)]
+               "--policy", policy, "--tokenizer", str(model)]
         for u, ev in zip(urls, events, strict=True):
             cmd += ["--backend", u, "--kv-events", ev]
         return cmd
@@ -169,15 +171,16 @@ def run_router(name: str, port: int, urls: list[str], events: list[str], trace: 
                model: pathlib.Path, run_dir: pathlib.Path, a: argparse.Namespace) -> dict[str, object]:
     for u in urls:
         httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
-    log = (run_dir / f"router-{name}.log").open("wb")
+    tag = name.replace("/", "-")
+    log = (run_dir / f"router-{tag}.log").open("wb")
     proc = subprocess.Popen(router_cmd(name, urls, port, events, model), stdout=subprocess.DEVNULL, stderr=log)
-    out = run_dir / f"aiperf-{name}"
+    out = run_dir / f"aiperf-{tag}"
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
         t0 = time.perf_counter()
         tokenizer, env = hf_cache(model, run_dir)
-        with (run_dir / f"aiperf-{name}.log").open("wb") as alog:
+        with (run_dir / f"aiperf-{tag}.log").open("wb") as alog:
             subprocess.run(aiperf_cmd(f"http://127.0.0.1:{port}", trace, tokenizer, out, a), stdout=alog,
                            stderr=subprocess.STDOUT, check=False, timeout=a.timeout_s * 4, env=env)
         wall = time.perf_counter() - t0
@@ -214,7 +217,7 @@ class Engines:
         engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
             model=str(model), served_model_name=MODEL, port=18210 + i, cpu_bind=core, cpu_affinity=core,
             kv_cache_gib=2, max_model_len=demo.SPECS["small"].max_positions, kv_events_endpoint=ev,
-            env={"VLLM_SERVER_DEV_MODE": "1"}), run_dir) for i, (core, ev) in enumerate(zip(cores, self.events,
+            env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=("--scheduling-policy", "priority")), run_dir) for i, (core, ev) in enumerate(zip(cores, self.events,
                                                                                         strict=True))]
         self.sup = Supervisor(engines, SupervisorConfig(replicas=len(engines), run_dir=str(run_dir)))
         self.loop.run_until_complete(self.sup.start(wait=True))

@@ -383,6 +383,10 @@ class GatewayConfig(_Strict):
     max_expected_wait_s: float | None = Field(default=60.0, gt=0, description="Shed (503, Retry-After) when the "
                                               "queued prefill tokens / learned prefill tokens/s exceed this")
     cold_start_hold_s: float = Field(default=0.0, ge=0, description="Scale to zero: hold requests while no replica")
+    queue_order: Literal["fcfs", "uncached-first"] = Field(default="fcfs", description="Engines' queue order "
+                                                           "(kvmesh.gateway.order); uncached-first needs vLLM "
+                                                           "--scheduling-policy priority (kvmesh up adds it)")
+    order_aging: float = Field(default=20.0, ge=0, description="uncached-first: arrival + this x expected prefill")
     retry_after_s: int = Field(default=2, ge=1)
     max_connect_retries: int = Field(default=1, ge=0)
     session_header: str = "x-session-id"

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from kvmesh.api.errors import ApiError
 from kvmesh.api.validation import parse_json, prompt_size_estimate, validate
-from kvmesh.gateway import pd
+from kvmesh.gateway import order, pd
 from kvmesh.gateway.backends import Backend
 from kvmesh.gateway.proxy import CONNECT_ERRORS, open_upstream, relay_stream, relay_whole
 from kvmesh.gateway.request import ProxyRequest
@@ -161,6 +161,7 @@ class RequestPath:
             d = self.route(req, tried)
             tried.add(d.backend.name)
             if remote is None:
+                order.prioritise(self.gw, req, d)  # before P/D: both legs carry the engine priority
                 remote = await pd.prefill_stage(self.gw, req, d)
             elif remote:
                 pd.decode_retry(self.gw, d)
