@@ -56,7 +56,9 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         engine=engine_config(kind=kind, model=str(tiny_model), served_model_name=DEMO_MODEL_NAME, **vllm_only),
         supervisor=SupervisorConfig(replicas=2, base_port=free_port_block(2), run_dir=str(run_dir),
                                     restart_backoff_s=0.5),
-        gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5),
+        # uncached-first: every request through this gateway carries an engine priority, which the vLLM
+        # engines (run with --scheduling-policy priority by kvmesh up's code) must accept: vLLM's contract
+        gateway=GatewayConfig(port=0, policy="round-robin", health_interval_s=0.5, queue_order="uncached-first"),
         cache=CacheNodeConfig(enabled=False),  # the cache node has its own engines (test_cache_vllm.py)
     )
     st = loop_thread.call(lambda: Stack(cfg))

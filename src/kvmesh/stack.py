@@ -45,7 +45,16 @@ def ensure_demo_model(cfg: StackConfig) -> pathlib.Path:
 
 
 def engine_template(cfg: StackConfig) -> EngineConfig:
-    """The ``[engine]`` table, or the demo model served by ``engine_kind`` replicas."""
+    """The ``[engine]`` table, or the demo model served by ``engine_kind`` replicas; with the gateway's
+    ``queue_order = "uncached-first"``, vLLM engines schedule by the priority it sends (else they reject it)."""
+    template = _template(cfg)
+    if cfg.gateway.queue_order == "uncached-first" and isinstance(template, VllmEngineConfig) \
+            and "--scheduling-policy" not in template.extra_args:
+        return with_engine_args(template, ("--scheduling-policy", "priority"))
+    return template
+
+
+def _template(cfg: StackConfig) -> EngineConfig:
     if cfg.engine is not None:
         return cfg.engine
     model = ensure_demo_model(cfg)

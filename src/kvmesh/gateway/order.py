@@ -61,5 +61,6 @@ def prioritise(gw: Gateway, req: ProxyRequest, d: Decision) -> None:
     if gw.cfg.queue_order != "uncached-first":
         return
     uncached = d.prefill_tokens if d.prefill_tokens is not None else req.route.prompt_tokens_estimate
-    req.payload["priority"] = rank(req.t_arrival, uncached, replica_tps(gw, d.backend.name), gw.cfg.order_aging)
+    req.priority = rank(req.t_arrival, uncached, replica_tps(gw, d.backend.name), gw.cfg.order_aging)
+    req.payload["priority"] = req.priority
     req.body = _json.encode(req.payload)

@@ -38,8 +38,12 @@ async def open_upstream(http: aiohttp.ClientSession, b: Backend, req: ProxyReque
     return await http.post(f"{b.url}{req.path}", data=req.body, headers=headers)
 
 
-def _response_headers(b: Backend, upstream: aiohttp.ClientResponse) -> dict[str, str]:
-    return {"x-kvmesh-backend": b.name, "Content-Type": upstream.headers.get("Content-Type", "application/json")}
+def _response_headers(b: Backend, upstream: aiohttp.ClientResponse,
+                      req: ProxyRequest | None = None) -> dict[str, str]:
+    h = {"x-kvmesh-backend": b.name, "Content-Type": upstream.headers.get("Content-Type", "application/json")}
+    if req is not None and req.priority is not None:
+        h["x-kvmesh-priority"] = str(req.priority)  # what kvmesh.gateway.order ranked it: debuggable
+    return h
 
 
 _usage = msgspec.json.Decoder(dict)
@@ -57,7 +61,7 @@ async def relay_whole(upstream: aiohttp.ClientResponse, b: Backend, req: ProxyRe
             req.used_tokens = int(_usage.decode(body).get("usage", {}).get("total_tokens"))
         except (msgspec.DecodeError, TypeError, ValueError, AttributeError):
             pass
-    return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream))
+    return web.Response(status=upstream.status, body=body, headers=_response_headers(b, upstream, req))
 
 
 async def _chunks(first: bytes, upstream: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
@@ -71,7 +75,7 @@ async def relay_stream(req: ProxyRequest, upstream: aiohttp.ClientResponse, b: B
                        metrics: GatewayMetrics, first: bytes = b"") -> web.StreamResponse:
     """Relay an SSE stream whose ``first`` chunk was already read; returns the (finished) response.  Raises
     CancelledError on client disconnect after closing the upstream connection."""
-    headers = _response_headers(b, upstream)
+    headers = _response_headers(b, upstream, req)
     headers["Cache-Control"] = "no-cache"
     resp = web.StreamResponse(status=upstream.status, headers=headers)
     await resp.prepare(req.http)
