@@ -10,19 +10,27 @@ gateway in front changes (in-process, on a background loop):
   streams is prefilled on engine 0 and its KV loaded by engine 1 from the node; short prompts stay on
   engine 1 (the decode-first decision, ``--decision cost`` by default, ``threshold`` for llm-d's rule).
 
-The workload mixes **ongoing decodes** (``--decodes`` short prompts with ``--decode-output`` tokens each,
-started over the first seconds) with **long prompts** (``--longs`` prompts of ``--long-words`` words,
-``--long-output`` tokens each) arriving as a Poisson process at ``--rate``/s.  Aggregated, a long prompt's
-prefill runs in the same engine steps as the decodes beside it and stretches their inter-token gaps; split,
-the decode engine only loads KV.  Every prompt is unique to its mode (no cache helps either), engines'
-prefix caches are reset between modes, and the client (this process) is pinned away from the engine cores.
+The workload mixes **ongoing decodes** with **long prompts** (``--longs`` prompts of ``--long-words``
+words, ``--long-output`` tokens each) arriving as a Poisson process at ``--rate``/s.  The decodes are
+``--decodes`` closed loops (each starts within ``--decode-spread-s``, then sends a short prompt for
+``--decode-output`` tokens, and another when it ends) that run until every long prompt has arrived, so every
+long prompt lands among running streams.  Aggregated, a long prompt's prefill runs in the same engine steps
+as the decodes beside it and stretches their inter-token gaps; split, the decode engine only loads KV.  Every
+prompt is unique to its mode (no cache helps either), engines' prefix caches are reset between modes, and
+the client (this process) is pinned away from the engine cores.
 
 Reported per mode: TTFT p50/p99 (all requests, and long prompts alone), TPOT p50/p99 (a request's mean gap
-after its first token, requests with ≥ 2 tokens), errors, and the P/D gateway's remote/local prefill counts.
-``real_tpot_p99_pd_over_agg`` (goal ≤ 0.5) and ``real_ttft_p50_pd_over_agg`` / ``..._p99_...`` are the ratios.
+after its first token, requests with ≥ 2 tokens), ITL p50/p99 (every inter-token gap of the decodes: a
+stall shows here undiluted, where TPOT spreads it over the request's tokens), errors, and the P/D gateway's
+remote/local prefill counts.  ``real_tpot_p99_pd_over_agg`` (goal ≤ 0.5), ``real_itl_p99_pd_over_agg`` and
+``real_ttft_p50_pd_over_agg`` / ``..._p99_...`` are the ratios.
 
-    python bench/pd_real.py                        # writes bench/results/pd_real.json
-    python bench/pd_real.py --model tiny --decodes 2 --longs 2 --name pd_real_smoke   # smoke run
+``--sim`` runs the same flow end to end on simulated engines (``kvmesh.engines.SimEngine``, the
+``cpu-demo-small`` profile fitted to vLLM-CPU on one core, in real time, in this process; the P/D handshake
+without a cache node): a smoke test of the harness, whose figures are only indicative.
+
+    python bench/pd_real.py                        # writes bench/results/pd_real.json (~2 min + engine starts)
+    python bench/pd_real.py --sim --name pd_real_sim   # no vLLM: simulated engines
 
 ``bench/pd.py`` (virtual time) imports :func:`run_real` to put the real figures beside the simulated ones.
 """
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import pathlib
@@ -40,7 +49,7 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import httpx
@@ -50,7 +59,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from bench.common import pct, write_result
 from kvmesh.cache.node import CacheNode
 from kvmesh.config import BackendSpec, CacheNodeConfig, GatewayConfig, PdSettings, SupervisorConfig, VllmEngineConfig
-from kvmesh.engines import Supervisor, VllmEngine
+from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
 from kvmesh.gateway.app import Gateway
 from kvmesh.models import demo
 
@@ -72,6 +81,7 @@ class Sample:
     kind: str
     ttft_s: float | None = None
     tpot_s: float | None = None
+    gaps_s: list[float] = field(default_factory=list)  # inter-token gaps after the first token
     error: str = ""
 
 
@@ -86,13 +96,20 @@ class Fleet:
         model = ROOT / "models" / f"demo-{a.model}"
         if not demo.is_complete(model):
             demo.generate(a.model, model)
-        self.node = CacheNode(CacheNodeConfig(dram_mib=a.node_mib, ssd_mib=0, http_port=0), run_dir)
-        self.run(self.node.start())
-        sock = str(self.node.socket_path.resolve())
-        engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
-            model=str(model), served_model_name=MODEL, port=a.base_port + i, cpu_bind=core, cpu_affinity=core,
-            kv_cache_gib=2, max_model_len=demo.SPECS[a.model].max_positions, cache_node_socket=sock,
-            kv_events=False, env={"VLLM_SERVER_DEV_MODE": "1"}), run_dir) for i, core in enumerate(cores)]
+        self.node: CacheNode | None = None
+        engines: list[Engine]
+        if a.sim:  # simulated engines in this process: no cache node, no pinning
+            engines = [SimEngine(f"engine-{i}", str(model), MODEL, a.base_port + i, block_size=128)
+                       for i in range(len(cores))]
+        else:
+            self.node = CacheNode(CacheNodeConfig(dram_mib=a.node_mib, ssd_mib=0, http_port=0), run_dir)
+            self.run(self.node.start())
+            sock = str(self.node.socket_path.resolve())
+            engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
+                model=str(model), served_model_name=MODEL, port=a.base_port + i, cpu_bind=core,
+                cpu_affinity=core, kv_cache_gib=2, max_model_len=demo.SPECS[a.model].max_positions,
+                cache_node_socket=sock, kv_events=False, env={"VLLM_SERVER_DEV_MODE": "1"}), run_dir)
+                for i, core in enumerate(cores)]
         self.sup = Supervisor(engines, SupervisorConfig(replicas=len(engines), run_dir=str(run_dir)))
         self.run(self.sup.start(wait=True))
         self.urls = [e.url for e in engines]
@@ -120,22 +137,26 @@ class Fleet:
 
     def stop(self) -> None:
         self.run(self.sup.stop())
-        self.run(self.node.stop())
+        if self.node is not None:
+            self.run(self.node.stop())
 
 
-def workload(a: argparse.Namespace, tag: str) -> list[Job]:
-    """Decodes first (spread over ``--decode-spread-s``), long prompts at Poisson arrivals; same times for
-    every mode (seeded), prompts unique to ``tag``."""
+def workload(a: argparse.Namespace, tag: str) -> tuple[list[float], list[Job]]:
+    """The decode loops' start times (within ``--decode-spread-s``) and the long prompts at Poisson arrivals
+    after it; the same times in every mode (seeded), prompts unique to ``tag``."""
     rng = random.Random(a.seed)
-    jobs = [Job(rng.uniform(0, a.decode_spread_s), "decode",
-                f"{tag} chat {i}: " + " ".join(f"w{rng.randrange(500)}" for _ in range(48)), a.decode_output)
-            for i in range(a.decodes)]
-    t = a.decode_spread_s
+    starts = sorted(rng.uniform(0, a.decode_spread_s) for _ in range(a.decodes))
+    jobs, t = [], a.decode_spread_s
     for i in range(a.longs):
         t += rng.expovariate(a.rate)
         words = " ".join(f"{tag}{i}x{rng.randrange(10_000)}" for _ in range(a.long_words))
         jobs.append(Job(t, "long", f"{tag} doc {i}: {words}", a.long_output))
-    return sorted(jobs, key=lambda j: j.at_s)
+    return starts, jobs
+
+
+def decode_prompt(tag: str, slot: int, n: int) -> str:
+    rng = random.Random(f"{tag}/{slot}/{n}")
+    return f"{tag} chat {slot}.{n}: " + " ".join(f"w{rng.randrange(500)}" for _ in range(48))
 
 
 async def one(client: httpx.AsyncClient, url: str, job: Job, t0: float) -> Sample:
@@ -159,13 +180,35 @@ async def one(client: httpx.AsyncClient, url: str, job: Job, t0: float) -> Sampl
         s.ttft_s = stamps[0] - start
     if len(stamps) > 1:
         s.tpot_s = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+        s.gaps_s = [b - a for a, b in itertools.pairwise(stamps)]
     return s
 
 
-async def drive(url: str, jobs: list[Job], timeout_s: float) -> list[Sample]:
-    async with httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=len(jobs) + 4)) as c:
+async def decode_loop(client: httpx.AsyncClient, url: str, tag: str, slot: int, start_s: float, until_s: float,
+                      a: argparse.Namespace, t0: float) -> list[Sample]:
+    """One ongoing decode: a short prompt for ``--decode-output`` tokens, then the next, from ``start_s``
+    until ``until_s`` (seconds after ``t0``) has passed."""
+    out: list[Sample] = []
+    at = start_s
+    while at <= until_s:
+        s = await one(client, url, Job(at, "decode", decode_prompt(tag, slot, len(out)), a.decode_output), t0)
+        out.append(s)
+        if s.error:  # a broken engine would spin this loop
+            break
+        at = time.perf_counter() - t0
+    return out
+
+
+async def drive(url: str, tag: str, a: argparse.Namespace) -> list[Sample]:
+    starts, jobs = workload(a, tag)
+    until = max((j.at_s for j in jobs), default=a.decode_spread_s)
+    limits = httpx.Limits(max_connections=len(jobs) + len(starts) + 4)
+    async with httpx.AsyncClient(timeout=a.timeout_s, limits=limits) as c:
         t0 = time.perf_counter()
-        return list(await asyncio.gather(*(one(c, url, j, t0) for j in jobs)))
+        loops = [decode_loop(c, url, tag, i, s, until, a, t0) for i, s in enumerate(starts)]
+        longs, decodes = await asyncio.gather(asyncio.gather(*(one(c, url, j, t0) for j in jobs)),
+                                              asyncio.gather(*loops))
+    return [*longs, *(s for loop in decodes for s in loop)]
 
 
 def summary(samples: list[Sample]) -> dict[str, Any]:
@@ -175,9 +218,12 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
     ttft = [s.ttft_s for s in samples if s.ttft_s is not None]
     long_ttft = [s.ttft_s for s in samples if s.ttft_s is not None and s.kind == "long"]
     tpot = [s.tpot_s for s in samples if s.tpot_s is not None]
-    return {"requests": len(samples), "errors": sum(bool(s.error) for s in samples),
+    gaps = [g for s in samples if s.kind == "decode" for g in s.gaps_s]
+    return {"requests": len(samples), "decodes": sum(s.kind == "decode" for s in samples),
+            "errors": sum(bool(s.error) for s in samples),
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "long_ttft_p50_ms": ms(long_ttft, 50),
-            "long_ttft_p99_ms": ms(long_ttft, 99), "tpot_p50_ms": ms(tpot, 50), "tpot_p99_ms": ms(tpot, 99)}
+            "long_ttft_p99_ms": ms(long_ttft, 99), "tpot_p50_ms": ms(tpot, 50), "tpot_p99_ms": ms(tpot, 99),
+            "itl_p50_ms": ms(gaps, 50), "itl_p99_ms": ms(gaps, 99)}
 
 
 def gateway_counts(url: str) -> dict[str, float]:
@@ -194,7 +240,7 @@ def run_mode(fleet: Fleet, mode: str, a: argparse.Namespace) -> dict[str, Any]:
         httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
     gw = fleet.gateway(mode, a.policy, a.decision)
     try:
-        samples = asyncio.run(drive(gw.url, workload(a, f"{mode}{a.seed}"), a.timeout_s))
+        samples = asyncio.run(drive(gw.url, f"{mode}{a.seed}", a))
         return {**summary(samples), **gateway_counts(gw.url)}
     finally:
         fleet.run(gw.stop())
@@ -206,6 +252,7 @@ def ratio(x: object, y: object) -> float | None:
 
 def run_real(a: argparse.Namespace) -> dict[str, Any]:
     """Both modes on one pair of pinned engines; the metrics ``bench/pd.py`` and pd_real.json report."""
+    t0 = time.perf_counter()
     n_cpu = os.cpu_count() or 2
     cores = a.engine_cores.split(",") if a.engine_cores else [str(n_cpu - 2), str(n_cpu - 1)]
     rest = set(range(n_cpu)) - {int(c) for c in cores}
@@ -217,13 +264,16 @@ def run_real(a: argparse.Namespace) -> dict[str, Any]:
     finally:
         fleet.stop()
     agg, pd = modes["agg"], modes["pd"]
-    return {"engines": f"vLLM-CPU, demo-{a.model}, 2 replicas (one core each), kvmesh connector + cache node",
+    engines = (f"simulated (cpu-demo-small profile, real time), demo-{a.model} tokenizer, 2 replicas" if a.sim
+               else f"vLLM-CPU, demo-{a.model}, 2 replicas (one core each), kvmesh connector + cache node")
+    return {"engines": engines, "sim": a.sim, "wall_s": round(time.perf_counter() - t0, 1),
             "engine_cores": cores, "client_cores": sorted(rest),
             "workload": {"decodes": a.decodes, "decode_output": a.decode_output, "longs": a.longs,
                          "long_words": a.long_words, "long_output": a.long_output, "rate_rps": a.rate,
                          "seed": a.seed}, "pd_decision": a.decision,
             "agg": agg, "pd": pd,
             "real_tpot_p99_pd_over_agg": ratio(pd["tpot_p99_ms"], agg["tpot_p99_ms"]),
+            "real_itl_p99_pd_over_agg": ratio(pd["itl_p99_ms"], agg["itl_p99_ms"]),
             "real_ttft_p50_pd_over_agg": ratio(pd["ttft_p50_ms"], agg["ttft_p50_ms"]),
             "real_ttft_p99_pd_over_agg": ratio(pd["ttft_p99_ms"], agg["ttft_p99_ms"])}
 
@@ -231,7 +281,8 @@ def run_real(a: argparse.Namespace) -> dict[str, Any]:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--model", default="small", choices=sorted(demo.SPECS))
-    ap.add_argument("--decodes", type=int, default=8, help="ongoing decodes (short prompt, long output)")
+    ap.add_argument("--decodes", type=int, default=8, help="ongoing decode loops (short prompt, long output, "
+                    "the next when one ends) while the long prompts arrive")
     ap.add_argument("--decode-output", type=int, default=128)
     ap.add_argument("--decode-spread-s", type=float, default=2.0)
     ap.add_argument("--longs", type=int, default=12, help="long prompts arriving while the decodes run")
@@ -246,6 +297,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--base-port", type=int, default=18410)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--timeout-s", type=float, default=600)
+    ap.add_argument("--sim", action="store_true", help="simulated engines instead of vLLM (a smoke run)")
     ap.add_argument("--name", default="pd_real")
     return ap
 
