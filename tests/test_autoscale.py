@@ -12,9 +12,9 @@ from kvmesh.autoscale.cacheaware import Hotness, prewarm_plan, ramp_share, victi
 from kvmesh.autoscale.core import Behaviour, Capacity, Decision, Fleet, Policy, Scaler, ScalerConfig
 from kvmesh.autoscale.policies import DynamoConfig, DynamoPolicy, HpaPolicy, KpaPolicy, QueuePolicy, make_policy
 from kvmesh.autoscale.signals import AGGREGATED, EngineSignals, GatewaySignals, RoleSignals, Signals
-from kvmesh.autoscale.slo import SloConfig, SloPolicy
+from kvmesh.autoscale.slo import CapacityModel, MissFeedback, SloConfig, SloPolicy
 from kvmesh.sim.cluster import Slo, make_requests
-from kvmesh.sim.elastic import ElasticCluster, ElasticConfig
+from kvmesh.sim.elastic import ElasticCluster, ElasticConfig, profiled_capacity
 from kvmesh.sim.profiles import get_profile
 
 CAP = Capacity(prefill_tps=10_000, decode_concurrency=100, tpot_s=0.05)
@@ -265,3 +265,47 @@ def test_sim_actuator_respects_cold_start_and_drains_without_dropping() -> None:
     assert min(r.arrival for r in reqs if r.engine == "e2") >= 65  # cold start respected
     late = [r for r in reqs if r.arrival > 100]
     assert late and len({r.engine for r in late}) == 1  # drained replicas take no new request
+
+
+def test_slo_miss_feedback_raises_a_floor_until_misses_fall_and_backs_off_a_futile_one() -> None:
+    fb = MissFeedback(budget=0.01, window_s=120.0, start_s=60.0, decay_s=600.0)
+
+    def run(t0: float, t1: float, missed: int, replicas: int) -> int:
+        t, floor = t0, fb.floor
+        while t < t1:
+            fb.observe(t, 20, missed)
+            floor = fb.update(t, replicas)
+            t += 5.0
+        return floor
+
+    assert run(0, 115, 4, 1) == 0          # a window not yet full: no judgement
+    assert run(115, 125, 4, 1) == 2        # 20 % of TPOT misses over the 1 % budget: one more than exists
+    assert run(125, 305, 1, 2) == 2        # judged only a cold start + a window after the scale-up (125 s)
+    assert run(305, 310, 1, 2) == 3        # 5 % (was 20 %): the raise helped, and misses still over budget
+    assert run(310, 490, 1, 3) == 3
+    assert run(490, 495, 1, 3) == 2        # still 5 %: the third replica did not help; it is given back ...
+    assert run(495, 1000, 1, 2) == 2       # ... and not ordered again while the cap holds
+    assert run(1000, 1600, 0, 2) == 1      # under half the budget for decay_s: lowered by one
+
+
+def test_slo_learns_the_kv_bound_on_streams_per_replica() -> None:
+    model = CapacityModel(CAP)  # the prior: 100 streams per replica
+    for _ in range(20):  # 60 streams per replica fill 80 % of the cache: 0.9 * 60 / 0.8 = 67.5 fit
+        model.learn(RoleSignals(GatewaySignals(interval_s=5.0),
+                                tuple(EngineSignals(f"e{i}", 0, 60, 0.8) for i in range(2))), 2)
+    assert model.decode_concurrency(0.05) == pytest.approx(67.5)
+
+
+def test_profiled_capacity_is_bounded_by_the_kv_cache() -> None:
+    p = get_profile("h100-llama3-8b")  # 480k KV tokens
+    cap = profiled_capacity(p, 0.05, 9_000.0)
+    assert cap.decode_concurrency == pytest.approx(0.9 * 480_000 / 9_000)  # 48 fit; TPOT alone would allow ~90
+
+
+def test_slo_does_not_scale_in_while_warming_up() -> None:
+    act = FakeActuator(3, start_s=60.0)
+    scaler = Scaler(SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False)), act, ScalerConfig(1, 64, start_s=60.0))
+    drive(scaler, act, 0, 120, prompt_tokens=5 * 1_000)  # 0.1 replicas of load from the first tick
+    assert act.replicas(AGGREGATED) == 3 and "warming up" in scaler.history[-1].reason
+    drive(scaler, act, 120, 250, prompt_tokens=5 * 1_000)
+    assert act.replicas(AGGREGATED) < 3

@@ -6,7 +6,8 @@ cannot tell which one it runs under.  The contract:
 - :class:`GatewaySignals` covers the **last interval** (``interval_s`` seconds ending at ``Signals.now``):
   counters (arrivals, prompt tokens arrived, prompt tokens answered, output tokens streamed, requests
   finished) count events inside it; gauges (queued prefill tokens, in-flight) are sampled at its end;
-  latency percentiles are over the requests that got their first token / finished inside it (0.0 when none).
+  latency percentiles are over the requests that got their first token / finished inside it (0.0 when none);
+  the SLO miss counts are over the requests that finished inside it.
 - :class:`EngineSignals` is one serving replica's scrape at the interval's end (vLLM's
   ``num_requests_waiting``, ``num_requests_running``, ``kv_cache_usage_perc``).  Replicas still starting
   or draining are not listed: they neither serve nor take new work.
@@ -52,6 +53,8 @@ class GatewaySignals:
     tpot_p50_s: float = 0.0
     tpot_p90_s: float = 0.0
     shed: int = 0                   # requests refused up front (429/503) for lack of capacity
+    slo_missed_ttft: int = 0        # of ``finished``: over the deployment's TTFT / TPOT target (0 where the
+    slo_missed_tpot: int = 0        # actuator knows no target: the slo policy's attainment feedback is off)
 
     @property
     def arrival_rate(self) -> float:

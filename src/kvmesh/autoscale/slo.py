@@ -17,24 +17,41 @@ Per role, every tick:
    the fleet does: prefill tokens/s rises towards any observed per-replica throughput, and is set (smoothed)
    to the observed throughput when the fleet was saturated (prompt tokens still queued at the interval's
    end); decode concurrency at the TPOT target comes from a smoothed least-squares line TPOT = a + b x
-   streams per replica, fitted on the intervals' (streams, TPOT p50) pairs.  Learned figures stay within
-   [``min_factor``, ``max_factor``] of the prior.
+   streams per replica, fitted on the intervals' (streams, TPOT p50) pairs, and capped by what the KV cache
+   holds — streams per replica over the engines' KV usage, at ``kv_fill`` (a cache that fills makes new
+   requests wait for blocks whatever the step time: Azure conv x4 at 3 replicas sat at 100 % KV with TPOT
+   well under target and met 50 % of its SLO).  Learned figures stay within [``min_factor``,
+   ``max_factor``] of the prior.
 4. **Scale out**: replicas = ceil(demand / ``utilisation``).  **Panic on a predicted breach**: when the
    queued prefill tokens would take the ready fleet longer than ``backlog_s`` (default: the TTFT target) to
    drain, every request behind them misses its TTFT — order at least one more replica at once (none already
    starting).  An *observed* TTFT p90 over target is not a trigger by itself: a prompt too long to prefill
    within the target on an idle replica breaches at any fleet size, and reacting to it ratchets the fleet to
    its maximum (the first version did, on Mooncake's 100k-token prompts).
-5. **Scale in slowly, with hysteresis**: below the current count the policy recommends only what fits at
+5. **Scale in slowly, with hysteresis** (and not at all for the first ``scale_down_window_s``: the output
+   length is learned from finished requests, and the first to finish are the short ones — on Azure conv
+   the policy read a third of the load and drained two of five warm replicas in its second minute):
+   below the current count the policy recommends only what fits at
    ``scale_in_utilisation`` (lower than ``utilisation``), the scaler keeps the highest recommendation of
    ``scale_down_window_s`` and removes one replica at a time — so the forecast must stay below n-1 replicas'
    capacity with headroom for a whole window.
+6. **Miss feedback** (:class:`MissFeedback`): what rates cannot predict, the gateway's SLO miss counts can.
+   On Azure code a replica's mean load is ~0.2, yet a third of the answers (median 13 tokens) miss the
+   TPOT target — decoded beside the prefill chunks of a clump of prompts that arrived within a second.
+   When TPOT misses exceed ``1 - attainment_target`` of the requests finished over ``feedback_window_s``,
+   a replica floor rises to one more than exist; each raise is judged a cold start plus a window later, and
+   one that did not cut the misses by ``futile_ratio`` is given back and not repeated for a while (Mooncake's
+   last TPOT misses come from 100k-token prefills, which more replicas barely dilute).  A floor whose
+   misses stay under half the budget for ``feedback_decay_s`` drops by one; a drop that has to be undone
+   doubles that wait.  TTFT misses do not feed it: queued prefill has its own predictive trigger (4), and a
+   prompt too long for the target on an idle replica is no capacity problem.
 
 ``Slo.decide`` is pure given the observed history; nothing reads a clock.
 """
 
 from __future__ import annotations
 
+import collections
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -84,7 +101,9 @@ class CapacityModel:
     smoothing: float = 0.2
     min_factor: float = 0.5
     max_factor: float = 2.0
+    kv_fill: float = 0.9  # the KV cache share streams may hold (their contexts grow while they decode)
     prefill_tps: float = 0.0
+    kv_streams: float = 0.0  # learned streams per replica the KV cache holds (0: not yet seen a filling cache)
     # exponentially weighted sums for TPOT = a + b * streams
     _n: float = 0.0
     _x: float = 0.0
@@ -107,13 +126,25 @@ class CapacityModel:
         if saturated or observed > self.prefill_tps:  # smoothed: a prompt is counted whole when it answers
             self.prefill_tps += self.smoothing * (observed - self.prefill_tps)
         self.prefill_tps = self._bound(self.prefill_tps, self.prior.prefill_tps)
+        kv = s.kv_usage_sum / ready
+        if kv >= 0.5 and s.running > 0:  # streams a full cache holds, at the fill a decoding fleet sustains
+            full = self.kv_fill * s.running / ready / kv
+            self.kv_streams = full if not self.kv_streams else self.kv_streams + self.smoothing * (
+                full - self.kv_streams)
         if g.tpot_p50_s > 0 and s.running > 0:
             x, y, k = s.running / ready, g.tpot_p50_s, 1 - self.smoothing / 4
             self._n, self._x, self._y = k * self._n + 1, k * self._x + x, k * self._y + y
             self._xx, self._xy = k * self._xx + x * x, k * self._xy + x * y
 
     def decode_concurrency(self, tpot_s: float) -> float:
-        """Streams per replica at ``tpot_s``: from the fitted line when the samples spread, else the prior."""
+        """Streams per replica at ``tpot_s`` (from the fitted line when the samples spread, else the prior)
+        and within what the KV cache holds (learned from the engines' KV usage once a cache fills)."""
+        conc = self._tpot_concurrency(tpot_s)
+        if self.kv_streams > 0:
+            conc = min(conc, self._bound(self.kv_streams, self.prior.decode_concurrency))
+        return conc
+
+    def _tpot_concurrency(self, tpot_s: float) -> float:
         n = self._n
         if n < 3:
             return self.prior.decode_concurrency
@@ -126,6 +157,67 @@ class CapacityModel:
         if b <= 0:
             return self.prior.decode_concurrency
         return self._bound((tpot_s - a) / b, self.prior.decode_concurrency)
+
+
+@dataclass(slots=True)
+class MissFeedback:
+    """A replica floor driven by the SLO misses the gateway counts — the part of the SLO that rates cannot
+    predict (see the module docstring, step 6).  ``budget`` is the miss share allowed (1 - the attainment
+    target); the share is judged over ``window_s`` of finished requests, from one cold start after the last
+    change on (the replica it ordered serves by then)."""
+
+    budget: float
+    window_s: float
+    start_s: float
+    decay_s: float
+    min_finished: int = 50
+    futile_ratio: float = 0.7  # a raise that leaves more than this share of the misses is given back
+    floor: int = 0
+    samples: collections.deque[tuple[float, int, int]] = field(default_factory=collections.deque)
+    _changed_at: float = -math.inf
+    _raised: bool = False
+    _share_before: float = 1.0          # the miss share that ordered the last raise
+    _cap: int = 0                       # a raise to this floor did not help: none again until ``_cap_until``
+    _cap_until: float = -math.inf
+    _lowered_from: int = 0
+    _replicas: int = 0
+
+    def observe(self, now: float, finished: int, missed: int) -> None:
+        if self._changed_at == -math.inf:  # the first judgement waits for a whole window too
+            self._changed_at = now - self.start_s
+        self.samples.append((now, finished, missed))
+        while self.samples[0][0] <= now - self.window_s:
+            self.samples.popleft()
+
+    def update(self, now: float, replicas: int) -> int:
+        """The floor after this decision (0: none).  Any scale-up (this floor's or the rate model's) restarts
+        the judgement: misses from before it are being fixed already."""
+        if replicas > self._replicas and self._replicas:
+            self._changed_at = max(self._changed_at, now)
+        self._replicas = replicas
+        judge_from = self._changed_at + self.start_s
+        if now < judge_from + self.window_s:
+            return self.floor
+        done = sum(f for t, f, _ in self.samples if t > judge_from)
+        if done < self.min_finished:
+            return self.floor
+        share = sum(m for t, _, m in self.samples if t > judge_from) / done
+        if share > self.budget:
+            if self._raised and share > self.futile_ratio * self._share_before:  # the last replica did not help
+                self._cap, self._cap_until = self.floor, now + 4 * self.decay_s
+                self._set(now, self.floor - 1, raised=False)
+            elif not (self.floor + 1 >= self._cap > 0 and now < self._cap_until):
+                if max(self.floor, replicas) + 1 == self._lowered_from:  # lowering was wrong: wait longer next time
+                    self.decay_s = min(2 * self.decay_s, 3600.0)
+                self._share_before = share
+                self._set(now, max(self.floor, replicas) + 1, raised=True)
+        elif self.floor and share < self.budget / 2 and now - self._changed_at >= self.decay_s:
+            self._lowered_from = self.floor
+            self._set(now, self.floor - 1, raised=False)
+        return self.floor
+
+    def _set(self, now: float, floor: int, raised: bool) -> None:
+        self.floor, self._changed_at, self._raised = max(0, floor), now, raised
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,6 +236,9 @@ class SloConfig:
     alpha: float = 0.1
     beta: float = 0.05
     phi: float = 0.95                # trend damping per tick: a trend reaches at most phi / (1 - phi) ticks ahead
+    attainment_target: float = 0.99  # miss feedback: TPOT misses over 1 - this raise a replica floor ...
+    feedback_window_s: float = 240.0  # ... judged over this window (0: no feedback) ...
+    feedback_decay_s: float = 600.0  # ... and lowered one replica after this long with half the budget
 
 
 @dataclass(slots=True)
@@ -152,6 +247,8 @@ class _RoleState:
     rate: Holt = field(default_factory=Holt)
     prompt: Holt = field(default_factory=Holt)
     osl: float = 0.0
+    tpot: float = 0.0  # smoothed TPOT p50 of finished requests: how long a stream holds its slot per token
+    feedback: MissFeedback | None = None
 
 
 class SloPolicy(Policy):
@@ -163,14 +260,19 @@ class SloPolicy(Policy):
         self.behaviour = Behaviour(scale_down_window_s=cfg.scale_down_window_s, max_down_pods=1)
         self._roles: dict[str, _RoleState] = {}
         self._ready: dict[str, int] = {}
+        self._since = math.inf  # the first observation: no scale-in while the model is still warming up
 
     def _state(self, role: str) -> _RoleState:
         st = self._roles.get(role)
         if st is None:
-            st = self._roles[role] = _RoleState(CapacityModel(self.cfg.prior))
+            c = self.cfg
+            fb = MissFeedback(1 - c.attainment_target, c.feedback_window_s, c.start_s, c.feedback_decay_s) if (
+                c.feedback_window_s > 0 and role != "prefill") else None
+            st = self._roles[role] = _RoleState(CapacityModel(c.prior), feedback=fb)
         return st
 
     def observe(self, signals: Signals) -> None:
+        self._since = min(self._since, signals.now)
         for role, s in signals.roles.items():
             st, g = self._state(role), s.gateway
             if g.interval_s <= 0:
@@ -183,21 +285,25 @@ class SloPolicy(Policy):
             if g.finished:
                 mean = g.output_tokens / g.finished
                 st.osl = mean if st.osl == 0 else 0.9 * st.osl + 0.1 * mean
+            if g.tpot_p50_s > 0:
+                st.tpot = g.tpot_p50_s if st.tpot == 0 else 0.9 * st.tpot + 0.1 * g.tpot_p50_s
             if self.cfg.learn:
                 st.capacity.learn(s, len(s.engines))
+            if st.feedback is not None:
+                st.feedback.observe(signals.now, g.finished, g.slo_missed_tpot)
 
     def decide(self, now: float, signals: Signals, current: Mapping[str, Fleet]) -> Decision:
         desired: dict[str, int] = {}
         inputs: dict[str, float] = {}
         reasons: list[str] = []
         for role, fleet in current.items():
-            n, why, figures = self._role(role, signals.role(role), fleet)
+            n, why, figures = self._role(now, role, signals.role(role), fleet)
             desired[role] = n
             reasons.append(f"{role}: {why}")
             inputs |= {f"{role}.{k}": v for k, v in figures.items()}
         return Decision(desired, "; ".join(reasons), inputs)
 
-    def _role(self, role: str, s: RoleSignals, fleet: Fleet) -> tuple[int, str, dict[str, float]]:
+    def _role(self, now: float, role: str, s: RoleSignals, fleet: Fleet) -> tuple[int, str, dict[str, float]]:
         c, st, g = self.cfg, self._state(role), s.gateway
         horizon = c.horizon_s if c.horizon_s is not None else c.start_s + c.period_s
         steps = horizon / c.period_s
@@ -207,18 +313,27 @@ class SloPolicy(Policy):
         drain = g.queued_prefill_tokens / max(horizon, c.ttft_s) / cap
         prefill = prompt_tps / cap + drain
         conc_cap = st.capacity.decode_concurrency(c.tpot_s)
-        decode = rate * st.osl * c.tpot_s / conc_cap
+        # Little's law: streams = arrivals/s x tokens each x seconds per token — the observed TPOT, within
+        # [half, all] of the target (sizing every stream at the target overstated conv's streams by ~40 %)
+        per_token = min(c.tpot_s, max(st.tpot, 0.5 * c.tpot_s)) if st.tpot else c.tpot_s
+        decode = rate * st.osl * per_token / conc_cap
         load = {"prefill": prefill, "decode": decode}.get(role, prefill + decode)
         n = max(1, math.ceil(load / c.utilisation - 1e-9))
         why = f"load {load:.2f} replicas (prefill {prefill:.2f}, decode {decode:.2f}) at {c.utilisation:.0%}"
         if n < fleet.replicas:  # hysteresis: scale in only to a count with headroom
             n = min(fleet.replicas, max(1, math.ceil(load / c.scale_in_utilisation - 1e-9)))
             why = f"load {load:.2f} replicas: {n} carry it at {c.scale_in_utilisation:.0%}"
+            if now - self._since < c.scale_down_window_s:  # rates and output lengths are still warming up
+                n, why = fleet.replicas, f"{why}; warming up: no scale-in"
         backlog = g.queued_prefill_tokens / (max(fleet.ready, 1) * cap)
         if role != "decode" and backlog > (c.backlog_s or c.ttft_s) and fleet.starting == 0:
             n = max(n, fleet.replicas + 1)
             why = f"predicted TTFT breach: {backlog:.1f} s of queued prefill on {fleet.ready} ready: +1"
-        figures = {"rate_forecast": rate, "prompt_tps_forecast": prompt_tps,
+        floor = st.feedback.update(now, fleet.replicas) if st.feedback is not None else 0
+        if floor > n:
+            n, why = floor, f"{why}; TPOT misses over {1 - c.attainment_target:.1%}: floor {floor}"
+        figures = {"rate_forecast": rate, "miss_floor": floor, "prompt_tps_forecast": prompt_tps,
                    "prefill_load": prefill, "decode_load": decode, "drain_load": drain, "backlog_s": backlog,
-                   "prefill_tps_per_replica": cap, "decode_concurrency_per_replica": conc_cap, "osl": st.osl}
+                   "prefill_tps_per_replica": cap, "decode_concurrency_per_replica": conc_cap, "osl": st.osl,
+                   "tpot_observed": st.tpot}
         return n, why, figures
