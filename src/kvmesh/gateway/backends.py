@@ -94,6 +94,7 @@ class Backend:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     in_flight: int = 0
     pending_prefill_tokens: int = 0
+    prefilled_tokens: int = 0  # prefill tokens of requests whose first token came back (cumulative)
     engine_queue_value: int = 0
     engine_running_value: int = 0
     kv_usage_value: float = -1.0

@@ -201,7 +201,7 @@ class RequestPath:
             raise TypeError(type(b))
         gw = self.gw
         prefill = d.prefill_tokens if d.prefill_tokens is not None else req.route.prompt_tokens_estimate
-        queued = b.pending_prefill_tokens
+        done_before = b.prefilled_tokens
         b.pending_prefill_tokens += prefill
         self._enter(b)
 
@@ -209,9 +209,15 @@ class RequestPath:
             nonlocal prefill
             b.breaker.succeeded()
             if prefill >= 0:
+                # What b prefilled between this send and its first token, in whatever order the engine ran
+                # it (an engine priority lets later short prompts overtake): the throughput sample's work.
+                ahead, ttft = b.prefilled_tokens - done_before, time.perf_counter() - req.t_forward
                 b.pending_prefill_tokens -= prefill
+                b.prefilled_tokens += prefill
+                if req.stream:
+                    gw.pressure.observe(b.name, ahead + prefill, ttft)
                 prefill = -1
-                gw.policy.on_first_token(req.route, d, time.perf_counter() - req.t_forward, queued)
+                gw.policy.on_first_token(req.route, d, ttft, ahead)
 
         req.on_first = first_byte
         if req.rest_keys is not None:  # tokenised lazily: the whole key chain, off the request's path
@@ -239,7 +245,6 @@ class RequestPath:
     # 7 ------------------------------------------------------------------------------------------------
     async def relay(self, req: ProxyRequest, b: Backend) -> web.StreamResponse | None:
         gw = self.gw
-        ahead = b.pending_prefill_tokens  # what the engine must prefill before this one's first token
         try:
             upstream, first = await self.open(req, b)
         except CONNECT_ERRORS as e:
@@ -262,8 +267,6 @@ class RequestPath:
             gw.metrics.errors.labels("upstream_timeout").inc()
             raise ApiError(504, f"backend {b.name} did not answer in time") from None
         b.progressed()
-        if first:
-            gw.pressure.observe(b.name, ahead, time.perf_counter() - req.t_forward)
         async with upstream:
             if req.stream and upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 resp = await relay_stream(req, upstream, b, gw.metrics, first)
