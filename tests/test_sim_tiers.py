@@ -60,9 +60,10 @@ def test_tier_events_reach_the_index_for_the_machines_engines_only() -> None:
     for i, k in enumerate(keys):
         sys.save(1, k, keys[i - 1] if i else None, toks[i * BS:(i + 1) * BS])
     idx = KvIndex("kvmesh")
-    for names, evs in sys.take_events():
-        for n in names:
-            idx.apply(n, EventBatch(0.0, evs))
+    for source, names, _ in sys.readers:
+        idx.serve(source, names)
+    for source, evs in sys.take_events():
+        idx.apply(source, EventBatch(0.0, evs))
     m = idx.match(keys, ["e0", "e1", "e2", "e3"])
     assert [x.cpu for x in m] == [0, 0, 3, 3] and all(x.gpu == 0 for x in m)
     assert sys.take_events() == []
@@ -78,12 +79,38 @@ def test_pool_places_blocks_on_ring_owners_and_credits_every_engine() -> None:
     for k in keys:
         owners = set(ring.owners(k.to_bytes(8, "little"), 2))
         assert {n.name for n in sys.nodes if n.where(k)} == owners
-    [(names, evs)] = sys.take_events()
-    assert names == ("e0", "e1", "e2")
+    [(source, evs)] = sys.take_events()
+    [(_, names, _)] = sys.readers
+    assert source == "pool" and names == ("e0", "e1", "e2")
     idx = KvIndex("kvmesh")
-    for n in names:
-        idx.apply(n, EventBatch(0.0, evs))
+    idx.serve(source, names)
+    idx.apply(source, EventBatch(0.0, evs))
     assert [x.cpu for x in idx.match(keys, list(names))] == [6, 6, 6]
+
+
+def test_a_served_node_matches_as_if_its_events_were_credited_to_each_engine() -> None:
+    # what the simulator does (one apply under the node's name) against what the gateway does (one per engine)
+    toks, keys = _chain(6)
+    gpu = [BlockStored(block_hashes=keys[:2], parent_block_hash=None, token_ids=toks[:2 * BS], block_size=BS)]
+    node = [BlockStored(block_hashes=keys[:4], parent_block_hash=None, token_ids=toks[:4 * BS], block_size=BS,
+                        medium="CPU"),
+            BlockStored(block_hashes=keys[4:], parent_block_hash=keys[3], token_ids=toks[4 * BS:],
+                        block_size=BS, medium="STORAGE"),
+            BlockRemoved(block_hashes=[keys[3]], medium="CPU")]
+    shared, each = KvIndex("kvmesh"), KvIndex("kvmesh")
+    shared.serve("m0", ["e0", "e1"])
+    for idx in (shared, each):
+        idx.apply("e0", EventBatch(0.0, list(gpu)))
+    shared.apply("m0", EventBatch(0.0, list(node)))
+    for n in ("e0", "e1"):
+        each.apply(n, EventBatch(0.0, list(node)))
+    names = ["e0", "e1", "e2"]  # e2 reads no node
+    got = [(m.gpu, m.cpu, m.storage) for m in shared.match(keys, names)]
+    assert got == [(m.gpu, m.cpu, m.storage) for m in each.match(keys, names)] == [(2, 1, 0), (0, 3, 0), (0, 0, 0)]
+    # a forgotten node's bit goes to the next engine, which its old readers must not inherit
+    shared.forget_engine("m0")
+    shared.apply("e3", EventBatch(0.0, list(node)))
+    assert [m.cpu for m in shared.match(keys, ["e0", "e1", "e3"])] == [0, 0, 3]
 
 
 def test_load_time_is_bytes_over_each_link_plus_latency() -> None:
@@ -134,6 +161,10 @@ def test_engine_loads_the_tiers_prefix_and_charges_the_step() -> None:
     toks = list(range(100))
     keys = [int(k) for k in block_keys(toks, 16, SEED)]
     a.add(SimRequest(1, toks, keys, 1, 0.0))
+    first = a.step(0.0)
+    # the 6 full blocks it computed are copied out to the node at the end of that step (wait_for_save)
+    save = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
+    assert first.duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0) + save)
     while a.has_work():
         a.step(0.0)
     assert sys.held(0, keys) == 6 and a.tier_hits == 0

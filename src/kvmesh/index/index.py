@@ -9,6 +9,11 @@ Speculative ("pending") entries: right after a request is routed, its blocks are
 engine with a short TTL, so a burst of requests sharing a prefix follows the first one before the engine's
 events arrive.  The approximate ``prefix`` policy uses the same mechanism with a long TTL and no events.
 
+Shared sources (:meth:`KvIndex.serve`): a cache node's tier events may be applied once, under the node's own
+name, instead of once per engine it serves; :meth:`match` then continues each serving engine's chain through
+the node's CPU/STORAGE entries as if they were the engine's own.  Same answers, one apply per event instead
+of one per engine (the simulator's pooled tier feeds every engine; per-engine application dominated its time).
+
 Not thread-safe: owned by one event loop (the gateway's); every method is synchronous and O(blocks).
 """
 
@@ -87,6 +92,7 @@ class KvIndex:
         self._pending: dict[int, int] = {}
         self._pending_exp: dict[tuple[int, int], float] = {}  # latest expiry per (key, engine bit)
         self._pending_q: collections.deque[tuple[float, int, int]] = collections.deque()
+        self._reads: dict[str, int] = {}  # engine name -> bits of the shared sources (nodes) it loads from
         self.blocks_stored = 0
         self.blocks_removed = 0
         # the keys of the last stored event: a cache node's event is applied once per engine it serves
@@ -105,6 +111,15 @@ class KvIndex:
             e = self.engines[name] = EngineEntry(name, bit)
             self._by_bit[bit] = e
         return e
+
+    def serve(self, source: str, engines: Sequence[str]) -> None:
+        """``engines`` may load what ``source`` (a cache node applied under its own name) holds in its lower
+        tiers: :meth:`match` counts those entries for them.  By name, so an engine that is forgotten and comes
+        back under the same name still reads the node."""
+        bit = 1 << self.engine(source).bit
+        for name in engines:
+            self.engine(name)  # known before its own first event: it matches the node's blocks already
+            self._reads[name] = self._reads.get(name, 0) | bit
 
     def clear_engine(self, name: str) -> int:
         """Forget everything ``name`` holds (engine restarted, events lost, cache reset); returns blocks."""
@@ -139,6 +154,8 @@ class KvIndex:
         # refreshed the key, and otherwise clears a bit that is already clear
         del self.engines[name]
         del self._by_bit[e.bit]
+        for reader, reads in list(self._reads.items()):  # a forgotten source: its bit may be reused
+            self._reads[reader] = reads & ~bit
         return n
 
     def clear_tiers(self, name: str, tiers: int) -> int:
@@ -304,7 +321,7 @@ class KvIndex:
             m = out[i]
             m.gpu = gpu_len.get(b, 0)
             if lower:
-                self._lower(keys, m, 1 << b)
+                self._lower(keys, m, 1 << b | self._reads.get(names[i], 0))
         return out
 
     def _gpu_prefix(self, keys: Sequence[int], alive: int) -> dict[int, int]:
@@ -326,12 +343,12 @@ class KvIndex:
             alive ^= low
         return lengths
 
-    def _lower(self, keys: Sequence[int], m: Match, bit: int) -> None:
+    def _lower(self, keys: Sequence[int], m: Match, bits: int) -> None:
         cpu, storage = self.tiers[1], self.tiers[2]
         for k in keys[m.gpu:]:
-            if cpu.get(k, 0) & bit:
+            if cpu.get(k, 0) & bits:
                 m.cpu += 1
-            elif storage.get(k, 0) & bit:
+            elif storage.get(k, 0) & bits:
                 m.storage += 1
             else:
                 return

@@ -118,6 +118,9 @@ class SimResult:
     tier_hit_rate: float = 0.0      # share of prompt tokens loaded from DRAM/SSD/pool tiers
     load_s_total: float = 0.0       # time engines spent loading from the tiers
     pd: dict[str, Any] = field(default_factory=dict)  # P/D clusters: PdFlow.stats()
+    ttft_p90_s: float = 0.0
+    cpu_s: float = 0.0              # this process's CPU time for the run (a speed figure other load cannot skew)
+    utilisation: float = 0.0        # engines' mean share of the run spent stepping
 
     def row(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
@@ -161,6 +164,8 @@ class Cluster:
         cfg = routing or RoutingConfig(prefix_block_size=block_size)
         # speculative entries expire in virtual time
         self.index = KvIndex("kvmesh", pending_ttl_s=cfg.speculative_ttl_s, clock=lambda: self.now)
+        for source, readers, _ in self.tiers.readers if self.tiers else ():
+            self.index.serve(source, readers)  # a node's events are applied once, not once per reader
         if informed:  # the profile's true figures, in simulated tokens, instead of learning them
             cfg = cfg.model_copy(update={
                 "prefill_tps": profile.prefill_tps / token_scale, "decode_penalty_s": profile.decode_s_per_seq,
@@ -203,7 +208,7 @@ class Cluster:
 
     def run(self, reqs: list[SimRequest], give_up: Callable[[SimRequest], bool] | None = None) -> SimResult:
         """Simulate ``reqs`` to the end, or until ``give_up`` (told of each finished request) says True."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for r in reqs:
             self._push(r.arrival, _ARRIVE, r)
         # A decode-only engine fast-forwards until the next arrival: only an arrival can add work to it (other
@@ -217,7 +222,9 @@ class Cluster:
             now, _, kind, obj = heapq.heappop(self._heap)
             self.now = now
             self._handle(now, kind, obj)
-        return self._result(time.perf_counter() - t0, now)
+        res = self._result(time.perf_counter() - t0, now)
+        res.cpu_s = time.process_time() - c0
+        return res
 
     def _arrive(self, now: float, r: SimRequest) -> None:
         self._next_arrival += 1
@@ -287,8 +294,8 @@ class Cluster:
         if events:
             self._push(now + self.event_delay_s, _EVENTS, ((b.name,), EventBatch(now, events)))
         if self.tiers is not None:
-            for readers, evs in self.tiers.take_events():
-                self._push(now + self.event_delay_s, _EVENTS, (readers, EventBatch(now, evs)))
+            for source, evs in self.tiers.take_events():
+                self._push(now + self.event_delay_s, _EVENTS, ((source,), EventBatch(now, evs)))
         b.stepping = False
         if b.core.has_work():
             self._step(now, b)
@@ -310,7 +317,8 @@ class Cluster:
                          sum(tpot) / n, _q(tpot, 0.5), _q(tpot, 0.99), good / n,
                          max(load, default=0) / max(sum(load) / max(len(load), 1), 1), loaded / max(queries, 1),
                          self.tiers.stats.seconds if self.tiers else 0.0,
-                         self.pd.stats(end) if self.pd is not None else {})
+                         self.pd.stats(end) if self.pd is not None else {}, _q(ttft, 0.9), 0.0,
+                         sum(b.busy_s for b in self.backends) / max(len(self.backends) * end, 1e-9))
 
 
 def _q(xs: list[float], p: float) -> float:

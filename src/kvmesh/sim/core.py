@@ -8,7 +8,10 @@ computed).  The step's duration comes from a :class:`TimingProfile`.
 
 With ``tier`` set (a :class:`kvmesh.sim.tiers.MachineView`), admission continues the GPU prefix through the
 machine's cache tiers: those blocks are loaded, not computed, and their load time is added to the admitting
-step (the connector loads synchronously before the forward pass); every computed block is saved to the tiers.
+step (the connector loads synchronously before the forward pass); every computed block is saved to the tiers,
+and the copy of the blocks the tiers did not hold yet is added to the step too (the connector's
+``wait_for_save`` copies them out at the end of the forward pass before the step returns; the commit to the
+node is not waited for).
 
 Token scale: a simulated token may stand for ``token_scale`` real tokens (traces scaled down so that
 millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
@@ -32,7 +35,8 @@ class TierAccess(Protocol):
 
     def held(self, keys: Sequence[int]) -> int: ...
     def load(self, keys: Sequence[int]) -> float: ...
-    def save(self, key: int, parent: int | None, tokens: list[int]) -> None: ...
+    def save(self, key: int, parent: int | None, tokens: list[int]) -> bool: ...
+    def save_seconds(self, blocks: int) -> float: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -83,6 +87,7 @@ class EngineCore:
         self.tier_hits = 0       # prompt tokens loaded from the tiers
         self.received = 0        # prompt tokens whose KV arrived from a prefill engine
         self._load_s = 0.0       # load time of this step's admissions
+        self._save_blocks = 0    # blocks this step copies out to the tiers
 
     def add(self, req: SimRequest) -> None:
         req.engine = self.name
@@ -130,11 +135,14 @@ class EngineCore:
         ctx = sum(len(r.tokens) + r.generated for r in decodes)
         s = self.scale
         dur = self.profile.step_seconds(int(sum(n for _, n in chunks) * s), attn * s * s, len(decodes), int(ctx * s))
-        dur, self._load_s = dur + self._load_s, 0.0
+        for r, n in chunks:
+            self._compute(r, n)  # counts the blocks this step saves
+        if self._save_blocks and self.tier is not None:
+            dur += self.tier.save_seconds(self._save_blocks)
+        dur, self._load_s, self._save_blocks = dur + self._load_s, 0.0, 0
         end = now + dur
         firsts: list[SimRequest] = []
-        for r, n in chunks:
-            self._compute(r, n)
+        for r, _ in chunks:
             if not r.prefilling:
                 r.generated = 1
                 r.first_token_at = end
@@ -236,7 +244,7 @@ class EngineCore:
             extra = [(r.salt,)] if i == 0 and r.salt else None
             self.pool.store(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs], extra)
             if self.tier is not None:
-                self.tier.save(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs])
+                self._save_blocks += self.tier.save(r.keys[i], parent, r.tokens[i * bs:(i + 1) * bs])
             r.held.append(r.keys[i])
             r.extra_blocks -= 1
 

@@ -3,7 +3,9 @@
 What is modelled, and how it maps to the real system:
 
 - **Saves.** Every block an engine computes is saved to its machine's node (the connector's write-through
-  ``wait_for_save``, committed with ``wait=False``): no time is charged for it.  Pooled, a block goes to its
+  ``wait_for_save``, committed with ``wait=False``): the copy of the blocks not held yet crosses the host link
+  at the end of the step that computed them (charged to that step, latency once per step); the commit is not
+  waited for.  Pooled, a block goes to its
   owners instead: the first ``replication`` nodes of :class:`kvmesh.cache.pool.ring.Ring` (the cache pool's own
   ring, weighted by DRAM capacity).
 - **Loads.** Admission continues an engine's GPU prefix through the tiers: the consecutive blocks its node
@@ -16,9 +18,11 @@ What is modelled, and how it maps to the real system:
   Contention between engines sharing a link is not modelled.
 - **Room.** A full DRAM evicts by kvmesh's own policy (:mod:`kvmesh.cache.eviction`) and demotes the victim to
   SSD (stored-then-removed, the node's event order); a full SSD drops its victim.
-- **Events.** Tier changes are vLLM-format events with medium CPU (DRAM) or STORAGE (SSD), credited to every
-  engine that can read the node — its machine's engines, or all engines when pooled — as the gateway's
-  ``CacheNodeSpec.engines`` does.  Block hashes are kvmesh's own chained keys, as the simulated GPU pool's are.
+- **Events.** Tier changes are vLLM-format events with medium CPU (DRAM) or STORAGE (SSD), applied to the
+  index once under the node's name (pooled: one stream, ``pool``) and read by every engine that can load from
+  the node — its machine's engines, or all engines when pooled — through ``KvIndex.serve``: the same matches
+  as the gateway's ``CacheNodeSpec.engines`` crediting each event to each engine, at one apply per event.
+  Block hashes are kvmesh's own chained keys, as the simulated GPU pool's are.
 
 Not thread-safe; driven by the cluster's event loop.
 """
@@ -119,14 +123,16 @@ class CacheNode:
         """``"dram"``, ``"ssd"`` or None; no side effects."""
         return "dram" if key in self.dram else "ssd" if key in self.ssd else None
 
-    def put(self, key: int, parent: int | None, tokens: list[int]) -> None:
+    def put(self, key: int, parent: int | None, tokens: list[int]) -> bool:
+        """Store a new block; False if held already (the engine's reserve finds it and skips the write)."""
         if key in self.dram or key in self.ssd:
-            return  # the engine's reserve finds it held and skips the write
+            return False
         self.meta[key] = (parent, tokens)
         if self.dram_cap:
             self._into_dram(key)
         elif self.ssd_cap:
             self._into_ssd(key)
+        return True
 
     def read(self, key: int, leased: set[int] | None = None) -> str | None:
         """A load: touches the key, promotes an SSD hit into DRAM (keeping the SSD copy); returns its tier.
@@ -224,20 +230,23 @@ class TierSystem:
         self._by_name = {n.name: n for n in self.nodes}
         names = [f"e{i}" for i in range(replicas)]
         epm = cfg.engines_per_machine
-        # who may load what each node holds (the gateway's CacheNodeSpec.engines); pooled: everyone
-        self.readers: list[tuple[tuple[str, ...], CacheNode]] = (
-            [(tuple(names), self.nodes[0])] if cfg.pooled else
-            [(tuple(names[i * epm:(i + 1) * epm]), n) for i, n in enumerate(self.nodes)])
+        # who may load what each node holds (the gateway's CacheNodeSpec.engines); pooled: everyone, from
+        # one event stream (the nodes share it) published as "pool"
+        self.readers: list[tuple[str, tuple[str, ...], CacheNode]] = (
+            [("pool", tuple(names), self.nodes[0])] if cfg.pooled else
+            [(n.name, tuple(names[i * epm:(i + 1) * epm]), n) for i, n in enumerate(self.nodes)])
         self.ring = Ring.build({n.name: max(cfg.dram_bytes, cfg.ssd_bytes, 1) for n in self.nodes}) \
             if cfg.pooled else None
         self.stats = LoadStats()
+        self._owners: dict[int, list[CacheNode]] = {}
 
-    def take_events(self) -> list[tuple[tuple[str, ...], list[Event]]]:
-        """Each node's events since the last call (pooled: one stream), with the engines credited."""
+    def take_events(self) -> list[tuple[str, list[Event]]]:
+        """Each node's events since the last call (pooled: one stream), under the source name that
+        ``readers`` pairs with the engines that may load them (``KvIndex.serve``)."""
         out = []
-        for names, node in self.readers:
+        for source, _, node in self.readers:
             if node.events:
-                out.append((names, list(node.events)))
+                out.append((source, list(node.events)))
                 node.events.clear()
         return out
 
@@ -247,7 +256,10 @@ class TierSystem:
     def _homes(self, machine: int, key: int) -> list[CacheNode]:
         if self.ring is None:
             return [self.nodes[machine]]
-        return [self._by_name[n] for n in self.ring.owners(_kb(key), self.cfg.replication)]
+        homes = self._owners.get(key)
+        if homes is None:  # the ring never changes during a run: a key's owners are looked up once
+            homes = self._owners[key] = [self._by_name[n] for n in self.ring.owners(_kb(key), self.cfg.replication)]
+        return homes
 
     def held(self, machine: int, keys: Sequence[int]) -> int:
         """Leading ``keys`` loadable by an engine of ``machine`` (no side effects)."""
@@ -279,9 +291,17 @@ class TierSystem:
         st.seconds += secs
         return secs
 
-    def save(self, machine: int, key: int, parent: int | None, tokens: list[int]) -> None:
+    def save(self, machine: int, key: int, parent: int | None, tokens: list[int]) -> bool:
+        """Whether the engine copies the block out (some owner lacked it)."""
+        new = False
         for h in self._homes(machine, key):
-            h.put(key, parent, tokens)
+            new = h.put(key, parent, tokens) or new
+        return new
+
+    def save_seconds(self, blocks: int) -> float:
+        """The engine's copy of ``blocks`` into its node's memory over the host link; forwarding to pool
+        owners happens after the commit, off the engine's path."""
+        return self.profile.host.seconds(blocks * self.block_bytes)
 
 
 @dataclass(slots=True)
@@ -297,5 +317,8 @@ class MachineView:
     def load(self, keys: Sequence[int]) -> float:
         return self.system.load(self.machine, keys)
 
-    def save(self, key: int, parent: int | None, tokens: list[int]) -> None:
-        self.system.save(self.machine, key, parent, tokens)
+    def save(self, key: int, parent: int | None, tokens: list[int]) -> bool:
+        return self.system.save(self.machine, key, parent, tokens)
+
+    def save_seconds(self, blocks: int) -> float:
+        return self.system.save_seconds(blocks)
