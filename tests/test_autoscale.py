@@ -283,9 +283,13 @@ def test_slo_miss_feedback_raises_a_floor_until_misses_fall_and_backs_off_a_futi
     assert run(125, 305, 1, 2) == 2        # judged only a cold start + a window after the scale-up (125 s)
     assert run(305, 310, 1, 2) == 3        # 5 % (was 20 %): the raise helped, and misses still over budget
     assert run(310, 490, 1, 3) == 3
-    assert run(490, 495, 1, 3) == 2        # still 5 %: the third replica did not help; it is given back ...
-    assert run(495, 1000, 1, 2) == 2       # ... and not ordered again while the cap holds
-    assert run(1000, 1600, 0, 2) == 1      # under half the budget for decay_s: lowered by one
+    assert run(490, 605, 1, 3) == 3        # still 5 %: the third replica looks futile; one window proves little
+    assert run(605, 615, 1, 3) == 2        # a second window alike: it is given back ...
+    assert run(615, 800, 1, 2) == 2        # ... and not ordered again while the cap holds
+    # the share is judged over everything since the change: the early misses weigh until enough clean requests
+    # dilute them under half the budget (~1,920 s), and decay_s has passed
+    assert run(800, 1800, 0, 2) == 2
+    assert run(1800, 2100, 0, 2) == 1
 
 
 def test_slo_learns_the_kv_bound_on_streams_per_replica() -> None:
