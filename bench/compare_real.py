@@ -9,6 +9,10 @@ compressed to ``--rate`` requests/s — more than the two engines can serve, so 
 prompts capped at ``--max-input`` and outputs at ``--max-output``.  By default the slice is the first N
 requests of conversations with follow-ups (first two blocks shared with another request): ~29 % of their
 prompt tokens are reusable at 2,048 tokens, where the trace's first 200 requests share ~8 %.
+The engines run vLLM's ``--scheduling-policy priority``: kvmesh kv-aware is run with its saturation queue
+order (``queue_order = "uncached-first"``, :mod:`kvmesh.gateway.order`) and again without it
+(``kvmesh-kv-aware/fcfs``); every other router's requests carry no priority, so the engines serve them
+first-come-first-served exactly as under the default policy.
 aiperf replays it (``mooncake_trace``, fixed schedule,
 ``--isl-block-size 128``, streaming completions) through each router in turn; both engines' prefix caches
 are reset before every router.  Reported per router: aiperf's TTFT mean/p50/p99, TPOT p50/p99 (aiperf's
@@ -20,7 +24,8 @@ chat and Mooncake) and the virtual-time oracle ratios (``bench/sim_mooncake.py``
 
     make routers                                  # sglang-router into .venv-routers
     python bench/compare_real.py --install-aiperf # once: aiperf into .venv-aiperf (PyPI)
-    python bench/compare_real.py [--requests 200 --rate 2 --routers kvmesh-kv-aware,sglang-cache_aware,...]
+    python bench/compare_real.py --requests 100 --rate 0.5 [--routers kvmesh-kv-aware,sglang-cache_aware,...]
+    python bench/compare_real.py --refresh-others   # re-read the simulated/virtual-time figures only
     python bench/compare_real.py --sim --requests 8 --max-output 4 --name routing_v2_smoke   # smoke test
 """
 
@@ -214,11 +219,13 @@ class Engines:
                 asyncio.run_coroutine_threadsafe(srv.start(), self.loop).result()
             self.urls = [srv.url for srv in self.servers]
             return
+        # priority scheduling: kvmesh's uncached-first order sends a priority; requests without one (the
+        # other routers, kvmesh with queue_order fcfs) all have 0 and run first-come-first-served
         engines = [VllmEngine(f"engine-{i}", VllmEngineConfig(
             model=str(model), served_model_name=MODEL, port=18210 + i, cpu_bind=core, cpu_affinity=core,
             kv_cache_gib=2, max_model_len=demo.SPECS["small"].max_positions, kv_events_endpoint=ev,
-            env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=("--scheduling-policy", "priority")), run_dir) for i, (core, ev) in enumerate(zip(cores, self.events,
-                                                                                        strict=True))]
+            env={"VLLM_SERVER_DEV_MODE": "1"}, extra_args=("--scheduling-policy", "priority")), run_dir)
+            for i, (core, ev) in enumerate(zip(cores, self.events, strict=True))]
         self.sup = Supervisor(engines, SupervisorConfig(replicas=len(engines), run_dir=str(run_dir)))
         self.loop.run_until_complete(self.sup.start(wait=True))
         self.urls = [e.url for e in engines]
@@ -250,6 +257,16 @@ def other_results() -> dict[str, object]:
             "kvaware_over_oracle_weka": weka.get("kvaware_over_oracle")}
 
 
+def refresh_others(path: pathlib.Path) -> None:
+    """Update the simulated-engine and virtual-time figures in a recorded result; its command, date and
+    real-engine figures stay (``others_refreshed`` says when the rest was read)."""
+    doc = json.loads(path.read_text())
+    doc["metrics"].update(other_results())
+    doc["others_refreshed"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"refreshed {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=200)
@@ -266,9 +283,14 @@ def main() -> None:
     ap.add_argument("--install-aiperf", action="store_true", help="pip install aiperf into .venv-aiperf and exit")
     ap.add_argument("--sim", action="store_true", help="two simulated engines instead of vLLM (smoke test)")
     ap.add_argument("--name", default="routing_v2")
+    ap.add_argument("--refresh-others", action="store_true", help="only re-read the other benchmarks' figures "
+                    "into bench/results/NAME.json (after re-running them); the real-engine run is kept")
     a = ap.parse_args()
     if a.install_aiperf:
         install_aiperf()
+        return
+    if a.refresh_others:
+        refresh_others(ROOT / "bench" / "results" / f"{a.name}.json")
         return
     if not (AIPERF_VENV / "bin" / "aiperf").exists():
         sys.exit("aiperf not installed: python bench/compare_real.py --install-aiperf")
