@@ -313,3 +313,17 @@ def test_slo_does_not_scale_in_while_warming_up() -> None:
     assert act.replicas(AGGREGATED) == 3 and "warming up" in scaler.history[-1].reason
     drive(scaler, act, 120, 250, prompt_tokens=5 * 1_000)
     assert act.replicas(AGGREGATED) < 3
+
+
+def test_autoscale_set_parses_settings_and_rejects_unknown_ones() -> None:
+    from kvmesh.autoscale.local import LocalConfig, parse_tuning, tuned_policy
+
+    tuning = parse_tuning(["scale_down_window_s=300", "utilisation = 0.7"])
+    assert tuning == {"scale_down_window_s": 300.0, "utilisation": 0.7}
+    pol = tuned_policy(LocalConfig("slo", tuning=tuning))
+    assert isinstance(pol, SloPolicy) and pol.cfg.scale_down_window_s == 300.0 and pol.cfg.utilisation == 0.7
+    for bad in ("scale_down_window_s", "=3", "utilisation=high"):
+        with pytest.raises(ValueError, match="NAME=NUMBER"):
+            parse_tuning([bad])
+    with pytest.raises(ValueError, match="no setting"):
+        tuned_policy(LocalConfig("slo", tuning={"panic_window_s": 10.0}))

@@ -67,6 +67,21 @@ class LocalConfig:
     tuning: Mapping[str, float] = field(default_factory=dict)
 
 
+def parse_tuning(items: Sequence[str]) -> dict[str, float]:
+    """``NAME=VALUE`` settings (``kvmesh up --autoscale-set``) as ``LocalConfig.tuning``; ``ValueError`` for
+    one that is not a name and a number.  Whether the policy has the setting is checked by ``tuned_policy``."""
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise ValueError(f"--autoscale-set {item!r}: expected NAME=NUMBER, e.g. scale_down_window_s=300")
+    return out
+
+
 def tuned_policy(cfg: LocalConfig) -> Policy:
     """``cfg.policy`` with its published defaults, then ``cfg.tuning`` over its config (``ValueError`` for a
     field the policy does not have)."""
