@@ -267,7 +267,7 @@ def refresh_others(path: pathlib.Path) -> None:
     print(f"refreshed {path}")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--rate", type=float, default=2.0, help="mean arrivals/s (saturating for two CPU engines)")
@@ -285,7 +285,11 @@ def main() -> None:
     ap.add_argument("--name", default="routing_v2")
     ap.add_argument("--refresh-others", action="store_true", help="only re-read the other benchmarks' figures "
                     "into bench/results/NAME.json (after re-running them); the real-engine run is kept")
-    a = ap.parse_args()
+    return ap.parse_args()
+
+
+def main() -> None:
+    a = parse_args()
     if a.install_aiperf:
         install_aiperf()
         return
