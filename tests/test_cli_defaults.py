@@ -48,7 +48,7 @@ CONFIG_OPTIONS: dict[str, dict[str, Field]] = {
 }
 NOT_CONFIG = {"up": {"config", "verbose",
                      # --autoscale settings are the local actuator's (kvmesh.autoscale.local.LocalConfig)
-                     "autoscale", "autoscale_policy", "min_replicas", "max_replicas"},
+                     "autoscale", "autoscale_policy", "min_replicas", "max_replicas", "autoscale_set"},
               "gateway": {"backend", "kv_events", "config", "verbose"},
               "engine": {"config", "verbose"}, "cache-node": {"config", "verbose"}, "cache status": {"as_json"}}
 # Options for a required field that the command's --config file may give instead (the command checks for one).

@@ -148,6 +148,9 @@ def up(
     min_replicas: Annotated[int, typer.Option("--min", help="--autoscale: fewest replicas (0: scale to "
                                                            "zero; set [gateway] cold_start_hold_s)")] = 1,
     max_replicas: Annotated[int, typer.Option("--max", help="--autoscale: most replicas")] = 4,
+    autoscale_set: Annotated[list[str] | None, typer.Option(
+        "--autoscale-set", help="--autoscale: a policy setting NAME=NUMBER over its default (repeatable), "
+                                "e.g. scale_down_window_s=300; see README, Autoscaling")] = None,
     verbose: bool = False,
 ) -> None:
     """Start the local stack: demo model (generated if missing), N engine replicas and the gateway.
@@ -165,9 +168,10 @@ def up(
               1)
     cfg = with_run_dir(cfg)
     with up_errors(_fail):
-        from kvmesh.autoscale.local import LocalConfig
+        from kvmesh.autoscale.local import LocalConfig, parse_tuning
 
-        auto = LocalConfig(autoscale_policy, min_replicas, max_replicas) if autoscale else None
+        auto = LocalConfig(autoscale_policy, min_replicas, max_replicas,
+                           tuning=parse_tuning(autoscale_set or ())) if autoscale else None
         stack = Stack(cfg, engine_args=tuple(ctx.args), autoscale=auto)
         stack.preflight()
 
