@@ -28,6 +28,7 @@ so other load on the machine does not skew it), for pooled DRAM+SSD at load 1 an
 from __future__ import annotations
 
 import argparse
+import functools
 import multiprocessing
 import pathlib
 import sys
@@ -54,12 +55,13 @@ _TRACE: list[TraceRequest] = []
 _PROMPTS: list[list[int]] = []
 
 
-def configs(dram: int, ssd: int, per_machine: int) -> dict[str, TierConfig | None]:
+def configs(dram: int, ssd: int, per_machine: int, overlap: bool = False) -> dict[str, TierConfig | None]:
+    tc = functools.partial(TierConfig, engines_per_machine=per_machine, overlap_saves=overlap)
     return {
         "gpu-only": None,
-        "dram": TierConfig(engines_per_machine=per_machine, dram_bytes=dram),
-        "pooled-dram": TierConfig(engines_per_machine=per_machine, dram_bytes=dram, pooled=True),
-        "pooled-dram-ssd": TierConfig(engines_per_machine=per_machine, dram_bytes=dram, ssd_bytes=ssd, pooled=True),
+        "dram": tc(dram_bytes=dram),
+        "pooled-dram": tc(dram_bytes=dram, pooled=True),
+        "pooled-dram-ssd": tc(dram_bytes=dram, ssd_bytes=ssd, pooled=True),
     }
 
 
@@ -143,6 +145,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--loads", default="1,2,3,4,6,8,12,16", help="arrival-rate multiples to sweep, ascending (1 = the "
                     "trace's own rate)")
     ap.add_argument("--ttft-slo-s", type=float, default=2.0, help="GPU-only TTFT p90 that bounds the operating point")
+    ap.add_argument("--overlap-saves", action="store_true", help="what-if: saves copied out behind compute "
+                    "(kvmesh's connector copies them synchronously at the end of the step)")
     ap.add_argument("--jobs", type=int, default=2, help="simulations run at once (processes)")
     ap.add_argument("--name", default="sim_tiers", help="result file name under bench/results")
     return ap.parse_args()
@@ -157,7 +161,7 @@ def main() -> None:
     reqs = _TRACE
     ceiling, (_, trace_ceiling) = sim_ceiling_hit(reqs), infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s
-    cfgs = configs(int(args.dram_tb * TB), int(args.ssd_tb * TB), args.per_machine)
+    cfgs = configs(int(args.dram_tb * TB), int(args.ssd_tb * TB), args.per_machine, args.overlap_saves)
     print(f"{len(reqs)} requests over {span:.0f} s; ceiling {ceiling:.3f} (trace token ceiling {trace_ceiling:.3f})")
     print("| replicas | load | tiers | TTFT mean | TTFT p90 | hit rate | from tiers | utilisation | speed (CPU) |\n"
           + "| --- " * 9 + "|")
@@ -172,7 +176,7 @@ def main() -> None:
         "trace_format": args.format, "requests": len(reqs), "trace_span_s": round(span, 1),
         "profile": PROFILE, "policy": "kv-aware", "engines_per_machine": args.per_machine,
         "dram_tb_per_machine": args.dram_tb, "ssd_tb_per_machine": args.ssd_tb,
-        "load_overlaps_compute": False, "save_copy_charged": True, "ceiling_hit": round(ceiling, 4),
+        "load_overlaps_compute": False, "save_copy_charged": not args.overlap_saves, "ceiling_hit": round(ceiling, 4),
         "trace_token_ceiling": round(trace_ceiling, 4), "loads": args.loads, "ttft_slo_s": args.ttft_slo_s,
         "operating_point_rule": f"highest swept load at which GPU-only TTFT p90 <= {args.ttft_slo_s:g} s",
         "sim_speedup_rule": "simulated seconds / simulator process CPU seconds, pooled DRAM+SSD at the first load",

@@ -84,6 +84,7 @@ class TierConfig:
     replication: int = 1
     eviction: str = "lru"
     profile: str | None = None  # a TIER_PROFILES name; default: the timing profile's
+    overlap_saves: bool = False  # what-if: a connector that copies saves out behind compute (kvmesh's does not)
 
     def __post_init__(self) -> None:
         if self.engines_per_machine < 1 or self.replication < 1 or self.dram_bytes < 0 or self.ssd_bytes < 0:
@@ -301,7 +302,7 @@ class TierSystem:
     def save_seconds(self, blocks: int) -> float:
         """The engine's copy of ``blocks`` into its node's memory over the host link; forwarding to pool
         owners happens after the commit, off the engine's path."""
-        return self.profile.host.seconds(blocks * self.block_bytes)
+        return 0.0 if self.cfg.overlap_saves else self.profile.host.seconds(blocks * self.block_bytes)
 
 
 @dataclass(slots=True)
