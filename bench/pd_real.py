@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import itertools
 import json
 import os
@@ -221,6 +222,7 @@ def summary(samples: list[Sample]) -> dict[str, Any]:
     gaps = [g for s in samples if s.kind == "decode" for g in s.gaps_s]
     return {"requests": len(samples), "decodes": sum(s.kind == "decode" for s in samples),
             "errors": sum(bool(s.error) for s in samples),
+            "error_kinds": dict(collections.Counter(s.error for s in samples if s.error)),  # e.g. status 503
             "ttft_p50_ms": ms(ttft, 50), "ttft_p99_ms": ms(ttft, 99), "long_ttft_p50_ms": ms(long_ttft, 50),
             "long_ttft_p99_ms": ms(long_ttft, 99), "tpot_p50_ms": ms(tpot, 50), "tpot_p99_ms": ms(tpot, 99),
             "itl_p50_ms": ms(gaps, 50), "itl_p99_ms": ms(gaps, 99)}
