@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
-from kvmesh.routing import Decision
-
 if TYPE_CHECKING:
     from kvmesh.gateway.app import Gateway
     from kvmesh.gateway.request import ProxyRequest
+    from kvmesh.routing import Decision
 
 _json = msgspec.json.Encoder()
 _EPOCH = time.perf_counter()  # priorities count from here: small ints, monotonic within the process
@@ -45,22 +44,13 @@ def rank(arrival_s: float, uncached_tokens: int, tps: float, aging: float) -> in
     return round(((arrival_s - _EPOCH) + aging * uncached_tokens / max(tps, 1e-9)) * 1000.0)
 
 
-def replica_tps(gw: Gateway, name: str) -> float:
-    """Prefill tokens/s of replica ``name``: learned, else the fleet's learned mean, else the configured."""
-    learned = gw.pressure.learned_tps
-    if name in learned:
-        return learned[name]
-    if learned:
-        return sum(learned.values()) / len(learned)
-    return gw.cfg.routing.prefill_tps
-
-
 def prioritise(gw: Gateway, req: ProxyRequest, d: Decision) -> None:
     """Give ``req`` its engine priority for backend ``d.backend`` (no-op unless ``queue_order`` is
     ``uncached-first``).  Rewrites the body the engine receives; the client's own ``priority`` is replaced."""
     if gw.cfg.queue_order != "uncached-first":
         return
     uncached = d.prefill_tokens if d.prefill_tokens is not None else req.route.prompt_tokens_estimate
-    req.priority = rank(req.t_arrival, uncached, replica_tps(gw, d.backend.name), gw.cfg.order_aging)
+    tps = gw.pressure.replica_tps(d.backend.name) or gw.cfg.routing.prefill_tps  # nothing learned yet: configured
+    req.priority = rank(req.t_arrival, uncached, tps, gw.cfg.order_aging)
     req.payload["priority"] = req.priority
     req.body = _json.encode(req.payload)

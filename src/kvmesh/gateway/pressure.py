@@ -59,6 +59,12 @@ class Pressure:
     def queued_prefill_tokens(self) -> int:
         return sum(b.pending_prefill_tokens for b in self.backends()) + self.held_tokens()
 
+    def replica_tps(self, name: str) -> float | None:
+        """Prefill tokens/s of replica ``name``: learned, else the mean of those learned (None: none yet)."""
+        if name in self.learned_tps:
+            return self.learned_tps[name]
+        return sum(self.learned_tps.values()) / len(self.learned_tps) if self.learned_tps else None
+
     def fleet_tps(self) -> float | None:
         """Prefill tokens/s of the replicas in rotation; None until one was measured."""
         live = [b.name for b in self.backends() if b.healthy]
