@@ -107,11 +107,14 @@ def router_cmd(name: str, urls: list[str], port: int, events: list[str], model: 
     if name.startswith("kvmesh-"):
         # Shedding off: the comparison offers more than the engines can serve on purpose, and the other
         # routers queue everything, so kvmesh must too (its default sheds beyond a 60 s expected wait).
-        # "kvmesh-<policy>[/<queue order>]": uncached-first unless told (kvmesh.gateway.order).
+        # "kvmesh-<policy>[/<queue order>[:<aging>]]": uncached-first with the default aging unless told
+        # (kvmesh.gateway.order).
         policy, _, order = name[len("kvmesh-"):].partition("/")
+        order, _, aging = order.partition(":")
         conf = model.parent.parent / "run" / f"compare-real-gateway-{port}.toml"
         conf.parent.mkdir(parents=True, exist_ok=True)
-        conf.write_text(f'[gateway]\nmax_expected_wait_s = 1e9\nqueue_order = "{order or "uncached-first"}"\n')
+        conf.write_text(f'[gateway]\nmax_expected_wait_s = 1e9\nqueue_order = "{order or "uncached-first"}"\n'
+                        + (f"order_aging = {float(aging)}\n" if aging else ""))
         cmd = [sys.executable, "-m", "kvmesh", "gateway", "--config", str(conf), "--port", str(port),
                "--policy", policy, "--tokenizer", str(model)]
         for u, ev in zip(urls, events, strict=True):
