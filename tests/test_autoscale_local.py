@@ -22,7 +22,8 @@ import httpx
 import pytest
 
 from kvmesh.autoscale.core import Decision, Fleet, Policy
-from kvmesh.autoscale.local import LocalConfig
+from kvmesh.autoscale.local import LocalConfig, slo_targets
+from kvmesh.autoscale.policies import make_policy
 from kvmesh.autoscale.signals import AGGREGATED, Signals
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, engine_config
 from kvmesh.engines.sim import SimEngine
@@ -267,3 +268,36 @@ def test_scale_from_zero_holds_the_request_until_the_first_replica_is_ready(zero
         assert fut.result() == (200, "engine-0")
     assert [ev["event"] for ev in auto.actuator.events] == ["starting", "serving"]
     assert st.gateway.admission.holding == 0 and st.gateway.pressure.shed["cold_start"] == 0
+
+
+@pytest.fixture
+def slo_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
+    # the slo policy with targets every stream's TPOT misses and no TTFT misses (whatever the machine's speed)
+    auto = LocalConfig(policy="slo", min_replicas=1, max_replicas=1, interval_s=3600, ramp_s=0,
+                       tuning={"ttft_s": 1000.0, "tpot_s": 1e-9})
+    st = make_stack(tmp_path, tiny_model, loop_thread, auto)
+    yield st
+    loop_thread.run(st.stop())
+
+
+def test_local_signals_count_slo_misses_against_the_policys_targets(slo_stack: Stack,
+                                                                    loop_thread: LoopThread) -> None:
+    st = slo_stack
+    auto, url = st.autoscaler, st.gateway.url
+    assert auto is not None and auto.targets == (1000.0, 1e-9)
+    assert slo_targets(make_policy("queue", auto.cfg.capacity)) is None  # no SLO: no misses counted
+    loop_thread.call(auto.signals)  # a fresh window
+    for i in range(3):
+        assert stream(url, [*HOT, 900 + i])[-1] == "data: [DONE]"
+    for i in range(2):  # whole answers: finished, never a miss (the gateway sees no first token)
+        assert complete(url, [*HOT, 950 + i])[0] == 200
+    wait_until(lambda: auto.window.arrivals == 5, 30, "5 requests observed")  # observers run after the relay
+    g = loop_thread.call(auto.signals).role(AGGREGATED).gateway
+    assert (g.finished, g.slo_missed_ttft, g.slo_missed_tpot) == (5, 0, 3)
+    assert g.tpot_p50_s > 0 and g.ttft_p50_s > 0
+    auto.targets = (1e-9, 1000.0)  # now every stream misses its TTFT and none its TPOT
+    for i in range(2):
+        stream(url, [*HOT, 970 + i])
+    wait_until(lambda: auto.window.arrivals == 2, 30, "2 requests observed")
+    g = loop_thread.call(auto.signals).role(AGGREGATED).gateway
+    assert (g.finished, g.slo_missed_ttft, g.slo_missed_tpot) == (2, 2, 0)

@@ -20,6 +20,9 @@
   in-flight ones, streams included, run to their end), the actuator waits until it has none in flight (at
   most ``drain_timeout_s``, then stops it anyway and says so), removes it from the pool and the index, and
   stops the engine (``Supervisor.remove``: no restart).
+- **signals**: each served request counts in the interval it ends in — its TTFT, its TPOT (streams) and
+  whether it missed the policy's SLO targets (``slo``'s ``ttft_s`` / ``tpot_s``, :func:`slo_targets`), which
+  feed ``slo``'s miss-feedback floor as in the simulator.
 - **policy**: one of :mod:`kvmesh.autoscale.policies`' registry with its published defaults;
   ``LocalConfig.tuning`` overrides fields of its config (shorter windows for a demo, a bench or a test).
 - **scale to zero** (``min_replicas = 0``): the gateway holds requests while no replica is ready
@@ -98,6 +101,15 @@ def tuned_policy(cfg: LocalConfig) -> Policy:
         HpaPolicy.__init__(p, new)
         return p
     return type(p)(new)  # type: ignore[call-arg]
+
+
+def slo_targets(policy: Policy) -> tuple[float, float] | None:
+    """The (TTFT, TPOT) targets the gateway's misses are counted against: the policy's own (``slo``, as
+    tuned by ``--autoscale-set ttft_s=... tpot_s=...``); None for a policy with no SLO (its miss counts stay
+    0, as the signals' contract says for an actuator that knows no target)."""
+    cfg = getattr(policy, "cfg", None)
+    ttft, tpot = getattr(cfg, "ttft_s", None), getattr(cfg, "tpot_s", None)
+    return (float(ttft), float(tpot)) if isinstance(ttft, float | int) and isinstance(tpot, float | int) else None
 
 
 class _Engine(Protocol):
@@ -242,8 +254,26 @@ class _Window:
 
     def __init__(self) -> None:
         self.arrivals = self.prompt = self.output = 0
+        self.missed_ttft = self.missed_tpot = 0
         self.ttfts: list[float] = []
         self.tpots: list[float] = []
+
+    def served(self, req: Any, end: float, targets: tuple[float, float] | None) -> None:
+        """One finished request's latencies (``end``: when its response ended, ``perf_counter``), and whether
+        it missed ``targets`` (TTFT, TPOT; None: none known, no miss counted).  TPOT is the gateway's own
+        figure (``kvmesh.gateway.proxy``): the time after the first event over the events between the first
+        and the closing ``[DONE]``.  A whole (non-streamed) answer has no first token the gateway sees: it
+        is counted as finished and never as a miss."""
+        if not req.chunks:
+            return
+        ttft = req.t_first - req.t_arrival
+        self.ttfts.append(ttft)
+        tpot = (end - req.t_first) / (req.chunks - 2) if req.chunks > 2 else 0.0
+        if req.chunks > 2:
+            self.tpots.append(tpot)
+        if targets is not None:
+            self.missed_ttft += ttft > targets[0]
+            self.missed_tpot += tpot > targets[1]
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -265,6 +295,7 @@ class LocalAutoscaler:
                                     lambda: self.hot.snapshot(time.monotonic()),
                                     lambda e: b.in_flight if (b := gw.pool.get(e)) is not None else 0)
         policy = tuned_policy(cfg)
+        self.targets = slo_targets(policy)
         self.scaler = Scaler(policy, self.actuator, ScalerConfig(cfg.min_replicas, cfg.max_replicas,
                                                                  interval_s=cfg.interval_s, start_s=cfg.start_s),
                              victims=victims)
@@ -282,8 +313,7 @@ class LocalAutoscaler:
         w.arrivals += 1
         w.prompt += ctx.prompt_tokens_estimate
         w.output += max(req.chunks - 1, 0)
-        if req.chunks:
-            w.ttfts.append(req.t_first - req.t_arrival)
+        w.served(req, time.perf_counter(), self.targets)
         if ctx.block_keys and ctx.token_ids:
             keys = list(ctx.block_keys)
             self.hot.touch(keys, time.monotonic())
@@ -299,7 +329,9 @@ class LocalAutoscaler:
                            prefill_tokens_done=w.prompt, output_tokens=w.output, finished=w.arrivals,
                            queued_prefill_tokens=self.gw.pressure.queued_prefill_tokens(),
                            in_flight=sum(b.in_flight for b in backends), ttft_p50_s=_pct(w.ttfts, 0.5),
-                           ttft_p90_s=_pct(w.ttfts, 0.9), shed=shed - self.shed_seen)
+                           ttft_p90_s=_pct(w.ttfts, 0.9), tpot_p50_s=_pct(w.tpots, 0.5),
+                           tpot_p90_s=_pct(w.tpots, 0.9), shed=shed - self.shed_seen,
+                           slo_missed_ttft=w.missed_ttft, slo_missed_tpot=w.missed_tpot)
         self.shed_seen = shed
         engines = tuple(EngineSignals(b.name, max(b.engine_queue - b.running, 0), max(b.running, b.in_flight),
                                       max(b.kv_usage, 0.0)) for b in backends)
