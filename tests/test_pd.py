@@ -9,6 +9,7 @@ sleeps for correctness: a hung engine never answers, so a timeout is certain; wa
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import json
 import pathlib
@@ -40,14 +41,16 @@ HANDOFF = {"do_remote_prefill": True, "do_remote_decode": False, "remote_engine_
 
 class PdEngine:
     """An OpenAI-compatible engine for P/D tests.  ``mode``: ok | hang (accepts, never answers) | error (500)
-    | no_params (answers without kv_transfer_params) | drop (closes the connection on generation requests).
-    ``gate``: streams stop after their first event until it is set."""
+    | no_params (answers without kv_transfer_params) | drop (closes the connection on generation requests)
+    | busy (answers once ``gate`` is set; its ``/metrics`` token counter moves on every scrape meanwhile, as
+    a loaded vLLM's does).  ``gate``: streams stop after their first event until it is set."""
 
     def __init__(self, mode: str = "ok") -> None:
         self.mode = mode
         self.bodies: list[dict[str, Any]] = []
         self.cancelled = 0
         self.gate = asyncio.Event()
+        self.scrapes = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -63,6 +66,7 @@ class PdEngine:
         app = web.Application()
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/v1/completions", self._generate)
         app.router.add_post("/v1/chat/completions", self._generate)
         self.runner = web.AppRunner(app, handler_cancellation=True)
@@ -70,6 +74,12 @@ class PdEngine:
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
         self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        if self.mode != "busy":
+            return web.Response(status=404)
+        self.scrapes += 1  # tokens computed for the other requests it is busy with
+        return web.Response(text=f'vllm:prompt_tokens_total{{model_name="{MODEL}"}} {self.scrapes * 100}\n')
 
     async def stop(self) -> None:
         self.gate.set()
@@ -88,6 +98,8 @@ class PdEngine:
     async def _answer(self, request: web.Request, body: dict[str, Any]) -> web.StreamResponse:
         if self.mode == "hang":
             await asyncio.Event().wait()
+        if self.mode == "busy":
+            await self.gate.wait()
         if self.mode == "error":
             return web.json_response({"error": {"message": "boom"}}, status=500)
         if self.mode == "drop" and request.transport is not None:
@@ -134,7 +146,7 @@ def pd_gateway(make_gateway: Any, prefill: list[PdEngine], decode: list[PdEngine
     kw["pd"] = {"decision": "threshold", **kw.get("pd", {})}
     backends = [{"url": e.url, "role": "prefill"} for e in prefill] + [{"url": e.url, "role": "decode"}
                                                                           for e in decode]
-    return make_gateway(backends=tuple(backends), policy="round-robin", health_interval_s=300, **kw)
+    return make_gateway(backends=tuple(backends), policy="round-robin", **{"health_interval_s": 300, **kw})
 
 
 def metric(gw: Any, line: str) -> float:
@@ -264,6 +276,35 @@ def test_prefill_failure_falls_back_to_local_prefill(mode: str, reason: str, eng
     assert len(p.bodies) == 1 and "kv_transfer_params" not in d.bodies[0]
     assert metric(gw, f'kvmesh_pd_fallbacks_total{{reason="{reason}"}}') == 1
     assert metric(gw, "kvmesh_pd_remote_prefills_total") == 0
+
+
+def test_busy_prefill_engine_is_waited_on_not_abandoned(engines: Any, make_gateway: Any,
+                                                         loop_thread: LoopThread) -> None:
+    """Overload is not failure: a prefill engine still computing (its counters move between scrapes) outlives
+    ``prefill_timeout_s`` windows; giving up would throw its work away and load the decode engine with it."""
+    p, d = engines("busy", "ok")
+    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 2.0}, health_interval_s=0.05)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, gw, "completions", request_body("completions", False))
+        wait_until(lambda: metric(gw, "kvmesh_gateway_busy_waits_total") >= 1, 60, "a busy window")
+        loop_thread.call(p.gate.set)
+        r = answer.result(timeout=60)
+    assert r.status_code == 200 and d.bodies[0]["kv_transfer_params"] == HANDOFF
+    assert metric(gw, "kvmesh_pd_remote_prefills_total") == 1 and p.cancelled == 0
+    assert all(b.breaker.trips == 0 for b in gw.pool.backends)
+
+
+def test_prefill_engine_busy_past_the_limit_falls_back_without_a_breaker_trip(engines: Any,
+                                                                              make_gateway: Any) -> None:
+    p, d = engines("busy", "ok")
+    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 2.0}, health_interval_s=0.05,
+                    busy_timeout_s=4.0)
+    r = post(gw, "completions", request_body("completions", False))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+    assert "kv_transfer_params" not in d.bodies[0]
+    assert metric(gw, 'kvmesh_pd_fallbacks_total{reason="prefill_busy"}') == 1
+    assert all(b.breaker.trips == 0 for b in gw.pool.backends)
+    wait_until(lambda: p.cancelled == 1, 30, "the leg's cancellation")  # closed: vLLM aborts it
 
 
 def test_prefill_engine_down_falls_back(engines: Any, make_gateway: Any, loop_thread: LoopThread) -> None:

@@ -22,8 +22,9 @@ class PdSettings(BaseModel):
                                            "engine below which it prefills itself (a short prompt pays no hop)")
     max_prefill_queue_s: float = Field(default=2.0, ge=0, description="A prefill engine whose estimated queue is "
                                        "longer is saturated: the decode engine prefills instead")
-    prefill_timeout_s: float = Field(default=30.0, gt=0, description="The remote prefill's limit; past it the "
-                                     "decode engine prefills itself")
+    prefill_timeout_s: float = Field(default=30.0, gt=0, description="A window with no answer and no progress "
+                                     "on the prefill engine (hung): the decode engine prefills itself; a busy "
+                                     "one is waited on up to the gateway's busy_timeout_s")
     tpot_budget_s: float = Field(default=0.05, gt=0, description="A local prefill stalls the decode engine's "
                                  "running streams when their step, with it and the prefills queued before "
                                  "it, would exceed this")

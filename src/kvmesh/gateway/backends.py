@@ -187,6 +187,19 @@ class BackendPool:
         if self._on_health:
             self._on_health(b, reason)
 
+    async def _scrape(self, http: aiohttp.ClientSession, b: Backend) -> None:
+        async with http.get(f"{b.url}/metrics") as r:
+            if r.status != 200:
+                return
+            text = await r.read()
+        running, waiting, b.kv_usage_value = parse_engine_metrics(text)
+        work = (engine_work(text), running, waiting)
+        if b.work_seen[0] >= 0 and work != b.work_seen:
+            b.progressed()  # counted tokens or its queue moved since the last scrape
+        b.work_seen = work
+        b.engine_running_value, b.engine_queue_value = running, running + waiting
+        b.engine_queue_at = time.monotonic()
+
     def known_models(self) -> set[str]:
         return {m for b in self.backends for m in b.models}
 
@@ -207,16 +220,10 @@ class BackendPool:
                     cards = (await r.json()).get("data", [])
                 b.model_cards = [c for c in cards if isinstance(c, dict)]
                 b.models = frozenset(str(c.get("id")) for c in b.model_cards)
-            if ok and self.scrape_metrics:
-                async with http.get(f"{b.url}/metrics") as r:
-                    text = await r.read()
-                running, waiting, b.kv_usage_value = parse_engine_metrics(text)
-                work = (engine_work(text), running, waiting)
-                if r.status == 200 and b.work_seen[0] >= 0 and work != b.work_seen:
-                    b.progressed()  # counted tokens or its queue moved since the last scrape
-                b.work_seen = work if r.status == 200 else b.work_seen
-                b.engine_running_value, b.engine_queue_value = running, running + waiting
-                b.engine_queue_at = time.monotonic()
+            # P/D engines are always scraped: the decode-first decision reads their running counts, and a
+            # prefill leg (never streamed) learns that its engine is busy rather than hung only from here.
+            if ok and (self.scrape_metrics or b.role != "both"):
+                await self._scrape(http, b)
             if ok:
                 b.slow_checks = 0
                 self.set_health(b, True)

@@ -12,17 +12,19 @@ kvmesh's own ``KvmeshConnector``):
 2. the **decode leg**: the original request (stream or not) with those ``kv_transfer_params`` goes to the
    decode engine, which loads the prompt's KV instead of computing it; the answer is relayed as usual.
 
-Failures never reach the client: a prefill engine that refuses the connection, stays silent past
-``[gateway.pd] prefill_timeout_s``, answers an error status or no ``kv_transfer_params`` leaves the request
-as it was, so the decode engine prefills itself (``kvmesh_pd_fallbacks_total{reason}``).  A decode engine
-that fails before its first byte is replaced by another one with the same parameters (the blocks stay where
-the prefill engine put them).  A client that hangs up cancels the handler, which closes whichever leg is
-open (vLLM aborts a request whose connection closes).
+Failures never reach the client: a prefill engine that refuses the connection, stays silent and makes no
+progress for ``[gateway.pd] prefill_timeout_s`` (a busy one is waited on, see :func:`_post`), answers an
+error status or no ``kv_transfer_params`` leaves the request as it was, so the decode engine prefills
+itself (``kvmesh_pd_fallbacks_total{reason}``).  A decode engine that fails before its first byte is
+replaced by another one with the same parameters (the blocks stay where the prefill engine put them).  A
+client that hangs up cancels the handler, which closes whichever leg is open (vLLM aborts a request whose
+connection closes).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -155,22 +157,54 @@ async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: flo
 
 
 async def _post(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) -> tuple[int, bytes]:
-    """(status, body) of the prefill leg; PrefillFailed on connect errors, a broken answer or the timeout."""
+    """(status, body) of the prefill leg; PrefillFailed on connect errors, a broken answer or silence.
+
+    The leg waits in windows of ``timeout_s``, as a stream waits for its first token (:meth:`RequestPath.open`):
+    a window in which the prefill engine made no progress at all (its token counters and queue still) means
+    it is hung → its breaker opens, ``prefill_timeout``; one in which it made progress means busy → wait on,
+    up to the gateway's ``busy_timeout_s`` in all, then ``prefill_busy`` without a breaker trip.  Giving up on
+    a busy engine throws its work away and hands the same prompt to an engine that is no less loaded — the
+    amplification that turned an overloaded 1P+1D fleet's prefill engine idle while its decode engine drowned."""
     headers = {"content-type": "application/json", "x-request-id": f"{req.route.request_id}-prefill"}
     if "authorization" in req.http.headers:
         headers["authorization"] = req.http.headers["authorization"]
     body = _json.encode(prefill_payload(req.endpoint, req.payload))
+
+    async def leg() -> tuple[int, bytes]:
+        async with gw.http.post(f"{b.url}{req.path}", data=body, headers=headers) as r:
+            return r.status, await r.read()
+
+    task = asyncio.ensure_future(leg())
     try:
-        async with asyncio.timeout(timeout_s):
-            async with gw.http.post(f"{b.url}{req.path}", data=body, headers=headers) as r:
-                return r.status, await r.read()
+        return await _await_progressing(gw, b, task, timeout_s)
     except CONNECT_ERRORS as e:
         gw.path.bypass(b, "upstream_connect", f"prefill leg: connect failed: {type(e).__name__}")
         raise PrefillFailed("prefill_connect", type(e).__name__) from None
-    except TimeoutError:
-        # a hung prefill engine: its breaker opens, so the next long prompts go elsewhere or stay local
-        gw.path.bypass(b, "pd_prefill_timeout", f"prefill leg: no answer within {timeout_s:g}s", poke=False)
-        raise PrefillFailed("prefill_timeout", f"no answer within {timeout_s:g}s") from None
     except aiohttp.ClientError as e:
         gw.path.bypass(b, "pd_prefill_broken", f"prefill leg broke: {type(e).__name__}")
         raise PrefillFailed("prefill_broken", type(e).__name__) from None
+    finally:
+        if not task.done():
+            task.cancel()  # the connection closes: vLLM aborts the prefill
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def _await_progressing(gw: Gateway, b: Backend, task: asyncio.Future[tuple[int, bytes]],
+                             window_s: float) -> tuple[int, bytes]:
+    """``task``'s result, waiting on while ``b`` makes progress (see :func:`_post`)."""
+    start = time.monotonic()
+    while True:
+        window = time.monotonic()
+        left = start + gw.cfg.busy_timeout_s - window
+        done, _ = await asyncio.wait({task}, timeout=max(min(window_s, left), 0.0))
+        if done:
+            return task.result()
+        if not b.progressed_since(window):
+            # a hung prefill engine: its breaker opens, so the next long prompts go elsewhere or stay local
+            gw.path.bypass(b, "pd_prefill_timeout", f"prefill leg: no answer within {window_s:g}s and no "
+                           "progress on the engine", poke=False)
+            raise PrefillFailed("prefill_timeout", f"no answer within {window_s:g}s, no progress")
+        if time.monotonic() - start >= gw.cfg.busy_timeout_s:
+            raise PrefillFailed("prefill_busy", f"busy: no answer within {gw.cfg.busy_timeout_s:g}s")
+        gw.metrics.busy_waits.inc()
