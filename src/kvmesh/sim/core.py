@@ -198,6 +198,7 @@ class EngineCore:
         self.pool.allocate(need)
         r.extra_blocks = need
         r.cached = r.computed = hit * bs
+        self._load_s += self.profile.request_overhead_s  # per-request engine work, in the admitting step
         self.pool.queries += len(r.tokens)
         self.pool.hits += r.cached
         if r.remote_kv:

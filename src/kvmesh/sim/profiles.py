@@ -6,6 +6,16 @@ One engine step runs the scheduled prefill chunks and one decode token for every
            + prefill_tokens / prefill_tps                       (linear: weights, MLP)
            + attn_s_per_token2 * sum(new_tokens * context)       (quadratic: attention over the context)
            + decode_seqs * decode_s_per_seq + decode_context_tokens * decode_s_per_ctx_token
+           + admitted_requests * request_overhead_s               (per request, once, in its first step)
+
+``overhead_s`` is paid by every step (prefill and decode: scheduling, input preparation, sampling, output);
+``request_overhead_s`` once per request, charged to the step that admits it like a tier load (the engine's
+per-request work: adding it, hashing its blocks, the prefix lookups, the first output through the API
+process).  The two are fitted separately (:mod:`kvmesh.sim.calibrate`): the step overhead from decode steps
+at two batch sizes, the request overhead from the intercept of the TTFT fit once each step's overhead is
+taken out.  A TTFT-intercept-only fit puts both into ``overhead_s`` — or, as it did on this machine, into
+neither: cold prompts of seconds hide a 0.1 s intercept in their noise, and prefix hits (a few tokens to
+compute) came out ~0.1 s short.  Built-in profiles leave ``request_overhead_s`` at 0.
 
 Sources:
 - ``h100-llama3-8b``: Llama-3-8B, bf16, one H100 SXM: prefill ~45k tokens/s at moderate lengths, a decode
@@ -55,6 +65,7 @@ class TimingProfile:
     kv_bytes_per_token: int
     kv_transfer_gbps: float = 25.0
     kv_transfer_latency_s: float = 0.001
+    request_overhead_s: float = 0.0
 
     def step_seconds(self, prefill_tokens: int, prefill_attn: float, decode_seqs: int, decode_ctx: int) -> float:
         """``prefill_attn`` = sum over prefill chunks of new_tokens * (cached + new / 2) context tokens."""
