@@ -23,7 +23,12 @@ the SLO is attainable, by standing capacity only — no rate-driven policy sees 
 the best baseline is the cheapest (replica-hours) that reaches the target — the issue's "best baseline at
 that attainment".  ``top_baseline`` (highest attainment) is reported too.  Static fleets of a few sizes
 (``STATIC_PROBES``) show where attainment saturates and what the cheapest static fleet at the target costs.
-``cpu_s`` per run is the simulator's own CPU time (comparable whatever else the machine runs).
+That figure compares ``slo`` with a baseline at the baseline's attainment, not at its own, so each trace also
+records ``equal_attainment``: the replica-hours a static fleet needs for ``slo``'s attainment (interpolated
+between the probed sizes around it), the cheapest baseline reaching ``slo``'s attainment, and every policy's
+replica-hours over the static fleet's at that policy's own attainment (``DEFINITIONS``, written into the
+result).  ``cpu_s`` per run is the simulator's own CPU time (comparable whatever else the machine runs).
+Every run of every trace goes to one process pool (``--workers``, default: the CPUs), conv's first.
 
     python bench/autoscale.py [--minutes 60] [--traces conv,code,mooncake] [--no-plots]
     python bench/autoscale.py --quick --traces conv --policies slo,hpa --decisions slo   # tuning loop
@@ -33,7 +38,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import dataclasses
+import functools
 import math
+import os
 import pathlib
 import sys
 from dataclasses import dataclass
@@ -43,7 +51,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS, write_result
 from kvmesh.autoscale.core import Capacity, Scaler, ScalerConfig
+from kvmesh.autoscale.local import parse_tuning
 from kvmesh.autoscale.policies import make_policy
+from kvmesh.autoscale.slo import SloPolicy
 from kvmesh.index.hashing import root_seed
 from kvmesh.sim.cluster import Slo, make_requests
 from kvmesh.sim.core import SimRequest
@@ -56,10 +66,30 @@ SOURCES = {"conv": ("azure2023/AzureLLMInferenceTrace_conv.csv", "azure", 4),
            "code": ("azure2023/AzureLLMInferenceTrace_code.csv", "azure", 1),
            "mooncake": ("mooncake/conversation_trace.jsonl", "mooncake", 1)}
 # static fleets beside the peak-sized one: where attainment saturates (the cost of each point of attainment)
-STATIC_PROBES = {"conv": (4, 5), "code": (2, 3, 4), "mooncake": (3, 5)}
+STATIC_PROBES = {"conv": (3, 4, 5), "code": (2, 3, 4), "mooncake": (3, 4, 5)}
 BASELINES = ("kpa", "hpa", "queue", "dynamo")
 TPB, PROFILE, START_S, TICK_S, UTIL = 16, "h100-llama3-8b", 60.0, 5.0, 0.75
-TARGET, QUICK_MINUTES = 0.99, 5.0
+TARGET, GOAL_RATIO, QUICK_MINUTES = 0.99, 0.7, 5.0
+DEFINITIONS = {
+    "target_attainment": "per trace: 99 %, or the most any baseline (kpa, hpa, queue, dynamo) reaches where none "
+                         "reaches 99 %",
+    "best_baseline": "per trace: the cheapest baseline (replica-hours) reaching the target attainment",
+    "slo_replica_hours_over_best_baseline": "the issue's figure: slo's replica-hours over the best baseline's, "
+                                            "whatever slo's own attainment (slo_meets_target says whether it "
+                                            "reached the target); top level: the worst trace",
+    "goal_met": "slo reaches the target attainment with <= goal_ratio x the best baseline's replica-hours",
+    "static_replica_hours_at_slo_attainment": "replica-hours a static fleet needs for slo's attainment: the "
+                                              "smallest probed static fleet reaching it, interpolated linearly "
+                                              "between the two probed sizes around it",
+    "slo_replica_hours_over_static_at_equal_attainment": "slo's replica-hours over that (< 1: slo is cheaper "
+                                                         "than a right-sized static fleet at equal attainment); "
+                                                         "top level: the worst trace",
+    "slo_replica_hours_over_best_baseline_at_equal_attainment": "slo's replica-hours over the cheapest baseline "
+                                                                "reaching at least slo's attainment (null: none "
+                                                                "does)",
+    "replica_hours_over_static_at_equal_attainment": "every policy's replica-hours over the static fleet's at "
+                                                     "that policy's own attainment",
+}
 SLO = Slo(2.0, 0.05)
 
 
@@ -94,7 +124,7 @@ def peak_replicas(reqs: list[SimRequest], cap: Capacity, end: float | None = Non
 
 
 def run(reqs: list[SimRequest], policy: str, cap: Capacity, initial: int, max_n: int,
-        cache_aware: bool = False) -> tuple[ElasticResult, Scaler | None]:
+        cache_aware: bool = False, tuning: tuple[tuple[str, float], ...] = ()) -> tuple[ElasticResult, Scaler | None]:
     reqs = [SimRequest(r.rid, r.tokens, r.keys, r.max_tokens, r.arrival, session=r.session) for r in reqs]
     static = policy.startswith("static")
     cfg = ElasticConfig(max_replicas=max_n, initial=initial, start_s=START_S, interval_s=TICK_S,
@@ -103,6 +133,8 @@ def run(reqs: list[SimRequest], policy: str, cap: Capacity, initial: int, max_n:
     scaler = None
     if not static:
         p = make_policy(policy, cap, ttft_s=SLO.ttft_s, tpot_s=SLO.tpot_s, start_s=START_S)
+        if tuning and isinstance(p, SloPolicy):  # --slo-set: a tuning run's settings over the defaults
+            p = SloPolicy(dataclasses.replace(p.cfg, **dict[str, Any](tuning)))
         victims = cl.cache_aware_victims() if cache_aware else None
         sc = ScalerConfig(1, max_n, interval_s=TICK_S, start_s=START_S)
         scaler = Scaler(p, cl, sc, victims, history=4096) if victims else Scaler(p, cl, sc, history=4096)
@@ -132,15 +164,6 @@ def row(r: ElasticResult) -> dict[str, Any]:
             "unfinished": r.unfinished, "wall_s": round(r.wall_s, 1), "cpu_s": round(r.cpu_s, 1)}
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    policies: frozenset[str] = frozenset()  # run only these labels (empty: all)
-    statics: tuple[int, ...] = ()           # extra static fleets (feasibility probes)
-    decisions: frozenset[str] = frozenset()  # print these policies' decisions
-    cache_study: bool = True
-    plots: bool = True
-
-
 def target_attainment(rows: dict[str, dict[str, Any]]) -> float:
     """The attainment to meet: 99 %, or the most any baseline reaches where none reaches 99 %."""
     return min(TARGET, max(float(rows[n]["attainment"]) for n in BASELINES))
@@ -159,56 +182,142 @@ def top_baseline(rows: dict[str, dict[str, Any]]) -> str:
     return min(BASELINES, key=lambda n: (-rows[n]["attainment"], rows[n]["replica_hours"]))
 
 
-def trace_study(name: str, minutes: float, amplify: int,
-                opts: Options) -> tuple[dict[str, Any], dict[str, ElasticResult]]:
+def static_hours_at(rows: dict[str, dict[str, Any]], peak: int, att: float) -> tuple[float | None, str]:
+    """Replica-hours a static fleet needs for attainment ``att``: the smallest probed fleet reaching it, or,
+    between two probed sizes, the straight line between them (a fleet that runs the larger size for the
+    share of the hour that closes the gap).  ``(None, why)`` above every probe; at or below the smallest
+    probe its replica-hours, an upper bound (smaller fleets were not run)."""
+    pts = sorted((peak if k == "static-peak" else int(k.split("-")[1]), float(v["attainment"]),
+                  float(v["replica_hours"])) for k, v in rows.items() if k.startswith("static-") and k != "static-mean")
+    for i, (n, a, h) in enumerate(pts):
+        if a < att - 1e-9:
+            continue
+        if i == 0:
+            return h, f"static-{n} (the smallest probed fleet: an upper bound)"
+        n0, a0, h0 = pts[i - 1]
+        if a0 >= a:  # a larger fleet that met no more: no line between them
+            return h, f"static-{n}"
+        return h0 + (att - a0) / (a - a0) * (h - h0), f"between static-{n0} and static-{n}, interpolated"
+    return None, f"no probed static fleet reaches {att:.4f}"
+
+
+def equal_attainment(rows: dict[str, dict[str, Any]], peak: int) -> dict[str, Any]:
+    """``slo`` against the baselines and static fleets at ``slo``'s own attainment (see ``DEFINITIONS``)."""
+    att, hours = float(rows["slo"]["attainment"]), float(rows["slo"]["replica_hours"])
+    static_h, how = static_hours_at(rows, peak, att)
+    reach = [n for n in BASELINES if rows[n]["attainment"] >= att - 1e-9]
+    best = min(reach, key=lambda n: rows[n]["replica_hours"], default=None)
+    frontier = {}
+    for k in ("slo", *BASELINES, "slo-cache-aware"):
+        if k in rows:
+            h, _ = static_hours_at(rows, peak, float(rows[k]["attainment"]))
+            frontier[k] = round(float(rows[k]["replica_hours"]) / h, 3) if h else None
+    return {"slo_attainment": att, "slo_replica_hours": hours,
+            "static_replica_hours_at_slo_attainment": round(static_h, 2) if static_h else None,
+            "static_at_slo_attainment": how,
+            "slo_replica_hours_over_static_at_equal_attainment": round(hours / static_h, 3) if static_h else None,
+            "best_baseline_at_slo_attainment": best,
+            "slo_replica_hours_over_best_baseline_at_equal_attainment": (
+                round(hours / rows[best]["replica_hours"], 3) if best else None),
+            "replica_hours_over_static_at_equal_attainment": frontier}
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    policies: frozenset[str] = frozenset()  # run only these labels (empty: all)
+    statics: tuple[int, ...] = ()           # extra static fleets (feasibility probes)
+    decisions: frozenset[str] = frozenset()  # print these policies' decisions
+    cache_study: bool = True
+    plots: bool = True
+    tuning: tuple[tuple[str, float], ...] = ()  # --slo-set NAME=VALUE: SloConfig fields (tuning runs)
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """One trace's load and the fleet bounds every run on it shares."""
+
+    reqs: list[SimRequest]
+    cap: Capacity
+    initial: int
+    peak: int
+    max_n: int
+
+
+@functools.cache
+def setup(name: str, minutes: float, amplify: int) -> Setup:
+    """Cached per process: the pool's workers are forked after the parent built every trace's setup."""
     reqs = workload(name, minutes, amplify)
     ctx = sum(len(r.tokens) + r.max_tokens / 2 for r in reqs) / len(reqs) * MOONCAKE_BLOCK / TPB
     cap = profiled_capacity(get_profile(PROFILE), SLO.tpot_s, ctx)
     initial, peak = peak_replicas(reqs, cap, 120), peak_replicas(reqs, cap)
-    max_n = max(2 * peak, 8)
-    print(f"{name}: {len(reqs)} requests over {reqs[-1].arrival:.0f} s (x{amplify}); capacity {cap}; "
-          f"initial {initial}, static peak {peak}, max {max_n}", flush=True)
-    results: dict[str, ElasticResult] = {}
-    plan = [("static-peak", "static", peak, False), *((p, p, initial, False) for p in ("slo", *BASELINES))]
-    probes = sorted(set(opts.statics or STATIC_PROBES.get(name, ())) - {peak})
-    plan += [(f"static-{n}", "static", n, False) for n in probes]
+    return Setup(reqs, cap, initial, peak, max(2 * peak, 8))
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    trace: str
+    minutes: float
+    amplify: int
+    label: str
+    policy: str
+    initial: int
+    cache_aware: bool = False
+    decisions: bool = False
+    tuning: tuple[tuple[str, float], ...] = ()
+
+
+def run_job(job: Job) -> tuple[str, str, ElasticResult]:
+    su = setup(job.trace, job.minutes, job.amplify)
+    res, scaler = run(su.reqs, job.policy, su.cap, job.initial, max(su.max_n, job.initial), job.cache_aware,
+                      job.tuning)
+    print(f"  {job.trace} {job.label:16s} {row(res)}", flush=True)
+    if scaler is not None and job.decisions:
+        print_decisions(f"{job.trace}/{job.label}", scaler, su.reqs, su.cap)
+    return job.trace, job.label, res
+
+
+def plan(name: str, minutes: float, amplify: int, opts: Options) -> list[Job]:
+    su = setup(name, minutes, amplify)
+    print(f"{name}: {len(su.reqs)} requests over {su.reqs[-1].arrival:.0f} s (x{amplify}); capacity {su.cap}; "
+          f"initial {su.initial}, static peak {su.peak}, max {su.max_n}", flush=True)
+    jobs = [Job(name, minutes, amplify, "static-peak", "static", su.peak)]
+    jobs += [Job(name, minutes, amplify, p, p, su.initial, decisions=p in opts.decisions, tuning=opts.tuning)
+             for p in ("slo", *BASELINES)]
+    probes = sorted(set(opts.statics or STATIC_PROBES.get(name, ())) - {su.peak})
+    jobs += [Job(name, minutes, amplify, f"static-{n}", "static", n) for n in probes]
     if name == "mooncake" and opts.cache_study:
-        plan.append(("slo-cache-aware", "slo", initial, True))
-    for label, policy, n0, ca in plan:
-        if opts.policies and label not in opts.policies:
-            continue
-        results[label], scaler = run(reqs, policy, cap, n0, max(max_n, n0), ca)
-        print(f"  {name} {label:16s} {row(results[label])}", flush=True)
-        if scaler is not None and label in opts.decisions:
-            print_decisions(f"{name}/{label}", scaler, reqs, cap)
-    if "slo" not in results or any(b not in results for b in BASELINES):  # a tuning run: no summary
-        return {"requests": len(reqs), "policies": {k: row(v) for k, v in results.items()}}, results
-    if name == "mooncake" and opts.cache_study:
-        mean = max(1, round(results["slo-cache-aware"].mean_replicas))
-        results["static-mean"] = run(reqs, "static", cap, mean, max_n)[0]
-        print(f"  {'static-mean':16s} {row(results['static-mean'])}", flush=True)
+        jobs.append(Job(name, minutes, amplify, "slo-cache-aware", "slo", su.initial, cache_aware=True,
+                        decisions="slo-cache-aware" in opts.decisions, tuning=opts.tuning))
+    return [j for j in jobs if not opts.policies or j.label in opts.policies]
+
+
+def trace_summary(name: str, minutes: float, amplify: int, results: dict[str, ElasticResult]) -> dict[str, Any]:
+    su = setup(name, minutes, amplify)
     rows = {k: row(v) for k, v in results.items()}
-    best, top = best_baseline(rows), top_baseline(rows)
+    if "slo" not in rows or any(b not in rows for b in BASELINES):  # a tuning run: no summary
+        return {"requests": len(su.reqs), "policies": rows}
+    best, top, target = best_baseline(rows), top_baseline(rows), target_attainment(rows)
+    slo = rows["slo"]
     out: dict[str, Any] = {
-        "requests": len(reqs), "minutes": minutes, "amplify": amplify, "initial_replicas": initial,
-        "static_peak_replicas": peak, "max_replicas": max_n, "prior_capacity": {
-            "prefill_tps": cap.prefill_tps, "decode_concurrency": round(cap.decode_concurrency, 1)},
+        "requests": len(su.reqs), "minutes": minutes, "amplify": amplify, "initial_replicas": su.initial,
+        "static_peak_replicas": su.peak, "max_replicas": su.max_n, "prior_capacity": {
+            "prefill_tps": su.cap.prefill_tps, "decode_concurrency": round(su.cap.decode_concurrency, 1)},
         "best_baseline": best,
-        "slo_replica_hours_over_best_baseline": round(rows["slo"]["replica_hours"] / rows[best]["replica_hours"], 3),
-        "slo_attainment": rows["slo"]["attainment"], "best_baseline_attainment": rows[best]["attainment"],
-        "target_attainment": target_attainment(rows),
-        "slo_meets_target": rows["slo"]["attainment"] >= target_attainment(rows) - 1e-9,
+        "slo_replica_hours_over_best_baseline": round(slo["replica_hours"] / rows[best]["replica_hours"], 3),
+        "slo_attainment": slo["attainment"], "best_baseline_attainment": rows[best]["attainment"],
+        "target_attainment": target, "slo_meets_target": slo["attainment"] >= target - 1e-9,
         "top_baseline": top,
         "cheapest_static_at_target": min(
-            (k for k in rows if k.startswith("static") and rows[k]["attainment"] >= target_attainment(rows) - 1e-9),
+            (k for k in rows if k.startswith("static-") and rows[k]["attainment"] >= target - 1e-9),
             key=lambda k: rows[k]["replica_hours"], default=None),
-        "slo_replica_hours_over_top_baseline": round(rows["slo"]["replica_hours"] / rows[top]["replica_hours"], 3),
-        "policies": rows}
-    if name == "mooncake" and opts.cache_study:
+        "slo_replica_hours_over_top_baseline": round(slo["replica_hours"] / rows[top]["replica_hours"], 3),
+        "equal_attainment": equal_attainment(rows, su.peak), "policies": rows}
+    out["goal_met"] = bool(out["slo_meets_target"] and out["slo_replica_hours_over_best_baseline"] <= GOAL_RATIO)
+    if "slo-cache-aware" in rows and "static-mean" in rows:
         static_hit = rows["static-mean"]["hit_rate"]
         out["cache_aware_hit_over_static"] = round(rows["slo-cache-aware"]["hit_rate"] / max(static_hit, 1e-9), 3)
-        out["not_cache_aware_hit_over_static"] = round(rows["slo"]["hit_rate"] / max(static_hit, 1e-9), 3)
-    return out, results
+        out["not_cache_aware_hit_over_static"] = round(slo["hit_rate"] / max(static_hit, 1e-9), 3)
+    return out
 
 
 def plot(name: str, results: dict[str, ElasticResult]) -> str | None:
@@ -237,20 +346,8 @@ def plot(name: str, results: dict[str, ElasticResult]) -> str | None:
     return str(out.relative_to(RESULTS.parent.parent))
 
 
-def _study(job: tuple[str, float, int, Options]) -> dict[str, Any]:
-    name, minutes, amplify, opts = job
-    rel = SOURCES[name][0]
-    if not (TRACES / rel).exists():
-        print(f"skipping {name}: {TRACES / rel} not found (see ../shared/traces/README.md)")
-        return {"skipped": f"{rel} not found"}
-    out, results = trace_study(name, minutes, amplify, opts)
-    if opts.plots and "slo" in results:
-        out["plot"] = plot(name, results) or "matplotlib not installed"
-    return out
-
-
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def parse(argv: list[str] | None = None) -> tuple[argparse.Namespace, Options, dict[str, int], float]:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--minutes", type=float, default=60.0, help="slice: the first N minutes of each trace")
     ap.add_argument("--traces", default="conv,code,mooncake")
     ap.add_argument("--amplify", default="", help="override copies per request, e.g. code=1,conv=4")
@@ -260,28 +357,67 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help=f"tuning loop: the first {QUICK_MINUTES:g} minutes, no cache study, no plots, no result file")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--slo-set", action="append", default=[], help="tuning: NAME=VALUE over SloConfig (no result file)")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="runs in parallel (processes)")
     ap.add_argument("--name", default="autoscale")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     names = args.traces.split(",")
     amplify = {n: SOURCES[n][2] for n in names} | {
         k: int(v) for k, v in (kv.split("=") for kv in args.amplify.split(",") if kv)}
-    minutes = QUICK_MINUTES if args.quick else args.minutes
     opts = Options(frozenset(x for x in args.policies.split(",") if x),
                    tuple(int(x) for x in args.static.split(",") if x),
                    frozenset(x for x in args.decisions.split(",") if x),
-                   cache_study=not args.quick, plots=not (args.quick or args.no_plots or args.policies))
-    with concurrent.futures.ProcessPoolExecutor(len(names)) as pool:  # one process per trace
-        traces = dict(zip(names, pool.map(_study, [(n, minutes, amplify[n], opts) for n in names]), strict=True))
-    if args.quick or opts.policies:
+                   cache_study=not args.quick, plots=not (args.quick or args.no_plots or args.policies),
+                   tuning=tuple(parse_tuning(args.slo_set).items()))
+    return args, opts, amplify, QUICK_MINUTES if args.quick else args.minutes
+
+
+def run_all(names: list[str], minutes: float, amplify: dict[str, int], opts: Options,
+            workers: int) -> dict[str, dict[str, ElasticResult]]:
+    """Every run of every trace in one process pool, the longest (conv's) first; then the static fleet of the
+    cache-aware run's mean size (it needs that run's result)."""
+    jobs = [j for n in names for j in plan(n, minutes, amplify[n], opts)]
+    jobs.sort(key=lambda j: -len(setup(j.trace, j.minutes, j.amplify).reqs))
+    results: dict[str, dict[str, ElasticResult]] = {n: {} for n in names}
+    with concurrent.futures.ProcessPoolExecutor(max(1, min(workers, len(jobs) or 1))) as pool:
+        for trace, label, res in pool.map(run_job, jobs):
+            results[trace][label] = res
+        tail = []
+        if "mooncake" in names and "slo-cache-aware" in results["mooncake"]:
+            mean = max(1, round(results["mooncake"]["slo-cache-aware"].mean_replicas))
+            tail.append(Job("mooncake", minutes, amplify["mooncake"], "static-mean", "static", mean))
+        for trace, label, res in pool.map(run_job, tail):
+            results[trace][label] = res
+    return results
+
+
+def main() -> None:
+    args, opts, amplify, minutes = parse()
+    names = [n for n in args.traces.split(",") if (TRACES / SOURCES[n][0]).exists()]
+    traces: dict[str, Any] = {n: {"skipped": f"{SOURCES[n][0]} not found (see ../shared/traces/README.md)"}
+                              for n in args.traces.split(",") if n not in names}
+    results = run_all(names, minutes, amplify, opts, args.workers)
+    for n in names:
+        traces[n] = trace_summary(n, minutes, amplify[n], results[n])
+        if opts.plots and "slo" in results[n]:
+            traces[n]["plot"] = plot(n, results[n]) or "matplotlib not installed"
+    if args.quick or opts.policies or opts.tuning:
         return  # a tuning run: printed, not recorded
     done = [t for t in traces.values() if "skipped" not in t]
+    eq = [t["equal_attainment"] for t in done]
     metrics: dict[str, Any] = {
         "profile": PROFILE, "cold_start_s": START_S, "tick_s": TICK_S, "routing": "kv-aware",
         "slo": {"ttft_s": SLO.ttft_s, "tpot_s": SLO.tpot_s}, "target_attainment": TARGET,
-        "slice_minutes": minutes,
+        "goal_ratio": GOAL_RATIO, "slice_minutes": minutes, "definitions": DEFINITIONS,
         "slo_replica_hours_over_best_baseline": max(
             (t["slo_replica_hours_over_best_baseline"] for t in done), default=None),
         "slo_attainment": min((t["slo_attainment"] for t in done), default=None),
+        "goal_met": all(t["goal_met"] for t in done) if done else None,
+        "slo_replica_hours_over_static_at_equal_attainment": max(
+            (e["slo_replica_hours_over_static_at_equal_attainment"] or math.inf for e in eq), default=None),
+        "slo_replica_hours_over_best_baseline_at_equal_attainment": {
+            n: t["equal_attainment"]["slo_replica_hours_over_best_baseline_at_equal_attainment"]
+            for n, t in traces.items() if "skipped" not in t},
         "cache_aware_hit_over_static": traces.get("mooncake", {}).get("cache_aware_hit_over_static"),
         "traces": traces}
     print(f"wrote {write_result(args.name, metrics)}")

@@ -327,3 +327,24 @@ def test_autoscale_set_parses_settings_and_rejects_unknown_ones() -> None:
             parse_tuning([bad])
     with pytest.raises(ValueError, match="no setting"):
         tuned_policy(LocalConfig("slo", tuning={"panic_window_s": 10.0}))
+
+
+def test_slo_judges_scale_in_at_the_smaller_fleets_slower_tpot() -> None:
+    model = CapacityModel(CAP)
+    for s in (20, 40, 60, 80) * 5:  # TPOT = 10 ms + 0.3 ms per stream on a replica
+        model.learn(RoleSignals(GatewaySignals(interval_s=5.0, tpot_p50_s=0.01 + 0.0003 * s),
+                                tuple(EngineSignals(f"e{i}", 0, s) for i in range(4))), 4)
+    a, b = model.tpot_line() or (0.0, 0.0)
+    assert a == pytest.approx(0.01) and b == pytest.approx(0.0003)
+    # 4,000 tokens/s: 1 / (1 - 4,000 x 0.0003 / n) x 10 ms per token on n replicas
+    assert model.per_token_at(5, 4, 4000.0, 0.0143, 0.05) == 0.0143  # a larger fleet: the observed figure
+    assert model.per_token_at(3, 4, 4000.0, 0.0143, 0.05) == pytest.approx(0.01 / 0.6)
+    assert model.per_token_at(2, 4, 4000.0, 0.0143, 0.05) == pytest.approx(0.025)
+    assert model.per_token_at(1, 4, 4000.0, 0.0143, 0.05) == 0.05  # beyond 1 replica's reach: the target
+    assert CapacityModel(CAP).per_token_at(3, 4, 4000.0, 0.0143, 0.05) == 0.05  # no line: the target
+    # the policy: 10 requests/s of 500 tokens at 25 ms per token hold 125 streams — 1.25 replicas of 100 at
+    # the observed TPOT (2 carry it at 75 %), but 2.5 at the 50 ms a slower fleet may take: 3 stay
+    act = FakeActuator(3, start_s=60.0)
+    scaler = Scaler(SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False)), act, ScalerConfig(1, 64, start_s=60.0))
+    drive(scaler, act, 0, 600, arrivals=50, finished=50, output_tokens=50 * 500, tpot_p50_s=0.025)
+    assert act.replicas(AGGREGATED) == 3 and "on 3" in scaler.history[-1].reason

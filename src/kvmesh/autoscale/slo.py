@@ -34,7 +34,11 @@ Per role, every tick:
    below the current count the policy recommends only what fits at
    ``scale_in_utilisation`` (lower than ``utilisation``), the scaler keeps the highest recommendation of
    ``scale_down_window_s`` and removes one replica at a time — so the forecast must stay below n-1 replicas'
-   capacity with headroom for a whole window.
+   capacity with headroom for a whole window.  The load is judged **on the smaller fleet**: its steps are
+   longer, so each stream lives longer and more of them hold KV at once
+   (:meth:`CapacityModel.per_token_at`: from the fitted TPOT line, or at the TPOT target where there is no
+   line).  Judged at the larger fleet's TPOT, Azure conv x4 looked to fit 3 replicas at 75 % and then sat
+   at the KV cliff (3 replicas meet ~50 % there, 4 meet 99.8 %).
 6. **Miss feedback** (:class:`MissFeedback`): what rates cannot predict, the gateway's SLO miss counts can.
    On Azure code a replica's mean load is ~0.2, yet a third of the answers (median 13 tokens) miss the
    TPOT target — decoded beside the prefill chunks of a clump of prompts that arrived within a second.
@@ -146,19 +150,41 @@ class CapacityModel:
             conc = min(conc, self._bound(self.kv_streams, self.prior.decode_concurrency))
         return conc
 
-    def _tpot_concurrency(self, tpot_s: float) -> float:
+    def tpot_line(self) -> tuple[float, float] | None:
+        """The fitted TPOT = a + b x streams per replica, or None while the samples cannot tell a slope (too
+        few, too little spread in load, or a line with no positive intercept and slope)."""
         n = self._n
         if n < 3:
-            return self.prior.decode_concurrency
+            return None
         mx, my = self._x / n, self._y / n
         var = self._xx / n - mx * mx
         if var < max(1.0, 0.01 * mx * mx):  # too little spread in load to tell a slope
-            return self.prior.decode_concurrency
+            return None
         b = (self._xy / n - mx * my) / var
         a = my - b * mx
-        if b <= 0:
+        return (a, b) if a > 0 and b > 0 else None
+
+    def _tpot_concurrency(self, tpot_s: float) -> float:
+        line = self.tpot_line()
+        if line is None:
             return self.prior.decode_concurrency
+        a, b = line
         return self._bound((tpot_s - a) / b, self.prior.decode_concurrency)
+
+    def per_token_at(self, replicas: int, ready: int, token_rate: float, observed: float, ceiling: float) -> float:
+        """Seconds per output token on a fleet of ``replicas`` that decodes ``token_rate`` tokens/s, now
+        served by ``ready`` at ``observed`` s/token.  A larger fleet is taken at the observed figure (it is
+        faster: sizing stays on the safe side); a smaller one is slower, and its streams live longer — more
+        of them hold KV at once.  From the fitted line, streams S = token_rate x t and t = a + b S / n give
+        t = a / (1 - token_rate b / n); without a line, the slowest the SLO allows (``ceiling``).  Within
+        [``observed``, ``ceiling``]."""
+        if replicas >= ready:
+            return observed
+        line = self.tpot_line()
+        if line is None or token_rate * line[1] >= replicas:
+            return ceiling
+        a, b = line
+        return min(ceiling, max(observed, a / (1 - token_rate * b / replicas)))
 
 
 @dataclass(slots=True)
@@ -248,6 +274,7 @@ class SloConfig:
     attainment_target: float = 0.99  # miss feedback: TPOT misses over 1 - this raise a replica floor ...
     feedback_window_s: float = 240.0  # ... judged over this window (0: no feedback) ...
     feedback_decay_s: float = 1200.0  # ... and lowered one replica after this long with half the budget
+    feedback_futile_ratio: float = 0.7  # a raise that leaves more than this share of the misses is given back
 
 
 @dataclass(slots=True)
@@ -275,7 +302,8 @@ class SloPolicy(Policy):
         st = self._roles.get(role)
         if st is None:
             c = self.cfg
-            fb = MissFeedback(1 - c.attainment_target, c.feedback_window_s, c.start_s, c.feedback_decay_s) if (
+            fb = MissFeedback(1 - c.attainment_target, c.feedback_window_s, c.start_s, c.feedback_decay_s,
+                              futile_ratio=c.feedback_futile_ratio) if (
                 c.feedback_window_s > 0 and role != "prefill") else None
             st = self._roles[role] = _RoleState(CapacityModel(c.prior), feedback=fb)
         return st
@@ -325,13 +353,21 @@ class SloPolicy(Policy):
         # Little's law: streams = arrivals/s x tokens each x seconds per token — the observed TPOT, within
         # [half, all] of the target (sizing every stream at the target overstated conv's streams by ~40 %)
         per_token = min(c.tpot_s, max(st.tpot, 0.5 * c.tpot_s)) if st.tpot else c.tpot_s
-        decode = rate * st.osl * per_token / conc_cap
+        token_rate = rate * st.osl
+
+        def load_at(k: int) -> float:  # replicas' worth of work on a fleet of k (decode slows on a smaller one)
+            t = st.capacity.per_token_at(k, fleet.ready, token_rate, per_token, c.tpot_s)
+            dec = token_rate * t / conc_cap
+            return {"prefill": prefill, "decode": dec}.get(role, prefill + dec)
+
+        decode = token_rate * per_token / conc_cap
         load = {"prefill": prefill, "decode": decode}.get(role, prefill + decode)
         n = max(1, math.ceil(load / c.utilisation - 1e-9))
         why = f"load {load:.2f} replicas (prefill {prefill:.2f}, decode {decode:.2f}) at {c.utilisation:.0%}"
-        if n < fleet.replicas:  # hysteresis: scale in only to a count with headroom
-            n = min(fleet.replicas, max(1, math.ceil(load / c.scale_in_utilisation - 1e-9)))
-            why = f"load {load:.2f} replicas: {n} carry it at {c.scale_in_utilisation:.0%}"
+        if n < fleet.replicas:  # hysteresis: scale in only to a count that carries its own (slower) load with headroom
+            n = next(k for k in range(1, fleet.replicas + 1)
+                     if k == fleet.replicas or load_at(k) <= c.scale_in_utilisation * k)
+            why = f"load {load:.2f} replicas ({load_at(n):.2f} on {n}): {n} carry it at {c.scale_in_utilisation:.0%}"
             if now - self._since < c.scale_down_window_s:  # rates and output lengths are still warming up
                 n, why = fleet.replicas, f"{why}; warming up: no scale-in"
         backlog = g.queued_prefill_tokens / (max(fleet.ready, 1) * cap)
