@@ -13,8 +13,12 @@ and the copy of the blocks the tiers did not hold yet is added to the step too (
 ``wait_for_save`` copies them out at the end of the forward pass before the step returns; the commit to the
 node is not waited for).
 
-Token scale: a simulated token may stand for ``token_scale`` real tokens (traces scaled down so that
-millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
+Token scale: a simulated *prompt* token may stand for ``token_scale`` real tokens (traces scaled down so
+that millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
+Generated tokens are not scaled — a request asks for its real output length — so each is one real token:
+of decode context, and 1/``token_scale`` of a simulated token's KV slot (:meth:`EngineCore.slots`).
+(Counting each as ``token_scale`` real tokens, as this engine once did, gave a Mooncake request at scale 32
+~11k phantom tokens of decode context and KV beside its ~12k prompt.)
 Not thread-safe; driven by one caller.
 """
 
@@ -102,7 +106,15 @@ class EngineCore:
 
     def context_tokens(self) -> int:
         """Context tokens (prompt + generated so far) of every request admitted or waiting here."""
-        return sum(len(r.tokens) + r.generated for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+        return sum(self.slots(r) for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+
+    def slots(self, r: SimRequest) -> int:
+        """Simulated token slots ``r``'s KV fills: its prompt's, and one per ``token_scale`` generated tokens."""
+        return len(r.tokens) + math.ceil(r.generated / self.scale)
+
+    def _real_context(self, reqs: Sequence[SimRequest]) -> int:
+        """Real context tokens of ``reqs``, as the timing profile reads them (prompt scaled, output not)."""
+        return int(sum(len(r.tokens) * self.scale + r.generated for r in reqs))
 
     # ---- one iteration ---------------------------------------------------------------------------
     def step(self, now: float, horizon: float = math.inf) -> StepResult:
@@ -132,9 +144,9 @@ class EngineCore:
 
     def _finish_step(self, now: float, decodes: list[SimRequest], chunks: list[tuple[SimRequest, int]]) -> StepResult:
         attn = sum(n * (r.computed + n / 2) for r, n in chunks)
-        ctx = sum(len(r.tokens) + r.generated for r in decodes)
         s = self.scale
-        dur = self.profile.step_seconds(int(sum(n for _, n in chunks) * s), attn * s * s, len(decodes), int(ctx * s))
+        dur = self.profile.step_seconds(int(sum(n for _, n in chunks) * s), attn * s * s, len(decodes),
+                                        self._real_context(decodes))
         for r, n in chunks:
             self._compute(r, n)  # counts the blocks this step saves
         if self._save_blocks and self.tier is not None:
@@ -154,17 +166,16 @@ class EngineCore:
     def _decode_run(self, now: float, horizon: float) -> StepResult:
         """k decode iterations in one go (no prefill pending): until the first request finishes, a new
         block is needed, or ``horizon`` (the next outside event) is reached."""
-        ctx = sum(len(r.tokens) + r.generated for r in self.running)
-        step = self.profile.step_seconds(0, 0.0, len(self.running), int(ctx * self.scale))
+        step = self.profile.step_seconds(0, 0.0, len(self.running), self._real_context(self.running))
         k = min(r.max_tokens - r.generated for r in self.running)
-        k = min(k, min(self.block_size - (len(r.tokens) + r.generated) % self.block_size for r in self.running))
+        k = min(k, min(self._fits(r) for r in self.running))
         if horizon < math.inf:
             k = min(k, max(1, int((horizon - now) / step)))
         k = max(1, k)
         for r in self.running:
             self._grow(r)
             r.generated += k
-        dur = step * k + self.profile.decode_s_per_ctx_token * len(self.running) * self.scale * k * (k - 1) / 2
+        dur = step * k + self.profile.decode_s_per_ctx_token * len(self.running) * k * (k - 1) / 2  # +1 real each
         return StepResult(dur, [], self._reap(now + dur))
 
     def abort(self, req: SimRequest) -> None:
@@ -250,9 +261,19 @@ class EngineCore:
             r.extra_blocks -= 1
 
     def _grow(self, r: SimRequest) -> None:
-        # a decode token that starts a new block needs one more (uncached) block
-        if (len(r.tokens) + r.generated) % self.block_size == 0 and self.pool.allocate(1):
+        # a decode token that starts a new slot at a block boundary needs one more (uncached) block
+        before = self.slots(r)
+        if before % self.block_size == 0 and math.ceil((r.generated + 1) / self.scale) > before - len(r.tokens) \
+                and self.pool.allocate(1):
             r.extra_blocks += 1
+
+    def _fits(self, r: SimRequest) -> int:
+        """Tokens ``r`` can generate from now on in the blocks it holds once :meth:`_grow` gave its next token
+        one (at scale 1: up to the next block boundary)."""
+        bs = self.block_size
+        after = len(r.tokens) + math.ceil((r.generated + 1) / self.scale)
+        capacity = -(-after // bs) * bs
+        return max(1, math.floor((capacity - len(r.tokens)) * self.scale) - r.generated)
 
     def _reap(self, end: float) -> list[SimRequest]:
         done = [r for r in self.running if not r.prefilling and r.generated >= r.max_tokens]
