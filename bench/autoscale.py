@@ -66,7 +66,7 @@ SOURCES = {"conv": ("azure2023/AzureLLMInferenceTrace_conv.csv", "azure", 4),
            "code": ("azure2023/AzureLLMInferenceTrace_code.csv", "azure", 1),
            "mooncake": ("mooncake/conversation_trace.jsonl", "mooncake", 1)}
 # static fleets beside the peak-sized one: where attainment saturates (the cost of each point of attainment)
-STATIC_PROBES = {"conv": (3, 4, 5), "code": (2, 3, 4), "mooncake": (3, 4, 5)}
+STATIC_PROBES = {"conv": (2, 3, 4, 5), "code": (2, 3, 4), "mooncake": (3, 4, 5)}
 BASELINES = ("kpa", "hpa", "queue", "dynamo")
 TPB, PROFILE, START_S, TICK_S, UTIL = 16, "h100-llama3-8b", 60.0, 5.0, 0.75
 TARGET, GOAL_RATIO, QUICK_MINUTES = 0.99, 0.7, 5.0
@@ -247,7 +247,9 @@ class Setup:
 def setup(name: str, minutes: float, amplify: int) -> Setup:
     """Cached per process: the pool's workers are forked after the parent built every trace's setup."""
     reqs = workload(name, minutes, amplify)
-    ctx = sum(len(r.tokens) + r.max_tokens / 2 for r in reqs) / len(reqs) * MOONCAKE_BLOCK / TPB
+    # mean real context per stream, as the simulator counts it (kvmesh.sim.core): a prompt token stands for
+    # MOONCAKE_BLOCK / TPB real ones, a generated token for one
+    ctx = sum(len(r.tokens) * MOONCAKE_BLOCK / TPB + r.max_tokens / 2 for r in reqs) / len(reqs)
     cap = profiled_capacity(get_profile(PROFILE), SLO.tpot_s, ctx)
     initial, peak = peak_replicas(reqs, cap, 120), peak_replicas(reqs, cap)
     return Setup(reqs, cap, initial, peak, max(2 * peak, 8))
