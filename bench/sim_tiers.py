@@ -12,7 +12,8 @@ hits (``sim_ceiling_hit``); the trace's own token ceiling (``infinite_cache_hit_
 mostly the uncached prefill and a tier can only cut it by the share it stops recomputing; the tier's queueing
 benefit shows only when the fleet is busy, near its knee.  So each replica count is swept over the ``--loads``
 grid (arrival times divided by the load), ascending, GPU-only and pooled DRAM+SSD at every load, until both
-miss the TTFT SLO (p90 <= ``--ttft-slo-s``, 2 s).  Each one's bracket (highest load meeting the SLO, lowest
+miss the TTFT SLO (p90 <= ``--ttft-slo-s``, 2 s); a grid that ends first is extended by doubling its last load
+(at most ``--extend`` times).  Each one's bracket (highest load meeting the SLO, lowest
 missing it) is then bisected at the midpoint, both side by side, until hi - lo <= ``--precision`` (3 %) of lo
 or ``--max-steps``.  The **operating point** is GPU-only's knee, the bracket's lower end — the busiest a
 GPU-only fleet of that size would be run — and all four configurations are run there;
@@ -123,11 +124,16 @@ class Runs:
         return (max(meets) if meets else None), hi, monotone
 
 
-def grid(runs: Runs, loads: list[float], slo_s: float) -> None:
-    """GPU-only and pooled DRAM+SSD at each grid load, ascending, until both have missed the SLO."""
-    for load in loads:
-        if all(r.ttft_p90_s > slo_s for r in runs.get([(BASE, load), (BEST, load)])):
-            return
+def grid(runs: Runs, loads: list[float], slo_s: float, extend: int) -> list[float]:
+    """GPU-only and pooled DRAM+SSD at each grid load, ascending, until both have missed the SLO; a grid that
+    ends first is extended by doubling its last load, at most ``extend`` times.  The loads run."""
+    loads = list(loads)
+    for i in range(len(loads) + extend):
+        if i == len(loads):
+            loads.append(loads[-1] * 2)
+        if all(r.ttft_p90_s > slo_s for r in runs.get([(BASE, loads[i]), (BEST, loads[i])])):
+            return loads[:i + 1]
+    return loads
 
 
 def bisect(runs: Runs, slo_s: float, precision: float, max_steps: int) -> int:
@@ -181,7 +187,7 @@ def replica_count(pool: ProcessPoolExecutor, n: int, args: argparse.Namespace, c
     """Grid, bisections, GPU-only's knee and the four-configuration table there, for ``n`` replicas."""
     loads, slo = [float(x) for x in args.loads.split(",")], args.ttft_slo_s
     runs = Runs(pool, n, cfgs)
-    grid(runs, loads, slo)
+    loads = grid(runs, loads, slo, args.extend)
     steps = bisect(runs, slo, args.precision, max_steps)
     knee, cap = _bracket_row(runs, BASE, slo), _bracket_row(runs, BEST, slo)
     # GPU-only misses the SLO even at the lightest load: the table is at that load, stated as such
@@ -220,6 +226,8 @@ def _args() -> argparse.Namespace:
                     "trace's own rate)")
     ap.add_argument("--ttft-slo-s", type=float, default=2.0, help="TTFT p90 SLO: GPU-only's knee and pooled capacity")
     ap.add_argument("--precision", type=float, default=0.03, help="bisect each bracket until (hi - lo) <= this * lo")
+    ap.add_argument("--extend", type=int, default=6, help="doublings of the last grid load at most, while a "
+                    "configuration still meets the SLO there")
     ap.add_argument("--max-steps", default="8", help="bisection steps at most: one value, or one per --replicas")
     ap.add_argument("--overlap-saves", action="store_true", help="what-if: saves copied out behind compute "
                     "(kvmesh's connector copies them synchronously at the end of the step)")
@@ -248,10 +256,11 @@ def main() -> None:
         "dram_tb_per_machine": args.dram_tb, "ssd_tb_per_machine": args.ssd_tb,
         "load_overlaps_compute": False, "save_copy_charged": not args.overlap_saves, "ceiling_hit": round(ceiling, 4),
         "trace_token_ceiling": round(trace_ceiling, 4), "loads": args.loads, "ttft_slo_s": args.ttft_slo_s,
-        "bisection_precision": args.precision, "max_bisection_steps": args.max_steps,
+        "grid_extend": args.extend, "bisection_precision": args.precision, "max_bisection_steps": args.max_steps,
         "operating_point_rule": f"GPU-only's knee: the highest load at which GPU-only meets {slo}, bracketed by "
-                                f"the grid and bisected to (hi - lo) <= {args.precision:g} * lo; all four "
-                                "configurations are run there",
+                                "the grid (its last load doubled while a configuration still meets it) and "
+                                f"bisected to (hi - lo) <= {args.precision:g} * lo; all four configurations are run "
+                                "there",
         "capacity_rule": f"pooled DRAM+SSD's highest load meeting {slo}, found the same way, over GPU-only's knee",
         "sim_speedup_rule": "simulated seconds / simulator process CPU seconds, pooled DRAM+SSD at the first load"}
     counts = [int(x) for x in args.replicas.split(",")]
