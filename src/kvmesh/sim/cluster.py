@@ -189,7 +189,6 @@ class Cluster:
         self._give_up: Callable[[SimRequest], bool] | None = None
         self.gave_up = False
         self._arrivals: list[float] = []
-        self._deliveries: list[float] = []  # heap: when pending KV transfers (P/D) land
         self._next_arrival = 0
 
     def _handle(self, now: float, kind: int, obj: Any) -> None:
@@ -212,11 +211,12 @@ class Cluster:
         t0, c0 = time.perf_counter(), time.process_time()
         for r in reqs:
             self._push(r.arrival, _ARRIVE, r)
-        # A decode-only engine fast-forwards until the next arrival or KV delivery (P/D): only those add work
-        # to it (other engines' steps and index deliveries cannot), and its routing signals stay fixed meanwhile.
+        # A decode-only engine fast-forwards until the next arrival: only an arrival can add work to it (other
+        # engines' steps and index deliveries cannot), and its routing signals stay fixed during the run.  Under
+        # P/D a landing KV transfer adds work too, at a time not known when the run starts (the prefill leg may
+        # still be running), so P/D clusters step one iteration at a time.
         self._arrivals = sorted(r.arrival for r in reqs)
         self._next_arrival = 0
-        self._deliveries = []
         now = 0.0
         self._give_up = give_up
         self.gave_up = False
@@ -261,7 +261,6 @@ class Cluster:
 
     def deliver_at(self, t: float, b: SimBackend, r: SimRequest) -> None:
         """``r`` reaches ``b``'s queue at ``t`` (its KV transfer has landed)."""
-        heapq.heappush(self._deliveries, t)
         self._push(t, _DELIVER, (b, r))
 
     def _enqueue(self, now: float, b: SimBackend, r: SimRequest) -> None:
@@ -272,11 +271,7 @@ class Cluster:
     def _step(self, now: float, b: SimBackend) -> None:
         b.stepping = True
         arr, i = self._arrivals, self._next_arrival
-        horizon = arr[i] if i < len(arr) else math.inf
-        while self._deliveries and self._deliveries[0] < now:
-            heapq.heappop(self._deliveries)
-        if self._deliveries:
-            horizon = min(horizon, self._deliveries[0])
+        horizon = now if self.pd is not None else arr[i] if i < len(arr) else math.inf
         res = b.core.step(now, horizon)
         b.busy_s += res.duration
         self._push(now + res.duration, _STEP_DONE, (b, res))
