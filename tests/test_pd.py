@@ -197,8 +197,10 @@ def test_cost_plan_pays_a_hop_only_to_spare_stalled_streams_or_a_long_local_queu
     assert plan_prefill(dec(), [pre(queued=20_000)], cfg).reason == "prefill_saturated"
     assert plan_prefill(dec(), [pre("p0", 20_000), pre("p1", 100)], cfg).engine == "p1"
     assert plan_prefill(dec(running=0, queued=8000), [pre()], cfg).engine == "p0"  # local queue 0.8 s
-    assert plan_prefill(dec(), [pre(running=8)], cfg).reason == "no_gain"   # it would stall as many streams
-    assert plan_prefill(dec(), [pre(running=2)], cfg).engine == "p0"
+    assert plan_prefill(dec(queued=100), [pre(running=8)], cfg).reason == "no_gain"  # as many streams stalled
+    # dynamic P/D (a candidate with streams): the stall only moves, so the hop must not cost TTFT as well
+    assert plan_prefill(dec(), [pre(running=2)], cfg).reason == "remote_slower"  # the transfer: 6 ms slower
+    assert plan_prefill(dec(queued=100), [pre(running=2)], cfg).engine == "p0"    # 10 ms queued here: not slower
     assert plan_prefill(dec(), [pre()], PdConfig(enabled=False)).reason == "disabled"
 
 

@@ -34,8 +34,9 @@ The flow is decode-first, as llm-d does it:
      (``running * its prefill time``) than it saves here.  The margin is ``ttft_margin_s`` times the stall
      in TPOT budgets (``(step + backlog) / tpot_budget_s``, at least 1) on a candidate with no streams of
      its own (a dedicated prefill engine: the hop costs TTFT only, and a local prefill leaves the split's
-     prefill pool idle while it slows every stream here), and plain ``ttft_margin_s`` on one with streams
-     (dynamic P/D: the stall only moves).  Short prompts (``min_remote_prefill_tokens``), well-cached ones
+     prefill pool idle while it slows every stream here), and none on one with streams (dynamic P/D: the
+     stall only moves, so it must not cost TTFT too — with a flat 0.5 s, chat turns paid a hop for 1.4× the
+     aggregated fleet's TTFT).  Short prompts (``min_remote_prefill_tokens``), well-cached ones
      and prompts on a lightly loaded decode engine (the step with the backlog fits the budget: no stall)
      and idle decode engines (nothing to stall, and no hop is free) stay local.
 
@@ -190,7 +191,7 @@ def plan_prefill(decode: EngineLoad, candidates: Sequence[EngineLoad], cfg: PdCo
             return PrefillPlan(True, c.name, REMOTE)
         if not stalls:
             return PrefillPlan(False, None, NO_STALL)
-        if remote_ttft > local_ttft + (spared_margin if c.running == 0 else cfg.ttft_margin_s):
+        if remote_ttft > local_ttft + (spared_margin if c.running == 0 else 0.0):
             reason = REMOTE_SLOWER
             continue
         if c.running > 0 and c.running * c.prefill_s >= saved:
