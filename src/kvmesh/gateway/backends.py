@@ -242,14 +242,17 @@ class BackendPool:
         await asyncio.gather(*(self.check(http, b) for b in self.backends))
 
     async def run(self, http: aiohttp.ClientSession) -> None:
-        """Health-check forever (cancel to stop).  ``poke()`` triggers an early round."""
+        """Health-check forever (cancel to stop), the first round one interval after the caller's own
+        :meth:`check_all` (the gateway's start).  ``poke()`` triggers an early round, also one that comes
+        while a round runs (a backend added meanwhile is checked at once)."""
+        self._wake.clear()
         while True:
-            await self.check_all(http)
-            self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self.interval_s)
             except TimeoutError:
                 pass
+            self._wake.clear()
+            await self.check_all(http)
 
     def poke(self) -> None:
         self._wake.set()
