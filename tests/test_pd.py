@@ -285,7 +285,7 @@ def test_busy_prefill_engine_is_waited_on_not_abandoned(engines: Any, make_gatew
     """Overload is not failure: a prefill engine still computing (its counters move between scrapes) outlives
     ``prefill_timeout_s`` windows; giving up would throw its work away and load the decode engine with it."""
     p, d = engines("busy", "ok")
-    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 2.0}, health_interval_s=0.05)
+    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 5.0}, health_interval_s=0.05)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         answer = pool.submit(post, gw, "completions", request_body("completions", False))
         wait_until(lambda: metric(gw, "kvmesh_gateway_busy_waits_total") >= 1, 60, "a busy window")
@@ -299,8 +299,8 @@ def test_busy_prefill_engine_is_waited_on_not_abandoned(engines: Any, make_gatew
 def test_prefill_engine_busy_past_the_limit_falls_back_without_a_breaker_trip(engines: Any,
                                                                               make_gateway: Any) -> None:
     p, d = engines("busy", "ok")
-    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 2.0}, health_interval_s=0.05,
-                    busy_timeout_s=4.0)
+    gw = pd_gateway(make_gateway, [p], [d], pd={"prefill_timeout_s": 5.0}, health_interval_s=0.05,
+                    busy_timeout_s=10.0)
     r = post(gw, "completions", request_body("completions", False))
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
     assert "kv_transfer_params" not in d.bodies[0]

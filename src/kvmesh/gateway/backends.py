@@ -14,11 +14,12 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 # vLLM v1's gauges (vllm/v1/metrics/loggers.py); the simulated engine exposes the same names.  Summed over
@@ -144,6 +145,34 @@ class Backend:
     def kv_usage(self) -> float:
         """KV-cache usage (0-1) the engine reported within the last 5 s, else -1."""
         return self.kv_usage_value if self._fresh() else -1.0
+
+
+class FirstByteTimeout(Exception):
+    """A backend answered nothing within a window and made no progress meanwhile: hung."""
+
+
+class EngineBusy(Exception):
+    """A backend kept making progress but answered nothing within the whole limit: busy."""
+
+
+async def wait_progressing(task: asyncio.Future[T], b: Backend, window_s: float, limit_s: float,
+                           on_busy_window: Callable[[], None]) -> T:
+    """``task``'s result, waiting in windows of ``window_s``: a window in which ``b`` made no progress at all
+    (no chunk on any stream, no counted token, its queue still) means hung → :class:`FirstByteTimeout`; one
+    in which it made progress means busy → ``on_busy_window()`` and wait on, up to ``limit_s`` in all →
+    :class:`EngineBusy`.  Overload is not failure.  The caller cancels ``task`` if it gives up."""
+    start = time.monotonic()
+    while True:
+        window = time.monotonic()
+        left = start + limit_s - window
+        done, _ = await asyncio.wait({task}, timeout=max(min(window_s, left), 0.0))
+        if done:
+            return task.result()
+        if not b.progressed_since(window):
+            raise FirstByteTimeout
+        if time.monotonic() - start >= limit_s:
+            raise EngineBusy
+        on_busy_window()
 
 
 class BackendPool:

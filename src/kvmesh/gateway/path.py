@@ -31,7 +31,7 @@ from aiohttp import web
 from kvmesh.api.errors import ApiError
 from kvmesh.api.validation import parse_json, prompt_size_estimate, validate
 from kvmesh.gateway import order, pd
-from kvmesh.gateway.backends import Backend
+from kvmesh.gateway.backends import Backend, EngineBusy, FirstByteTimeout, wait_progressing
 from kvmesh.gateway.proxy import CONNECT_ERRORS, open_upstream, relay_stream, relay_whole
 from kvmesh.gateway.request import ProxyRequest
 from kvmesh.routing import Decision, NoCandidate, RequestContext
@@ -41,14 +41,6 @@ if TYPE_CHECKING:
     from kvmesh.gateway.app import Gateway
 
 _json = msgspec.json.Encoder()
-
-
-class FirstByteTimeout(Exception):
-    """A streaming backend sent no first token within ``ttft_timeout_s`` and made no progress meanwhile."""
-
-
-class EngineBusy(Exception):
-    """A streaming backend kept making progress but sent no first token within ``busy_timeout_s``."""
 
 
 def admission_cost(endpoint: str, payload: dict[str, object]) -> int:
@@ -296,19 +288,9 @@ class RequestPath:
             return await open_upstream(self.gw.http, b, req), b""
         cfg = self.gw.cfg
         task = asyncio.ensure_future(self._first_chunk(req, b))
-        start = time.monotonic()
         try:
-            while True:
-                window = time.monotonic()
-                left = start + cfg.busy_timeout_s - window
-                done, _ = await asyncio.wait({task}, timeout=max(min(cfg.ttft_timeout_s, left), 0.0))
-                if done:
-                    return task.result()
-                if not b.progressed_since(window):
-                    raise FirstByteTimeout
-                if time.monotonic() - start >= cfg.busy_timeout_s:
-                    raise EngineBusy
-                self.gw.metrics.busy_waits.inc()
+            return await wait_progressing(task, b, cfg.ttft_timeout_s, cfg.busy_timeout_s,
+                                          self.gw.metrics.busy_waits.inc)
         finally:
             if not task.done():
                 task.cancel()

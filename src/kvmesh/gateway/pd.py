@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from kvmesh.gateway.backends import Backend
+from kvmesh.gateway.backends import Backend, EngineBusy, FirstByteTimeout, wait_progressing
 from kvmesh.gateway.proxy import CONNECT_ERRORS
 from kvmesh.gateway.request import ProxyRequest
 from kvmesh.routing import Decision
@@ -159,12 +159,13 @@ async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: flo
 async def _post(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) -> tuple[int, bytes]:
     """(status, body) of the prefill leg; PrefillFailed on connect errors, a broken answer or silence.
 
-    The leg waits in windows of ``timeout_s``, as a stream waits for its first token (:meth:`RequestPath.open`):
-    a window in which the prefill engine made no progress at all (its token counters and queue still) means
-    it is hung → its breaker opens, ``prefill_timeout``; one in which it made progress means busy → wait on,
-    up to the gateway's ``busy_timeout_s`` in all, then ``prefill_busy`` without a breaker trip.  Giving up on
-    a busy engine throws its work away and hands the same prompt to an engine that is no less loaded — the
-    amplification that turned an overloaded 1P+1D fleet's prefill engine idle while its decode engine drowned."""
+    The leg waits in windows of ``timeout_s``, as a stream waits for its first token (the same
+    :func:`~kvmesh.gateway.backends.wait_progressing`): a window in which the prefill engine made no progress at all
+    (its token counters and queue still) means it is hung → its breaker opens, ``prefill_timeout``; one in which it
+    made progress means busy → wait on, up to the gateway's ``busy_timeout_s`` in all, then ``prefill_busy`` without
+    a breaker trip. Giving up on a busy engine throws its work away and hands the same prompt to an engine that is
+    no less loaded — the amplification that turned an overloaded 1P+1D fleet's prefill engine idle while its decode
+    engine drowned."""
     headers = {"content-type": "application/json", "x-request-id": f"{req.route.request_id}-prefill"}
     if "authorization" in req.http.headers:
         headers["authorization"] = req.http.headers["authorization"]
@@ -176,7 +177,14 @@ async def _post(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) ->
 
     task = asyncio.ensure_future(leg())
     try:
-        return await _await_progressing(gw, b, task, timeout_s)
+        return await wait_progressing(task, b, timeout_s, gw.cfg.busy_timeout_s, gw.metrics.busy_waits.inc)
+    except FirstByteTimeout:
+        # a hung prefill engine: its breaker opens, so the next long prompts go elsewhere or stay local
+        gw.path.bypass(b, "pd_prefill_timeout", f"prefill leg: no answer within {timeout_s:g}s and no "
+                       "progress on the engine", poke=False)
+        raise PrefillFailed("prefill_timeout", f"no answer within {timeout_s:g}s, no progress") from None
+    except EngineBusy:
+        raise PrefillFailed("prefill_busy", f"busy: no answer within {gw.cfg.busy_timeout_s:g}s") from None
     except CONNECT_ERRORS as e:
         gw.path.bypass(b, "upstream_connect", f"prefill leg: connect failed: {type(e).__name__}")
         raise PrefillFailed("prefill_connect", type(e).__name__) from None
@@ -188,23 +196,3 @@ async def _post(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) ->
             task.cancel()  # the connection closes: vLLM aborts the prefill
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-
-
-async def _await_progressing(gw: Gateway, b: Backend, task: asyncio.Future[tuple[int, bytes]],
-                             window_s: float) -> tuple[int, bytes]:
-    """``task``'s result, waiting on while ``b`` makes progress (see :func:`_post`)."""
-    start = time.monotonic()
-    while True:
-        window = time.monotonic()
-        left = start + gw.cfg.busy_timeout_s - window
-        done, _ = await asyncio.wait({task}, timeout=max(min(window_s, left), 0.0))
-        if done:
-            return task.result()
-        if not b.progressed_since(window):
-            # a hung prefill engine: its breaker opens, so the next long prompts go elsewhere or stay local
-            gw.path.bypass(b, "pd_prefill_timeout", f"prefill leg: no answer within {window_s:g}s and no "
-                           "progress on the engine", poke=False)
-            raise PrefillFailed("prefill_timeout", f"no answer within {window_s:g}s, no progress")
-        if time.monotonic() - start >= gw.cfg.busy_timeout_s:
-            raise PrefillFailed("prefill_busy", f"busy: no answer within {gw.cfg.busy_timeout_s:g}s")
-        gw.metrics.busy_waits.inc()
