@@ -39,39 +39,42 @@ DECODE_BATCHES = (1, 8)
 DECODE_TOKENS = 64
 
 
-def stream_timing(http: httpx.Client, url: str, model: str, prompt: list[int],
-                  max_tokens: int = 1) -> tuple[float, float]:
-    """(TTFT, mean inter-token time) of one streamed completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
+def _stream(http: httpx.Client, url: str, model: str, prompt: list[int],
+            max_tokens: int) -> tuple[list[float], int]:
+    """Arrival times (s after sending) of a streamed completion's token events, and the prompt tokens the
+    engine reports cached (its closing usage event: not a token)."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True,
+            "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
-    stamps = []
+    stamps: list[float] = []
+    cached = 0
     with http.stream("POST", f"{url}/v1/completions", json=body) as r:
         r.raise_for_status()
         for line in r.iter_lines():
-            if line.startswith("data: {"):
+            if not line.startswith("data: {"):
+                continue
+            event = json.loads(line[6:])
+            if event.get("choices"):
                 stamps.append(time.perf_counter() - t0)
+            usage = event.get("usage") or {}
+            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
+    if not stamps:
+        raise httpx.HTTPError(f"{url}: no token streamed")
+    return stamps, cached
+
+
+def stream_timing(http: httpx.Client, url: str, model: str, prompt: list[int],
+                  max_tokens: int = 1) -> tuple[float, float]:
+    """(TTFT, mean inter-token time) of one streamed completion."""
+    stamps, _ = _stream(http, url, model, prompt, max_tokens)
     itl = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
     return stamps[0], itl
 
 
 def cached_timing(http: httpx.Client, url: str, model: str, prompt: list[int]) -> tuple[float, int]:
     """(TTFT, prompt tokens the engine reports cached) of one streamed one-token completion."""
-    body = {"model": model, "prompt": prompt, "max_tokens": 1, "stream": True, "ignore_eos": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    first, cached = None, 0
-    with http.stream("POST", f"{url}/v1/completions", json=body) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if not line.startswith("data: {"):
-                continue
-            if first is None:
-                first = time.perf_counter() - t0
-            usage = json.loads(line[6:]).get("usage") or {}
-            cached = int((usage.get("prompt_tokens_details") or {}).get("cached_tokens") or cached)
-    if first is None:
-        raise httpx.HTTPError(f"{url}: no token streamed")
-    return first, cached
+    stamps, cached = _stream(http, url, model, prompt, 1)
+    return stamps[0], cached
 
 
 def decode_costs(url: str, model: str, rng: random.Random, vocab: int, base: TimingProfile) -> tuple[float, float]:
