@@ -243,3 +243,43 @@ def test_new_sessions_spread_by_live_sessions_not_by_the_shared_system_prompt() 
     assert off.choose(turn("s3", 90_000), [a, b]).backend is a
     # a session already live is not pushed away by the balance term (it only prices where sessions start)
     assert p.choose(turn("s0", 10_000), [a, b]).backend is a
+
+
+def test_an_engine_not_measured_yet_is_priced_at_the_fleet_mean_not_the_prior() -> None:
+    # The chat benchmark's hot spot: the first engines to serve learned ~6,500 tokens/s against the 4,000
+    # prior, so the fleet's idle engines looked slower only because nobody had measured them.
+    p = make_policy("kv-aware", index=KvIndex("m"), cfg=RoutingConfig(prefill_tps=4000))
+    c = ctx(list(range(4000)))
+    d = p.choose(c, [Cand("a")])
+    for _ in range(30):
+        p.on_first_token(c, d, 0.5, queued_tokens=0)  # "a": 8,000 tokens/s
+    model = p.model  # type: ignore[attr-defined]
+    assert model.tps("b") == model.tps("a") > 7500
+    fresh = [p.choose(ctx(list(range(4000))), [Cand("a"), Cand("b")]).backend.name for _ in range(40)]
+    assert set(fresh) == {"a", "b"}  # equal prices: no preference for the engine measured first
+
+
+def test_session_balance_weighs_the_turns_a_session_brings() -> None:
+    idx = KvIndex("m")
+    system = list(range(7000, 7000 + 4 * BS))  # a shared system prompt, held by "a" only
+    warm(idx, "a", system)
+    cfg = RoutingConfig(decode_weight=0, learn_prefill_tps=False, session_turns=1)
+    p = make_policy("kv-aware", seed=3, index=idx, cfg=cfg)
+    a, b = Cand("a"), Cand("b")
+
+    def turn(session: str, user: int) -> RequestContext:
+        return ctx([*system, *range(user, user + BS)], session=session)
+
+    c = turn("s0", 10_000)
+    p.on_routed(c, p.choose(c, [a, Cand("b-busy", pending_prefill_tokens=10**6)]))
+    # one-turn sessions: one live session on "a" weighs less than recomputing 4 blocks on "b"
+    assert p.choose(turn("s1", 20_000), [a, b]).backend is a
+    # a session that keeps talking brings its new work every turn: with 12 turns expected it starts on "b"
+    many = make_policy("kv-aware", seed=3, index=idx, cfg=cfg.model_copy(update={"session_turns": 12}))
+    many.on_routed(c, many.choose(c, [a, Cand("b-busy", pending_prefill_tokens=10**6)]))
+    assert many.choose(turn("s1", 20_000), [a, b]).backend is b
+    # and the turns are learned: s0 comes back eleven times, so the one-turn prior gives way
+    for k in range(11):
+        t = ctx([*system, *range(10_000, 10_000 + BS), *range(30_000 + k * BS, 30_000 + (k + 1) * BS)], "s0")
+        p.on_routed(t, p.choose(t, [a]))
+    assert p.scorer.ledger.expected_turns(1.0) > 2  # type: ignore[attr-defined]

@@ -335,6 +335,8 @@ class RoutingConfig(_Strict):
                                    "per live session its engine has above the least (spreads sessions)")
     session_live_s: float = Field(default=120.0, gt=0, description="A session with no turn for this long no "
                                   "longer counts as live")
+    session_turns: float = Field(default=4.0, ge=1, description="Prior: turns a new session brings (then "
+                                 "learned); session_balance charges this many turns' new work per live session")
     speculative_ttl_s: float = Field(default=2.0, ge=0)
     prefix_ttl_s: float = Field(default=600.0, gt=0, description="Lifetime of learned entries (prefix)")
     prefix_block_size: int = Field(default=128, gt=0, description="Chunk size of the prefix policy")

@@ -40,6 +40,7 @@ def _cost_model(cfg: RoutingConfig) -> CostModel:
                      decode_s_per_ctx_token=cfg.decode_s_per_ctx_token, kv_pressure_s=cfg.kv_pressure_s,
                      kv_high=cfg.kv_high, output_tokens=cfg.output_tokens, session_prior=cfg.session_prior,
                      session_balance=cfg.session_balance, session_live_s=cfg.session_live_s,
+                     session_turns=cfg.session_turns,
                      learn=cfg.learn_prefill_tps)
 
 

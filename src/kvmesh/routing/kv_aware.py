@@ -10,8 +10,8 @@ For every candidate engine e (all terms in seconds; ``tps(e)`` is its prefill th
     sat          = q / (q + prompt / tps),  q = min_e' pending_prefill_tokens(e') / tps(e')
     decode(e)    = decode_weight * (L * (a_e * 2 * R + b_e * (K + R * (prompt + L / 2)))  +  R * prefill(e))
     kv_pressure  = kv_pressure_s * max(0, kv_usage(e) - kv_high) / (1 - kv_high)
-    balance(e)   = session_balance * (live_sessions(e) - min_e' live_sessions(e')) * min_e' uncached(e') / tps(e)
-                   (only for the first request of a session)
+    balance(e)   = session_balance * (live_sessions(e) - min_e' live_sessions(e')) * turns * min_e' uncached(e')
+                   / tps(e)   (only for the first request of a session; turns: expected turns per session)
 
 - **Queue and prefill** estimate this request's TTFT.  The cached prefix comes from the :class:`KvIndex`
   (longest consecutive prefix: the engine's own cache first, then blocks it can load from lower tiers).
@@ -35,12 +35,15 @@ For every candidate engine e (all terms in seconds; ``tps(e)`` is its prefill th
   the session is worth it.  Once e's events arrive they are the evidence: the index knows evictions, the
   prior does not (on the Weka traces, where one engine holds ~4 contexts, trusting the prior over the
   index cost 2.3x in mean TTFT).  And where sessions live predicts load to come: a new session is
-  charged for each live session (a turn within ``session_live_s``) its engine has above the least, so
-  new conversations spread like sticky routing spreads them instead of piling onto the engines that
-  first cached a shared system prompt (the busiest engine carried 4.3x the mean on the chat benchmark).
+  charged for each live session (a turn within ``session_live_s``) its engine has above the least, times
+  the turns a session brings (learned from the sessions seen), so new conversations spread like sticky
+  routing spreads them instead of piling onto the engines that first cached a shared system prompt (the
+  busiest engine carried 4.3x the mean on the chat benchmark).  Charged once, not per turn, a session's
+  own first turn (a few hundred tokens) weighed less than recomputing that shared prompt elsewhere.
 
 ``tps(e)`` is configured, then learned online from every request's TTFT: the tokens queued ahead at
-dispatch plus its own uncached tokens, over its TTFT (so queued time is accounted, not ignored).
+dispatch plus its own uncached tokens, over its TTFT (so queued time is accounted, not ignored); an
+engine not measured yet is priced at the fleet's learned mean, not at the configured prior.
 Degrades gracefully: no token ids, no events yet (unknown block size) or an engine unknown to the index
 all reduce to load-only scoring, and the reason is counted in ``kvmesh_routing_degraded_total``.
 """
@@ -118,14 +121,21 @@ class CostModel:
     session_prior: bool = True
     session_balance: float = 1.0      # a new session pays this x its prefill per live session above the least
     session_live_s: float = 120.0     # a session with no turn for this long no longer counts as live
+    session_turns: float = 4.0        # prior: turns a session brings (then learned from the sessions seen)
     learn: bool = True
     learn_alpha: float = 0.2
     learned_tps: dict[str, float] = field(default_factory=dict)
     fits: dict[str, DecodeFit] = field(default_factory=dict)
     mean_output: float = 0.0
+    fleet_tps: float = 0.0            # mean of the learned throughputs (the configured one until any is)
 
     def tps(self, name: str) -> float:
-        return self.learned_tps.get(name, self.prefill_tps)
+        """``name``'s learned prefill throughput; the fleet's mean for an engine not measured yet.  (Not the
+        configured prior: the engines measured first would look faster or slower than their peers only
+        because they were measured — on the chat benchmark, the first two engines to serve learned ~6,500
+        tokens/s against the 4,000 prior and drew the first 11 sessions between them.)"""
+        got = self.learned_tps.get(name)
+        return got if got is not None else (self.fleet_tps or self.prefill_tps)
 
     def decode_coeffs(self, name: str) -> tuple[float, float]:
         """(a, b) of ``name``'s decode step: the priors until fitted from its observed TPOTs."""
@@ -142,8 +152,9 @@ class CostModel:
         if not self.learn or tokens < 64 or ttft_s <= 0:
             return
         sample = min(max(tokens / ttft_s, self.prefill_tps / 50), self.prefill_tps * 20)
-        old = self.learned_tps.get(name, self.prefill_tps)
+        old = self.tps(name)
         self.learned_tps[name] = (1 - self.learn_alpha) * old + self.learn_alpha * sample
+        self.fleet_tps = sum(self.learned_tps.values()) / len(self.learned_tps)
 
     def observe_decode(self, name: str, running: int, active: int, tpot_s: float, output: int) -> None:
         """One finished stream: its mean TPOT at the load it was dispatched into; and its output length."""
@@ -179,6 +190,12 @@ class Ledger:
         self.sessions: collections.OrderedDict[str, tuple[str, int, int, float]] = collections.OrderedDict()
         self.live: dict[str, int] = collections.defaultdict(int)
         self.max_sessions, self.max_routed, self.live_s = max_sessions, max_routed, live_s
+        self.starts = self.turns = 0  # sessions begun and turns seen: how many turns a session brings
+
+    def expected_turns(self, prior: float, weight: float = 8.0) -> float:
+        """Turns a new session will bring: the mean seen so far, pulled towards ``prior`` as if ``weight``
+        sessions had shown it (sessions still running count their turns so far: a lower bound)."""
+        return (weight * prior + self.turns) / (weight + self.starts)
 
     def start(self, d: Decision, r: _Routed) -> None:
         self.active[r.engine] += r.tokens
@@ -198,6 +215,7 @@ class Ledger:
         old = self.sessions.get(session)
         if old is not None:
             self.live[old[0]] -= 1
+        self.starts, self.turns = self.starts + (old is None), self.turns + 1
         self.sessions[session] = (engine, len(keys), int(keys[-1]), now)
         self.sessions.move_to_end(session)
         self.live[engine] += 1
@@ -313,7 +331,8 @@ class KvCostScorer(Scorer):
         # a new session will send more turns where it starts: spread them like live sessions, not requests
         fresh = ctx.session_id is not None and ctx.session_id not in self.ledger.sessions and mdl.session_balance > 0
         live = [self.ledger.live.get(c.name, 0) if fresh else 0 for c in cands]
-        terms = [self._terms(c, t, tier, unc, best, weight, prompt, out, n - min(live))
+        turns = self.ledger.expected_turns(mdl.session_turns) if fresh else 0.0
+        terms = [self._terms(c, t, tier, unc, best, weight, prompt, out, (n - min(live)) * turns)
                  for c, t, tier, unc, n in zip(cands, tps, tiers, uncached, live, strict=True)]
         why = ([{"backend": c.name, "matched_tokens": dict(zip(("GPU", "CPU", "STORAGE"), tier, strict=True)),
                  "prompt_tokens": prompt, "uncached_tokens": unc, "in_flight": c.in_flight,
@@ -328,7 +347,7 @@ class KvCostScorer(Scorer):
         return Scores([tm.total for tm in terms], uncached, keys, why)
 
     def _terms(self, c: Candidate, tps: float, tiers: tuple[int, int, int], unc: int, best: int,
-               weight: float, prompt: int, out: int, more_sessions: int) -> _Terms:
+               weight: float, prompt: int, out: int, more_turns: float) -> _Terms:
         mdl = self.model
         running = max(c.in_flight, c.running)
         queue_s = c.pending_prefill_tokens / tps + mdl.decode_penalty_s * max(c.in_flight, c.engine_queue)
@@ -338,9 +357,10 @@ class KvCostScorer(Scorer):
                                                    prefill_s)
         kv_s = (mdl.kv_pressure_s * max(0.0, c.kv_usage - mdl.kv_high) / max(1 - mdl.kv_high, 1e-6)
                 if c.kv_usage >= 0 else 0.0)
-        # the work a session brings that no engine has cached yet: where it starts hardly matters to a
-        # session that extends a long shared context (a sub-agent), and much to one that is mostly new
-        balance_s = mdl.session_balance * more_sessions * best / tps
+        # the work a session brings that no engine has cached yet, once per turn it is expected to bring:
+        # where it starts hardly matters to a session that extends a long shared context (a sub-agent), and
+        # much to one that is mostly new
+        balance_s = mdl.session_balance * more_turns * best / tps
         return _Terms(queue_s, prefill_s, weight * (unc - best) / tps, decode_s, kv_s, balance_s)
 
 
