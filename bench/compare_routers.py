@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--routers", default=DEFAULT_ROUTERS)
     ap.add_argument("--trace", type=pathlib.Path, default=TRACE)
     ap.add_argument("--workload", choices=("mooncake", "chat"), default="mooncake")
+    ap.add_argument("--repeats", type=int, default=1, help="run the routers this many times, interleaved; "
+                    "figures are the runs' means, paired per-round ratios kept")
     ap.add_argument("--name", default="compare_routers", help="result name (bench/results/NAME.json)")
     a = ap.parse_args()
     if a.workload == "mooncake" and not a.trace.is_file():
@@ -38,7 +40,7 @@ def main() -> None:
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
     plot = ROOT / "bench" / "results" / f"{a.name}.png"
-    args = CompareArgs(a.requests, a.speedup, a.load, a.routers, a.workload, plot)
+    args = CompareArgs(a.requests, a.speedup, a.load, a.routers, a.workload, plot, repeats=a.repeats)
     metrics = compare(a.trace, model_dir, ROOT / "run" / "compare", args)
     print(f"wrote {write_result(a.name, metrics)} and {plot}")
 

@@ -64,13 +64,14 @@ def test_bench_run_writes_under_the_run_directory(sim_engine: str, tmp_path: pat
 
 def test_bench_compare_prints_a_table_and_writes_under_the_run_directory(tmp_path: pathlib.Path) -> None:
     r = subprocess.run([*KVMESH, "bench", "compare", "--workload", "chat", "--requests", "8", "--speedup", "16",
-                        "--routers", "kvmesh-round-robin,sglang-round_robin"], capture_output=True, text=True,
-                       timeout=300, cwd=tmp_path)
+                        "--routers", "kvmesh-round-robin,sglang-round_robin", "--repeats", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert set(os.listdir(tmp_path)) <= {"run", "models"}  # no compare.json / compare.png here
     (out,) = (tmp_path / "run" / "bench").glob("compare-*")
     m = json.loads((out / "compare.json").read_text())
-    assert m["routers"]["kvmesh-round-robin"]["ok"] == 8
+    rr = m["routers"]["kvmesh-round-robin"]
+    assert rr["ok"] == 16 and rr["runs"] == 2 and len(rr["ttft_mean_ms_runs"]) == 2  # two interleaved runs
     assert (out / "router-kvmesh-round-robin.log").is_file()
     assert "{'" not in r.stdout and "'ttft_mean_ms'" not in r.stdout  # not Python dicts
     row = next(line for line in r.stdout.splitlines() if "│ kvmesh-round-robin" in line)

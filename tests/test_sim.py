@@ -279,6 +279,20 @@ def test_compare_ratios_cover_the_decode_side() -> None:
                    "kvaware_busiest_over_mean": 1.2}
 
 
+def test_compare_repeats_are_merged_and_ratios_paired_per_round() -> None:
+    from kvmesh.bench.compare import merge_runs, paired_ratios
+
+    kv = [{"ttft_mean_ms": 30.0, "ok": 10, "errors": 0, "ttfts_ms": [1.0]},
+          {"ttft_mean_ms": 50.0, "ok": 9, "errors": 1, "ttfts_ms": [2.0]}]
+    rr = [{"ttft_mean_ms": 60.0, "ok": 10, "errors": 0}, {"ttft_mean_ms": 50.0, "ok": 10, "errors": 0}]
+    got = merge_runs(kv)
+    assert got["ttft_mean_ms"] == 40.0 and got["ok"] == 19 and got["errors"] == 1 and got["runs"] == 2
+    assert got["ttft_mean_ms_runs"] == [30.0, 50.0] and got["ttfts_ms"] == [1.0, 2.0]
+    assert merge_runs([kv[0], {"error": "boom"}])["failed_runs"] == 1
+    assert paired_ratios({"kvmesh-kv-aware": kv, "kvmesh-round-robin": rr}) == {
+        "kvaware_ttft_mean_over_rr_runs": [0.5, 1.0]}
+
+
 def test_block_tokens_distinct_for_ids_far_apart() -> None:
     """Block ids that share low bits are different blocks (a power-of-two LCG's low bits repeat with the
     seed's: ids 8,192 apart used to be the same tokens, which inflated every simulated hit rate)."""

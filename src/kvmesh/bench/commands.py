@@ -112,6 +112,8 @@ def bench_compare(
     load: Annotated[float, typer.Option(help="Arrivals this much denser than the trace's")] = 1.0,
     routers: Annotated[str, typer.Option(help="Comma-separated: kvmesh-<policy>, sglang-<policy>, "
                                               "vllm-router-<policy>")] = "",
+    repeats: Annotated[int, typer.Option(min=1, help="Run the routers this many times, interleaved: means, "
+                                                     "with each run's TTFT and paired ratios kept")] = 1,
     out: Annotated[pathlib.Path | None, typer.Option(help="Directory for compare.json, the TTFT CDF plot "
                                                           "(compare.png) and the routers' logs "
                                                           "[default: run/bench/compare-<time>]")] = None,
@@ -129,7 +131,8 @@ def bench_compare(
     if not demo.is_complete(model_dir):
         demo.generate("tiny", model_dir)
     try:
-        args = CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS, workload, _plot_path(out))
+        args = CompareArgs(requests, speedup, load, routers or DEFAULT_ROUTERS, workload, _plot_path(out),
+                           repeats=repeats)
         m = compare(trace, model_dir, out, args)
     except TraceError as e:
         _fail(str(e))

@@ -227,6 +227,7 @@ class CompareArgs:
     plot: pathlib.Path | None = None  # PNG: TTFT CDF per router
     slo_ttft_ms: float = 1000.0  # goodput: requests with TTFT and TPOT within these
     slo_tpot_ms: float = 50.0
+    repeats: int = 1  # run the router list this many times, interleaved (a, b, a, b): see merge_runs
 
 
 def load_workload(trace: pathlib.Path | None, args: CompareArgs) -> list[TraceRequest]:
@@ -273,19 +274,16 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
     reqs = load_workload(trace, args)
     run_dir.mkdir(parents=True, exist_ok=True)
     pool = EnginePool(8, model_dir, run_dir, 1.0 / args.speedup)
-    results: dict[str, dict[str, object]] = {}
+    runs: dict[str, list[dict[str, object]]] = {}
     try:
-        for name in args.routers.split(","):
-            if not name.startswith("kvmesh-") and not ROUTERS_BIN.is_dir():
-                results[name] = {"error": "not installed: run `make routers`"}
-                continue
-            try:
-                results[name] = run_router(name, pool, reqs, args, model_dir, free_ports(1)[0], run_dir)
-            except (TimeoutError, OSError, httpx.HTTPError) as e:
-                results[name] = {"error": f"{type(e).__name__}: {e}"}
-            print(router_line(name, results[name]), flush=True)
+        for _ in range(max(args.repeats, 1)):  # interleaved: a slow spell of the host hits every router
+            for name in args.routers.split(","):
+                m = run_one(name, pool, reqs, args, model_dir, run_dir)
+                runs.setdefault(name, []).append(m)
+                print(router_line(name, m), flush=True)
     finally:
         pool.stop()
+    results = {name: merge_runs(rs) for name, rs in runs.items()}
     if args.plot is not None:
         plot_cdfs(results, args.plot, f"{args.workload}: {len(reqs)} requests, 8 simulated engines")
     for m in results.values():
@@ -294,7 +292,52 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
                                   "load": args.load, "routers": results}
     metrics["slo"] = {"ttft_ms": args.slo_ttft_ms, "tpot_ms": args.slo_tpot_ms}
     metrics.update(ratios(results))
+    if args.repeats > 1:
+        metrics["repeats"] = args.repeats
+        metrics.update(paired_ratios(runs))
     return metrics
+
+
+def run_one(name: str, pool: EnginePool, reqs: list[TraceRequest], args: CompareArgs,
+            model_dir: pathlib.Path, run_dir: pathlib.Path) -> dict[str, object]:
+    """One replay through router ``name``; an error entry (not an exception) when it cannot run."""
+    if not name.startswith("kvmesh-") and not ROUTERS_BIN.is_dir():
+        return {"error": "not installed: run `make routers`"}
+    try:
+        return run_router(name, pool, reqs, args, model_dir, free_ports(1)[0], run_dir)
+    except (TimeoutError, OSError, httpx.HTTPError) as e:
+        return {"error": f"{type(e).__name__}: {e}"}
+
+
+def merge_runs(rs: list[dict[str, object]]) -> dict[str, object]:
+    """One router's repeats as one entry: request counts summed, every other figure the mean of the runs,
+    and each run's mean TTFT kept (``ttft_mean_ms_runs``) so the spread stays visible.  Real-time replays
+    on a shared 2-core host move 10-30 % from run to run; one run per router decides nothing."""
+    ok = [r for r in rs if "error" not in r]
+    if len(rs) == 1 or not ok:
+        return rs[0]
+    out: dict[str, object] = {"runs": len(ok)}
+    for key, first in ok[0].items():
+        vals = [r.get(key) for r in ok]
+        if key in ("ok", "errors"):
+            out[key] = sum(v for v in vals if isinstance(v, (int, float)))
+        elif key == "ttfts_ms":
+            out[key] = sorted(x for v in vals if isinstance(v, list) for x in v)
+        elif isinstance(first, (int, float)) and all(isinstance(v, (int, float)) for v in vals):
+            out[key] = round(sum(v for v in vals if isinstance(v, (int, float))) / len(vals), 4)
+    out["ttft_mean_ms_runs"] = [r.get("ttft_mean_ms") for r in ok]
+    if len(ok) < len(rs):
+        out["failed_runs"] = len(rs) - len(ok)
+    return out
+
+
+def paired_ratios(runs: dict[str, list[dict[str, object]]]) -> dict[str, object]:
+    """kv-aware's ratios within each round (the same host conditions, give or take a minute): the list,
+    so a reader sees whether a mean ratio is one lucky round."""
+    n = min((len(v) for v in runs.values()), default=0)
+    per_round = [ratios({name: rs[i] for name, rs in runs.items()}) for i in range(n)]
+    keys = sorted({k for r in per_round for k in r})
+    return {f"{k}_runs": [r.get(k) for r in per_round] for k in keys}
 
 
 def router_line(name: str, m: dict[str, object]) -> str:
