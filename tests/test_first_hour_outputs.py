@@ -72,6 +72,7 @@ def test_bench_compare_prints_a_table_and_writes_under_the_run_directory(tmp_pat
     m = json.loads((out / "compare.json").read_text())
     rr = m["routers"]["kvmesh-round-robin"]
     assert rr["ok"] == 16 and rr["runs"] == 2 and len(rr["ttft_mean_ms_runs"]) == 2  # two interleaved runs
+    assert rr["router_cpu_s"] > 0  # the gateway's CPU, read from /proc while it served
     assert (out / "router-kvmesh-round-robin.log").is_file()
     assert "{'" not in r.stdout and "'ttft_mean_ms'" not in r.stdout  # not Python dicts
     row = next(line for line in r.stdout.splitlines() if "│ kvmesh-round-robin" in line)

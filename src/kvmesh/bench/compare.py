@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import pathlib
 import re
 import subprocess
@@ -170,6 +171,25 @@ def engine_counters(urls: list[str]) -> tuple[float, float, list[float]]:
     return hits, queries, prompt_tokens
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` and its live children, from /proc (0 where unreadable).
+    The routers share the host with the simulated engines they drive: a router that burns CPU slows the
+    engines' clocks too, so its CPU is reported beside its latencies."""
+    tick = os.sysconf("SC_CLK_TCK")
+    try:
+        kids = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        kids = []
+    total = 0.0
+    for p in [str(pid), *kids]:
+        try:
+            fields = pathlib.Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return total
+
+
 def gateway_overhead_ms(url: str) -> float | None:
     """kvmesh's own mean pre-forward time (tokenise, route, admit) from its /metrics."""
     text = httpx.get(f"{url}/metrics").text
@@ -190,10 +210,12 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
+        cpu0 = cpu_seconds(proc.pid)
         t_start = time.perf_counter()
         tm = asyncio.run(replay_timings(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load,
                                         (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)))
         wall = time.perf_counter() - t_start
+        cpu = cpu_seconds(proc.pid) - cpu0
         h1, q1, p1 = engine_counters(urls)
         overhead = gateway_overhead_ms(f"http://127.0.0.1:{port}") if name.startswith("kvmesh-") else None
     finally:
@@ -214,6 +236,7 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
             # prompt tokens per engine / the mean: 1.0 everywhere = perfectly even
             "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3),
             **({"gateway_pre_forward_ms": overhead} if overhead is not None else {}),
+            "router_cpu_s": round(cpu, 2), "wall_s": round(wall, 1),
             "ttfts_ms": sorted(round(t * 1000, 1) for t in ttfts)}
 
 
@@ -345,12 +368,13 @@ def router_line(name: str, m: dict[str, object]) -> str:
     if "error" in m:
         return f"{name}: {m['error']}"
     return (f"{name}: TTFT mean {m['ttft_mean_ms']} ms, p99 {m['ttft_p99_ms']} ms; goodput {m['goodput']}; "
-            f"hit rate {m['hit_rate']}; {m['ok']} ok, {m['errors']} errors")
+            f"hit rate {m['hit_rate']}; {m['ok']} ok, {m['errors']} errors; router CPU {m.get('router_cpu_s')} s")
 
 
 _COLUMNS = (("TTFT mean ms", "ttft_mean_ms"), ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"),
             ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"), ("goodput", "goodput"),
-            ("hit rate", "hit_rate"), ("busiest/mean", "load_max_over_mean"), ("ok", "ok"), ("errors", "errors"))
+            ("hit rate", "hit_rate"), ("busiest/mean", "load_max_over_mean"), ("router CPU s", "router_cpu_s"),
+            ("ok", "ok"), ("errors", "errors"))
 
 
 def table(metrics: dict[str, object]) -> Table:
