@@ -48,7 +48,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.bench.compare import engine_counters
+from kvmesh.bench.compare import _counter, engine_counters
 from kvmesh.bench.util import wait_http
 from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
@@ -175,6 +175,19 @@ def aiperf_metrics(out: pathlib.Path) -> dict[str, object]:
             "ok": stat("request_count", "avg"), "errors": stat("error_request_count", "avg") or 0}
 
 
+# vLLM's own counters, diffed over a router's run: where its engines' time went (steps, preemptions, the
+# time requests spent queued, prefilling and decoding inside the engine)
+ENGINE_STATS = {"preemptions": "vllm:num_preemptions_total", "steps": "vllm:iteration_tokens_total_count",
+                "step_tokens": "vllm:iteration_tokens_total_sum", "generated": "vllm:generation_tokens_total",
+                "queue_s": "vllm:request_queue_time_seconds_sum", "prefill_s": "vllm:request_prefill_time_seconds_sum",
+                "decode_s": "vllm:request_decode_time_seconds_sum"}
+
+
+def engine_stats(urls: list[str]) -> dict[str, float]:
+    texts = [httpx.get(f"{u}/metrics", timeout=30).text for u in urls]
+    return {k: sum(_counter(t, name) for t in texts) for k, name in ENGINE_STATS.items()}
+
+
 def run_router(name: str, port: int, urls: list[str], events: list[str], trace: pathlib.Path,
                model: pathlib.Path, run_dir: pathlib.Path, a: argparse.Namespace) -> dict[str, object]:
     for u in urls:
@@ -186,6 +199,7 @@ def run_router(name: str, port: int, urls: list[str], events: list[str], trace: 
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
+        s0 = engine_stats(urls)
         t0 = time.perf_counter()
         tokenizer, env = hf_cache(model, run_dir)
         with (run_dir / f"aiperf-{tag}.log").open("wb") as alog:
@@ -193,6 +207,7 @@ def run_router(name: str, port: int, urls: list[str], events: list[str], trace: 
                            stderr=subprocess.STDOUT, check=False, timeout=a.timeout_s * 4, env=env)
         wall = time.perf_counter() - t0
         h1, q1, p1 = engine_counters(urls)
+        stats = {k: round(v - s0[k], 1) for k, v in engine_stats(urls).items()}
     finally:
         proc.terminate()
         proc.wait(10)
@@ -200,7 +215,8 @@ def run_router(name: str, port: int, urls: list[str], events: list[str], trace: 
     load = [b - x for x, b in zip(p0, p1, strict=True)]
     return {**aiperf_metrics(out), "hit_rate": round((h1 - h0) / max(q1 - q0, 1), 4),
             "prompt_tokens_per_engine": [round(x) for x in load],
-            "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3), "wall_s": round(wall, 1)}
+            "load_max_over_mean": round(max(load) / max(sum(load) / len(load), 1), 3), "wall_s": round(wall, 1),
+            "engine": stats}
 
 
 class Engines:
