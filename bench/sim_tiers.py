@@ -61,8 +61,10 @@ _TRACE: list[TraceRequest] = []
 _PROMPTS: list[list[int]] = []
 
 
-def configs(dram: int, ssd: int, per_machine: int, overlap: bool = False) -> dict[str, TierConfig | None]:
-    tc = functools.partial(TierConfig, engines_per_machine=per_machine, overlap_saves=overlap)
+def configs(dram: int, ssd: int, per_machine: int, overlap: bool = False,
+            overlap_loads: bool = False) -> dict[str, TierConfig | None]:
+    tc = functools.partial(TierConfig, engines_per_machine=per_machine, overlap_saves=overlap,
+                           overlap_loads=overlap_loads)
     return {
         "gpu-only": None,
         "dram": tc(dram_bytes=dram),
@@ -229,6 +231,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--extend", type=int, default=6, help="doublings of the last grid load at most, while a "
                     "configuration still meets the SLO there")
     ap.add_argument("--max-steps", default="8", help="bisection steps at most: one value, or one per --replicas")
+    ap.add_argument("--overlap-loads", action="store_true", help="what-if: tier loads streamed layer by layer "
+                    "behind the step's compute (kvmesh's connector loads before the forward pass)")
     ap.add_argument("--overlap-saves", action="store_true", help="what-if: saves copied out behind compute "
                     "(kvmesh's connector copies them synchronously at the end of the step)")
     ap.add_argument("--jobs", type=int, default=2, help="simulations run at once (processes)")
@@ -245,7 +249,8 @@ def main() -> None:
     reqs = _TRACE
     ceiling, (_, trace_ceiling) = sim_ceiling_hit(reqs), infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s
-    cfgs = configs(int(args.dram_tb * TB), int(args.ssd_tb * TB), args.per_machine, args.overlap_saves)
+    cfgs = configs(int(args.dram_tb * TB), int(args.ssd_tb * TB), args.per_machine, args.overlap_saves,
+                   args.overlap_loads)
     print(f"{len(reqs)} requests over {span:.0f} s; ceiling {ceiling:.3f} (trace token ceiling {trace_ceiling:.3f})")
     print("| replicas | load | tiers | TTFT mean | TTFT p90 | hit rate | from tiers | utilisation | speed (CPU) |\n"
           + "| --- " * 9 + "|")
@@ -254,7 +259,8 @@ def main() -> None:
         "trace_format": args.format, "requests": len(reqs), "trace_span_s": round(span, 1),
         "profile": PROFILE, "policy": "kv-aware", "engines_per_machine": args.per_machine,
         "dram_tb_per_machine": args.dram_tb, "ssd_tb_per_machine": args.ssd_tb,
-        "load_overlaps_compute": False, "save_copy_charged": not args.overlap_saves, "ceiling_hit": round(ceiling, 4),
+        "load_overlaps_compute": args.overlap_loads, "save_copy_charged": not args.overlap_saves,
+        "ceiling_hit": round(ceiling, 4),
         "trace_token_ceiling": round(trace_ceiling, 4), "loads": args.loads, "ttft_slo_s": args.ttft_slo_s,
         "grid_extend": args.extend, "bisection_precision": args.precision, "max_bisection_steps": args.max_steps,
         "operating_point_rule": f"GPU-only's knee: the highest load at which GPU-only meets {slo}, bracketed by "

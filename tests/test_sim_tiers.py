@@ -177,6 +177,26 @@ def test_engine_loads_the_tiers_prefix_and_charges_the_step() -> None:
     assert b.pool.cached_prefix(keys) == 6  # loaded blocks are cached on the GPU now
 
 
+def test_what_ifs_overlap_loads_with_compute_and_saves_behind_it() -> None:
+    """``overlap_loads``: a step that loads and computes takes the longer of the two, not their sum;
+    ``overlap_saves``: the copy-out costs the step nothing.  (kvmesh's connector does neither.)"""
+    prof = get_profile("h100-llama3-8b")
+    toks = list(range(100))
+    keys = [int(k) for k in block_keys(toks, 16, SEED)]
+    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12, overlap_loads=True, overlap_saves=True)
+    sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
+    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
+    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
+    a.add(SimRequest(1, toks, keys, 1, 0.0))
+    assert a.step(0.0).duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0))  # no save charge
+    while a.has_work():
+        a.step(0.0)
+    b.add(SimRequest(2, toks, keys, 1, 0.0))
+    load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
+    compute = prof.step_seconds(4, 4 * (96 + 2), 0, 0)
+    assert b.step(0.0).duration == pytest.approx(max(compute, load))
+
+
 def _workload(n_groups: int, per_group: int) -> list[SimRequest]:
     prompts: list[list[int]] = []
     arrivals: list[float] = []

@@ -41,6 +41,7 @@ class TierAccess(Protocol):
     def load(self, keys: Sequence[int]) -> float: ...
     def save(self, key: int, parent: int | None, tokens: list[int]) -> bool: ...
     def save_seconds(self, blocks: int) -> float: ...
+    def step_seconds(self, compute_s: float, load_s: float) -> float: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -91,6 +92,7 @@ class EngineCore:
         self.tier_hits = 0       # prompt tokens loaded from the tiers
         self.received = 0        # prompt tokens whose KV arrived from a prefill engine
         self._load_s = 0.0       # load time of this step's admissions
+        self._tier_load_s = 0.0  # of which: loads from the cache tiers
         self._save_blocks = 0    # blocks this step copies out to the tiers
 
     def add(self, req: SimRequest) -> None:
@@ -151,7 +153,10 @@ class EngineCore:
             self._compute(r, n)  # counts the blocks this step saves
         if self._save_blocks and self.tier is not None:
             dur += self.tier.save_seconds(self._save_blocks)
-        dur, self._load_s, self._save_blocks = dur + self._load_s, 0.0, 0
+        other = self._load_s - self._tier_load_s
+        if self.tier is not None:
+            dur = self.tier.step_seconds(dur, self._tier_load_s)
+        dur, self._load_s, self._tier_load_s, self._save_blocks = dur + other, 0.0, 0.0, 0
         end = now + dur
         firsts: list[SimRequest] = []
         for r, _ in chunks:
@@ -236,7 +241,9 @@ class EngineCore:
         n = tier.held(r.keys[hit:full]) if hit < full else 0
         if not n:
             return
-        self._load_s += tier.load(r.keys[hit:hit + n])
+        took = tier.load(r.keys[hit:hit + n])
+        self._load_s += took
+        self._tier_load_s += took
         bs = self.block_size
         for i in range(hit, hit + n):
             extra = [(r.salt,)] if i == 0 and r.salt else None

@@ -85,6 +85,7 @@ class TierConfig:
     eviction: str = "lru"
     profile: str | None = None  # a TIER_PROFILES name; default: the timing profile's
     overlap_saves: bool = False  # what-if: a connector that copies saves out behind compute (kvmesh's does not)
+    overlap_loads: bool = False  # what-if: layer-wise loads behind the step's compute (kvmesh's loads first)
 
     def __post_init__(self) -> None:
         if self.engines_per_machine < 1 or self.replication < 1 or self.dram_bytes < 0 or self.ssd_bytes < 0:
@@ -323,3 +324,9 @@ class MachineView:
 
     def save_seconds(self, blocks: int) -> float:
         return self.system.save_seconds(blocks)
+
+    def step_seconds(self, compute_s: float, load_s: float) -> float:
+        """A step that computes for ``compute_s`` and loads for ``load_s``: their sum, as kvmesh's connector
+        loads everything before the forward pass; with ``overlap_loads`` (a what-if: loads streamed layer by
+        layer, vLLM's ``wait_for_layer_load``) the longer of the two."""
+        return max(compute_s, load_s) if self.system.cfg.overlap_loads else compute_s + load_s
