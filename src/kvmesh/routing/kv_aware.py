@@ -38,8 +38,9 @@ For every candidate engine e (all terms in seconds; ``tps(e)`` is its prefill th
   charged for each live session (a turn within ``session_live_s``) its engine has above the least, times
   the turns a session brings (learned from the sessions seen), so new conversations spread like sticky
   routing spreads them instead of piling onto the engines that first cached a shared system prompt (the
-  busiest engine carried 4.3x the mean on the chat benchmark).  Charged once, not per turn, a session's
-  own first turn (a few hundred tokens) weighed less than recomputing that shared prompt elsewhere.
+  busiest engine carried 4.3x the mean on the chat benchmark).  One turn's new work per live session was
+  too little: a first turn of a few hundred tokens weighed less than recomputing the shared prompt
+  elsewhere, and sessions still piled up where it was cached.
 
 ``tps(e)`` is configured, then learned online from every request's TTFT: the tokens queued ahead at
 dispatch plus its own uncached tokens, over its TTFT (so queued time is accounted, not ignored); an
