@@ -200,7 +200,7 @@ def test_queue_policy_scales_out_on_waiting_requests_and_in_when_they_are_gone(q
         wait_until(lambda: "engine-1" in auto.actuator.serving, 120, "engine-1 serving")
         assert auto.scaler.history[-1].desired == 2 and "waiting" in auto.scaler.history[-1].reason
         served = [ev for ev in auto.actuator.events if ev["event"] == "serving"]
-        assert served[0]["replica"] == "engine-1" and served[0]["prewarmed_prompts"] >= 1
+        assert served[0]["replica"] == "engine-1" and served[0]["prewarmed_prompts"] >= 1, auto.actuator.events
         hits = cache_hits(engine(st, "engine-1").url)
         # the hot prefix through the gateway: engine-1 takes it (engine-0 is queued) and finds it pre-warmed
         assert complete(url, [*HOT, 999]) == (200, "engine-1")

@@ -353,7 +353,11 @@ class LocalAutoscaler:
         plan = prewarm_plan(self.hot.snapshot(time.monotonic()), self.hot.parent, self.cfg.prewarm_blocks)
         parents = {self.hot.parent.get(k) for k in plan}
         leaves = [k for k in plan if k not in parents and k in self.prompts][:self.cfg.prewarm_prompts]
-        if not leaves or not await self._events_live(engine, spec[0]):
+        if not leaves:  # say why it warms nothing (a load-sensitive test once saw 0 and could not tell)
+            log.warning("autoscale: nothing to pre-warm %s with: %d hot keys, %d planned, none with a prompt",
+                        engine.name, len(self.hot.parent), len(plan))
+            return 0
+        if not await self._events_live(engine, spec[0]):
             return 0
         sent = 0
         for key in leaves:
