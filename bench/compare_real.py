@@ -48,7 +48,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from kvmesh.bench.compare import _counter, engine_counters, merge_runs
+from kvmesh.bench.compare import engine_counters, merge_runs, metric_sum
 from kvmesh.bench.util import wait_http
 from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
@@ -185,7 +185,7 @@ ENGINE_STATS = {"preemptions": "vllm:num_preemptions_total", "steps": "vllm:iter
 
 def engine_stats(urls: list[str]) -> dict[str, float]:
     texts = [httpx.get(f"{u}/metrics", timeout=30).text for u in urls]
-    return {k: sum(_counter(t, name) for t in texts) for k, name in ENGINE_STATS.items()}
+    return {k: sum(metric_sum(t, name) for t in texts) for k, name in ENGINE_STATS.items()}
 
 
 def run_router(name: str, port: int, urls: list[str], events: list[str], trace: pathlib.Path,

@@ -155,7 +155,8 @@ async def replay_timings(url: str, reqs: list[TraceRequest], speedup: float,
     return out
 
 
-def _counter(text: str, name: str) -> float:
+def metric_sum(text: str, name: str) -> float:
+    """The sum of a Prometheus series over its label sets in an exposition ``text`` (0 when absent)."""
     return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
 
 
@@ -165,9 +166,9 @@ def engine_counters(urls: list[str]) -> tuple[float, float, list[float]]:
     prompt_tokens = []
     for u in urls:
         text = httpx.get(f"{u}/metrics").text
-        hits += _counter(text, "vllm:prefix_cache_hits_total")
-        queries += _counter(text, "vllm:prefix_cache_queries_total")
-        prompt_tokens.append(_counter(text, "vllm:prompt_tokens_total"))
+        hits += metric_sum(text, "vllm:prefix_cache_hits_total")
+        queries += metric_sum(text, "vllm:prefix_cache_queries_total")
+        prompt_tokens.append(metric_sum(text, "vllm:prompt_tokens_total"))
     return hits, queries, prompt_tokens
 
 
