@@ -16,6 +16,7 @@ import pathlib
 import re
 import threading
 from collections.abc import Iterator, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from kvmesh.autoscale.policies import make_policy
 from kvmesh.autoscale.signals import AGGREGATED, Signals
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, engine_config
 from kvmesh.engines.sim import SimEngine
+from kvmesh.index.hashing import block_keys
 from kvmesh.sim.core import StepResult
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, free_port_block, wait_until
@@ -111,6 +113,21 @@ def cache_hits(engine_url: str) -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def hear_engine0(st: Stack) -> None:
+    """Send fresh prompts until one of engine-0's KV events has told the router the block size.
+
+    The router keys prompts only then, and a simulated engine's events published before the gateway's
+    subscription connected are lost: until one arrives no prompt is keyed, so nothing can be pre-warmed."""
+    probes = iter(range(100))
+
+    def heard() -> bool:  # each probe a fresh prompt: a cached one stores no block, so publishes nothing
+        n = next(probes)
+        assert complete(st.gateway.url, [3000 + 64 * n + j for j in range(64)])[0] == 200
+        return st.gateway.policy.key_spec(None) is not None
+
+    wait_until(heard, 60, "engine-0's KV events")
+
+
 def test_scales_out_prewarmed_and_back_in_without_failing_a_request(auto_stack: Stack,
                                                                     loop_thread: LoopThread) -> None:
     st = auto_stack
@@ -118,17 +135,7 @@ def test_scales_out_prewarmed_and_back_in_without_failing_a_request(auto_stack: 
     assert auto is not None
     policy = auto.scaler.policy
     assert isinstance(policy, StepPolicy)
-    # The router keys prompts only once one of engine-0's KV events has told it the block size, and a
-    # simulated engine's events published before the gateway's subscription connected are lost: until one
-    # arrives nothing is hot and there is nothing to pre-warm (this raced the first requests and failed).
-    probes = iter(range(100))
-
-    def heard() -> bool:  # each probe a fresh prompt: a cached one stores no block, so publishes nothing
-        n = next(probes)
-        assert complete(url, [3000 + 64 * n + j for j in range(64)])[0] == 200
-        return st.gateway.policy.key_spec(None) is not None
-
-    wait_until(heard, 60, "engine-0's KV events")
+    hear_engine0(st)
     for i in range(4):  # the hot prefix, served by engine-0
         assert complete(url, [*HOT, 500 + i]) == (200, "engine-0")
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -191,6 +198,9 @@ def test_queue_policy_scales_out_on_waiting_requests_and_in_when_they_are_gone(q
     assert auto is not None and auto.scaler.policy.name == "queue"
     for i in range(4):  # the hot prefix, served by engine-0
         assert complete(url, [*HOT, 500 + i]) == (200, "engine-0")
+    # these prompts may have gone before any KV event told the router the block size (on a loaded machine
+    # the subscription can connect late): they wait unkeyed and are keyed at the pre-warm, once it is known
+    hear_engine0(st)
     gate0 = loop_thread.call(lambda: Gate(engine(st, "engine-0")))
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         gate0.mode = "closed"  # engine-0 stops scheduling: 4 requests wait there
@@ -301,3 +311,24 @@ def test_local_signals_count_slo_misses_against_the_policys_targets(slo_stack: S
     wait_until(lambda: auto.window.arrivals == 2, 30, "2 requests observed")
     g = loop_thread.call(auto.signals).role(AGGREGATED).gateway
     assert (g.finished, g.slo_missed_ttft, g.slo_missed_tpot) == (2, 2, 0)
+
+
+def test_prompts_served_before_the_block_size_is_known_are_keyed_at_the_pre_warm(slo_stack: Stack,
+                                                                                  loop_thread: LoopThread) -> None:
+    # A fresh stack's first prompts can go before any KV event tells the router the block size, so they
+    # carry no block keys; the autoscaler keeps their ids and keys them once the size is known.
+    st = slo_stack
+    auto = st.autoscaler
+    assert auto is not None
+    req = SimpleNamespace(route=SimpleNamespace(prompt_tokens_estimate=len(HOT), token_ids=[*HOT, 1],
+                                                block_keys=None),
+                          chunks=0, tenant=None)
+    loop_thread.call(lambda: auto.observe(req))
+    assert auto.unkeyed == [([*HOT, 1], None)] and not auto.prompts
+    hear_engine0(st)
+    loop_thread.call(auto._key_unkeyed)
+    spec = st.gateway.policy.key_spec(None)
+    assert spec is not None
+    keys = list(block_keys([*HOT, 1], spec[0], spec[1]))
+    assert auto.unkeyed == [] and auto.prompts[keys[-1]] == ([*HOT, 1], None)
+    assert auto.hot.parent[keys[-1]] == keys[-2]

@@ -28,8 +28,9 @@
 - **scale to zero** (``min_replicas = 0``): the gateway holds requests while no replica is ready
   (``[gateway] cold_start_hold_s``); a held request wakes the autoscaler, which starts one at once.
 
-This module imports no other kvmesh package (the stack hands it the supervisor, the gateway and an engine
-factory), so the autoscale package stays below the engines, the simulator and the gateway.
+This module imports no other kvmesh package but the index's key hashing (the stack hands it the supervisor,
+the gateway and an engine factory), so the autoscale package stays below the engines, the simulator and the
+gateway.
 """
 
 from __future__ import annotations
@@ -47,9 +48,11 @@ from kvmesh.autoscale.cacheaware import CacheAwareVictims, Hotness, prewarm_plan
 from kvmesh.autoscale.core import Capacity, Policy, Scaler, ScalerConfig
 from kvmesh.autoscale.policies import HpaPolicy, make_policy
 from kvmesh.autoscale.signals import AGGREGATED, EngineSignals, GatewaySignals, RoleSignals, Signals
+from kvmesh.index.hashing import block_keys
 
 log = logging.getLogger("kvmesh.autoscale")
 _DRAIN_POLL_S = 0.05
+_UNKEYED_MAX = 1024  # prompts kept while the block size is unknown (a fresh stack's first minute at most)
 _PROBES = 40  # pre-warm: fresh-block requests sent until the index hears the new replica's KV events
 
 
@@ -289,6 +292,9 @@ class LocalAutoscaler:
         self.hot = Hotness(half_life_s=300.0)
         # last block key of a prompt's chain -> its token ids and its tenant's cache salt (the key is salted)
         self.prompts: dict[int, tuple[list[int], str | None]] = {}
+        # prompts served before any KV event told the router the block size (so they have no keys yet):
+        # keyed at the next pre-warm, else a fresh stack's first (often hottest) prompts would warm nothing
+        self.unkeyed: list[tuple[list[int], str | None]] = []
         self.actuator = LocalActuator(gw, supervisor, factory, serving, cfg, self._prewarm)
         index = gw.index
         victims = CacheAwareVictims(lambda e: index.engine_keys(e) if index is not None else set(),
@@ -314,12 +320,26 @@ class LocalAutoscaler:
         w.prompt += ctx.prompt_tokens_estimate
         w.output += max(req.chunks - 1, 0)
         w.served(req, time.perf_counter(), self.targets)
-        if ctx.block_keys and ctx.token_ids:
-            keys = list(ctx.block_keys)
-            self.hot.touch(keys, time.monotonic())
-            if len(self.prompts) < 100_000:
-                salt = req.tenant.salt if req.tenant is not None else None
-                self.prompts[keys[-1]] = (list(ctx.token_ids), salt)
+        if not ctx.token_ids:
+            return
+        salt = req.tenant.salt if req.tenant is not None else None
+        if ctx.block_keys:
+            self._remember(list(ctx.block_keys), list(ctx.token_ids), salt)
+        elif len(self.unkeyed) < _UNKEYED_MAX:
+            self.unkeyed.append((list(ctx.token_ids), salt))
+
+    def _remember(self, keys: list[int], ids: list[int], salt: str | None) -> None:
+        self.hot.touch(keys, time.monotonic())
+        if len(self.prompts) < 100_000:
+            self.prompts[keys[-1]] = (ids, salt)
+
+    def _key_unkeyed(self) -> None:
+        """Cut the keys of the prompts served before the block size was known, now that it is."""
+        pending, self.unkeyed = self.unkeyed, []
+        for ids, salt in pending:
+            spec = self.gw.policy.key_spec(salt)
+            if spec is not None and (keys := list(block_keys(ids, spec[0], spec[1]))):
+                self._remember(keys, ids, salt)
 
     def signals(self) -> Signals:
         w, self.window = self.window, _Window()
@@ -348,7 +368,12 @@ class LocalAutoscaler:
 
     async def _prewarm(self, engine: _Engine) -> int:
         spec = self.gw.policy.key_spec(None)
-        if spec is None or not self.prompts:
+        if spec is None:  # no KV event heard yet: nothing can be keyed, nor checked on the new replica
+            log.warning("autoscale: not pre-warming %s: the block size is not known yet (no KV event heard)",
+                        engine.name)
+            return 0
+        self._key_unkeyed()
+        if not self.prompts:
             return 0
         plan = prewarm_plan(self.hot.snapshot(time.monotonic()), self.hot.parent, self.cfg.prewarm_blocks)
         parents = {self.hot.parent.get(k) for k in plan}
