@@ -328,7 +328,7 @@ class LocalAutoscaler:
         elif len(self.unkeyed) < _UNKEYED_MAX:
             self.unkeyed.append((list(ctx.token_ids), salt))
 
-    def _remember(self, keys: list[int], ids: list[int], salt: str | None) -> None:
+    def _remember(self, keys: Sequence[int], ids: list[int], salt: str | None) -> None:
         self.hot.touch(keys, time.monotonic())
         if len(self.prompts) < 100_000:
             self.prompts[keys[-1]] = (ids, salt)
