@@ -12,6 +12,7 @@ from kvmesh.index.events import BlockRemoved, BlockStored, EventBatch
 from kvmesh.index.index import KvIndex
 from kvmesh.routing import CandidateState as Cand
 from kvmesh.routing import RequestContext, make_policy
+from kvmesh.routing.kv_aware import Ledger
 
 BS = 16
 
@@ -283,3 +284,21 @@ def test_session_balance_weighs_the_turns_a_session_brings() -> None:
         t = ctx([*system, *range(10_000, 10_000 + BS), *range(30_000 + k * BS, 30_000 + (k + 1) * BS)], "s0")
         p.on_routed(t, p.choose(t, [a]))
     assert p.scorer.ledger.expected_turns(1.0) > 2  # type: ignore[attr-defined]
+
+
+def test_a_session_moving_off_its_engine_pays_for_the_live_sessions_it_joins() -> None:
+    # Charging only new sessions is not enough: a start balanced onto the engine with the fewest live
+    # sessions was moved off again at its next turn, and that engine, kept emptiest, drew every new session.
+    ledger = Ledger()
+    for i in range(3):
+        ledger.pin(f"on-b{i}", "b", [i + 1], 0.0)
+    ledger.pin("s", "a", [100], 0.0)  # s's first turn went to "a" (1 live session there, 3 on "b")
+    live = [ledger.live["a"], ledger.live["b"], 0]
+    names = ["a", "b", "c"]
+    # a new session: live sessions above the least (0, on "c"), times the turns a session brings (prior 4,
+    # pulled towards the 4 one-turn sessions seen)
+    turns = ledger.expected_turns(4.0)
+    assert turns == 3.0 and ledger.more_turns("new", live, names, 4.0) == [1 * turns, 3 * turns, 0.0]
+    # s's next turn: nothing to stay; moving to "b" joins 3 live sessions where "a" keeps 0 without s,
+    # times the turns s has left (3 expected, 1 seen)
+    assert ledger.more_turns("s", live, names, 4.0) == [0.0, 3 * 2.0, 0.0]

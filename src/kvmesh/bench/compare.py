@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import os
 import pathlib
@@ -110,6 +111,8 @@ class Timings:
     itl: list[float] = field(default_factory=list)
     good: int = 0
     errors: int = 0
+    # per request: (sent, s after the replay's start; TTFT s; the backend kvmesh names, else ""; session)
+    requests: list[tuple[float, float, str, str]] = field(default_factory=list)
 
 
 async def replay(url: str, reqs: list[TraceRequest], speedup: float) -> tuple[list[float], int]:
@@ -137,6 +140,7 @@ async def replay_timings(url: str, reqs: list[TraceRequest], speedup: float,
                 if resp.status_code != 200:
                     out.errors += 1
                     return
+                backend = resp.headers.get("x-kvmesh-backend", "")
                 async for line in resp.aiter_lines():
                     if line.startswith("data: {"):
                         stamps.append(time.perf_counter() - start)
@@ -146,6 +150,7 @@ async def replay_timings(url: str, reqs: list[TraceRequest], speedup: float,
         if stamps:
             tpot = (stamps[-1] - stamps[0]) / (len(stamps) - 1) if len(stamps) > 1 else 0.0
             out.ttft.append(stamps[0])
+            out.requests.append((round(start - t0, 4), round(stamps[0], 4), backend, r.session or ""))
             out.tpot.append(tpot)
             out.itl += [b - a for a, b in itertools.pairwise(stamps)]
             out.good += stamps[0] <= slo[0] and tpot <= slo[1]
@@ -191,6 +196,44 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+class RouteProbe:
+    """A diagnostic (``KVMESH_BENCH_PROBE=1``): every ``period_s`` asks the kvmesh gateway's ``/debug/route``
+    where a new session's first turn would go, and writes each answer (every candidate's cost terms and what
+    the policy has learned) to ``probe-NAME-K.jsonl`` in the run directory.  Costs the gateway one route a
+    period, so it is off in recorded runs."""
+
+    def __init__(self, url: str, log_dir: pathlib.Path, name: str, reqs: list[TraceRequest],
+                 period_s: float = 0.25) -> None:
+        k = len(list(log_dir.glob(f"probe-{name}-*.jsonl")))
+        self.path, self.url, self.period_s = log_dir / f"probe-{name}-{k}.jsonl", url, period_s
+        self.body = {"model": MODEL, "prompt": prompt(reqs[0]), "max_tokens": 16}
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+        self.thread.start()
+
+    def run(self) -> None:
+        t0 = time.perf_counter()
+        with httpx.Client(timeout=10) as http, open(self.path, "w") as f:
+            n = 0
+            while not self.done.wait(self.period_s):
+                n += 1
+                r = http.post(f"{self.url}/debug/route", json=self.body, headers={"x-session-id": f"probe-{n}"})
+                f.write(json.dumps({"t_s": round(time.perf_counter() - t0, 3), **r.json()}) + "\n")
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+def write_requests(log_dir: pathlib.Path, name: str, rows: list[tuple[float, float, str, str]]) -> None:
+    """One run's requests (sent at, TTFT, backend) as ``requests-NAME-K.jsonl`` in the run directory, K the
+    run's number: a bad run can be read in time (which requests, when, on which engine), not only as a mean."""
+    k = len(list(log_dir.glob(f"requests-{name}-*.jsonl")))
+    with open(log_dir / f"requests-{name}-{k}.jsonl", "w") as f:
+        for sent, ttft, backend, session in rows:
+            f.write(json.dumps({"sent_s": sent, "ttft_s": ttft, "backend": backend, "session": session}) + "\n")
+
+
 def gateway_overhead_ms(url: str) -> float | None:
     """kvmesh's own mean pre-forward time (tokenise, route, admit) from its /metrics."""
     text = httpx.get(f"{url}/metrics").text
@@ -208,20 +251,26 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
         httpx.post(f"{u}/reset_prefix_cache").raise_for_status()
     proc = subprocess.Popen(router_cmd(name, urls, port, pool, model_dir), stdout=subprocess.DEVNULL,
                             stderr=open(log_dir / f"router-{name}.log", "wb"))  # noqa: SIM115
+    tm = Timings()
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
+        probe = RouteProbe(f"http://127.0.0.1:{port}", log_dir, name, reqs) if name.startswith("kvmesh-") and \
+            os.environ.get("KVMESH_BENCH_PROBE") == "1" else None
         cpu0 = cpu_seconds(proc.pid)
         t_start = time.perf_counter()
         tm = asyncio.run(replay_timings(f"http://127.0.0.1:{port}", reqs, args.speedup * args.load,
                                         (args.slo_ttft_ms / 1000, args.slo_tpot_ms / 1000)))
         wall = time.perf_counter() - t_start
+        if probe is not None:
+            probe.stop()
         cpu = cpu_seconds(proc.pid) - cpu0
         h1, q1, p1 = engine_counters(urls)
         overhead = gateway_overhead_ms(f"http://127.0.0.1:{port}") if name.startswith("kvmesh-") else None
     finally:
         proc.terminate()
         proc.wait(10)
+    write_requests(log_dir, name, tm.requests)
     load = [b - a for a, b in zip(p0, p1, strict=True)]
     ttfts = tm.ttft
 
@@ -297,6 +346,8 @@ def compare(trace: pathlib.Path | None, model_dir: pathlib.Path, run_dir: pathli
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     reqs = load_workload(trace, args)
     run_dir.mkdir(parents=True, exist_ok=True)
+    for old in [*run_dir.glob("requests-*.jsonl"), *run_dir.glob("probe-*.jsonl")]:  # an earlier compare's
+        old.unlink()
     pool = EnginePool(8, model_dir, run_dir, 1.0 / args.speedup)
     runs: dict[str, list[dict[str, object]]] = {}
     try:
