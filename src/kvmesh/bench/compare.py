@@ -177,6 +177,18 @@ def engine_counters(urls: list[str]) -> tuple[float, float, list[float]]:
     return hits, queries, prompt_tokens
 
 
+def engine_ttft(urls: list[str]) -> tuple[float, float]:
+    """(sum of seconds, count) of the engines' own TTFT histograms (``vllm:time_to_first_token_seconds``:
+    from the engine's arrival to its first token), so a run can tell the engines' share of the client's
+    TTFT from the router's and the wire's."""
+    total = count = 0.0
+    for u in urls:
+        text = httpx.get(f"{u}/metrics").text
+        total += metric_sum(text, "vllm:time_to_first_token_seconds_sum")
+        count += metric_sum(text, "vllm:time_to_first_token_seconds_count")
+    return total, count
+
+
 def cpu_seconds(pid: int) -> float:
     """CPU time (user + system) of process ``pid`` and its live children, from /proc (0 where unreadable).
     The routers share the host with the simulated engines they drive: a router that burns CPU slows the
@@ -255,6 +267,7 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
     try:
         wait_http(f"http://127.0.0.1:{port}/v1/models", 60)
         h0, q0, p0 = engine_counters(urls)
+        e0 = engine_ttft(urls)
         probe = RouteProbe(f"http://127.0.0.1:{port}", log_dir, name, reqs) if name.startswith("kvmesh-") and \
             os.environ.get("KVMESH_BENCH_PROBE") == "1" else None
         cpu0 = cpu_seconds(proc.pid)
@@ -266,6 +279,7 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
             probe.stop()
         cpu = cpu_seconds(proc.pid) - cpu0
         h1, q1, p1 = engine_counters(urls)
+        e1 = engine_ttft(urls)
         overhead = gateway_overhead_ms(f"http://127.0.0.1:{port}") if name.startswith("kvmesh-") else None
     finally:
         proc.terminate()
@@ -277,7 +291,10 @@ def run_router(name: str, pool: EnginePool, reqs: list[TraceRequest], args: Comp
     def ms(xs: list[float], q: float) -> float | None:
         return round(pct(xs, q) * 1000, 2) if xs else None
 
+    engine_ms = (e1[0] - e0[0]) / (e1[1] - e0[1]) * 1000 if e1[1] > e0[1] else None
     return {"ttft_mean_ms": round(sum(ttfts) / max(len(ttfts), 1) * 1000, 1),
+            # the engines' own mean TTFT: the client's less this is the router's and the wire's share
+            **({"engine_ttft_mean_ms": round(engine_ms, 1)} if engine_ms is not None else {}),
             "ttft_p50_ms": ms(ttfts, 50), "ttft_p99_ms": ms(ttfts, 99),
             "tpot_p50_ms": ms(tm.tpot, 50), "tpot_p99_ms": ms(tm.tpot, 99),
             "itl_p50_ms": ms(tm.itl, 50), "itl_p99_ms": ms(tm.itl, 99),
@@ -419,12 +436,14 @@ def router_line(name: str, m: dict[str, object]) -> str:
     """One line per finished router while the comparison runs (the table follows at the end)."""
     if "error" in m:
         return f"{name}: {m['error']}"
-    return (f"{name}: TTFT mean {m['ttft_mean_ms']} ms, p99 {m['ttft_p99_ms']} ms; goodput {m['goodput']}; "
+    return (f"{name}: TTFT mean {m['ttft_mean_ms']} ms (engines' own {m.get('engine_ttft_mean_ms')} ms), "
+            f"p99 {m['ttft_p99_ms']} ms; goodput {m['goodput']}; "
             f"hit rate {m['hit_rate']}; {m['ok']} ok, {m['errors']} errors; router CPU {m.get('router_cpu_s')} s")
 
 
-_COLUMNS = (("TTFT mean ms", "ttft_mean_ms"), ("TTFT p50", "ttft_p50_ms"), ("TTFT p99", "ttft_p99_ms"),
-            ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"), ("goodput", "goodput"),
+_COLUMNS = (("TTFT mean ms", "ttft_mean_ms"), ("engine TTFT", "engine_ttft_mean_ms"), ("TTFT p50", "ttft_p50_ms"),
+            ("TTFT p99", "ttft_p99_ms"), ("TPOT p50", "tpot_p50_ms"), ("TPOT p99", "tpot_p99_ms"),
+            ("goodput", "goodput"),
             ("hit rate", "hit_rate"), ("busiest/mean", "load_max_over_mean"), ("router CPU s", "router_cpu_s"),
             ("ok", "ok"), ("errors", "errors"))
 
