@@ -164,6 +164,10 @@ def test_scales_out_prewarmed_and_back_in_without_failing_a_request(auto_stack: 
     assert len(stopped) == 1 and stopped[0]["cut"] == 0
     assert [b.name for b in st.gateway.pool.backends] == list(auto.actuator.serving)
     assert len(st.supervisor.engines) == 1
+    # the replica is gone for good: no metric series keeps its name (one per replica ever started would grow)
+    metrics = httpx.get(f"{url}/metrics").text
+    assert f'backend="{stopped[0]["replica"]}"' not in metrics
+    assert all(f'backend="{b}"' in metrics for b in auto.actuator.serving)
     dbg = httpx.get(f"{url}/debug/autoscale").json()
     assert dbg["enabled"] and dbg["policy"] == "step" and dbg["scale_events"] == {"up": 1, "down": 1}
     assert [d["desired"] for d in dbg["decisions"]] == [2, 1]

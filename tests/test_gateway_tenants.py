@@ -65,6 +65,13 @@ def test_api_keys(gw) -> None:  # type: ignore[no-untyped-def]
                    headers={"Authorization": "Bearer sk-wrong"})
     assert r.status_code == 401 and "invalid API key" in r.json()["error"]["message"]
     assert complete(gw.url, "alpha").status_code == 200
+    # the model list is for callers too (as OpenAI's): a tenant's or an admin's key, else 401
+    r = httpx.get(f"{gw.url}/v1/models")
+    assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(f"{gw.url}/v1/models", headers={"Authorization": "Bearer sk-wrong"}).status_code == 401
+    for headers in (auth("alpha"), {"Authorization": f"Bearer {ADMIN}"}):
+        r = httpx.get(f"{gw.url}/v1/models", headers=headers)
+        assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL]
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert all(k not in metrics for k in KEYS.values())
 

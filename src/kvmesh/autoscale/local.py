@@ -208,10 +208,11 @@ class LocalActuator:
     def _forget(self, name: str) -> None:
         """Out of the pool, the KV-event feed and the index."""
         self.gw.pool.remove(name)
+        self.gw.metrics.forget_backend(name, self.gw.policy.name)
         if self.gw.feed is not None:
             self.gw.feed.remove(name)
         if self.gw.index is not None:
-            self.gw.index.clear_engine(name)
+            self.gw.index.forget_engine(name)  # its bit freed: a later replica may take the name again
 
     def _ramp_admits(self, b: Any, since: float) -> bool:
         share = ramp_share(time.monotonic() - since, self.cfg.ramp_s)

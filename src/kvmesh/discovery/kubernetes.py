@@ -239,6 +239,8 @@ class DiscoveringGateway(Protocol):
     def index(self) -> Any: ...
     @property
     def metrics(self) -> Any: ...
+    @property
+    def policy(self) -> Any: ...
     def subscribe(self, b: Any) -> None: ...
     async def refresh_backends(self) -> None: ...
 
@@ -302,8 +304,7 @@ class GatewayDiscovery:
         b = self.gw.pool.get(name)
         if b is not None:
             self.gw.pool.backends.remove(b)
-        with contextlib.suppress(KeyError):  # a gone pod is not "healthy" forever, nor a series per pod ever seen
-            self.gw.metrics.healthy.remove(name)
+        self.gw.metrics.forget_backend(name, self.gw.policy.name)  # not a series per pod ever seen
         if self.gw.feed is not None:
             self.gw.feed.remove(name)
         n = self.gw.index.forget_engine(name) if self.gw.index is not None else 0

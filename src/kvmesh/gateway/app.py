@@ -200,7 +200,6 @@ class Gateway:
         return None if per is None else per * sum(b.healthy for b in self.pool.backends)
 
     def _health_changed(self, b: Backend, reason: str) -> None:
-        self.metrics.healthy.labels(b.name).set(1 if b.healthy else 0)
         if b.healthy:
             self.admission.pump()  # more capacity: admit waiters
         if not b.healthy and self.index is not None and (reason.startswith("connect") or reason == ENGINE_EXITED):
@@ -252,6 +251,10 @@ class Gateway:
         return await self.path.handle(request, "chat")
 
     async def _models(self, request: web.Request) -> web.Response:
+        # With API keys on, the model list is for callers (as OpenAI's is): a tenant's key or an admin's.
+        key = request.headers.get("authorization")
+        if self.tenants.enabled and not self.tenants.is_admin(key):
+            self.tenants.authenticate(key)  # raises the 401
         # An empty 200 list while replicas start reads as "this gateway serves no model"; answer what /ready
         # answers instead: 503 until a replica is healthy, whether backends are known yet or not.
         if not any(b.healthy for b in self.pool.backends):

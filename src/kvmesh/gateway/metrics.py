@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,12 +29,10 @@ class GatewayMetrics:
                              ["endpoint"], buckets=_LAT, registry=r)
         self.overhead = Histogram("kvmesh_gateway_overhead_seconds", "Latency the gateway adds before "
                                   "forwarding: read, parse, validate, route", buckets=_OVERHEAD, registry=r)
-        self.in_flight = Gauge("kvmesh_gateway_backend_in_flight", "Requests in flight per backend",
-                               ["backend"], registry=r)
+        # in flight and healthy per backend are read from the pool at scrape time (StateCollector): a backend
+        # gone for good (scaled in, its pod deleted) then leaves no series behind
         self.breaker_trips = Counter("kvmesh_gateway_breaker_trips", "Circuit-breaker openings per backend",
                                      ["backend"], registry=r)
-        self.healthy = Gauge("kvmesh_gateway_backend_healthy", "1 when the backend is in rotation",
-                             ["backend"], registry=r)
         self.routed = Counter("kvmesh_gateway_routed", "Requests routed per backend and policy",
                               ["backend", "policy"], registry=r)
 
@@ -85,6 +84,13 @@ class GatewayMetrics:
         for reason in ("expected_wait", "busy_timeout", "cold_start"):
             self.shed.labels(reason).set_function(shed(reason))
 
+    def forget_backend(self, name: str, policy: str) -> None:
+        """A backend gone for good: drop its counters' series (one per backend name ever seen would grow
+        without bound as pods come and go; the gauges come from the live pool and need nothing)."""
+        for metric, labels in ((self.breaker_trips, (name,)), (self.routed, (name, policy))):
+            with contextlib.suppress(KeyError):  # never incremented
+                metric.remove(*labels)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -100,9 +106,17 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         breaker = GaugeMetricFamily("kvmesh_gateway_breaker_open", "1 while the backend's circuit breaker is "
                                     "open (or half-open)", labels=["backend"])
+        in_flight = GaugeMetricFamily("kvmesh_gateway_backend_in_flight", "Requests in flight per backend",
+                                      labels=["backend"])
+        healthy = GaugeMetricFamily("kvmesh_gateway_backend_healthy", "1 when the backend is in rotation",
+                                    labels=["backend"])
         for b in self.backends():
             breaker.add_metric([b.name], 1.0 if b.breaker.state != "closed" else 0.0)
+            in_flight.add_metric([b.name], float(b.in_flight))
+            healthy.add_metric([b.name], 1.0 if b.healthy else 0.0)
         yield breaker
+        yield in_flight
+        yield healthy
         by_role: dict[str, int] = {"prefill": 0, "decode": 0, "both": 0}
         for b in self.backends():
             role = getattr(b, "role", "both")

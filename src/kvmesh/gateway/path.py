@@ -330,14 +330,12 @@ class RequestPath:
         b.in_flight += 1
         self.active += 1
         self.idle.clear()
-        self.gw.metrics.in_flight.labels(b.name).inc()
 
     def _leave(self, b: Backend) -> None:
         b.in_flight -= 1
         self.active -= 1
         if not self.active:
             self.idle.set()
-        self.gw.metrics.in_flight.labels(b.name).dec()
 
     # /debug/route ------------------------------------------------------------------------------------
     async def explain(self, http: web.Request) -> dict[str, object]:

@@ -126,14 +126,12 @@ async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: flo
     b.pending_prefill_tokens += ctx.prompt_tokens_estimate
     b.in_flight += 1
     b.breaker.routed()
-    gw.metrics.in_flight.labels(b.name).inc()
     t0 = time.perf_counter()
     try:
         status, raw = await _post(gw, req, b, timeout_s)
     finally:
         b.pending_prefill_tokens -= ctx.prompt_tokens_estimate
         b.in_flight -= 1
-        gw.metrics.in_flight.labels(b.name).dec()
         gw.policy.on_finished(ctx, d, 0.0, 0)
     elapsed = time.perf_counter() - t0
     if status >= 500:

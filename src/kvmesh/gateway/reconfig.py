@@ -11,7 +11,6 @@ needing a restart and keep their running values.
 
 from __future__ import annotations
 
-import contextlib
 import pathlib
 from typing import TYPE_CHECKING, Any
 
@@ -61,8 +60,7 @@ def _sync_backends(gw: Gateway, cfg: GatewayConfig) -> tuple[list[str], list[str
     removed = [n for n in have if n not in want]
     for n in removed:
         gw.pool.backends.remove(have[n])  # in-flight requests keep their Backend object and finish
-        with contextlib.suppress(KeyError):  # no longer checked: its last health is no longer true
-            gw.metrics.healthy.remove(n)
+        gw.metrics.forget_backend(n, gw.policy.name)
     for n in added:
         s = want[n]
         gw.subscribe(gw.pool.add(n, s.url, s.kv_events, s.replay, s.role))
