@@ -169,5 +169,6 @@ def calibrate(
         _fail(f"cannot measure {url}: {type(e).__name__}: {e}", 1)
     save_profile(prof, out)
     typer.echo(f"prefill {prof.prefill_tps:,.0f} tok/s, attention {prof.attn_s_per_token2:.2e} s/tok², step "
-               f"overhead {prof.overhead_s * 1000:.1f} ms, decode {prof.decode_s_per_seq * 1000:.1f} ms/seq -> {out}\n"
+               f"overhead {prof.overhead_s * 1000:.1f} ms, per request {prof.request_overhead_s * 1000:.1f} ms, "
+               f"decode {prof.decode_s_per_seq * 1000:.1f} ms/seq -> {out}\n"
                f"use it with: kvmesh engine --kind sim --profile {out} ...")
