@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import itertools
+import pathlib
 import signal
 
 import httpx
@@ -111,3 +112,26 @@ def test_least_request_spreads_concurrent_requests(stack: Stack, make_gateway, l
         for e in engines:
             e.kill(signal.SIGCONT)
     assert collections.Counter(names) == {"backend-0": 3, "backend-1": 3}
+
+
+def test_kv_aware_sends_text_prompts_as_the_token_ids_it_computed(stack: Stack, make_gateway,  # type: ignore[no-untyped-def]
+                                                                  tiny_model: pathlib.Path) -> None:
+    # Tokenise once: kv-aware tokenises the prompt to route it, so the engine is sent those ids and does not
+    # tokenise it again, once each engine's /tokenize (vLLM's) gave the gateway's own ids for a probe text.
+    gw = make_gateway(backends=tuple(e.url for e in stack.engines), policy="kv-aware", tokenizer=str(tiny_model),
+                      health_interval_s=0.5)
+    wait_until(lambda: all(b.up for b in gw.pool.backends), 120, "backends up")
+    assert gw.pool.token_ids_ok() and all(b.token_ids_ok for b in gw.pool.backends)
+    body = {"model": MODEL, "prompt": "Grüße from kvmesh: 42 tokens,\n\tor so.", "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True}
+    via = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60)
+    direct = httpx.post(f"{stack.engines[0].url}/v1/completions", json=body, timeout=60)
+    assert via.status_code == direct.status_code == 200, via.text
+    # the same answer and the same prompt length as the engine's own tokenisation of the text
+    assert via.json()["choices"][0]["text"] == direct.json()["choices"][0]["text"]
+    assert via.json()["usage"]["prompt_tokens"] == direct.json()["usage"]["prompt_tokens"]
+    # a backend whose /tokenize is missing or disagrees gets text: one unverified backend up turns it off
+    gw.pool.backends[0].token_ids_ok = False
+    assert not gw.pool.token_ids_ok()
+    assert httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"] == \
+        direct.json()["choices"][0]["text"]

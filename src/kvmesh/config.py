@@ -394,6 +394,10 @@ class GatewayConfig(_Strict):
     session_header: str = "x-session-id"
     lazy_tokenize: bool = Field(default=True, description="Tokenise a prompt only up to the first block no engine "
                                 "holds before routing it (the rest after sending); false: tokenise it all first")
+    forward_token_ids: bool = Field(default=True, description="A text completion the policy tokenises is "
+                                    "tokenised whole and sent to the engine as token ids, so the engine does not "
+                                    "tokenise it again; only while every backend's /tokenize gave the gateway's "
+                                    "own ids for a probe text (else text is sent)")
     discovery: Literal["static", "kubernetes"] = Field(default="static", description="Where backends come "
                                                        "from: static (backends, or the supervisor) or kubernetes "
                                                        "(the engines' EndpointSlices)")

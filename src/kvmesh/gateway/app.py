@@ -38,6 +38,9 @@ from kvmesh.index.subscriber import IndexFeed
 from kvmesh.routing import Policy, make_policy
 
 log = logging.getLogger(__name__)
+# checked against each engine's /tokenize before it is sent token ids for text: words, digits, punctuation,
+# accents, CJK, whitespace runs (where tokenizers disagree first)
+TOKENS_PROBE = "kvmesh tokenizer probe: Grüße, naïve café 東京 2026-12-02 3.14 ≠ x_y\n\tend  of   probe."
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 ENGINE_EXITED = "engine process exited"
 _MAX_REQUEST_LINE = 1 << 20
@@ -56,6 +59,8 @@ class Gateway:
                                 scrape_metrics=self.policy.needs_tokens)
         for i, spec in enumerate(cfg.backends):
             self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay, spec.role)
+        if cfg.forward_token_ids and self.tokens is not None and self.tokens.tokenizer is not None:
+            self.pool.tokens_probe = (TOKENS_PROBE, list(self.tokens.tokenizer.encode(TOKENS_PROBE, True).ids))
         self.feed: IndexFeed | None = None
         self.tenants = Tenants(load_tenants(pathlib.Path(cfg.tenants_file) if cfg.tenants_file else None))
         self.draining = False

@@ -114,6 +114,8 @@ class Backend:
     # finish); a ramping one (just added) takes one only while ``ramp()`` says its share allows it
     draining: bool = False
     ramp: Callable[[Backend], bool] | None = None
+    # its /tokenize gave the gateway's own ids for the probe text: it may be sent token ids for text
+    token_ids_ok: bool = False
 
     def progressed(self) -> None:
         self.progress_at = time.monotonic()
@@ -183,6 +185,8 @@ class BackendPool:
         self.interval_s = interval_s
         self.scrape_metrics = scrape_metrics
         self._on_health = on_health  # callable(backend) after a health state change
+        # (probe text, the gateway's ids for it): checked against each backend's /tokenize when it comes up
+        self.tokens_probe: tuple[str, list[int]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
 
@@ -240,6 +244,27 @@ class BackendPool:
                     seen.setdefault(str(card.get("id")), card)
         return list(seen.values())
 
+    def token_ids_ok(self) -> bool:
+        """Whether text prompts may go to the backends as token ids: every backend up tokenises the probe as
+        the gateway does."""
+        up = [b for b in self.backends if b.up]  # one coming up is checked before it is marked up
+        return self.tokens_probe is not None and bool(up) and all(b.token_ids_ok for b in up)
+
+    async def _same_tokens(self, http: aiohttp.ClientSession, b: Backend) -> bool:
+        """``b``'s ``/tokenize`` (vLLM's) gives the gateway's ids for the probe; any error: no."""
+        if self.tokens_probe is None or not b.models:
+            return False
+        text, ids = self.tokens_probe
+        try:
+            async with http.post(f"{b.url}/tokenize", json={"model": min(b.models), "prompt": text}) as r:
+                got = (await r.json()).get("tokens") if r.status == 200 else None
+        except (aiohttp.ClientError, TimeoutError, ValueError):
+            got = None
+        if got != ids:
+            log.info("backend %s: its tokenizer does not match the gateway's (or no /tokenize): text prompts "
+                     "are sent to it as text", b.name)
+        return got == ids
+
     async def check(self, http: aiohttp.ClientSession, b: Backend) -> None:
         try:
             async with http.get(f"{b.url}/health") as r:
@@ -249,6 +274,7 @@ class BackendPool:
                     cards = (await r.json()).get("data", [])
                 b.model_cards = [c for c in cards if isinstance(c, dict)]
                 b.models = frozenset(str(c.get("id")) for c in b.model_cards)
+                b.token_ids_ok = await self._same_tokens(http, b)
             # P/D engines are always scraped: the decode-first decision reads their running counts, and a
             # prefill leg (never streamed) learns that its engine is busy rather than hung only from here.
             if ok and (self.scrape_metrics or b.role != "both"):

@@ -137,11 +137,18 @@ class RequestPath:
             return
         spec = gw.policy.key_spec(req.tenant.salt if req.tenant else None)
         bs, seed = spec if spec is not None else (None, 0)
-        held = gw.policy.holds if gw.cfg.lazy_tokenize else None
-        t = await gw.tokens.tokens(req.endpoint, req.payload, bs, seed, held)
+        # tokenise once: a text completion goes to the engine as the ids computed here (whole, not lazily)
+        p = req.payload
+        ids_out = (gw.cfg.forward_token_ids and req.endpoint == "completions" and isinstance(p.get("prompt"), str)
+                   and not p.get("echo") and gw.pool.token_ids_ok())
+        held = gw.policy.holds if gw.cfg.lazy_tokenize and not ids_out else None
+        t = await gw.tokens.tokens(req.endpoint, p, bs, seed, held)
         ctx.token_ids, ctx.block_keys, req.rest_keys = t.ids, t.keys, t.rest
         if t.total is not None:
             ctx.prompt_tokens_estimate = t.total
+        if ids_out and t.ids and t.rest is None:
+            p["prompt"] = t.ids
+            req.body = _json.encode(p)
 
     # 5-7 ----------------------------------------------------------------------------------------------
     async def dispatch(self, req: ProxyRequest) -> web.StreamResponse:
