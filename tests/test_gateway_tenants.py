@@ -11,6 +11,7 @@ import pytest
 
 from kvmesh.gateway import tenants as tenants_module
 from kvmesh.gateway.tenants import hash_key
+from kvmesh.observability.top import scrape
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
 from tests.helpers import LoopThread, VirtualClock, wait_until
 from tests.scripted_engine import ScriptedEngine
@@ -74,6 +75,14 @@ def test_api_keys(gw) -> None:  # type: ignore[no-untyped-def]
         assert r.status_code == 200 and [m["id"] for m in r.json()["data"]] == [MODEL]
     metrics = httpx.get(f"{gw.url}/metrics").text
     assert all(k not in metrics for k in KEYS.values())
+    # /health answers probes without a key, but the backends' URLs and state only to an admin
+    for headers in ({}, auth("alpha")):
+        r = httpx.get(f"{gw.url}/health", headers=headers)
+        assert r.status_code == 200 and "backends" not in r.json() and r.json()["healthy_backends"] >= 1
+    with httpx.Client() as client:
+        full, hidden = scrape(client, gw.url, [], ADMIN).health, scrape(client, gw.url, []).health
+        assert full is not None and full["backends"]  # kvmesh top --api-key
+        assert hidden is not None and "backends" not in hidden and hidden["healthy_backends"] >= 1
 
 
 def test_requests_per_minute_limit(gw, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]

@@ -269,6 +269,11 @@ class Gateway:
         return web.json_response({"object": "list", "data": self.pool.model_list()})
 
     async def _health(self, request: web.Request) -> web.Response:
+        # Probes (Kubernetes, load balancers) carry no key and need only the 200.  With API keys on, the
+        # backends' URLs and state are for admins: they map the cluster's internal network.
+        if self.tenants.enabled and not self.tenants.is_admin(request.headers.get("authorization")):
+            return web.json_response({"status": "ok", "policy": self.policy.name,
+                                      "healthy_backends": sum(b.healthy for b in self.pool.backends)})
         backends = {b.name: {"url": b.url, "role": b.role, "healthy": b.healthy, "in_flight": b.in_flight,
                              "breaker": b.breaker.state, "breaker_trips": b.breaker.trips,
                              **self.backend_info.get(b.name, {})}

@@ -17,6 +17,8 @@ def top(
     = None,
     interval: Annotated[float, typer.Option(help="Seconds between refreshes")] = 2.0,
     once: Annotated[bool, typer.Option(help="Print one frame (totals since start) and exit")] = False,
+    api_key: Annotated[str | None, typer.Option(envvar="KVMESH_API_KEY", help="The gateway's admin key, when "
+                                                "API keys are on (/health lists backends only for it)")] = None,
 ) -> None:
     """Live view of one gateway: backends (health, breaker, load, KV usage, hit rate, TTFT), cache tiers,
     top tenants.  Reads /health and /metrics; Ctrl-C quits."""
@@ -30,6 +32,6 @@ def top(
     if interval <= 0:
         fail("--interval must be > 0")
     try:
-        run(url, cache or [], interval, once, Console())
+        run(url, cache or [], interval, once, Console(), api_key)
     except KeyboardInterrupt:
         pass

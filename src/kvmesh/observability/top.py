@@ -91,17 +91,18 @@ class Scrape:
     caches: dict[str, NodeStats | None] = field(default_factory=dict)  # URL → /status
 
 
-def _get(client: httpx.Client, url: str) -> httpx.Response | None:
+def _get(client: httpx.Client, url: str, headers: dict[str, str] | None = None) -> httpx.Response | None:
     try:
-        r = client.get(url)
+        r = client.get(url, headers=headers)
     except httpx.HTTPError:
         return None
     return r if r.status_code == 200 else None
 
 
-def scrape(client: httpx.Client, gateway: str, caches: Sequence[str]) -> Scrape:
-    """One round of reads (sequential: a handful of small GETs, each bounded by the client's timeout)."""
-    h = _get(client, f"{gateway}/health")
+def scrape(client: httpx.Client, gateway: str, caches: Sequence[str], api_key: str | None = None) -> Scrape:
+    """One round of reads (sequential: a handful of small GETs, each bounded by the client's timeout).  With
+    API keys on, the gateway's /health lists its backends only for an admin key (sent to the gateway only)."""
+    h = _get(client, f"{gateway}/health", {"Authorization": f"Bearer {api_key}"} if api_key else None)
     health = h.json() if h is not None else None
     m = _get(client, f"{gateway}/metrics")
     engines: dict[str, Samples | None] = {}
@@ -146,6 +147,8 @@ def backend_table(now: Scrape, past: Scrape | None) -> Table:
                 "TTFT p50", "TTFT p99"):
         t.add_column(col, justify="left" if col in ("backend", "health", "breaker") else "right")
     backends = now.health.get("backends", {}) if isinstance(now.health, dict) else {}
+    if isinstance(now.health, dict) and "backends" not in now.health and "healthy_backends" in now.health:
+        t.caption = f"{now.health['healthy_backends']} healthy; API keys are on: --api-key ADMIN_KEY lists them"
     for name, b in sorted(backends.items()):
         e, pe = now.engines.get(name), (past.engines.get(name) if past else None)
         hits = queries = None
@@ -233,18 +236,19 @@ def frame(gateway: str, now: Scrape, past: Scrape | None) -> Group:
                  tenant_table(now, past))
 
 
-def run(gateway: str, caches: Iterable[str], interval_s: float, once: bool, console: Console) -> None:
+def run(gateway: str, caches: Iterable[str], interval_s: float, once: bool, console: Console,
+        api_key: str | None = None) -> None:
     from rich.live import Live
 
     gateway, caches = gateway.rstrip("/"), list(caches)
     with httpx.Client(timeout=2.0) as client:
         if once:
-            console.print(frame(gateway, scrape(client, gateway, caches), None))
+            console.print(frame(gateway, scrape(client, gateway, caches, api_key), None))
             return
         history: collections.deque[Scrape] = collections.deque()
         with Live(console=console, auto_refresh=False, screen=False) as live:
             while True:
-                history.append(scrape(client, gateway, caches))
+                history.append(scrape(client, gateway, caches, api_key))
                 while history[-1].at - history[0].at > WINDOW_S:
                     history.popleft()
                 live.update(frame(gateway, history[-1], history[0] if len(history) > 1 else None), refresh=True)
