@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from kvmesh.bench.util import reset_prefix_cache
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import vllm_available
 from kvmesh.stack import DEMO_MODEL_NAME, Stack
@@ -62,7 +63,9 @@ def cached(out: dict[str, Any]) -> int:
 
 
 def reset(url: str) -> None:
-    assert httpx.post(f"{url}/reset_prefix_cache", timeout=30).status_code == 200
+    """Empty the engine's own prefix cache.  Succeeds only once no block is held, so also once every save of
+    the requests before it is committed on the node (the connector holds a request's blocks until then)."""
+    reset_prefix_cache(url)
 
 
 def same_logprobs(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -89,6 +92,7 @@ def reference(url: str, p: str) -> tuple[dict[str, Any], dict[str, Any]]:
     assert cached(cold) == 0
     hit = complete(url, p)
     assert cached(hit) >= BLOCK
+    reset(url)  # both runs' saves are on the node before the test goes on
     return cold, hit
 
 
@@ -269,3 +273,28 @@ def test_tenants_never_share_chunks_through_the_node(cstack: Stack, make_gateway
     assert again["choices"][0]["text"] == first["choices"][0]["text"]
     node = cstack.cache_node
     assert node is not None and node.store.tenant_bytes["alpha"] > 0 and node.store.tenant_bytes["beta"] > 0
+
+
+def test_synchronous_transfers_interoperate_with_async_ones(cstack: Stack, loop_thread: LoopThread,
+                                                            tmp_path: pathlib.Path) -> None:
+    """``connector_async = false`` (loads before the forward pass, saves before the step returns) still works,
+    and shares the node with async engines both ways: each loads what the other computed, answers unchanged."""
+    from kvmesh.engines import VllmEngine
+
+    a = cstack.engines[0]
+    assert isinstance(a, VllmEngine) and a.cfg.connector_async
+    cfg = a.cfg.model_copy(update={"port": free_port_block(1), "connector_async": False, "kv_events": False})
+    sync = loop_thread.call(lambda: VllmEngine("engine-sync", cfg, tmp_path))
+    loop_thread.run(sync.start())
+    try:
+        loop_thread.run(sync.wait_ready(300))
+        assert "synchronous transfers" in sync.log_path.read_text()
+        for computes, loads in ((a.url, sync.url), (sync.url, a.url)):
+            p = prompt(f"sync-{computes[-5:]}")
+            cold, hit = reference(computes, p)
+            out = complete(loads, p)
+            assert cached(out) >= 8 * BLOCK
+            assert out["choices"][0]["text"] == cold["choices"][0]["text"]
+            assert same_logprobs(out, hit)
+    finally:
+        loop_thread.run(sync.stop())

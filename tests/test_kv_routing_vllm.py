@@ -8,6 +8,7 @@ import pathlib
 import httpx
 import pytest
 
+from kvmesh.bench.util import reset_prefix_cache
 from kvmesh.engines import VllmEngine
 from kvmesh.gateway import Gateway
 from kvmesh.index.hashing import block_keys
@@ -33,8 +34,7 @@ def kv_gateway(stack: Stack, make_gateway, tiny_model: pathlib.Path) -> Gateway:
 
 
 def reset(url: str) -> None:
-    r = httpx.post(f"{url}/reset_prefix_cache", timeout=30)
-    assert r.status_code == 200, r.text
+    reset_prefix_cache(url)
     # vLLM publishes AllBlocksCleared with its next scheduler step: give it one (shorter than a block)
     httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 1}, timeout=60)
 

@@ -32,7 +32,8 @@ ENGINE_CACHE = frozenset({
     "kvmesh.cache.keys", "kvmesh.cache.protocol", "kvmesh.cache.pool", "kvmesh.cache.pool.direct",
     "kvmesh.cache.pool.peer", "kvmesh.cache.stats",
 })
-CONNECTOR = ENGINE_CACHE | {"kvmesh.connector", "kvmesh.connector.layout", "kvmesh.connector.vllm"}
+CONNECTOR = ENGINE_CACHE | {"kvmesh.connector", "kvmesh.connector.layout", "kvmesh.connector.transfer",
+                              "kvmesh.connector.vllm"}
 # Named explicitly so a failure says what went wrong: the node daemon and its tiers, the pool server, the
 # gateway and its index, the pydantic config.
 NODE_SIDE = ("kvmesh.cache.node", "kvmesh.cache.store", "kvmesh.cache.remote", "kvmesh.cache.events",

@@ -95,6 +95,8 @@ class VllmEngineConfig(_EngineBase):
     env: dict[str, str] = Field(default_factory=dict, description="Environment variables of the engine process")
     cache_node_socket: str | None = Field(default=None,
                                           description="Attach kvmesh's KV connector to this cache node socket")
+    connector_async: bool = Field(default=True, description="KV connector: load and save on its own threads, "
+                                  "off the engine's step (false: load before the forward, save before it returns)")
 
     @field_validator("cpu_affinity")
     @classmethod

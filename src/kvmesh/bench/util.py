@@ -1,4 +1,5 @@
-"""Small helpers shared by benchmarks: percentiles, free ports and waiting for an HTTP endpoint."""
+"""Small helpers shared by benchmarks: percentiles, free ports, waiting for an HTTP endpoint, resetting an
+engine's prefix cache."""
 
 from __future__ import annotations
 
@@ -25,6 +26,26 @@ def wait_http(url: str, timeout: float = 300) -> None:
             pass
         time.sleep(0.5)
     raise TimeoutError(f"{url} not ready after {timeout}s")
+
+
+def reset_prefix_cache(url: str, timeout: float = 120) -> None:
+    """Empty the engine's own prefix cache (vLLM's ``POST /reset_prefix_cache``, dev mode), retrying until it
+    succeeds: vLLM answers 200 with ``success: false`` while any block is held — by a running request, or by
+    a finished one whose KV is still being saved to a cache node (kvmesh's connector saves asynchronously).
+    Raises ``TimeoutError``; an engine that does not say (an older one) counts as reset."""
+    deadline = time.monotonic() + timeout
+    while True:
+        r = httpx.post(f"{url}/reset_prefix_cache", timeout=60)
+        r.raise_for_status()
+        try:
+            ok = r.json().get("success", True)
+        except ValueError:
+            ok = True
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{url}: prefix cache not reset after {timeout}s (blocks still held)")
+        time.sleep(0.05)  # polling an engine that is finishing its transfers, not a synchronisation
 
 
 def free_ports(n: int) -> list[int]:

@@ -71,11 +71,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def connector_config(socket: str) -> dict[str, object]:
+def connector_config(socket: str, async_transfers: bool = True) -> dict[str, object]:
     """vLLM's ``--kv-transfer-config`` for kvmesh's connector; failed loads are recomputed, never fatal."""
+    extra: dict[str, object] = {"socket": socket}
+    if not async_transfers:
+        extra["async_transfers"] = False
     return {"kv_connector": "KvmeshConnector", "kv_connector_module_path": "kvmesh.connector.vllm",
-            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {"socket": socket}}
+            "kv_role": "kv_both", "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
 class VllmEngine(Engine):
@@ -116,7 +118,7 @@ class VllmEngine(Engine):
                 ev["replay_endpoint"] = c.replay_endpoint
             cmd += ["--kv-events-config", json.dumps(ev)]
         if c.cache_node_socket:
-            cmd += ["--kv-transfer-config", json.dumps(connector_config(c.cache_node_socket))]
+            cmd += ["--kv-transfer-config", json.dumps(connector_config(c.cache_node_socket, c.connector_async))]
         return cmd + list(c.extra_args)
 
     def _preexec(self) -> None:
