@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
+from kvmesh.bench.util import reset_prefix_cache
 from kvmesh.cache.chunk import checksum
 from kvmesh.cache.client import NodeClient
 from kvmesh.cache.protocol import CommitItem
@@ -230,7 +231,7 @@ def e2e(args: argparse.Namespace, tmp: pathlib.Path) -> dict[str, Any]:
         return " ".join(rng.choice(words, 2450))  # ~4,000 tokens with the demo tokenizer
 
     def reset() -> None:
-        httpx.post(f"{url}/reset_prefix_cache", timeout=30).raise_for_status()
+        reset_prefix_cache(url)
 
     rows: dict[str, list[float]] = {"cold": [], "engine_hit": [], "dram_hit": [], "ssd_hit": []}
     cached: dict[str, list[int]] = {k: [] for k in rows}

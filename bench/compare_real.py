@@ -49,7 +49,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
 from kvmesh.bench.compare import engine_counters, merge_runs, metric_sum
-from kvmesh.bench.util import wait_http
+from kvmesh.bench.util import reset_prefix_cache, wait_http
 from kvmesh.config import SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
@@ -191,7 +191,7 @@ def engine_stats(urls: list[str]) -> dict[str, float]:
 def run_router(name: str, port: int, urls: list[str], events: list[str], trace: pathlib.Path,
                model: pathlib.Path, run_dir: pathlib.Path, a: argparse.Namespace) -> dict[str, object]:
     for u in urls:
-        httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
+        reset_prefix_cache(u)
     tag = name.replace("/", "-")
     log = (run_dir / f"router-{tag}.log").open("wb")
     proc = subprocess.Popen(router_cmd(name, urls, port, events, model), stdout=subprocess.DEVNULL, stderr=log)

@@ -58,6 +58,7 @@ import httpx
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import pct, write_result
+from kvmesh.bench.util import reset_prefix_cache
 from kvmesh.cache.node import CacheNode
 from kvmesh.config import BackendSpec, CacheNodeConfig, GatewayConfig, PdSettings, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Engine, SimEngine, Supervisor, VllmEngine
@@ -239,7 +240,7 @@ def gateway_counts(url: str) -> dict[str, float]:
 
 def run_mode(fleet: Fleet, mode: str, a: argparse.Namespace) -> dict[str, Any]:
     for u in fleet.urls:
-        httpx.post(f"{u}/reset_prefix_cache", timeout=60).raise_for_status()
+        reset_prefix_cache(u)
     gw = fleet.gateway(mode, a.policy, a.decision)
     try:
         samples = asyncio.run(drive(gw.url, f"{mode}{a.seed}", a))

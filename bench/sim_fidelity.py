@@ -56,6 +56,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
+from kvmesh.bench.util import reset_prefix_cache
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, VllmEngineConfig
 from kvmesh.engines import Supervisor, VllmEngine
 from kvmesh.models import demo
@@ -150,7 +151,7 @@ def tier_sequence(url: str, prompts: list[list[int]], evict: Callable[[], object
         for p in prompts:
             for kind in TIER_KINDS:
                 if kind in ("dram_hit", "ssd_hit"):
-                    http.post(f"{url}/reset_prefix_cache").raise_for_status()
+                    reset_prefix_cache(url)
                 if kind == "ssd_hit":
                     evict()
                 rows[kind].append(list(cached_timing(http, url, MODEL, p)))
@@ -238,7 +239,7 @@ def real_tiers(model: pathlib.Path, run_dir: pathlib.Path,
             w = tier_prompts(1)[0][::-1]
             cached_timing(http, url, MODEL, w)
             for from_ssd in (False, True):
-                http.post(f"{url}/reset_prefix_cache").raise_for_status()
+                reset_prefix_cache(url)
                 if from_ssd:
                     evict()
                 cached_timing(http, url, MODEL, w)

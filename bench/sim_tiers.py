@@ -2,9 +2,11 @@
 
 Four configurations at each replica count, H100 / Llama-3-8B (128 KiB of KV per token), 8 GPUs per machine:
 GPU prefix caches only; + each machine's DRAM tier (1 TB); + that DRAM pooled across machines (kvmesh's
-ring); + pooled DRAM and an 8 TB NVMe tier per machine.  Tier transfers follow the connector: a hit's load is
-synchronous before the forward pass (not overlapped with compute) and the copy-out of newly computed blocks
-ends the step that computed them; PCIe ~50 GB/s host<->GPU, NVMe 7 GB/s, RDMA 25 GB/s between machines
+ring); + pooled DRAM and an 8 TB NVMe tier per machine.  Tier transfers follow the connector: by default
+(its asynchronous transfers) a request with a hit waits aside for its load while the engine's steps go on,
+and no step waits for saves; ``--sync-connector`` models ``connector_async = false`` (a hit's load stalls the
+admitting step, the copy-out of new blocks ends the step that computed them), where ``--overlap-loads`` /
+``--overlap-saves`` are what-ifs.  PCIe ~50 GB/s host<->GPU, NVMe 7 GB/s, RDMA 25 GB/s between machines
 (``kvmesh.sim.tiers``).  The ceiling is one unbounded cache shared by all, counted as the simulator counts
 hits (``sim_ceiling_hit``); the trace's own token ceiling (``infinite_cache_hit_rate``) is reported beside it.
 
@@ -62,9 +64,9 @@ _PROMPTS: list[list[int]] = []
 
 
 def configs(dram: int, ssd: int, per_machine: int, overlap: bool = False,
-            overlap_loads: bool = False) -> dict[str, TierConfig | None]:
+            overlap_loads: bool = False, sync: bool = False) -> dict[str, TierConfig | None]:
     tc = functools.partial(TierConfig, engines_per_machine=per_machine, overlap_saves=overlap,
-                           overlap_loads=overlap_loads)
+                           overlap_loads=overlap_loads, connector_async=not sync)
     return {
         "gpu-only": None,
         "dram": tc(dram_bytes=dram),
@@ -231,10 +233,12 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--extend", type=int, default=6, help="doublings of the last grid load at most, while a "
                     "configuration still meets the SLO there")
     ap.add_argument("--max-steps", default="8", help="bisection steps at most: one value, or one per --replicas")
-    ap.add_argument("--overlap-loads", action="store_true", help="what-if: tier loads streamed layer by layer "
-                    "behind the step's compute (kvmesh's connector loads before the forward pass)")
-    ap.add_argument("--overlap-saves", action="store_true", help="what-if: saves copied out behind compute "
-                    "(kvmesh's connector copies them synchronously at the end of the step)")
+    ap.add_argument("--sync-connector", action="store_true", help="the connector with connector_async = false: "
+                    "loads stall the admitting step, saves end the step that computed them")
+    ap.add_argument("--overlap-loads", action="store_true", help="with --sync-connector, what-if: tier loads "
+                    "streamed layer by layer behind the step's compute")
+    ap.add_argument("--overlap-saves", action="store_true", help="with --sync-connector, what-if: saves copied "
+                    "out behind compute")
     ap.add_argument("--jobs", type=int, default=2, help="simulations run at once (processes)")
     ap.add_argument("--name", default="sim_tiers", help="result file name under bench/results")
     return ap.parse_args()
@@ -250,7 +254,7 @@ def main() -> None:
     ceiling, (_, trace_ceiling) = sim_ceiling_hit(reqs), infinite_cache_hit_rate(reqs)
     span = reqs[-1].arrival_s - reqs[0].arrival_s
     cfgs = configs(int(args.dram_tb * TB), int(args.ssd_tb * TB), args.per_machine, args.overlap_saves,
-                   args.overlap_loads)
+                   args.overlap_loads, args.sync_connector)
     print(f"{len(reqs)} requests over {span:.0f} s; ceiling {ceiling:.3f} (trace token ceiling {trace_ceiling:.3f})")
     print("| replicas | load | tiers | TTFT mean | TTFT p90 | hit rate | from tiers | utilisation | speed (CPU) |\n"
           + "| --- " * 9 + "|")
@@ -259,7 +263,9 @@ def main() -> None:
         "trace_format": args.format, "requests": len(reqs), "trace_span_s": round(span, 1),
         "profile": PROFILE, "policy": "kv-aware", "engines_per_machine": args.per_machine,
         "dram_tb_per_machine": args.dram_tb, "ssd_tb_per_machine": args.ssd_tb,
-        "load_overlaps_compute": args.overlap_loads, "save_copy_charged": not args.overlap_saves,
+        "connector": "synchronous" if args.sync_connector else "async (loads wait aside, saves on a thread)",
+        "load_overlaps_compute": args.overlap_loads or not args.sync_connector,
+        "save_copy_charged": args.sync_connector and not args.overlap_saves,
         "ceiling_hit": round(ceiling, 4),
         "trace_token_ceiling": round(trace_ceiling, 4), "loads": args.loads, "ttft_slo_s": args.ttft_slo_s,
         "grid_extend": args.extend, "bisection_precision": args.precision, "max_bisection_steps": args.max_steps,

@@ -152,9 +152,9 @@ def test_remote_owner_adds_the_network() -> None:
     assert sys.load(0, keys) == pytest.approx(8 + 0.001 + remote / 0.25 + 0.1)
 
 
-def test_engine_loads_the_tiers_prefix_and_charges_the_step() -> None:
+def test_synchronous_connector_loads_the_tiers_prefix_and_charges_the_step() -> None:
     prof = get_profile("h100-llama3-8b")
-    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12)
+    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12, connector_async=False)
     sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
     a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
     a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
@@ -179,11 +179,12 @@ def test_engine_loads_the_tiers_prefix_and_charges_the_step() -> None:
 
 def test_what_ifs_overlap_loads_with_compute_and_saves_behind_it() -> None:
     """``overlap_loads``: a step that loads and computes takes the longer of the two, not their sum;
-    ``overlap_saves``: the copy-out costs the step nothing.  (kvmesh's connector does neither.)"""
+    ``overlap_saves``: the copy-out costs the step nothing.  (What-ifs for the synchronous connector.)"""
     prof = get_profile("h100-llama3-8b")
     toks = list(range(100))
     keys = [int(k) for k in block_keys(toks, 16, SEED)]
-    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12, overlap_loads=True, overlap_saves=True)
+    cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12, overlap_loads=True, overlap_saves=True,
+                     connector_async=False)
     sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
     a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
     a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
@@ -195,6 +196,35 @@ def test_what_ifs_overlap_loads_with_compute_and_saves_behind_it() -> None:
     load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
     compute = prof.step_seconds(4, 4 * (96 + 2), 0, 0)
     assert b.step(0.0).duration == pytest.approx(max(compute, load))
+
+
+def test_async_connector_loads_aside_while_the_engine_steps_on() -> None:
+    """The connector's default: no step waits for a save; a request with a tier hit waits aside for its load
+    while the engine runs the others, and joins the batch at the first step after the load is done."""
+    prof = get_profile("h100-llama3-8b")
+    toks = list(range(100))
+    keys = [int(k) for k in block_keys(toks, 16, SEED)]
+    sys = TierSystem(TierConfig(engines_per_machine=2, dram_bytes=10**12), PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
+    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
+    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
+    a.add(SimRequest(1, toks, keys, 1, 0.0))
+    assert a.step(0.0).duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0))  # no save charge
+    while a.has_work():
+        a.step(0.0)
+    assert sys.held(0, keys) == 6
+    load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
+    hit, other = SimRequest(2, toks, keys, 1, 0.0), SimRequest(3, list(range(500, 520)), [], 1, 0.0)
+    b.add(hit)
+    b.add(other)
+    now, res = 0.0, b.step(0.0)  # admits both: the hit waits aside, the other one runs (no load in its step)
+    assert res.first_tokens == [other] and res.duration == pytest.approx(prof.step_seconds(20, 20 * 10, 0, 0))
+    assert b.loading and hit.loaded == hit.cached == 96 and b.context_tokens() >= 100
+    while hit.first_token_at < 0:
+        now += res.duration
+        res = b.step(now)
+    assert now >= load  # the step that ran it started once the load was done
+    assert res.duration == pytest.approx(prof.step_seconds(4, 4 * (96 + 2), 0, 0))
+    assert b.tier_hits == 96 and not b.loading and b.pool.cached_prefix(keys) == 6
 
 
 def _workload(n_groups: int, per_group: int) -> list[SimRequest]:

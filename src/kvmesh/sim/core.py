@@ -7,11 +7,12 @@ last.  Admission looks up the request's cached prefix (full blocks only; the las
 computed).  The step's duration comes from a :class:`TimingProfile`.
 
 With ``tier`` set (a :class:`kvmesh.sim.tiers.MachineView`), admission continues the GPU prefix through the
-machine's cache tiers: those blocks are loaded, not computed, and their load time is added to the admitting
-step (the connector loads synchronously before the forward pass); every computed block is saved to the tiers,
-and the copy of the blocks the tiers did not hold yet is added to the step too (the connector's
-``wait_for_save`` copies them out at the end of the forward pass before the step returns; the commit to the
-node is not waited for).
+machine's cache tiers: those blocks are loaded, not computed, and every computed block is saved to the tiers.
+As kvmesh's connector does by default (``async_loads``): the request holds its blocks and waits out its load
+time aside (vLLM's ``WAITING_FOR_REMOTE_KVS``), joining the running batch at the first step that starts after
+the load is done, and the steps do not wait for saves (a save thread copies them).  With a synchronous
+connector, the load time is added to the admitting step (loads before the forward pass) and the copy of the
+blocks the tiers did not hold yet to the step that computed them (``wait_for_save`` before the step returns).
 
 Token scale: a simulated *prompt* token may stand for ``token_scale`` real tokens (traces scaled down so
 that millions of tokens stay cheap); timing uses real tokens, the block pool and events use simulated ones.
@@ -42,6 +43,8 @@ class TierAccess(Protocol):
     def save(self, key: int, parent: int | None, tokens: list[int]) -> bool: ...
     def save_seconds(self, blocks: int) -> float: ...
     def step_seconds(self, compute_s: float, load_s: float) -> float: ...
+    @property
+    def async_loads(self) -> bool: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -64,6 +67,7 @@ class SimRequest:
     session: str | None = None  # the conversation it belongs to (routing sees it as x-session-id)
     remote_kv: bool = False  # its prompt's KV was prefilled on another engine and transferred here
     transferred: int = 0     # prompt tokens whose KV arrived by transfer rather than from this engine's cache
+    load_wait_s: float = 0.0  # an async tier load: how long it waits aside before it can run
 
     @property
     def prefilling(self) -> bool:
@@ -88,6 +92,7 @@ class EngineCore:
         self.budget = max(1, int(profile.max_batch_tokens / token_scale))
         self.waiting: collections.deque[SimRequest] = collections.deque()
         self.running: list[SimRequest] = []
+        self.loading: list[tuple[float, SimRequest]] = []  # (ready at, request): async tier loads in flight
         self.tier: TierAccess | None = None
         self.tier_hits = 0       # prompt tokens loaded from the tiers
         self.received = 0        # prompt tokens whose KV arrived from a prefill engine
@@ -100,15 +105,18 @@ class EngineCore:
         self.waiting.append(req)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.loading)
+
+    def _admitted(self) -> list[SimRequest]:
+        return self.running + [r for _, r in self.loading]
 
     def queued_prefill_tokens(self) -> int:
         """Prompt tokens still to compute on this engine (for the oracle; an estimate for waiting ones)."""
-        return sum(len(r.tokens) - r.computed for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+        return sum(len(r.tokens) - r.computed for r in self._admitted()) + sum(len(r.tokens) for r in self.waiting)
 
     def context_tokens(self) -> int:
         """Context tokens (prompt + generated so far) of every request admitted or waiting here."""
-        return sum(self.slots(r) for r in self.running) + sum(len(r.tokens) for r in self.waiting)
+        return sum(self.slots(r) for r in self._admitted()) + sum(len(r.tokens) for r in self.waiting)
 
     def slots(self, r: SimRequest) -> int:
         """Simulated token slots ``r``'s KV fills: its prompt's, and one per ``token_scale`` generated tokens."""
@@ -122,7 +130,12 @@ class EngineCore:
     def step(self, now: float, horizon: float = math.inf) -> StepResult:
         """Plan and account one iteration starting at ``now``; with only decodes left and nothing due
         before ``horizon``, several decode iterations are fast-forwarded at once."""
-        if not self.waiting and self.running and not any(r.prefilling for r in self.running):
+        if self.loading:
+            self._ready(now)
+            if not self.running and not self.waiting:  # only loads in flight: wait for the first (or news)
+                wait = min(t for t, _ in self.loading) - now
+                return StepResult(max(min(wait, horizon - now), 1e-3), [], [])
+        if not self.waiting and self.running and not self.loading and not any(r.prefilling for r in self.running):
             return self._decode_run(now, horizon)
         decodes = [r for r in self.running if not r.prefilling]
         for r in decodes:
@@ -138,6 +151,9 @@ class EngineCore:
             if not self._admit(self.waiting[0]):
                 break
             r = self.waiting.popleft()
+            if r.load_wait_s > 0:  # its blocks are held; it runs once the load is done
+                self.loading.append((now + r.load_wait_s, r))
+                continue
             self.running.append(r)
             n = min(len(r.tokens) - r.computed, budget)
             chunks.append((r, n))
@@ -168,6 +184,13 @@ class EngineCore:
             r.generated += 1
         return StepResult(dur, firsts, self._reap(end))
 
+    def _ready(self, now: float) -> None:
+        """Loads done by ``now`` join the running batch (vLLM schedules them at the next step)."""
+        done = [r for t, r in self.loading if t <= now]
+        if done:
+            self.loading = [(t, r) for t, r in self.loading if t > now]
+            self.running += done
+
     def _decode_run(self, now: float, horizon: float) -> StepResult:
         """k decode iterations in one go (no prefill pending): until the first request finishes, a new
         block is needed, or ``horizon`` (the next outside event) is reached."""
@@ -188,6 +211,10 @@ class EngineCore:
         if req in self.waiting:
             self.waiting.remove(req)
             return
+        if any(r is req for _, r in self.loading):
+            self.loading = [(t, r) for t, r in self.loading if r is not req]
+            self.pool.release(req.held, req.extra_blocks)
+            return
         if any(r is req for r in self.running):
             self.running = [r for r in self.running if r is not req]
             self.pool.release(req.held, req.extra_blocks)
@@ -195,7 +222,7 @@ class EngineCore:
     def reset_prefix_cache(self) -> bool:
         """Forget every unreferenced cached block (vLLM's ``/reset_prefix_cache``); False while requests
         hold blocks, as vLLM refuses then."""
-        if self.running:
+        if self.running or self.loading:
             return False
         self.pool.clear()
         return True
@@ -242,8 +269,11 @@ class EngineCore:
         if not n:
             return
         took = tier.load(r.keys[hit:hit + n])
-        self._load_s += took
-        self._tier_load_s += took
+        if tier.async_loads:
+            r.load_wait_s = took
+        else:
+            self._load_s += took
+            self._tier_load_s += took
         bs = self.block_size
         for i in range(hit, hit + n):
             extra = [(r.salt,)] if i == 0 and r.salt else None

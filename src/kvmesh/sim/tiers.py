@@ -2,17 +2,20 @@
 
 What is modelled, and how it maps to the real system:
 
-- **Saves.** Every block an engine computes is saved to its machine's node (the connector's write-through
-  ``wait_for_save``, committed with ``wait=False``): the copy of the blocks not held yet crosses the host link
-  at the end of the step that computed them (charged to that step, latency once per step); the commit is not
-  waited for.  Pooled, a block goes to its
+- **Saves.** Every block an engine computes is saved to its machine's node.  The connector hands them to its
+  save thread (``connector_async``, its default), so no step waits for them; with the synchronous connector
+  the copy of the blocks not held yet crosses the host link at the end of the step that computed them
+  (charged to that step, latency once per step).  Contention of saves with loads on the host link is not
+  modelled.  Pooled, a block goes to its
   owners instead: the first ``replication`` nodes of :class:`kvmesh.cache.pool.ring.Ring` (the cache pool's own
   ring, weighted by DRAM capacity).
 - **Loads.** Admission continues an engine's GPU prefix through the tiers: the consecutive blocks its node
-  holds (pooled: any owner) are loaded instead of computed.  The connector loads synchronously in
-  ``start_load_kv`` before the forward pass (its ``wait_for_layer_load`` is a no-op), so loading is **not
-  overlapped with compute**: the load time adds to the engine step that admits the request, stalling its
-  whole batch.  Load time = bytes over each link on the way plus that link's latency, once per request:
+  holds (pooled: any owner) are loaded instead of computed.  The connector loads asynchronously by default:
+  the request waits aside for its load time (vLLM's ``WAITING_FOR_REMOTE_KVS``) and joins the batch at the
+  first step after it, while the engine's steps go on; the load is **not overlapped with that request's
+  own compute** (it is in its TTFT).  With the synchronous connector the load time adds to the engine step
+  that admits the request, stalling its whole batch (``overlap_loads``: the what-if of layer-wise loads,
+  not built).  Load time = bytes over each link on the way plus that link's latency, once per request:
   DRAM → GPU over the host link; an SSD hit reads the SSD then crosses the host link (and is promoted into
   DRAM, as the node does on an SSD hit); a block whose owner is another machine also crosses the network.
   Contention between engines sharing a link is not modelled.
@@ -84,8 +87,11 @@ class TierConfig:
     replication: int = 1
     eviction: str = "lru"
     profile: str | None = None  # a TIER_PROFILES name; default: the timing profile's
-    overlap_saves: bool = False  # what-if: a connector that copies saves out behind compute (kvmesh's does not)
-    overlap_loads: bool = False  # what-if: layer-wise loads behind the step's compute (kvmesh's loads first)
+    # The connector's default: loads wait aside (the step does not), saves are copied by a thread (the step
+    # does not wait).  False: the synchronous connector (connector_async = false), where the what-ifs apply.
+    connector_async: bool = True
+    overlap_saves: bool = False  # what-if for the synchronous connector: saves copied out behind compute
+    overlap_loads: bool = False  # what-if for the synchronous connector: layer-wise loads behind compute
 
     def __post_init__(self) -> None:
         if self.engines_per_machine < 1 or self.replication < 1 or self.dram_bytes < 0 or self.ssd_bytes < 0:
@@ -303,7 +309,9 @@ class TierSystem:
     def save_seconds(self, blocks: int) -> float:
         """The engine's copy of ``blocks`` into its node's memory over the host link; forwarding to pool
         owners happens after the commit, off the engine's path."""
-        return 0.0 if self.cfg.overlap_saves else self.profile.host.seconds(blocks * self.block_bytes)
+        if self.cfg.overlap_saves or self.cfg.connector_async:
+            return 0.0
+        return self.profile.host.seconds(blocks * self.block_bytes)
 
 
 @dataclass(slots=True)
@@ -324,6 +332,11 @@ class MachineView:
 
     def save_seconds(self, blocks: int) -> float:
         return self.system.save_seconds(blocks)
+
+    @property
+    def async_loads(self) -> bool:
+        """Loads wait aside instead of stalling the admitting step (the connector's default)."""
+        return self.system.cfg.connector_async
 
     def step_seconds(self, compute_s: float, load_s: float) -> float:
         """A step that computes for ``compute_s`` and loads for ``load_s``: their sum, as kvmesh's connector
