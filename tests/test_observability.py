@@ -37,6 +37,7 @@ from tests.helpers import free_port_block, wait_until
 KVMESH = [sys.executable, "-m", "kvmesh"]
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KEYS = {"alice": "alice-key", "bob": "bob-key"}
+ADMIN_KEY = "admin-key"  # kvmesh top passes it: with API keys on, /health lists backends only for an admin
 
 
 def test_checked_in_files_are_the_generator_output() -> None:
@@ -105,7 +106,8 @@ def _write_configs(tmp: pathlib.Path, model: pathlib.Path, gw: int, eng: int, ca
              for t, k in KEYS.items()]
     lines[0] += "requests_per_min = 100000\nmax_concurrent = 64\n"
     lines[1] += "requests_per_min = 1\n"  # one request, then 429s: the tenant is throttled
-    (tmp / "tenants.toml").write_text("".join(lines))
+    admin = f'admin_key_sha256 = ["{hashlib.sha256(ADMIN_KEY.encode()).hexdigest()}"]\n'
+    (tmp / "tenants.toml").write_text(admin + "".join(lines))
     (tmp / "k.toml").write_text(
         f'model_size = "tiny"\nmodels_dir = "{model.parent}"\nengine_kind = "sim"\n'
         f'[supervisor]\nreplicas = 2\nbase_port = {eng}\nrun_dir = "{tmp / "run"}"\n'
@@ -276,8 +278,12 @@ def test_top_once_shows_backends_and_cache_tiers(fleet: Fleet) -> None:
     body = {"model": "kvmesh-demo", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
     assert httpx.post(f"{fleet.gateway}/v1/chat/completions", json=body, timeout=60,
                       headers={"Authorization": f"Bearer {KEYS['alice']}"}).status_code == 200
-    r = subprocess.run([*KVMESH, "top", "--once", "--url", fleet.gateway, "--cache", fleet.cache_http],
-                       capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "140"})
+    top = [*KVMESH, "top", "--once", "--url", fleet.gateway, "--cache", fleet.cache_http]
+    env = {**os.environ, "COLUMNS": "140"}
+    hidden = subprocess.run(top, capture_output=True, text=True, timeout=60, env=env)
+    assert hidden.returncode == 0, hidden.stderr
+    assert "engine-0" not in hidden.stdout and "--api-key" in hidden.stdout  # no key: the backends are hidden
+    r = subprocess.run(top, capture_output=True, text=True, timeout=60, env={**env, "KVMESH_API_KEY": ADMIN_KEY})
     assert r.returncode == 0, r.stderr
     out = r.stdout
     node = _status(fleet)["node_id"]
