@@ -11,6 +11,7 @@ from kvmesh.index.index import KvIndex
 from kvmesh.models.demo import SPECS
 from kvmesh.sim import Cluster, EngineCore, get_profile, make_requests
 from kvmesh.sim.core import SimRequest
+from kvmesh.sim.profiles import TimingProfile
 from kvmesh.sim.tiers import CacheNode, Link, MachineView, TierConfig, TierProfile, TierSystem
 
 SEED = root_seed("kvmesh")
@@ -177,6 +178,19 @@ def test_synchronous_connector_loads_the_tiers_prefix_and_charges_the_step() -> 
     assert b.pool.cached_prefix(keys) == 6  # loaded blocks are cached on the GPU now
 
 
+def _computed_on_one_engine(cfg: TierConfig, prof: TimingProfile, toks: list[int],
+                            keys: list[int]) -> tuple[EngineCore, EngineCore, TierSystem]:
+    """Two engines on one machine's node; the first computes ``toks`` (its step charged no save) and is done."""
+    sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
+    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
+    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
+    a.add(SimRequest(1, toks, keys, 1, 0.0))
+    assert a.step(0.0).duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0))  # no save charge
+    while a.has_work():
+        a.step(0.0)
+    return a, b, sys
+
+
 def test_what_ifs_overlap_loads_with_compute_and_saves_behind_it() -> None:
     """``overlap_loads``: a step that loads and computes takes the longer of the two, not their sum;
     ``overlap_saves``: the copy-out costs the step nothing.  (What-ifs for the synchronous connector.)"""
@@ -185,13 +199,7 @@ def test_what_ifs_overlap_loads_with_compute_and_saves_behind_it() -> None:
     keys = [int(k) for k in block_keys(toks, 16, SEED)]
     cfg = TierConfig(engines_per_machine=2, dram_bytes=10**12, overlap_loads=True, overlap_saves=True,
                      connector_async=False)
-    sys = TierSystem(cfg, PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
-    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
-    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
-    a.add(SimRequest(1, toks, keys, 1, 0.0))
-    assert a.step(0.0).duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0))  # no save charge
-    while a.has_work():
-        a.step(0.0)
+    _, b, _ = _computed_on_one_engine(cfg, prof, toks, keys)
     b.add(SimRequest(2, toks, keys, 1, 0.0))
     load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
     compute = prof.step_seconds(4, 4 * (96 + 2), 0, 0)
@@ -204,13 +212,7 @@ def test_async_connector_loads_aside_while_the_engine_steps_on() -> None:
     prof = get_profile("h100-llama3-8b")
     toks = list(range(100))
     keys = [int(k) for k in block_keys(toks, 16, SEED)]
-    sys = TierSystem(TierConfig(engines_per_machine=2, dram_bytes=10**12), PROFILE, 2, 16, 16 * prof.kv_bytes_per_token)
-    a, b = EngineCore("e0", prof, 16), EngineCore("e1", prof, 16)
-    a.tier, b.tier = MachineView(sys, 0), MachineView(sys, 0)
-    a.add(SimRequest(1, toks, keys, 1, 0.0))
-    assert a.step(0.0).duration == pytest.approx(prof.step_seconds(100, 100 * 50, 0, 0))  # no save charge
-    while a.has_work():
-        a.step(0.0)
+    _, b, sys = _computed_on_one_engine(TierConfig(engines_per_machine=2, dram_bytes=10**12), prof, toks, keys)
     assert sys.held(0, keys) == 6
     load = PROFILE.host.seconds(6 * 16 * prof.kv_bytes_per_token)
     hit, other = SimRequest(2, toks, keys, 1, 0.0), SimRequest(3, list(range(500, 520)), [], 1, 0.0)

@@ -43,29 +43,41 @@ class Done:
 Job = Callable[["Lane"], tuple[int, list[int]]]  # -> (blocks moved, block ids that failed)
 
 
+class NodeClients:
+    """The engine's own node client and, opened lazily, one per trusted node a P/D hint names (hints come
+    with the request, so only sockets listed in ``kv_connector_extra_config.nodes`` are ever opened)."""
+
+    def __init__(self, socket: str, trusted: set[str]) -> None:
+        self.client = NodeClient(socket)
+        self.trusted = trusted
+        self._others: dict[str, NodeClient] = {}
+
+    def for_node(self, node: str | None) -> NodeClient:
+        if node is None or node not in self.trusted:
+            return self.client
+        c = self._others.get(node)
+        if c is None:
+            c = self._others[node] = NodeClient(node)
+        return c
+
+    def close(self) -> None:
+        self.client.close()
+        for c in self._others.values():
+            c.close()
+
+
 class Lane:
-    """One thread, one node client (plus trusted P/D nodes' clients), jobs run in submission order."""
+    """One thread, its own node clients, jobs run in submission order."""
 
     def __init__(self, name: str, socket: str, trusted: set[str], device: torch.device) -> None:
         self.name = name
-        self.client = NodeClient(socket)
-        self._trusted = trusted
-        self._others: dict[str, NodeClient] = {}
+        self.clients = NodeClients(socket, trusted)
         self._jobs: queue.SimpleQueue[tuple[str, Job, list[int], object] | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[Done] = queue.SimpleQueue()
         self.pending: collections.Counter[str] = collections.Counter()  # jobs not collected yet, by request
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
-
-    def client_for(self, node: str | None) -> NodeClient:
-        """The engine's own node, or a trusted node a P/D hint named (one client each, opened lazily)."""
-        if node is None or node not in self._trusted:
-            return self.client
-        c = self._others.get(node)
-        if c is None:
-            c = self._others[node] = NodeClient(node)
-        return c
 
     def submit(self, req_id: str, job: Job, on_error: list[int], ready: object = None) -> None:
         """Queue ``job`` for ``req_id`` (engine thread).  ``on_error``: the block ids reported as failed if it
@@ -119,6 +131,4 @@ class Lane:
     def close(self) -> None:
         self._jobs.put(None)
         self._thread.join(timeout=30)
-        self.client.close()
-        for c in self._others.values():
-            c.close()
+        self.clients.close()

@@ -66,7 +66,7 @@ from kvmesh.cache.client import NodeClient
 from kvmesh.cache.keys import ChunkKey, Namespace, chunk_keys, tenant_of
 from kvmesh.cache.protocol import CommitItem
 from kvmesh.connector.layout import KvLayout
-from kvmesh.connector.transfer import Done, Lane
+from kvmesh.connector.transfer import Done, Lane, NodeClients
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -149,11 +149,10 @@ class KvmeshConnector(KVConnectorBase_V1):
         sock = extra.get("socket") or os.environ.get("KVMESH_CACHE_SOCKET")
         if not sock:
             raise ValueError("KvmeshConnector needs kv_connector_extra_config.socket (the cache node's socket)")
-        self.client = NodeClient(sock)
-        # P/D: other nodes whose hints this engine follows (a hint names a socket; only trusted ones are
-        # opened, since kv_transfer_params come with the request), and the address put in remote_host/port.
+        # P/D: other nodes whose hints this engine follows, and the address put in remote_host/port.
         self._trusted = {str(n) for n in extra.get("nodes", ())} - {str(sock)}
-        self._others: dict[str, NodeClient] = {}
+        self.clients = NodeClients(sock, self._trusted)
+        self.client = self.clients.client
         host, _, port = str(extra.get("advertise", "")).rpartition(":")
         self._advertise = (host or None, int(port) if port.isdigit() else None)
         self.engine_id = self._kv_transfer_config.engine_id
@@ -173,15 +172,6 @@ class KvmeshConnector(KVConnectorBase_V1):
         self._finishing: set[str] = set()   # of those, finished: reported once their saves are done
         self._load_nodes: dict[str, str | None] = {}  # async loads in flight: the node each reads
         self.stats = {"loaded_blocks": 0, "saved_blocks": 0, "load_failures": 0, "hinted_loads": 0}
-
-    def _client(self, node: str | None) -> NodeClient:
-        """The engine's own node, or a trusted node a P/D hint named (one client each, opened lazily)."""
-        if node is None or node not in self._trusted:
-            return self.client
-        c = self._others.get(node)
-        if c is None:
-            c = self._others[node] = NodeClient(node)
-        return c
 
     # ================= scheduler side ==================================================================
     def _state(self, request: Request) -> _ReqState:
@@ -208,7 +198,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         st.load_from, st.load_n, st.load_node = first, held, None
         node = st.hint.get("node")
         if isinstance(node, str) and first + held < min(usable, _int(st.hint.get("chunks"))):
-            other = self._client(node)
+            other = self.clients.for_node(node)
             if other is not self.client:  # own node lacks what the prefill saved: read the hinted node
                 n = other.lookup(st.keys[first:usable])
                 if n > held:
@@ -309,10 +299,10 @@ class KvmeshConnector(KVConnectorBase_V1):
                 self._lanes[0].submit(spec.req_id, functools.partial(self._load_job, spec), spec.block_ids)
                 self._load_nodes[spec.req_id] = spec.node
             else:
-                self._loaded(spec.node, *self._load(spec, self._client(spec.node)))
+                self._loaded(spec.node, *self._load(spec, self.clients.for_node(spec.node)))
 
     def _load_job(self, spec: LoadSpec, lane: Lane) -> tuple[int, list[int]]:
-        return self._load(spec, lane.client_for(spec.node))
+        return self._load(spec, lane.clients.for_node(spec.node))
 
     def _load(self, spec: LoadSpec, client: NodeClient) -> tuple[int, list[int]]:
         """Copy ``spec``'s chunks into its blocks: (blocks loaded, block ids to recompute)."""
@@ -372,7 +362,7 @@ class KvmeshConnector(KVConnectorBase_V1):
     def _save_job(self, spec: SaveSpec, lane: Lane) -> tuple[int, list[int]]:
         # Committed before the job reports done (the round trip is off the step here): once vLLM frees the
         # request's blocks, any lookup finds its chunks.
-        return self._save(spec, lane.client, wait=True), []
+        return self._save(spec, lane.clients.client, wait=True), []
 
     def _save(self, spec: SaveSpec, client: NodeClient, wait: bool) -> int:
         """Copy ``spec``'s blocks the node lacks into its arena and commit them: the number saved."""
@@ -426,9 +416,7 @@ class KvmeshConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         for lane in self._lanes or ():
             lane.close()
-        self.client.close()
-        for c in self._others.values():
-            c.close()
+        self.clients.close()
 
 
 def _int(v: object) -> int:
