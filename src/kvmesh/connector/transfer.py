@@ -88,8 +88,12 @@ class Lane:
     def collect(self, block: bool = False) -> list[Done]:
         """Jobs finished since the last call (engine thread); ``block``: wait for at least one."""
         out: list[Done] = []
-        if block:
-            out.append(self._done.get())
+        while block and not out:
+            try:
+                out.append(self._done.get(timeout=1.0))
+            except queue.Empty:
+                if not self._thread.is_alive():  # never hang the engine on a thread that is gone
+                    raise RuntimeError(f"kvmesh connector: the {self.name} thread stopped with jobs pending") from None
         while True:
             try:
                 out.append(self._done.get_nowait())
@@ -124,9 +128,10 @@ class Lane:
         with torch.cuda.stream(self._stream):
             if isinstance(ready, torch.cuda.Event):
                 self._stream.wait_event(ready)
-            out = job(self)
-            self._stream.synchronize()  # the blocks are only reported done once the copies landed
-            return out
+            try:
+                return job(self)
+            finally:  # reported done (even failed) only once every copy it queued has landed: vLLM may then
+                self._stream.synchronize()  # free or reuse the blocks
 
     def close(self) -> None:
         self._jobs.put(None)

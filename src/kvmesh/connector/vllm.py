@@ -127,6 +127,8 @@ class _ReqState:
     remote_decode: bool = False   # P/D prefill leg: save synchronously, answer with transfer params
     hint: dict[str, Any] = field(default_factory=dict)  # P/D decode leg: the prefill's "kvmesh" hint
     loading: bool = False     # an async load is in flight: its blocks must outlive an abort
+    load_blocks: list[int] = field(default_factory=list)  # the blocks that load writes
+    load_failed: bool = False  # a load of this request failed: it is not tried again (no endless retries)
     async_saves: bool = False  # saves were handed to the save thread: blocks held until they are done
 
 
@@ -140,12 +142,32 @@ def _namespace(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig) -> Names
                      layout=shape, block_size=spec.block_size, tp_rank=pc.rank, tp_size=pc.tensor_parallel_size)
 
 
+def _before_failed(spec: SaveSpec, failed: set[int]) -> SaveSpec:
+    """``spec`` cut at its first block whose load failed this step (synchronous loads: the same step plans
+    the save).  That block holds no valid KV and every later one attended to it; saved, they would be served
+    to every engine under the prompt's keys.  vLLM recomputes them; they are not offered again."""
+    if not failed:
+        return spec
+    cut = next((i for i, b in enumerate(spec.block_ids) if b in failed), None)
+    if cut is None:
+        return spec
+    return SaveSpec(spec.block_ids[:cut], spec.keys[:cut], spec.parents[:cut], spec.tokens[:cut], spec.salt,
+                    spec.sync, spec.req_id)
+
+
 class KvmeshConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole,
                  kv_cache_config: KVCacheConfig | None = None) -> None:
         check_vllm_version()
         super().__init__(vllm_config, role, kv_cache_config)  # type: ignore[arg-type]
         extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        assert kv_cache_config is not None
+        self._setup(extra, _namespace(vllm_config, kv_cache_config), kv_cache_config.num_blocks,
+                    self._kv_transfer_config.engine_id)
+
+    def _setup(self, extra: dict[str, Any], ns: Namespace, num_blocks: int, engine_id: str | None) -> None:
+        """The connector's own state, from its extra config (apart from vLLM's base class: the protocol
+        tests build a connector this way, against a real cache node, without an engine)."""
         sock = extra.get("socket") or os.environ.get("KVMESH_CACHE_SOCKET")
         if not sock:
             raise ValueError("KvmeshConnector needs kv_connector_extra_config.socket (the cache node's socket)")
@@ -155,12 +177,11 @@ class KvmeshConnector(KVConnectorBase_V1):
         self.client = self.clients.client
         host, _, port = str(extra.get("advertise", "")).rpartition(":")
         self._advertise = (host or None, int(port) if port.isdigit() else None)
-        self.engine_id = self._kv_transfer_config.engine_id
+        self.engine_id = engine_id
         self._async = bool(extra.get("async_transfers", True))
-        assert kv_cache_config is not None
-        self.ns = _namespace(vllm_config, kv_cache_config)
-        self.block_size = self.ns.block_size
-        self.num_blocks = kv_cache_config.num_blocks
+        self.ns = ns
+        self.block_size = ns.block_size
+        self.num_blocks = num_blocks
         # scheduler side
         self._reqs: dict[str, _ReqState] = {}
         self._to_load: list[LoadSpec] = []  # async loads planned since the last step's metadata
@@ -192,7 +213,7 @@ class KvmeshConnector(KVConnectorBase_V1):
         first = num_computed_tokens // self.block_size
         # At least one prompt token must be computed by the engine (it needs logits): never load the last one.
         usable = (len(st.tokens) - 1) // self.block_size
-        if usable <= first:
+        if usable <= first or st.load_failed:
             return 0, False
         held = self.client.lookup(st.keys[first:usable])
         st.load_from, st.load_n, st.load_node = first, held, None
@@ -213,19 +234,28 @@ class KvmeshConnector(KVConnectorBase_V1):
             # The request now waits for this load; vLLM allocated its blocks, the engine's own hit first.
             ids = blocks.get_block_ids()[0]
             sl = slice(st.load_from, st.load_from + st.load_n)
-            self._to_load.append(LoadSpec(list(ids[sl]), list(st.keys[sl]), st.salt, st.load_node,
+            st.load_blocks = list(ids[sl])
+            self._to_load.append(LoadSpec(st.load_blocks, list(st.keys[sl]), st.salt, st.load_node,
                                           request.request_id))
             st.load_n, st.loading = 0, True
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        invalid = connector_output.invalid_block_ids
         for rid in connector_output.finished_recving or ():
             st = self._reqs.get(rid)
             if st is not None:
                 st.loading = False
+                # vLLM recomputes what failed; a request sent back to waiting with nothing computed would
+                # otherwise look the node up again and plan the same failing load, step after step.
+                st.load_failed |= bool(invalid) and not invalid.isdisjoint(st.load_blocks)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         meta = KvmeshMetadata(loads=self._to_load, preempted=list(scheduler_output.preempted_req_ids or ()))
         self._to_load = []
+        for rid in meta.preempted:  # the worker finishes their saves this step (handle_preemptions): a request
+            st = self._reqs.get(rid)  # resumed with a load and then aborted must be released once, by that load
+            if st is not None:
+                st.async_saves = False
         sched = scheduler_output.num_scheduled_tokens
         for new in scheduler_output.scheduled_new_reqs:
             st = self._reqs.get(new.req_id)
@@ -350,6 +380,9 @@ class KvmeshConnector(KVConnectorBase_V1):
             return
         ready = None
         for spec in meta.saves:
+            spec = _before_failed(spec, self._failed)
+            if not spec.block_ids:
+                continue
             if spec.sync or self._lanes is None:
                 self.stats["saved_blocks"] += self._save(spec, self.client, wait=spec.sync)
                 continue
@@ -372,11 +405,15 @@ class KvmeshConnector(KVConnectorBase_V1):
         todo = [i for i, v in enumerate(views) if v is not None]
         if not todo:
             return 0
-        dests = [torch.frombuffer(views[i], dtype=torch.uint8) for i in todo]  # type: ignore[arg-type]
-        self.layout.save([spec.block_ids[i] for i in todo], dests)
-        items = [CommitItem(spec.keys[i], checksum(views[i]), spec.parents[i], spec.tokens[i],  # type: ignore[arg-type]
-                            self.block_size, spec.salt) for i in todo]
-        del dests
+        try:
+            dests = [torch.frombuffer(views[i], dtype=torch.uint8) for i in todo]  # type: ignore[arg-type]
+            self.layout.save([spec.block_ids[i] for i in todo], dests)
+            items = [CommitItem(spec.keys[i], checksum(views[i]), spec.parents[i], spec.tokens[i],  # type: ignore[arg-type]
+                                self.block_size, spec.salt) for i in todo]
+            del dests
+        except Exception:  # give the reserved space back (it would stay reserved until this client reconnects)
+            client.commit([], abort=[spec.keys[i] for i in todo])
+            raise
         for i in todo:
             views[i].release()  # type: ignore[union-attr]
         # On the engine's step, nothing to wait for (saves a round trip) unless a decode engine will look for
@@ -388,7 +425,12 @@ class KvmeshConnector(KVConnectorBase_V1):
         """A preempted request's blocks were freed and may be reused by this step: finish its saves first."""
         if self._lanes is not None and isinstance(kv_connector_metadata, KvmeshMetadata) \
                 and kv_connector_metadata.preempted:
-            self._count_saves(self._lanes[1].wait(set(kv_connector_metadata.preempted)))
+            preempted = set(kv_connector_metadata.preempted)
+            self._count_saves(self._lanes[1].wait(preempted))
+            # Their saves are done and their blocks gone: not reported in finished_sending (the scheduler side
+            # forgot them too), or a resumed request still loading would be freed while its load writes.
+            self._saved_reqs -= preempted
+            self._finishing -= preempted
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """(requests whose held blocks may be freed: saves done; requests whose async load is done)."""
