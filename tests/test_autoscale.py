@@ -348,3 +348,19 @@ def test_slo_judges_scale_in_at_the_smaller_fleets_slower_tpot() -> None:
     scaler = Scaler(SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False)), act, ScalerConfig(1, 64, start_s=60.0))
     drive(scaler, act, 0, 600, arrivals=50, finished=50, output_tokens=50 * 500, tpot_p50_s=0.025)
     assert act.replicas(AGGREGATED) == 3 and "on 3" in scaler.history[-1].reason
+
+
+@pytest.mark.parametrize("follows", [True, False])
+def test_slo_miss_floor_follows_the_load_down(follows: bool) -> None:
+    pol = SloPolicy(SloConfig(prior=CAP, start_s=60.0, learn=False, floor_follows_load=follows))
+    act = FakeActuator(3, start_s=60.0)
+    scaler = Scaler(pol, act, ScalerConfig(1, 64, start_s=60.0))
+    # 2.2 replicas of prefill (3 at 85 %), and 20 % of the answers over the TPOT target at first: a floor of 4,
+    # one over the rate model's 3
+    drive(scaler, act, 0, 300, arrivals=20, prompt_tokens=110_000, finished=20, slo_missed_tpot=4)
+    drive(scaler, act, 300, 1000, arrivals=20, prompt_tokens=110_000, finished=20, slo_missed_tpot=0)
+    assert act.replicas(AGGREGATED) == 4 and "floor 4" in scaler.history[-1].reason
+    # the load falls to 0.5 replicas (the rate model alone asks for 1): the floor stays one over that, where a
+    # fixed floor holds 4 until it decays
+    drive(scaler, act, 1000, 1400, arrivals=20, prompt_tokens=25_000, finished=20, slo_missed_tpot=0)
+    assert act.replicas(AGGREGATED) == (2 if follows else 4)

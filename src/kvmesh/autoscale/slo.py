@@ -275,6 +275,9 @@ class SloConfig:
     feedback_window_s: float = 240.0  # ... judged over this window (0: no feedback) ...
     feedback_decay_s: float = 1200.0  # ... and lowered one replica after this long with half the budget
     feedback_futile_ratio: float = 0.7  # a raise that leaves more than this share of the misses is given back
+    floor_follows_load: bool = True  # a miss floor is so many replicas over the rate model's count when it
+    # was raised, not a fixed count: as the load falls the floor falls with it (Azure conv: a floor of 4
+    # raised at a load of 3 replicas held 4 for 20 minutes after the load fell to 2)
 
 
 @dataclass(slots=True)
@@ -285,6 +288,8 @@ class _RoleState:
     osl: float = 0.0
     tpot: float = 0.0  # smoothed TPOT p50 of finished requests: how long a stream holds its slot per token
     feedback: MissFeedback | None = None
+    floor_seen: int = 0   # the miss floor last decided
+    floor_base: int = 0   # the rate model's count when it was last raised
 
 
 class SloPolicy(Policy):
@@ -370,11 +375,12 @@ class SloPolicy(Policy):
             why = f"load {load:.2f} replicas ({load_at(n):.2f} on {n}): {n} carry it at {c.scale_in_utilisation:.0%}"
             if now - self._since < c.scale_down_window_s:  # rates and output lengths are still warming up
                 n, why = fleet.replicas, f"{why}; warming up: no scale-in"
+        n_rate = n
         backlog = g.queued_prefill_tokens / (max(fleet.ready, 1) * cap)
         if role != "decode" and backlog > (c.backlog_s or c.ttft_s) and fleet.starting == 0:
             n = max(n, fleet.replicas + 1)
             why = f"predicted TTFT breach: {backlog:.1f} s of queued prefill on {fleet.ready} ready: +1"
-        floor = st.feedback.update(now, fleet.replicas) if st.feedback is not None else 0
+        floor = self._floor(now, st, fleet, n_rate)
         if floor > n:
             n, why = floor, f"{why}; TPOT misses over {1 - c.attainment_target:.1%}: floor {floor}"
         figures = {"rate_forecast": rate, "miss_floor": floor, "prompt_tps_forecast": prompt_tps,
@@ -383,3 +389,16 @@ class SloPolicy(Policy):
                    "prefill_tps_per_replica": cap, "decode_concurrency_per_replica": conc_cap, "osl": st.osl,
                    "tpot_observed": st.tpot}
         return n, why, figures
+
+    def _floor(self, now: float, st: _RoleState, fleet: Fleet, n_rate: int) -> int:
+        """The miss feedback's replica floor (0: none); with ``floor_follows_load``, at most the rate model's
+        count now plus what the floor stood over it when it was raised."""
+        if st.feedback is None:
+            return 0
+        floor = st.feedback.update(now, fleet.replicas)
+        if floor > st.floor_seen:
+            st.floor_base = n_rate
+        st.floor_seen = floor
+        if floor and self.cfg.floor_follows_load:
+            floor = min(floor, n_rate + floor - st.floor_base)
+        return floor
