@@ -18,6 +18,8 @@ class ScriptedEngine:
     def __init__(self, name: str, model: str = "kvmesh-demo", hang: bool = False) -> None:
         self.name = name
         self.hang = hang  # accept requests but never answer them (a hung engine)
+        self.break_streams = False  # send a stream's headers, then drop the connection (an engine that dies)
+        self.received = 0  # completion requests that reached the engine
         self.stopped = asyncio.Event()
         self.model = model
         self.gates: list[asyncio.Event] = []
@@ -48,6 +50,7 @@ class ScriptedEngine:
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
+        self.received += 1
         if self.hang:
             await self.stopped.wait()
             raise web.HTTPServiceUnavailable()
@@ -56,6 +59,10 @@ class ScriptedEngine:
             return web.json_response({"object": "text_completion", "choices": [{"text": "x" * n}]})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if self.break_streams:  # dies during prefill: headers sent, no event, connection gone
+            assert request.transport is not None
+            request.transport.close()
+            return resp
         gate = asyncio.Event()
         self.gates.append(gate)
         self.open_streams += 1

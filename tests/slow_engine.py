@@ -4,6 +4,7 @@ A streaming completion whose prompt is ``"steady"`` emits a token every ``interv
 stopped (or ``max_tokens`` is reached): the engine is visibly making progress.  Any other streaming
 completion sends nothing until the test sets :attr:`release` (its prefill "takes" that long), then one
 token and ``[DONE]``.  ``received`` counts completions that reached the engine (shed requests never do).
+``/metrics`` reports vLLM's ``vllm:generation_tokens_total`` over every stream, however it reached the engine.
 
 ``python -m tests.slow_engine PORT`` serves it in its own process, which a test can SIGSTOP.
 """
@@ -24,6 +25,7 @@ class SlowEngine:
         self.release = asyncio.Event()
         self.stopped = asyncio.Event()
         self.received = 0
+        self.generated = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -32,6 +34,8 @@ class SlowEngine:
         app.router.add_get("/health", lambda r: web.Response(text="ok"))
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/completions", self._completions)
+        app.router.add_get("/metrics", lambda r: web.Response(
+            text=f'vllm:generation_tokens_total{{model_name="{self.model}"}} {float(self.generated)}\n'))
         self.runner = web.AppRunner(app)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", port)
@@ -65,6 +69,7 @@ class SlowEngine:
                 if self.stopped.is_set():
                     break
                 await resp.write(self._event(i))
+                self.generated += 1
                 await asyncio.sleep(self.interval_s)  # the pace of a throttled engine, not a correctness wait
         else:
             await self.release.wait()

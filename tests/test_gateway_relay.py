@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from tests.helpers import LoopThread
+from tests.helpers import LoopThread, wait_until
 from tests.scripted_engine import ScriptedEngine
 
 TTFT_S = 2.0  # first-token timeout: a hung engine's certain fate, a healthy one's generous deadline
@@ -174,3 +177,88 @@ def served(url: str) -> str:
                    timeout=10)
     assert r.status_code == 200
     return r.headers["x-kvmesh-backend"]
+
+
+def _post_then_hang_up(url: str, body: dict[str, object], arrived: Callable[[], bool]) -> None:
+    """A client that sends a request and goes away once ``arrived()`` (the engine has it), before any answer."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(data)}\r\n\r\n".encode() + data)
+        wait_until(arrived, 30, "the request to reach the engine", interval=0.01)
+
+
+def test_a_half_open_probe_the_client_abandons_gives_its_slot_back(make_gateway, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    hung = loop_thread.call(lambda: ScriptedEngine("hung", hang=True))
+    loop_thread.run(hung.start())
+    # a long first-token timeout: the client's hang-up, not the gateway's timeout, ends the probe
+    gw = make_gateway(backends=(hung.url,), policy="round-robin", ttft_timeout_s=600.0, health_interval_s=0.1)
+    b0 = gw.pool.backends[0]
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
+
+    def half_open() -> None:
+        b0.breaker.failed(time.monotonic())
+        b0.breaker.opened_at -= b0.breaker.cooldown_s
+
+    try:
+        wait_until(lambda: loop_thread.call(lambda: b0.healthy), 30, "the engine to be up")
+        loop_thread.call(half_open)
+        _post_then_hang_up(gw.url, body, lambda: hung.received == 1)  # the probe, abandoned
+        # it neither succeeded nor failed: the breaker stays open, the next request probes
+        wait_until(lambda: not loop_thread.call(lambda: b0.breaker.probing), 30, "the probe slot to be given back")
+        assert b0.breaker.state == "open" and loop_thread.call(lambda: b0.healthy)
+        _post_then_hang_up(gw.url, body, lambda: hung.received == 2)  # routed there again: back in rotation
+    finally:
+        loop_thread.run(hung.stop())
+
+
+def test_an_engine_that_dies_after_the_headers_is_bypassed_and_the_request_retried(  # type: ignore[no-untyped-def]
+        make_gateway, loop_thread: LoopThread) -> None:
+    broken = loop_thread.call(lambda: ScriptedEngine("broken"))
+    good = loop_thread.call(lambda: ScriptedEngine("good"))
+    broken.break_streams = True
+    for e in (broken, good):
+        loop_thread.run(e.start())
+    gw = make_gateway(backends=(broken.url, good.url), policy="round-robin", ttft_timeout_s=600.0)
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1, "stream": True}
+    try:
+        for _ in range(2):  # round-robin reaches the broken engine within two requests
+            with httpx.stream("POST", f"{gw.url}/v1/completions", json=body, timeout=60) as r:
+                assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1"
+                assert any(line.startswith("data: {") for line in r.iter_lines())
+        assert broken.received == 1 and gw.pool.backends[0].breaker.state == "open"
+        assert 'kvmesh_gateway_errors_total{kind="upstream_broken"} 1.0' in httpx.get(f"{gw.url}/metrics").text
+    finally:
+        for e in (broken, good):
+            loop_thread.run(e.stop())
+
+
+def test_a_connect_timeout_is_retried_on_another_backend(make_gateway, loop_thread: LoopThread) -> None:  # type: ignore[no-untyped-def]
+    gone = loop_thread.call(lambda: ScriptedEngine("gone"))
+    good = loop_thread.call(lambda: ScriptedEngine("good"))
+    for e in (gone, good):
+        loop_thread.run(e.start())
+    gw = make_gateway(backends=(gone.url, good.url), policy="round-robin", connect_timeout_s=0.5,
+                      health_interval_s=600.0)  # one health check each, both up; none after
+    b0 = gw.pool.backends[0]
+    wait_until(lambda: loop_thread.call(lambda: all(b.healthy for b in gw.pool.backends)), 30, "both up")
+    # the first engine's address now drops connection attempts (a node gone: SYNs unanswered): a listener
+    # whose accept queue is full and never accepts
+    loop_thread.run(gone.stop())
+    host, port = gone.url.removeprefix("http://").split(":")
+    blackhole = socket.socket()
+    blackhole.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    blackhole.bind((host, int(port)))
+    blackhole.listen(0)
+    filler = [socket.create_connection((host, int(port)), timeout=5)]  # fills the queue (backlog 0: one)
+    body = {"model": "kvmesh-demo", "prompt": "x", "max_tokens": 1}
+    try:
+        for _ in range(2):  # round-robin reaches the silent address within two requests: retried, not 504
+            r = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60)
+            assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1", r.text
+        assert b0.breaker.state == "open" and not loop_thread.call(lambda: b0.healthy)
+    finally:
+        for s in (*filler, blackhole):
+            s.close()
+        loop_thread.run(good.stop())

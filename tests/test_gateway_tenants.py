@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
+import socket
 
 import httpx
 import pytest
@@ -111,6 +112,10 @@ def test_max_concurrent(make_gateway, tenants_file: pathlib.Path, loop_thread: L
             assert next(lines).startswith("data: ")  # in flight, and held there
             r = complete(gw.url, "solo")
             assert r.status_code == 429 and "concurrent" in r.json()["error"]["message"]
+            # a reload keeps what is running: the limit still holds (it restarted from 0 in-flight)
+            reload = httpx.post(f"{gw.url}/admin/reload", headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
+            assert reload.status_code == 200
+            assert complete(gw.url, "solo").status_code == 429
             loop_thread.call(lambda: eng.gates[0].set())  # release the held stream
             assert [x for x in lines if x.startswith("data: ")][-1] == "data: [DONE]"
         assert complete(gw.url, "solo").status_code == 200  # the slot was released
@@ -159,3 +164,20 @@ def test_drain_finishes_in_flight_and_refuses_new(stack: Stack, make_gateway, lo
         rest = [x for x in lines if x.startswith("data: ")]
         assert rest[-1] == "data: [DONE]"  # the in-flight stream was not cut
     assert fut.result(30) == 0
+
+
+def test_a_request_served_nothing_is_charged_nothing(make_gateway, tmp_path: pathlib.Path,  # type: ignore[no-untyped-def]
+                                                     loop_thread: LoopThread) -> None:
+    # a 60-token-per-minute budget (a minute's burst) and a request that costs 101 up front; no engine is up
+    conf = tmp_path / "tenants.toml"
+    conf.write_text(f'[[tenants]]\nname = "metered"\nkey_sha256 = ["{hash_key("sk-metered")}"]\n'
+                    'tokens_per_min = 60\nburst_s = 60\n')
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # closed: nothing listens there
+    gw = make_gateway(backends=(dead,), tenants_file=str(conf))
+    r = httpx.post(f"{gw.url}/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 100},
+                   headers={"Authorization": "Bearer sk-metered"}, timeout=60)
+    assert r.status_code == 503, r.text
+    level = loop_thread.call(lambda: gw.tenants.tenants["metered"].tokens.level)
+    assert level >= 59, f"the 503 kept its charge: {level:.0f} of 60 tokens left (refills 1/s)"

@@ -58,7 +58,7 @@ def steady(url: str, http: httpx.Client) -> Iterator[str]:
     with http.stream("POST", f"{url}/v1/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(x for x in lines if x.startswith("data: "))
-        yield r.headers["x-kvmesh-backend"]
+        yield r.headers.get("x-kvmesh-backend", "")  # none when sent to an engine directly
 
 
 def test_busy_engines_are_waited_on_not_bypassed(slow, make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]
@@ -77,6 +77,22 @@ def test_busy_engines_are_waited_on_not_bypassed(slow, make_gateway, loop_thread
     assert metric(gw.url, "kvmesh_gateway_retries_total") == 0
     assert metric(gw.url, 'kvmesh_gateway_errors_total{kind="upstream_ttft_timeout"}') == 0
     assert sum(e.received for e in slow) == 4  # each request reached exactly one engine, once
+
+
+@pytest.mark.parametrize("policy", ["round-robin", "kv-aware"])
+def test_an_engine_busy_with_work_the_gateway_does_not_relay_is_waited_on(  # type: ignore[no-untyped-def]
+        slow, make_gateway, loop_thread, policy: str) -> None:
+    # its only sign of life is its token counters (/metrics): the gateway reads them whatever its policy
+    gw = make_gateway(backends=(slow[0].url,), policy=policy, ttft_timeout_s=TTFT_S, busy_timeout_s=600,
+                      health_interval_s=0.2)
+    with httpx.Client(timeout=120) as http, steady(slow[0].url, http), \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:  # a client of the engine's own, not the gateway's
+        waiting = pool.submit(held, gw.url, "x" * 400)
+        wait_until(lambda: metric(gw.url, "kvmesh_gateway_busy_waits_total") >= 1, 60, "a busy window")
+        loop_thread.call(slow[0].release.set)
+        status, backend, lines = waiting.result()
+    assert (status, backend, lines[-1]) == (200, "backend-0", "data: [DONE]")
+    assert gw.pool.backends[0].breaker.trips == 0 and metric(gw.url, "kvmesh_gateway_retries_total") == 0
 
 
 def test_saturated_fleet_sheds_up_front_with_retry_after(slow, make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]

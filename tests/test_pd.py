@@ -146,7 +146,7 @@ def pd_gateway(make_gateway: Any, prefill: list[PdEngine], decode: list[PdEngine
     kw["pd"] = {"decision": "threshold", **kw.get("pd", {})}
     backends = [{"url": e.url, "role": "prefill"} for e in prefill] + [{"url": e.url, "role": "decode"}
                                                                           for e in decode]
-    return make_gateway(backends=tuple(backends), policy="round-robin", **{"health_interval_s": 300, **kw})
+    return make_gateway(backends=tuple(backends), **{"policy": "round-robin", "health_interval_s": 300, **kw})
 
 
 def metric(gw: Any, line: str) -> float:
@@ -329,9 +329,11 @@ def test_decode_failure_before_first_byte_retries_with_the_same_params(engines: 
 
 
 # -- client hang-up cancels both legs ---------------------------------------------------------------------
-def test_hangup_during_prefill_cancels_it(engines: Any, make_gateway: Any, loop_thread: LoopThread) -> None:
+@pytest.mark.parametrize("policy", ["round-robin", "kv-aware"])
+def test_hangup_during_prefill_cancels_it(engines: Any, make_gateway: Any, loop_thread: LoopThread,
+                                          policy: str) -> None:
     p, d = engines("hang", "ok")
-    gw = pd_gateway(make_gateway, [p], [d])
+    gw = pd_gateway(make_gateway, [p], [d], policy=policy)
 
     async def send_then_hang_up() -> None:
         async with httpx.AsyncClient(timeout=30) as c:
@@ -344,6 +346,9 @@ def test_hangup_during_prefill_cancels_it(engines: Any, make_gateway: Any, loop_
     asyncio.run(send_then_hang_up())
     wait_until(lambda: p.cancelled == 1, 10, "the prefill leg cancelled")
     assert not d.bodies
+    if policy == "kv-aware":  # the decode engine it was routed to carries nothing of it any more
+        ledger = gw.policy.scorer.ledger
+        assert loop_thread.call(lambda: (len(ledger.routed), sum(ledger.active.values()))) == (0, 0)
 
 
 def test_hangup_during_decode_closes_the_decode_leg(engines: Any, make_gateway: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 Evictable = Callable[[bytes], bool]
@@ -160,3 +161,19 @@ def make_policy(name: str, ttl_s: float | None = None) -> EvictionPolicy:
     if name == "ttl":
         return Ttl(ttl_s or 3600.0)
     raise ValueError(f"unknown eviction policy {name!r} (lru, s3fifo, ttl)")
+
+
+@dataclass(slots=True)
+class SeenCounter:
+    """How often each key was offered (the store's admission filter: store a chunk only from its Nth offer);
+    the oldest of at most ``cap`` keys are forgotten."""
+
+    counts: collections.OrderedDict[bytes, int] = field(default_factory=collections.OrderedDict)
+    cap: int = 1_000_000
+
+    def bump(self, key: bytes) -> int:
+        n = self.counts.pop(key, 0) + 1
+        self.counts[key] = n
+        if len(self.counts) > self.cap:
+            self.counts.popitem(last=False)
+        return n

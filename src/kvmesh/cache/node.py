@@ -29,7 +29,7 @@ from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.pool.pool import Pool
 from kvmesh.cache.remote import RemoteCache, make_remote
 from kvmesh.cache.stats import NodeStats
-from kvmesh.cache.store import SSD, TieredStore, TierListener
+from kvmesh.cache.store import SSD, DramObject, TieredStore, TierListener
 from kvmesh.config import CacheNodeConfig
 
 log = logging.getLogger(__name__)
@@ -197,19 +197,25 @@ class CacheNode:
         """Local tiers first; then the pool (fetched here, or planned for the client's direct read); then the
         remote tier."""
         st = self.store
-        objs = await st.lease(req.keys)
+
+        async def lease(keys: list[bytes]) -> list[DramObject]:
+            # on the connection at once: if a later step raises, closing the connection releases them
+            got = await st.lease(keys)
+            conn.lease(o.meta.key for o in got)
+            return got
+
+        objs = await lease(req.keys)
         plan: list[p.Fetch] = []
         if self.pool is not None and req.pool and len(objs) < len(req.keys):
             rest = req.keys[len(objs):]
             if req.fetch_size > 0:
                 plan = await self._plan_fetch(rest, req.fetch_size, req.tenant, conn)
             elif await self.pool.fetch_batch(rest):  # lands remote chunks in local DRAM
-                objs += await st.lease(rest)
+                objs += await lease(rest)
         if self.remote is not None and len(objs) < len(req.keys) and not plan:
             rest = req.keys[len(objs):]
             if await self.remote.fetch(rest):
-                objs += await st.lease(rest)
-        conn.lease(o.meta.key for o in objs)
+                objs += await lease(rest)
         return p.GetReply([p.Extent(o.offset, o.meta.size, o.meta.checksum) for o in objs], plan,
                           remote=self.remote is not None and bool(plan))
 

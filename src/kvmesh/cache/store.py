@@ -17,12 +17,12 @@ import logging
 import pathlib
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmesh.cache.arena import Arena, ExtentAllocator
 from kvmesh.cache.chunk import CorruptObject, ObjectMeta, checksum
-from kvmesh.cache.eviction import EvictionPolicy, make_policy
+from kvmesh.cache.eviction import EvictionPolicy, SeenCounter, make_policy
 from kvmesh.cache.keys import tenant_of
 from kvmesh.cache.metrics import CacheMetrics
 from kvmesh.cache.ssd import DiskFull, SsdStore
@@ -40,7 +40,7 @@ class DramObject:
     offset: int
     meta: ObjectMeta
     leases: int = 0
-    doomed: bool = False  # drop when the last lease goes (found corrupt)
+    doomed: bool = False  # no new leases; drop when the last lease goes (found corrupt, or expired while read)
     tenant: str = ""
 
 
@@ -57,24 +57,12 @@ class TierListener:
     removed: Callable[[str, bytes], None]
 
 
-@dataclass(slots=True)
-class _Seen:
-    counts: collections.OrderedDict[bytes, int] = field(default_factory=collections.OrderedDict)
-    cap: int = 1_000_000
-
-    def bump(self, key: bytes) -> int:
-        n = self.counts.pop(key, 0) + 1
-        self.counts[key] = n
-        if len(self.counts) > self.cap:
-            self.counts.popitem(last=False)
-        return n
-
-
 class TieredStore:
     """The node's tiers, sized by its config: ``arena_path`` and ``ssd_dir`` must be set (the node resolves
     unset paths first, :func:`kvmesh.cache.node.resolve_paths`); ``ssd_mib`` 0 means no SSD tier."""
 
-    def __init__(self, cfg: CacheNodeConfig, metrics: CacheMetrics, listener: TierListener | None = None) -> None:
+    def __init__(self, cfg: CacheNodeConfig, metrics: CacheMetrics, listener: TierListener | None = None,
+                 demote_backlog_bytes: int | None = None) -> None:
         if cfg.arena_path is None or (cfg.ssd_mib and cfg.ssd_dir is None):
             raise ValueError("the store needs arena_path (and ssd_dir with an SSD tier); resolve the config first")
         self.metrics = metrics
@@ -94,10 +82,19 @@ class TieredStore:
         self.dram_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
         self.ssd_policy: EvictionPolicy = make_policy(cfg.eviction, cfg.ttl_s)
         self.disk = SsdStore(pathlib.Path(cfg.ssd_dir)) if cfg.ssd_mib and cfg.ssd_dir else None
-        self._seen = _Seen()
+        self._seen = SeenCounter()
         self._busy_ssd: set[bytes] = set()  # being demoted or promoted
         self._demoting: dict[bytes, tuple[ObjectMeta, bytes]] = {}  # left DRAM, not yet on disk
+        # The write-behind copies live on the heap until on disk: a stalled SSD must not grow them without
+        # bound, so past this many bytes evicted chunks are dropped instead of demoted (counted).
+        self.demote_backlog_bytes = dram_bytes if demote_backlog_bytes is None else demote_backlog_bytes
+        self._demoting_bytes = 0
+        self.demote_dropped = 0
         self.tenant_bytes: collections.Counter[str] = collections.Counter()  # DRAM bytes by tenant
+        # reserved and not yet committed, by tenant: counted against its quota, or one batched reserve could
+        # take many times the quota (and evict other tenants' chunks to make the room)
+        self.tenant_reserved: collections.Counter[str] = collections.Counter()
+        self._writing_tenant: dict[bytes, str] = {}
         self.tenant_ssd_bytes: collections.Counter[str] = collections.Counter()  # SSD (disk) bytes by tenant
         self._bg: set[asyncio.Task[None]] = set()
 
@@ -120,7 +117,13 @@ class TieredStore:
 
     # ---- lookups -----------------------------------------------------------------------------------
     def holds(self, key: bytes) -> bool:
-        return key in self.dram or key in self.ssd
+        """In DRAM (even doomed), on SSD, or on its way to SSD."""
+        return key in self.dram or key in self.ssd or key in self._demoting
+
+    def _taken(self, key: bytes) -> bool:
+        """Held, being written, or being promoted: a second object under ``key`` would replace (and leak) the
+        one readers lease, so writes of such keys are refused."""
+        return self.holds(key) or key in self.writing or key in self._busy_ssd
 
     def count_prefix(self, keys: list[bytes]) -> int:
         n = 0
@@ -138,13 +141,15 @@ class TieredStore:
             t0 = time.perf_counter()
             o = self.dram.get(k)
             tier = DRAM
-            if o is None or o.doomed:
+            if o is None:
                 if k in self._demoting:
                     o = self._undemote(k)
                 else:
                     o = await self._promote(k) if k in self.ssd and k not in self._busy_ssd else None
                 tier = SSD
-            if o is None:
+            # A doomed object still sits under its key (readers hold it): a miss, never a reason to promote
+            # another copy over it.
+            if o is None or o.doomed:
                 self.metrics.misses.inc()
                 break
             o.leases += 1
@@ -180,7 +185,7 @@ class TieredStore:
     # ---- writes ------------------------------------------------------------------------------------
     def reserve(self, key: bytes, size: int, tenant: str = "") -> int:
         """Arena offset to write ``size`` bytes at; -1 when already held or being written, -2 when refused."""
-        if key in self.dram or key in self.writing or key in self.ssd:
+        if self._taken(key):
             return -1
         if self._seen.bump(key) < self.admit_after:
             self.metrics.not_admitted.inc()
@@ -192,16 +197,28 @@ class TieredStore:
         if off is None:
             self.metrics.refused.inc()
             return -2
-        self.writing[key] = (off, size)
+        self._reserved(key, off, size, tenant)
         self._export()
         return off
+
+    def _reserved(self, key: bytes, off: int, size: int, tenant: str) -> None:
+        self.writing[key] = (off, size)
+        self._writing_tenant[key] = tenant
+        self.tenant_reserved[tenant] += size
+
+    def _unreserved(self, key: bytes) -> tuple[int, int] | None:
+        """Forget ``key``'s reservation (committed or given up): its (offset, size), None if there was none."""
+        res = self.writing.pop(key, None)
+        if res is not None:
+            self.tenant_reserved[self._writing_tenant.pop(key, "")] -= res[1]
+        return res
 
     def _within_quota(self, tenant: str, size: int) -> bool:
         """Make room under ``tenant``'s quota by evicting its own chunks (never another tenant's)."""
         quota = self.dram_quotas.get(tenant)
         if quota is None:
             return True
-        while self.tenant_bytes[tenant] + size > quota:
+        while self.tenant_bytes[tenant] + self.tenant_reserved[tenant] + size > quota:
             victim = self.dram_policy.victim(
                 lambda k: (o := self.dram.get(k)) is not None and o.leases == 0 and o.tenant == tenant)
             if victim is None:
@@ -210,7 +227,7 @@ class TieredStore:
         return True
 
     def commit(self, meta: ObjectMeta) -> bool:
-        res = self.writing.pop(meta.key, None)
+        res = self._unreserved(meta.key)
         if res is None or res[1] != meta.size:
             return False
         o = self.dram[meta.key] = DramObject(res[0], meta, tenant=tenant_of(meta.salt))
@@ -223,23 +240,23 @@ class TieredStore:
         return True
 
     def abort(self, key: bytes) -> None:
-        res = self.writing.pop(key, None)
+        res = self._unreserved(key)
         if res is not None:
             self.alloc.free(*res)
 
     # ---- raw placement (chunks arriving from peers or remote tiers) --------------------------------------
     def reserve_raw(self, key: bytes, size: int, tenant: str = "") -> int | None:
         """Arena space for a chunk that will be written by this node itself; None if held or no room."""
-        if key in self.dram or key in self.writing or not self._within_quota(tenant, size):
+        if self._taken(key) or not self._within_quota(tenant, size):
             return None
         off = self._make_room(size)
         if off is not None:
-            self.writing[key] = (off, size)
+            self._reserved(key, off, size, tenant)
         return off
 
     def unreserve_raw(self, key: bytes, off: int, size: int) -> None:
         if self.writing.get(key) == (off, size):
-            del self.writing[key]
+            self._unreserved(key)
             self.alloc.free(off, size)
 
     def adopt(self, meta: ObjectMeta, off: int) -> bool:
@@ -292,10 +309,15 @@ class TieredStore:
     def _evict_dram(self, key: bytes) -> None:
         o = self.dram[key]
         demote = self.disk is not None and key not in self.ssd and key not in self._busy_ssd
+        if demote and self._demoting_bytes + o.meta.size > self.demote_backlog_bytes:
+            demote = False
+            self.demote_dropped += 1
+            self.metrics.errors.labels("demote_backlog_full").inc()
         if demote:
             data = bytes(self.arena.view[o.offset:o.offset + o.meta.size])  # copy out, then free at once
             self._busy_ssd.add(key)
             self._demoting[key] = (o.meta, data)
+            self._demoting_bytes += o.meta.size
             self._spawn(self._demote(o.meta, data))
         self.metrics.evictions.labels(DRAM).inc()
         # A demoted chunk's DRAM removal is announced once it is on SSD (stored-then-removed), so the KV
@@ -327,7 +349,8 @@ class TieredStore:
             return
         finally:
             self._busy_ssd.discard(meta.key)
-            self._demoting.pop(meta.key, None)
+            if self._demoting.pop(meta.key, None) is not None:
+                self._demoting_bytes -= meta.size
         self.ssd[meta.key] = SsdObject(nbytes, meta)
         self.ssd_used += nbytes
         self.tenant_ssd_bytes[tenant_of(meta.salt)] += nbytes
@@ -409,11 +432,15 @@ class TieredStore:
         finally:
             out.release()
         self._busy_ssd.discard(key)
+        self.ssd_policy.accessed(key)
+        if (o := self.dram.get(key)) is not None:
+            # The key reached DRAM another way meanwhile: keep that object (readers may hold it).
+            self.alloc.free(off, s.meta.size)
+            return None if o.doomed else o
         o = DramObject(off, meta, tenant=tenant_of(meta.salt))
         self.dram[key] = o
         self.tenant_bytes[o.tenant] += meta.size
         self.dram_policy.inserted(key)
-        self.ssd_policy.accessed(key)
         if self.listener:
             self.listener.stored(DRAM, meta)
         return o
@@ -437,9 +464,13 @@ class TieredStore:
         """Drop objects whose TTL ran out (a no-op for other policies)."""
         for k in self.dram_policy.expired(now):
             o = self.dram.get(k)
-            if o is not None and o.leases == 0:
-                self.dram_policy.inserted(k)  # _drop_dram forgets it again
-                self._drop_dram(k)
+            if o is None:
+                continue
+            if o.leases:
+                o.doomed = True  # the policy forgot it: the last release drops it
+                continue
+            self.dram_policy.inserted(k)  # _drop_dram forgets it again
+            self._drop_dram(k)
         for k in self.ssd_policy.expired(now):
             self.ssd_policy.inserted(k)
             await self._drop_ssd(k)

@@ -55,8 +55,9 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.policy = policy or make_policy(cfg.policy, cfg=cfg.routing, registry=self.metrics.registry)
         self.tokens = TokenStage(cfg.tokenizer, self.metrics) if self.policy.needs_tokens else None
-        self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed,
-                                scrape_metrics=self.policy.needs_tokens)
+        # every policy: the engines' counters tell busy from hung (a first-token wait on an engine whose
+        # other work the gateway does not relay), and the autoscaler reads their queues
+        self.pool = BackendPool(cfg.health_interval_s, on_health=self._health_changed, scrape_metrics=True)
         for i, spec in enumerate(cfg.backends):
             self.pool.add(spec.name or f"backend-{i}", spec.url, spec.kv_events, spec.replay, spec.role)
         if cfg.forward_token_ids and self.tokens is not None and self.tokens.tokenizer is not None:
@@ -167,7 +168,7 @@ class Gateway:
         """Re-read the tenants file (keys, limits); raises ``ValueError`` and keeps the old set on error.
         Returns what changed (``tenants.<name>``)."""
         new = Tenants(load_tenants(pathlib.Path(self.cfg.tenants_file) if self.cfg.tenants_file else None))
-        changed, self.tenants = changed_tenants(self.tenants, new), new
+        changed, self.tenants = changed_tenants(self.tenants, new), new.keep_live_state(self.tenants)
         return changed
 
     async def stop(self) -> None:

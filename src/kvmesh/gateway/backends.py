@@ -66,9 +66,19 @@ class CircuitBreaker:
             return True
         return not self.probing and now - self.opened_at >= self.cooldown_s
 
-    def routed(self) -> None:
+    def routed(self) -> bool:
+        """A request is sent: True when it is the half-open probe (no other until it resolves)."""
         if self.state != "closed":
-            self.probing = True  # this request is the half-open probe; no other until it resolves
+            self.probing = True
+            return True
+        return False
+
+    def probe_ended(self, probe: bool) -> None:
+        """The request :meth:`routed` was called for has ended.  A probe that neither succeeded nor failed
+        (the client went away, the engine was busy, a timeout) gives its slot back: the breaker stays open
+        and the next request probes.  (Else the slot stayed taken and the backend out of rotation for good.)"""
+        if probe and self.probing:
+            self.probing = False
 
     def failed(self, now: float) -> None:
         if self.state == "closed":

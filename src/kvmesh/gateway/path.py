@@ -43,6 +43,15 @@ if TYPE_CHECKING:
 _json = msgspec.json.Encoder()
 
 
+def _used(req: ProxyRequest) -> int | None:
+    """Tokens to charge a request that ended: what it used; 0 when nothing was served (refused, shed, timed
+    out, no backend, busy, or the client left before any answer: else a tenant's own 503s under overload
+    drain its token budget into 429s); None (keep the up-front charge) for an answer with no usage."""
+    if req.used_tokens is None and not req.answered and not req.chunks:
+        return 0
+    return req.used_tokens
+
+
 def admission_cost(endpoint: str, payload: dict[str, object]) -> int:
     """Tokens a request is charged on admission: prompt estimate + requested output."""
     out = payload.get("max_tokens") or payload.get("max_completion_tokens") or 16
@@ -69,6 +78,7 @@ class RequestPath:
             async with self.admitted(req):
                 await self.tokenise(req)
                 resp = await self.dispatch(req)
+                req.answered = True
             status = str(resp.status)
             return resp
         except ApiError as e:
@@ -124,11 +134,11 @@ class RequestPath:
             try:
                 yield
             finally:
-                used = req.used_tokens
+                used = _used(req)
                 gw.admission.release(req.tenant_name, (used - req.cost) if used is not None else 0)
         finally:
             if t is not None:
-                gw.tenants.release(t, req.charged, req.used_tokens)
+                gw.tenants.release(t, req.charged, _used(req))
 
     # 4 ------------------------------------------------------------------------------------------------
     async def tokenise(self, req: ProxyRequest) -> None:
@@ -161,7 +171,11 @@ class RequestPath:
             tried.add(d.backend.name)
             if remote is None:
                 order.prioritise(self.gw, req, d)  # before P/D: both legs carry the engine priority
-                remote = await pd.prefill_stage(self.gw, req, d)
+                try:
+                    remote = await pd.prefill_stage(self.gw, req, d)
+                except BaseException:  # e.g. the client left during the prefill leg: routed, never forwarded
+                    self.gw.policy.on_finished(req.route, d, 0.0, 0)  # once per on_routed (the policy's ledger)
+                    raise
             elif remote:
                 pd.decode_retry(self.gw, d)
             resp = await self.forward(req, d)
@@ -202,7 +216,7 @@ class RequestPath:
         prefill = d.prefill_tokens if d.prefill_tokens is not None else req.route.prompt_tokens_estimate
         done_before = b.prefilled_tokens
         b.pending_prefill_tokens += prefill
-        self._enter(b)
+        probe = self._enter(b)
 
         def first_byte() -> None:
             nonlocal prefill
@@ -231,7 +245,7 @@ class RequestPath:
         finally:
             if prefill >= 0:
                 b.pending_prefill_tokens -= prefill
-            self._leave(b)
+            self._leave(b, probe)
             # decode time and tokens of a stream (SSE events less [DONE]); 0 tokens: nothing to learn from
             gw.policy.on_finished(req.route, d, time.perf_counter() - req.t_first if req.chunks else 0.0,
                                   max(req.chunks - 1, 0))
@@ -265,11 +279,17 @@ class RequestPath:
         except TimeoutError:
             gw.metrics.errors.labels("upstream_timeout").inc()
             raise ApiError(504, f"backend {b.name} did not answer in time") from None
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as e:
+            # Headers came, then the engine died before its first chunk: the client has seen nothing, retry.
+            self.bypass(b, "upstream_broken", f"broken before the first chunk: {type(e).__name__}")
+            return None
         b.progressed()
         async with upstream:
             if req.stream and upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
-                resp = await relay_stream(req, upstream, b, gw.metrics, first)
-                req.used_tokens = req.route.prompt_tokens_estimate + max(req.chunks - 1, 0)
+                try:
+                    resp = await relay_stream(req, upstream, b, gw.metrics, first)
+                finally:  # also when the client hangs up mid-stream: what the engine did for it so far
+                    req.used_tokens = req.route.prompt_tokens_estimate + max(req.chunks - 1, 0)
             else:
                 try:
                     resp = await relay_whole(upstream, b, req)
@@ -312,9 +332,9 @@ class RequestPath:
             if upstream.headers.get("Content-Type", "").startswith("text/event-stream"):
                 first = await upstream.content.readany()
             return upstream, first
-        except asyncio.CancelledError:
+        except BaseException:
             if upstream is not None:
-                upstream.close()  # gave up on it: vLLM aborts the request
+                upstream.close()  # gave up on it (or it broke): vLLM aborts the request
             raise
 
     def bypass(self, b: Backend, kind: str, reason: str, poke: bool = True) -> None:
@@ -332,13 +352,14 @@ class RequestPath:
         if poke:
             gw.pool.poke()
 
-    def _enter(self, b: Backend) -> None:
-        b.breaker.routed()
+    def _enter(self, b: Backend) -> bool:
         b.in_flight += 1
         self.active += 1
         self.idle.clear()
+        return b.breaker.routed()
 
-    def _leave(self, b: Backend) -> None:
+    def _leave(self, b: Backend, probe: bool) -> None:
+        b.breaker.probe_ended(probe)
         b.in_flight -= 1
         self.active -= 1
         if not self.active:

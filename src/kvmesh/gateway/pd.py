@@ -125,11 +125,12 @@ async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: flo
     queued = b.pending_prefill_tokens
     b.pending_prefill_tokens += ctx.prompt_tokens_estimate
     b.in_flight += 1
-    b.breaker.routed()
+    probe = b.breaker.routed()
     t0 = time.perf_counter()
     try:
         status, raw = await _post(gw, req, b, timeout_s)
     finally:
+        b.breaker.probe_ended(probe)  # a busy or cancelled leg neither closes nor reopens it
         b.pending_prefill_tokens -= ctx.prompt_tokens_estimate
         b.in_flight -= 1
         gw.policy.on_finished(ctx, d, 0.0, 0)

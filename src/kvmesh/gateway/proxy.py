@@ -25,7 +25,11 @@ from kvmesh.gateway.request import ProxyRequest
 log = logging.getLogger(__name__)
 
 # Errors that mean the request never reached a live engine: safe to send elsewhere.
-CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# ConnectionTimeoutError: no TCP connection within connect_timeout_s (an address that blackholes SYNs: a
+# node gone) — a TimeoutError too, which read as a slow answer (504, no retry).  ClientConnectionResetError:
+# the request could not be written (a pooled keep-alive connection the engine had closed).
+CONNECT_ERRORS = (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError,
+                  aiohttp.ConnectionTimeoutError, aiohttp.ClientConnectionResetError)
 _PASS_HEADERS = ("authorization", "x-request-id")
 
 

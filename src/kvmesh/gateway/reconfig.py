@@ -39,7 +39,7 @@ def reconfigure(gw: Gateway, new: GatewayConfig) -> dict[str, Any]:
     changed = [f for f in GatewayConfig.model_fields if getattr(merged, f) != getattr(old, f)]
     if "tenants_file" in changed:
         path = pathlib.Path(merged.tenants_file) if merged.tenants_file else None
-        gw.tenants = Tenants(load_tenants(path))  # ValueError: raised before anything is applied
+        gw.tenants = Tenants(load_tenants(path)).keep_live_state(gw.tenants)  # ValueError: before anything applies
     gw.cfg = merged
     adm = gw.admission
     adm.max_queue, adm.queue_timeout_s = merged.max_queue, merged.queue_timeout_s

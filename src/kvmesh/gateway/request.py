@@ -39,6 +39,7 @@ class ProxyRequest:
     t_first: float = 0.0                 # first byte relayed to the client
     chunks: int = 0                      # SSE events relayed
     used_tokens: int | None = None       # prompt + completion tokens, as the engine reported or we counted
+    answered: bool = False               # an answer (of any status) was relayed; False: an error of the gateway's
     priority: int | None = None          # the engine priority kvmesh.gateway.order gave it (None: none)
     on_first: Callable[[], None] | None = None  # called once when the backend's first byte arrives
     rest_keys: Callable[[], Sequence[int] | None] | None = None  # tokenised lazily: computes the whole key chain

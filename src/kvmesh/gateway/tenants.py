@@ -143,6 +143,23 @@ class Tenants:
     def enabled(self) -> bool:
         return bool(self.tenants)
 
+    def keep_live_state(self, old: Tenants) -> Tenants:
+        """A reload: a tenant present before keeps its object — its in-flight count (the requests running
+        now release against it) and its buckets' levels — with the new settings applied; else a reload would
+        let ``max_concurrent`` be exceeded and refill every rate limit.  Returns ``self``."""
+        for name, new in self.tenants.items():
+            kept = old.tenants.get(name)
+            if kept is None:
+                continue
+            kept.cfg, kept.salt = new.cfg, new.salt
+            kept.requests = _carry(kept.requests, new.requests)
+            kept.tokens = _carry(kept.tokens, new.tokens)
+            self.tenants[name] = kept
+            for h, t in self.by_hash.items():
+                if t is new:
+                    self.by_hash[h] = kept
+        return self
+
     def authenticate(self, authorization: str | None) -> Tenant | None:
         """The caller's tenant; None when auth is off.  Raises a 401 :class:`ApiError`."""
         if not self.enabled:
@@ -184,6 +201,15 @@ class Tenants:
         t.in_flight -= 1
         if t.tokens is not None and used is not None:
             t.tokens.level += charged - used
+
+
+def _carry(old: Bucket | None, new: Bucket | None) -> Bucket | None:
+    """``new``'s settings with ``old``'s level (at most the new size) where both exist."""
+    if old is None or new is None:
+        return new
+    old.refill(time.monotonic())
+    new.level, new.at = min(old.level, new.size), old.at
+    return new
 
 
 def load_tenants(path: pathlib.Path | None) -> TenantsFile:

@@ -146,6 +146,12 @@ class Pool:
                 if m.client:
                     m.client.close()
         for nid, (h, p) in peers.items():
+            old = self.members.get(nid)
+            if old is not None and (old.host, old.port) != (h, p):
+                # back under the same id at a new address (a restarted pod): the old one is unreachable
+                self.members.pop(nid)
+                if old.client:
+                    old.client.close()
             if nid != self.node_id and nid not in self.members:
                 self.members[nid] = Member(nid, h, p)
         self._rebuild()  # departures leave the ring now; arrivals join once a health check reaches them
@@ -261,8 +267,9 @@ class Pool:
         return m is not None and m.alive
 
     async def _ask_has(self, nid: str, keys: list[bytes]) -> list[bool] | None:
-        m = self.members[nid]
-        assert m.client is not None
+        m = self.members.get(nid)  # set_members may have removed it since it was chosen
+        if m is None or m.client is None:
+            return None
         try:
             r = await m.client.call(PHas(keys))
         except PeerError:
@@ -274,7 +281,7 @@ class Pool:
         """Copy the longest remotely held prefix of ``keys`` into the local DRAM tier; returns its length."""
         got = 0
         for k in keys:
-            if k in self.store.dram:
+            if self.store.holds(k):  # on SSD too: the lease after promotes it (the store refuses a 2nd copy)
                 got += 1
                 continue
             if not await self._fetch_one(k):
@@ -293,7 +300,7 @@ class Pool:
 
     async def fetch_batch(self, keys: list[bytes]) -> int:
         """Like :meth:`fetch`, one pipelined request per owner (the batch path for long prefixes)."""
-        todo = [k for k in keys if k not in self.store.dram]
+        todo = [k for k in keys if not self.store.holds(k)]
         by_node: dict[str, list[bytes]] = {}
         for k in todo:
             own = [n for n in self.owners(k) if n != self.node_id and self._alive(n)]
@@ -303,8 +310,9 @@ class Pool:
         return await self.fetch(keys)  # whatever the first owners missed: replicas, one by one
 
     async def _fetch_from(self, nid: str, keys: list[bytes]) -> int:
-        m = self.members[nid]
-        assert m.client is not None
+        m = self.members.get(nid)  # set_members may have removed it since it was chosen
+        if m is None or m.client is None:
+            return 0
         landed: list[tuple[ObjectMeta, int]] = []
 
         def sink(meta: ObjectMeta) -> memoryview | None:
