@@ -183,3 +183,82 @@ def test_replay_with_a_hole_is_incomplete_unless_it_restarts_fresh(tmp_path: pat
 
     holed, fresh = asyncio.run(scenario())
     assert holed is False and fresh is True
+
+
+def _walk(idx: KvIndex, name: str) -> list[int]:
+    counts = [0, 0, 0]
+    for _, tiers in idx.engines[name].hashes.values():
+        for t in range(3):
+            counts[t] += tiers >> t & 1
+    return counts
+
+
+def test_events_the_index_cannot_key_are_skipped_and_teach_it_nothing() -> None:
+    idx = KvIndex("m")
+    toks = list(range(8))
+    # vLLM's offloading connector's placeholder store (no block size, no tokens), another KV-cache group's
+    # store (hybrid models), a medium the index does not track: none keys anything, none sets the block size
+    idx.apply("a", batch(BlockStored(block_hashes=[5], parent_block_hash=None, token_ids=[], block_size=0,
+                                     medium="CPU"),
+                         BlockStored(block_hashes=[6, 7], parent_block_hash=None, token_ids=toks, block_size=BS,
+                                     group_idx=1),
+                         stored([8], None, toks[:4], medium="NVME")))
+    assert idx.block_size is None and idx.size() == 0 and idx.engines["a"].skipped == 3
+    idx.apply("a", batch(stored([1, 2], None, toks), stored([3], 2, [9, 9, 9, 9], medium="cpu")))  # lower case
+    m = idx.match(block_keys([*toks, 9, 9, 9, 9], BS, idx.seed), ["a"])[0]
+    assert idx.block_size == BS and (m.gpu, m.cpu) == (2, 1)
+    idx.apply("a", batch(BlockRemoved(block_hashes=[1, 2], group_idx=1)))  # another group's removal
+    assert idx.match(block_keys(toks, BS, idx.seed), ["a"])[0].gpu == 2
+
+
+def test_a_hash_stored_again_keeps_its_key_and_its_removal_leaves_nothing() -> None:
+    idx = KvIndex("m")
+    idx.apply("a", batch(stored([1, 2], None, list(range(8)))))
+    idx.apply("a", batch(stored([2], 1, [7, 7, 7, 7], medium="CPU")))  # the same hash, other content
+    idx.apply("a", batch(BlockRemoved(block_hashes=[1, 2]), BlockRemoved(block_hashes=[2], medium="CPU")))
+    assert idx.size() == 0 and not idx.engines["a"].hashes
+
+
+def test_per_tier_counts_follow_every_change() -> None:
+    idx = KvIndex("m", max_blocks_per_engine=6)
+    toks = list(range(40))
+    idx.apply("a", batch(stored(list(range(1, 6)), None, toks[:20])))
+    idx.apply("a", batch(stored([3, 4], 2, toks[8:16], medium="CPU"), stored([11], None, toks[20:24], "STORAGE")))
+    assert idx.engines["a"].counts == _walk(idx, "a") == [5, 2, 1]
+    idx.apply("a", batch(BlockRemoved(block_hashes=[4], medium="CPU"), BlockRemoved(block_hashes=[5, 99])))
+    assert idx.engines["a"].counts == _walk(idx, "a")
+    idx.clear_tiers("a", 0b010)
+    assert idx.engines["a"].counts == _walk(idx, "a")
+    idx.apply("a", batch(stored([21, 22, 23], None, toks[24:36])))  # over 6: the oldest tenth is shed
+    assert idx.engines["a"].counts == _walk(idx, "a")
+    idx.clear_engine("a")
+    assert idx.engines["a"].counts == [0, 0, 0]
+
+
+def test_the_salt_is_not_the_lora_name() -> None:
+    idx = KvIndex("m")
+    ev = BlockStored(block_hashes=[1], parent_block_hash=None, token_ids=[1, 2, 3, 4], block_size=BS,
+                     lora_name="adapter", extra_keys=[("adapter",)])
+    idx.apply("a", batch(ev))
+    assert idx.match(block_keys([1, 2, 3, 4], BS, idx.seed), ["a"])[0].gpu == 1  # no salt: the plain chain
+
+
+def test_an_engine_reset_or_restart_keeps_what_its_cache_node_holds_for_it() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from kvmesh.index.subscriber import EventSubscriber, IndexMetrics
+
+    idx = KvIndex("m")
+    toks = list(range(8))
+    keys = block_keys(toks, BS, idx.seed)
+    sub = EventSubscriber(idx, "a", "tcp://127.0.0.1:9", IndexMetrics(CollectorRegistry()))
+    sub._apply(0, encode_batch(batch(stored([1, 2], None, toks))))
+    idx.apply("a", batch(stored([31, 32], None, toks, medium="CPU")))  # the node's feed, credited to "a"
+    sub._apply(1, encode_batch(batch(AllBlocksCleared())))  # vLLM reset its prefix cache
+    m = idx.match(keys, ["a"])[0]
+    assert (m.gpu, m.cpu) == (0, 2)
+    sub._apply(2, encode_batch(batch(stored([1, 2], None, toks))))
+    sub.last_seq = 5
+    sub._drop()  # a restart or an unrepaired gap
+    m = idx.match(keys, ["a"])[0]
+    assert (m.gpu, m.cpu) == (0, 2)

@@ -145,7 +145,8 @@ class RequestPath:
         gw, ctx = self.gw, req.route
         if gw.tokens is None:  # the policy does not read tokens
             return
-        spec = gw.policy.key_spec(req.tenant.salt if req.tenant else None)
+        salt = req.payload.get("cache_salt")  # the tenant's (parse set it), or the client's own without tenants
+        spec = gw.policy.key_spec(salt if isinstance(salt, str) else None)
         bs, seed = spec if spec is not None else (None, 0)
         # tokenise once: a text completion goes to the engine as the ids computed here (whole, not lazily)
         p = req.payload

@@ -40,7 +40,14 @@ from kvmesh.index.hashing import BlockKey, block_keys, chain_key, root_seed, sal
 log = logging.getLogger(__name__)
 TIERS = (MEDIUM_GPU, MEDIUM_CPU, MEDIUM_STORAGE)
 _TIER_OF = {MEDIUM_GPU: 0, None: 0, MEDIUM_CPU: 1, MEDIUM_STORAGE: 2}
+GPU_TIER = 0b001     # what an engine's own prefix cache holds: gone when the engine restarts or resets
 LOWER_TIERS = 0b110  # CPU | STORAGE: what cache nodes publish
+
+
+def _tier(medium: str | None) -> int | None:
+    """An event's tier (no medium: GPU), whatever its case (some connectors send "cpu"); None for a medium
+    the index does not track."""
+    return _TIER_OF.get(medium.upper() if medium else None)
 
 
 @dataclass(slots=True)
@@ -66,6 +73,8 @@ class EngineEntry:
     events: int = 0
     orphans: int = 0
     clears: int = 0
+    skipped: int = 0  # events the index cannot use (placeholders, other KV-cache groups, unknown media)
+    counts: list[int] = field(default_factory=lambda: [0, 0, 0])  # blocks held per tier (metrics, O(1))
 
 
 def _salt_of(ev: BlockStored) -> str | None:
@@ -73,6 +82,8 @@ def _salt_of(ev: BlockStored) -> str | None:
     if not ev.extra_keys or not ev.extra_keys[0]:
         return None
     strs = [x for x in ev.extra_keys[0] if isinstance(x, str)]
+    if ev.lora_name and strs and strs[0] == ev.lora_name:  # the LoRA name comes first: not a salt
+        strs = strs[1:]
     return strs[-1] if strs else None
 
 
@@ -131,6 +142,7 @@ class KvIndex:
             self._clear_bits(key, tiers, mask)
         n = len(e.hashes)
         e.hashes.clear()
+        e.counts = [0, 0, 0]
         e.clears += 1
         return n
 
@@ -170,6 +182,7 @@ class KvIndex:
             if not gone:
                 continue
             self._clear_bits(key, gone, mask)
+            _count(e, gone, -1)
             n += 1
             if held & ~tiers:
                 e.hashes[h] = (key, held & ~tiers)
@@ -203,7 +216,13 @@ class KvIndex:
         return n
 
     def _stored(self, e: EngineEntry, ev: BlockStored) -> int:
-        bs = ev.block_size
+        bs, n, t = ev.block_size, len(ev.block_hashes), _tier(ev.medium)
+        # Not keyable: a placeholder store (vLLM's offloading sends block_size 0, no tokens), a KV-cache group
+        # other than the first (hybrid models: its hashes skip masked blocks), a medium not tracked.  Such an
+        # event must not teach the index its block size either (0 would end every key computation).
+        if bs <= 0 or not n or len(ev.token_ids) <= bs * (n - 1) or (ev.group_idx or 0) != 0 or t is None:
+            e.skipped += 1
+            return 0
         if self.block_size is None:
             self.block_size = bs
         elif bs != self.block_size:
@@ -217,15 +236,19 @@ class KvIndex:
                 e.orphans += 1
                 return 0
             parent = known[0]
-        tier_bit = 1 << _TIER_OF.get(ev.medium, 0)
-        t = _TIER_OF.get(ev.medium, 0)
-        bit = 1 << e.bit
-        d = self.tiers[t]
+        tier_bit, bit, d = 1 << t, 1 << e.bit, self.tiers[t]
         keys = self._keys(ev, parent, bs)
         hashes = e.hashes
         for h, key in zip(ev.block_hashes, keys, strict=True):
             old = hashes.get(h)
-            hashes[h] = (key, old[1] | tier_bit) if old else (key, tier_bit)
+            if old is None:
+                hashes[h] = (key, tier_bit)
+                e.counts[t] += 1
+            else:  # a hash keeps the key it was stored under first, or its removal would leave one behind
+                key = old[0]
+                if not old[1] & tier_bit:
+                    hashes[h] = (key, old[1] | tier_bit)
+                    e.counts[t] += 1
             d[key] = d.get(key, 0) | bit
         self.blocks_stored += len(ev.block_hashes)
         if len(e.hashes) > self.max_blocks_per_engine:
@@ -245,7 +268,10 @@ class KvIndex:
         return keys
 
     def _removed(self, e: EngineEntry, ev: BlockRemoved) -> int:
-        t = _TIER_OF.get(ev.medium, 0)
+        t = _tier(ev.medium)
+        if t is None or (ev.group_idx or 0) != 0:
+            e.skipped += 1
+            return 0
         mask = ~(1 << e.bit)
         n = 0
         for h in ev.block_hashes:
@@ -253,6 +279,8 @@ class KvIndex:
             if entry is None:
                 continue
             key, tiers = entry
+            if tiers >> t & 1:
+                e.counts[t] -= 1
             self._clear_bits(key, 1 << t, mask)
             rest = tiers & ~(1 << t)
             if rest:
@@ -270,6 +298,7 @@ class KvIndex:
         for h in list(e.hashes)[:drop]:
             key, tiers = e.hashes.pop(h)
             self._clear_bits(key, tiers, mask)
+            _count(e, tiers, -1)
 
     # ---- speculative entries ---------------------------------------------------------------------
     def add_pending(self, name: str, keys: Sequence[int], ttl_s: float | None = None) -> None:
@@ -367,3 +396,9 @@ class KvIndex:
 
     def size(self) -> int:
         return sum(len(d) for d in self.tiers)
+
+
+def _count(e: EngineEntry, tiers: int, delta: int) -> None:
+    for t in range(3):
+        if tiers >> t & 1:
+            e.counts[t] += delta

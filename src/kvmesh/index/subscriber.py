@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvmesh.index.events import AllBlocksCleared, EventBatch, EventDecodeError, decode_batch
-from kvmesh.index.index import LOWER_TIERS, TIERS, KvIndex
+from kvmesh.index.index import GPU_TIER, LOWER_TIERS, TIERS, KvIndex
 
 log = logging.getLogger(__name__)
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -85,10 +85,17 @@ class EventSubscriber:
         self.index.engine(self.engine).last_seq = seq
 
     def _drop(self) -> int:
-        return self.index.clear_engine(self.engine)
+        # The engine's own cache only: what its cache node holds for it is the node's to clear (the node's
+        # feed never re-announces it; an engine restart would lose its node hits for good).
+        return self.index.clear_tiers(self.engine, GPU_TIER)
 
     def _apply_batch(self, batch: EventBatch) -> int:
-        return self.index.apply(self.engine, batch)
+        evs = batch.events
+        cleared = [i for i, ev in enumerate(evs) if isinstance(ev, AllBlocksCleared)]
+        if not cleared:
+            return self.index.apply(self.engine, batch)
+        n = self._drop()  # vLLM reset its prefix cache: the GPU tier only, as above
+        return n + self.index.apply(self.engine, EventBatch(batch.ts, evs[cleared[-1] + 1:], batch.data_parallel_rank))
 
     async def _handle(self, seq: int, payload: bytes) -> None:
         last = self.last_seq
@@ -116,7 +123,12 @@ class EventSubscriber:
             self.metrics.errors.labels(self.engine).inc()
             log.warning("%s: %s", self.engine, err)
             return
-        n = self._apply_batch(batch)
+        try:
+            n = self._apply_batch(batch)
+        except Exception:  # one bad batch must not end this engine's feed (and switch its routing off)
+            self.metrics.errors.labels(self.engine).inc()
+            log.exception("%s: KV event batch %d not applied; dropping what the index held", self.engine, seq)
+            n = self._drop()
         self.last_seq = seq
         self.metrics.batches.labels(self.engine).inc()
         self.metrics.blocks.labels(self.engine).inc(n)
@@ -204,7 +216,7 @@ class NodeSubscriber(EventSubscriber):
 
 
 class IndexCollector(Collector):
-    """Index size per engine and tier, read at scrape time (no bookkeeping on the hot path)."""
+    """Index size per engine and tier (per-engine counters kept as events apply)."""
 
     def __init__(self, index: KvIndex) -> None:
         self.index = index
@@ -212,13 +224,9 @@ class IndexCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         blocks = GaugeMetricFamily("kvmesh_index_blocks", "Blocks the index holds per engine and tier",
                                    labels=["engine", "medium"])
-        for name, e in self.index.engines.items():
-            counts = [0, 0, 0]
-            for _, tiers in e.hashes.values():
-                for t in range(3):
-                    counts[t] += tiers >> t & 1
+        for name, e in self.index.engines.items():  # counted as events apply: a scrape walks no entries
             for t, medium in enumerate(TIERS):
-                blocks.add_metric([name, medium], counts[t])
+                blocks.add_metric([name, medium], e.counts[t])
         yield blocks
         yield GaugeMetricFamily("kvmesh_index_keys", "Distinct block keys in the index (all tiers)",
                                 value=self.index.size())
