@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import kubernetes_validate
+import pytest
+
 from kvmesh.k8s.api import ModelService
 from kvmesh.k8s.reconcile import Observed, ObservedPod, ObservedWorkload, Result, Settings, reconcile, rfc3339
+from kvmesh.sim.server import DRAIN_S as SIM_DRAIN_S
 
 T0 = 1_700_000_000.0
 BASE: dict[str, Any] = {"model": {"name": "m", "source": "pvc://models/m"}, "roles": {"aggregated": {"replicas": 2}}}
@@ -131,6 +135,33 @@ def test_scaling_groups_down_deletes_the_extra_groups() -> None:
     spec = {**GROUPED, "roles": {"aggregated": {"replicas": 1}}}
     r = reconcile(ms(spec), obs, T0 + 10, CFG)
     assert ("StatefulSet", "m-engine-g1") in r.delete and sts(r) == ["m-engine-g0"]
+
+
+def _flag(args: list[str], name: str) -> int:
+    return int(args[args.index(name) + 1])
+
+
+@pytest.mark.parametrize("spec", [BASE, GROUPED, {**BASE, "engine": {"kind": "sim", "gpus": 0}}],
+                         ids=["vllm", "vllm-group", "sim"])
+def test_engine_pods_drain_in_flight_requests_on_termination(spec: dict[str, Any]) -> None:
+    # scale-in/rollout: preStop sleeps while gateways see the endpoint terminate, then SIGTERM makes vLLM drain
+    # (--shutdown-timeout; its default 0 aborts every stream) — all within the pod's grace period
+    r = reconcile(ms(spec), Observed(), T0, CFG)
+    workload = next(o for o in r.apply if o["kind"] in ("Deployment", "StatefulSet") and "-engine" in
+                    o["metadata"]["name"])
+    for version in ("1.29.0", "1.37.0"):  # oldest and newest supported, as in test_k8s_schema
+        kubernetes_validate.validate(workload, version, strict=True)
+    pod = workload["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    sleep = c["lifecycle"]["preStop"]["exec"]["command"]
+    assert sleep[0] == "sleep" and int(sleep[1]) >= 1
+    if spec.get("engine", {}).get("kind") == "sim":
+        drain = SIM_DRAIN_S
+        assert "--shutdown-timeout" not in c["args"]  # not a flag of the simulated engine: it drains by itself
+    else:
+        drain = _flag(c["args"], "--shutdown-timeout")
+        assert drain > 0
+    assert pod["terminationGracePeriodSeconds"] > int(sleep[1]) + drain
 
 
 def test_status_times_are_rfc3339() -> None:

@@ -10,6 +10,13 @@ Engines share the machine's cache node through two hostPath directories: the nod
 and its shared-memory arena (``/dev/shm``, on the host's tmpfs).  An ``emptyDir`` of medium Memory cannot do
 it — it is private to one pod — so emptyDir (with a size limit) holds only what stays inside a pod: vLLM's
 own ``/dev/shm`` when no cache node is attached, and the scratch directory.
+
+Shutdown (scale-in, rollout, eviction): the kubelet marks the pod terminating — the gateways' EndpointSlice
+discovery then sends it no new requests — and runs the engine's preStop hook, ``sleep PRESTOP_S``, so that
+the endpoint's removal reaches every gateway before the engine stops accepting work; only then is SIGTERM
+sent.  vLLM drains on SIGTERM for up to ``--shutdown-timeout`` (its default, 0, aborts every in-flight
+request at once), and the simulated engine drains by itself.  preStop + drain stay below the pod's
+``terminationGracePeriodSeconds``, which the kubelet counts from the start of preStop and ends with SIGKILL.
 """
 
 from __future__ import annotations
@@ -23,6 +30,9 @@ from kvmesh.k8s.api import ModelService
 
 Obj = dict[str, Any]
 LEADER_PORT = 29500
+PRESTOP_S = 5  # preStop sleep: lets the endpoint's removal reach the gateways before SIGTERM
+DRAIN_S = 45  # vLLM --shutdown-timeout: how long in-flight requests may run on after SIGTERM
+GRACE_S = 60  # terminationGracePeriodSeconds: > PRESTOP_S + DRAIN_S, leaving time for vLLM's own teardown
 
 
 def _env(name: str, path: str) -> Obj:
@@ -56,7 +66,7 @@ def vllm_args(ms: ModelService, group_size: int, group_svc: str | None) -> list[
     s = ms.spec
     args = ["--model", model_path(s.model.source), "--served-model-name", s.model.name, "--host", "0.0.0.0",
             "--port", str(n.ENGINE_PORT), "--enable-prefix-caching", "--enable-prompt-tokens-details",
-            "--tensor-parallel-size", str(s.engine.tensor_parallel_size)]
+            "--tensor-parallel-size", str(s.engine.tensor_parallel_size), "--shutdown-timeout", str(DRAIN_S)]
     if s.engine.max_model_len:
         args += ["--max-model-len", str(s.engine.max_model_len)]
     events = {"enable_kv_cache_events": True, "publisher": "zmq", "topic": "kv-events",
@@ -86,6 +96,12 @@ def _resources(ms: ModelService) -> Obj:
     return {k: v for k, v in (("requests", req), ("limits", lim)) if v}
 
 
+def _lifecycle() -> Obj:
+    # ``exec`` rather than Kubernetes' own ``preStop.sleep``, which is alpha (off by default) on 1.29, the oldest
+    # version supported; both engine images (vLLM's, and kvmesh's python:3.11-slim) have ``sleep``
+    return {"preStop": {"exec": {"command": ["sleep", str(PRESTOP_S)]}}}
+
+
 def _probe(path: str, port: str, period: int, failures: int) -> Obj:
     return {"httpGet": {"path": path, "port": port}, "periodSeconds": period, "failureThreshold": failures}
 
@@ -113,7 +129,7 @@ def engine_container(ms: ModelService, image: str, group_size: int = 1, group_sv
         "livenessProbe": _probe("/health", "http", 10, 6),
         # loading weights (and compiling) takes minutes on a real engine: liveness waits for startup
         "startupProbe": _probe("/health", "http", 10, 360 if e.kind == "vllm" else 30),
-        "volumeMounts": _engine_mounts(ms),
+        "volumeMounts": _engine_mounts(ms), "lifecycle": _lifecycle(),
     }
     if res := _resources(ms):
         c["resources"] = res
@@ -168,7 +184,7 @@ def placement(ms: ModelService) -> Obj:
 def engine_pod(ms: ModelService, image: str, group_size: int = 1, group_svc: str | None = None) -> Obj:
     spec: Obj = {"containers": [engine_container(ms, image, group_size, group_svc)],
                  "volumes": engine_volumes(ms), "automountServiceAccountToken": False,
-                 "enableServiceLinks": False, "terminationGracePeriodSeconds": 60, **placement(ms)}
+                 "enableServiceLinks": False, "terminationGracePeriodSeconds": GRACE_S, **placement(ms)}
     if ms.spec.scheduler_name:
         spec["schedulerName"] = ms.spec.scheduler_name
     return spec

@@ -10,6 +10,10 @@ from the prefill engine — loaded, not computed — in ``vllm:external_prefix_c
 ``cached_tokens``.  Inside: the same
 :class:`EngineCore` the virtual-time simulator uses, stepped by an asyncio task that sleeps each step's
 modelled duration × ``time_scale``.  Many servers can share one process and event loop.
+
+Stopping (SIGTERM through ``kvmesh engine``, a supervisor's stop) drains, as vLLM with ``--shutdown-timeout``
+does: new generation requests get 503 while the requests already in flight run to their end, for at most
+``DRAIN_S`` seconds; then the engine loop is cancelled.  ``stop(crash=True)`` still cuts everything at once.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from kvmesh.sim.profiles import TimingProfile
 from kvmesh.tokenize import PromptTokenizer
 
 log = logging.getLogger(__name__)
+DRAIN_S = 30.0  # stop(): how long in-flight requests may run on; below an engine pod's grace period less preStop
 
 
 @dataclass(slots=True)
@@ -92,6 +97,8 @@ class SimServer:
         self._task: asyncio.Task[None] | None = None
         self._pub: zmq.asyncio.Socket | None = None
         self._open: dict[int, web.Request] = {}  # requests being served, by id (Request is unhashable)
+        self._draining = False
+        self._drained = asyncio.Event()  # set when draining and the last open request has ended
 
     # ---- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -118,12 +125,20 @@ class SimServer:
             self.port = server.sockets[0].getsockname()[1]
         self._task = asyncio.create_task(self._loop(), name="sim-engine")
 
-    async def stop(self, crash: bool = False) -> None:
-        """Stop serving.  ``crash``: drop every open connection at once, as a dying process would."""
+    async def stop(self, crash: bool = False, drain_s: float = DRAIN_S) -> None:
+        """Stop serving: refuse new requests (503), let open ones finish for up to ``drain_s`` seconds, then
+        stop.  ``crash``: drop every open connection at once, as a dying process would."""
+        self._draining = True
         if crash:
             for req in list(self._open.values()):
                 if req.transport is not None:
                     req.transport.close()
+        elif self._open:
+            log.info("draining %d open requests (up to %.0fs)", len(self._open), drain_s)
+            try:
+                await asyncio.wait_for(self._drained.wait(), drain_s)
+            except TimeoutError:
+                log.warning("drain time (%.0fs) over: cutting %d open requests", drain_s, len(self._open))
         if self._task:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -199,11 +214,16 @@ class SimServer:
         return web.json_response({"tokens": ids, "count": len(ids), "max_model_len": self.max_model_len})
 
     async def _generate(self, request: web.Request, endpoint: str) -> web.StreamResponse:
+        if self._draining:  # as vLLM's admission control answers: load balancers retry elsewhere
+            return web.json_response({"error": {"message": "The engine is shutting down.",
+                                                "type": "ServiceUnavailableError", "code": 503}}, status=503)
         self._open[id(request)] = request
         try:
             return await self._generate_inner(request, endpoint)
         finally:
             self._open.pop(id(request), None)
+            if self._draining and not self._open:
+                self._drained.set()
 
     async def _generate_inner(self, request: web.Request, endpoint: str) -> web.StreamResponse:
         try:
