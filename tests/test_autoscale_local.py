@@ -27,6 +27,7 @@ from kvmesh.autoscale.local import LocalConfig, slo_targets
 from kvmesh.autoscale.policies import make_policy
 from kvmesh.autoscale.signals import AGGREGATED, Signals
 from kvmesh.config import CacheNodeConfig, GatewayConfig, StackConfig, SupervisorConfig, engine_config
+from kvmesh.engines.base import EngineState
 from kvmesh.engines.sim import SimEngine
 from kvmesh.index.hashing import block_keys
 from kvmesh.sim.core import StepResult
@@ -67,7 +68,7 @@ def make_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: Lo
 
 @pytest.fixture
 def auto_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread) -> Iterator[Stack]:
-    auto = LocalConfig(policy="hpa", min_replicas=1, max_replicas=2, interval_s=3600, ramp_s=0)
+    auto = LocalConfig(policy="hpa", min_replicas=1, max_replicas=3, interval_s=3600, ramp_s=0)
     st = make_stack(tmp_path, tiny_model, loop_thread, auto)
     assert st.autoscaler is not None
     st.autoscaler.scaler.policy = StepPolicy()
@@ -252,27 +253,39 @@ def zero_stack(tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: Lo
     loop_thread.run(st.stop())
 
 
+def gate_start(e: Any, release: threading.Event) -> None:
+    """``e``'s next start (its model load) ends only once ``release`` is set."""
+    start = e.start
+
+    async def gated_start() -> None:
+        await asyncio.to_thread(release.wait, 120)
+        await start()
+
+    e.start = gated_start
+
+
+def gate_starts(auto: Any, release: threading.Event | None) -> list[Any]:
+    """Every new replica's start waits for ``release`` (None: no wait); returns the replicas made."""
+    make, made = auto.actuator.factory, []
+
+    def slow_factory(i: int) -> Any:
+        e, kv = make(i)
+        if release is not None:
+            gate_start(e, release)
+        made.append(e)
+        return e, kv
+
+    auto.actuator.factory = slow_factory
+    return made
+
+
 def test_scale_from_zero_holds_the_request_until_the_first_replica_is_ready(zero_stack: Stack,
                                                                            loop_thread: LoopThread) -> None:
     st = zero_stack
     auto = st.autoscaler
     assert auto is not None and st.supervisor.engines == [] and st.gateway.pool.backends == []
     release = threading.Event()  # the first replica's start (its model load) ends when the test says
-    make = auto.actuator.factory
-
-    def slow_factory(i: int) -> Any:
-        e: Any
-        e, kv = make(i)
-        start = e.start
-
-        async def gated_start() -> None:
-            await asyncio.to_thread(release.wait, 120)
-            await start()
-
-        e.start = gated_start
-        return e, kv
-
-    auto.actuator.factory = slow_factory
+    gate_starts(auto, release)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         fut = pool.submit(complete, st.gateway.url, [*HOT, 1])
         wait_until(lambda: st.gateway.admission.holding == 1 and "engine-0" in auto.actuator.starting, 60,
@@ -282,6 +295,130 @@ def test_scale_from_zero_holds_the_request_until_the_first_replica_is_ready(zero
         assert fut.result() == (200, "engine-0")
     assert [ev["event"] for ev in auto.actuator.events] == ["starting", "serving"]
     assert st.gateway.admission.holding == 0 and st.gateway.pressure.shed["cold_start"] == 0
+
+
+@pytest.mark.parametrize(("policy", "tuning"), [("kpa", {"tick_s": 0.0, "scale_down_delay_s": 0.0}),
+                                                ("hpa", {"period_s": 0.0, "scale_down_window_s": 0.0}),
+                                                ("queue", {"period_s": 0.0, "scale_down_window_s": 0.0})])
+def test_scale_from_zero_survives_the_decisions_made_during_the_cold_start(
+        tmp_path: pathlib.Path, tiny_model: pathlib.Path, loop_thread: LoopThread, policy: str,
+        tuning: dict[str, float]) -> None:
+    # every tick decides and no window holds a scale-down back: with no replica ready the policy sees no
+    # load and recommends 0, which cancelled the woken replica (held requests: 503, the next woke it again)
+    cfg = LocalConfig(policy=policy, min_replicas=0, max_replicas=1, interval_s=3600, ramp_s=0, tuning=tuning)
+    st = make_stack(tmp_path, tiny_model, loop_thread, cfg, cold_start_hold_s=120.0)
+    auto, release = st.autoscaler, threading.Event()
+    assert auto is not None
+    gate_starts(auto, release)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            fut = pool.submit(complete, st.gateway.url, [*HOT, 1])
+            try:
+                wait_until(lambda: st.gateway.admission.holding == 1 and "engine-0" in auto.actuator.starting,
+                           60, "the request held while engine-0 starts")
+                for _ in range(3):  # the control ticks of the cold start
+                    loop_thread.call(auto.tick)
+                    assert "engine-0" in auto.actuator.starting, auto.actuator.events
+            finally:
+                release.set()
+            assert fut.result() == (200, "engine-0")
+        assert [ev["event"] for ev in auto.actuator.events] == ["starting", "serving"]
+        assert st.gateway.pressure.shed["cold_start"] == 0
+        # the wake is the scaler's own scale-up: counted, recorded, in the scale-down window
+        assert auto.scaler.scale_events == {"up": 1} and auto.scaler.history[0].desired == 1
+    finally:
+        loop_thread.run(st.stop())
+
+
+def test_a_cancelled_start_keeps_its_name_until_its_engine_is_stopped(auto_stack: Stack,
+                                                                      loop_thread: LoopThread) -> None:
+    # a replica that reused the name (and port) of a cancelled start still stopping was stopped by its
+    # clean-up, which removed "engine-1" from the supervisor by name
+    st = auto_stack
+    auto, policy = st.autoscaler, st.autoscaler and st.autoscaler.scaler.policy
+    assert auto is not None and isinstance(policy, StepPolicy)
+    started, stopping, stop_gate = threading.Event(), threading.Event(), threading.Event()
+    make, made = auto.actuator.factory, []
+
+    def factory(i: int) -> Any:
+        e, kv = make(i)
+        made.append(e)
+        if len(made) == 1:  # the start to cancel: its model load never ends, its stop waits for the test
+            stop = e.stop
+
+            async def stuck_start() -> None:
+                started.set()
+                await asyncio.Event().wait()
+
+            async def held_stop(grace_s: float = 10.0) -> None:
+                stopping.set()
+                await asyncio.to_thread(stop_gate.wait, 60)
+                await stop(grace_s)
+
+            e.start, e.stop = stuck_start, held_stop
+        return e, kv
+
+    def step(level: int) -> None:
+        policy.level = level
+        loop_thread.call(auto.tick)
+
+    auto.actuator.factory = factory
+    try:
+        step(2)
+        assert started.wait(60)
+        cancelled = auto.actuator.starting["engine-1"]
+        step(1)  # scale-in: the start is cancelled
+        assert stopping.wait(60)
+        step(2)  # scale-out again while it is still stopping
+        wait_until(lambda: len(auto.actuator.serving) == 2, 120, "the new replica serving")
+    finally:
+        stop_gate.set()
+    wait_until(cancelled.done, 60, "the cancelled start's end")
+    new = made[-1]
+    assert set(auto.actuator.serving) == {e.name for e in st.supervisor.engines}  # was: the new one removed
+    assert new.state is EngineState.READY and complete(new.url, [*HOT, 5])[0] == 200
+    assert made[0].state is EngineState.STOPPED and not auto.actuator.draining
+    assert new.name == "engine-2"  # engine-1 was still taken: the cancelled start was stopping it
+    assert ("cancelled", "engine-1") in [(e["event"], e["replica"]) for e in auto.actuator.events]
+
+
+def test_a_crashed_replica_counts_as_a_replica_not_as_ready(auto_stack: Stack, loop_thread: LoopThread) -> None:
+    # through the supervisor's restart backoff and the new process's start it serves nothing
+    st = auto_stack
+    auto, b, victim = st.autoscaler, st.gateway.pool.get("engine-0"), engine(st, "engine-0")
+    assert auto is not None and b is not None
+    wait_until(lambda: b.up, 60, "engine-0 up")
+    release = threading.Event()
+    gate_start(victim, release)  # the restart's start waits for the test
+    try:
+        loop_thread.run(victim.kill())
+        wait_until(lambda: not b.up, 60, "engine-0 down")
+        loop_thread.call(auto.tick)
+        assert (auto.scaler.history[-1].replicas, auto.scaler.history[-1].ready) == (1, 0)
+    finally:
+        release.set()
+    wait_until(lambda: b.up, 60, "engine-0 restarted")
+    loop_thread.call(auto.tick)
+    assert (auto.scaler.history[-1].replicas, auto.scaler.history[-1].ready) == (1, 1)
+
+
+def test_a_start_that_fails_after_the_supervisor_added_it_leaves_no_replica(auto_stack: Stack,
+                                                                            loop_thread: LoopThread) -> None:
+    st = auto_stack
+    auto = st.autoscaler
+    assert auto is not None and isinstance(auto.scaler.policy, StepPolicy)
+    made = gate_starts(auto, None)
+
+    async def broken_prewarm(e: Any) -> int:
+        raise RuntimeError("pre-warm broke")
+
+    auto.actuator.prewarm = broken_prewarm
+    auto.scaler.policy.level = 2  # engine-1 starts, is added to the supervisor, then its pre-warm raises
+    loop_thread.call(auto.tick)
+    wait_until(lambda: not auto.actuator.starting, 120, "the start's end")
+    assert [ev["event"] for ev in auto.actuator.events] == ["starting", "start_failed"]
+    assert [e.name for e in st.supervisor.engines] == ["engine-0"]  # was: engine-1 too, watched, never served
+    assert [b.name for b in st.gateway.pool.backends] == ["engine-0"] and made[0].state is EngineState.STOPPED
 
 
 @pytest.fixture

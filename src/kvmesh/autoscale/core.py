@@ -29,7 +29,7 @@ import collections
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -180,8 +180,10 @@ class Scaler:
     """Drives one policy against one actuator (see the module docstring).  Not thread-safe."""
 
     def __init__(self, policy: Policy, actuator: Actuator, cfg: ScalerConfig | None = None,
-                 victims: VictimChooser = newest_first, history: int = 512) -> None:
+                 victims: VictimChooser = newest_first, history: int = 512,
+                 held: Callable[[str], int] = lambda role: 0) -> None:
         self.policy, self.actuator, self.cfg, self.victims = policy, actuator, cfg or ScalerConfig(), victims
+        self.held = held  # requests held for want of a ready replica of the role (scale to zero)
         self.history: collections.deque[Record] = collections.deque(maxlen=history)
         self.scale_events = collections.Counter[str]()  # "up" / "down" -> count
         self._next_decide = -math.inf
@@ -202,12 +204,26 @@ class Scaler:
         for role, fleet in current.items():
             rec = decision.desired.get(role, fleet.replicas)
             n = self._behave(now, role, rec, fleet.replicas)
+            if fleet.ready == 0 and self.held(role):
+                # the policies size on the ready replicas' metrics, blind while none is ready: never cancel
+                # the replica the held requests wait for (they would time out, and the next one wake it again)
+                n = max(n, 1)
             record = Record(now, role, fleet.replicas, fleet.ready, rec, n, decision.reason, dict(decision.inputs))
             self.history.append(record)
             out.append(record)
             if n != fleet.replicas:
                 self._apply(now, role, n, fleet)
         return out
+
+    def wake(self, role: str, now: float) -> None:
+        """A request is held and ``role`` has no replica at all (scale to zero): start one now, not at the
+        next decision — as a scale-up of the scaler's own, so the scale-down window and delay count it."""
+        fleet = Fleet(self.actuator.replicas(role), self.actuator.ready(role))
+        if fleet.replicas:
+            return
+        self._recs[role].append((now, 1))
+        self.history.append(Record(now, role, 0, 0, 1, 1, "a request is held with no replica", {}))
+        self._apply(now, role, 1, fleet)
 
     def _behave(self, now: float, role: str, rec: int, have: int) -> int:
         b, cfg = self.policy.behaviour, self.cfg

@@ -144,7 +144,8 @@ class LocalActuator:
         return len(self.serving) + len(self.starting)
 
     def ready(self, role: str) -> int:
-        return len(self.serving)
+        # a crashed one (down through the supervisor's restart backoff and cold start) exists but serves not
+        return sum(1 for n in self.serving if (b := self.gw.pool.get(n)) is not None and b.up)
 
     def members(self, role: str) -> list[str]:
         return list(self.serving)
@@ -156,7 +157,9 @@ class LocalActuator:
             self.starting[name] = asyncio.create_task(self._start(name), name=f"scale-out-{name}")
         k = have - n
         for name in list(reversed(self.starting))[:max(k, 0)]:  # cancel the youngest starting ones first
-            self.starting.pop(name).cancel()
+            # its name (and port) stay taken, as a draining one's, until its task has stopped it
+            task = self.draining[name] = self.starting.pop(name)
+            task.cancel()
             k -= 1
         order = [v for v in victims if v in self.serving] + [m for m in reversed(self.serving) if m not in victims]
         for name in order[:max(k, 0)]:
@@ -175,9 +178,10 @@ class LocalActuator:
     async def _start(self, name: str) -> None:
         engine, kv_events = self.factory(int(name.rsplit("-", 1)[1]))
         self._note("starting", name)
-        b = None
+        b, added = None, False
         try:
-            await self.supervisor.add(engine)
+            await self.supervisor.add(engine)  # stops the engine itself when it fails or is cancelled
+            added = True
             # in the pool (health-checked, its KV events followed, so the index learns what the pre-warm
             # puts in its cache) but closed to requests until it is warm
             b = self.gw.pool.add(name, engine.url, kv_events)
@@ -187,15 +191,16 @@ class LocalActuator:
         except BaseException as e:
             if b is not None:
                 self._forget(name)
-            if isinstance(e, asyncio.CancelledError):
+            if added:  # failed past add: the supervisor would keep (and restart) a replica nobody serves
                 await self.supervisor.remove(name)
+            self.starting.pop(name, None)
+            self.draining.pop(name, None)  # stopped: its name is free again
+            if isinstance(e, asyncio.CancelledError):
                 self._note("cancelled", name)
                 raise
             if not isinstance(e, Exception):
                 raise
-            # EngineDied, TimeoutError: the supervisor stopped it already
             self._note("start_failed", name, error=str(e))
-            self.starting.pop(name, None)
             return
         b.up = True  # it just answered; the next health round confirms
         since = time.monotonic()
@@ -244,7 +249,8 @@ class LocalActuator:
 
     async def close(self) -> None:
         for t in [*self.starting.values(), *self.draining.values()]:
-            t.cancel()
+            if not t.cancelling():  # a cancelled start is stopping its engine: cut short, it would leak it
+                t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
@@ -305,7 +311,7 @@ class LocalAutoscaler:
         self.targets = slo_targets(policy)
         self.scaler = Scaler(policy, self.actuator, ScalerConfig(cfg.min_replicas, cfg.max_replicas,
                                                                  interval_s=cfg.interval_s, start_s=cfg.start_s),
-                             victims=victims)
+                             victims=victims, held=lambda role: int(gw.admission.holding))
         self.window = _Window()
         self.shed_seen = 0
         self.last_signals: Signals | None = None
@@ -364,8 +370,7 @@ class LocalAutoscaler:
 
     def wake(self) -> None:
         """A request is held with no replica ready (scale to zero): start one now, not at the next tick."""
-        if self.actuator.replicas(AGGREGATED) == 0:
-            self.actuator.scale(AGGREGATED, 1)
+        self.scaler.wake(AGGREGATED, time.monotonic())
 
     async def _prewarm(self, engine: _Engine) -> int:
         spec = self.gw.policy.key_spec(None)

@@ -90,7 +90,10 @@ class Supervisor:
             await engine.start()
             await engine.wait_ready(self.cfg.start_timeout_s)
         except BaseException:
-            await self.remove(engine.name)
+            # this engine, not whichever replica holds its name by now (it has no watcher yet)
+            if engine in self.engines:
+                self.engines.remove(engine)
+            await engine.stop(self.cfg.stop_grace_s)
             raise
         self._watchers[engine.name] = asyncio.create_task(self._watch(engine), name=f"watch-{engine.name}")
 
