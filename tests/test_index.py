@@ -262,3 +262,31 @@ def test_an_engine_reset_or_restart_keeps_what_its_cache_node_holds_for_it() -> 
     sub._drop()  # a restart or an unrepaired gap
     m = idx.match(keys, ["a"])[0]
     assert (m.gpu, m.cpu) == (0, 2)
+
+
+def test_a_cache_node_is_applied_once_and_read_by_every_engine_it_serves(make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client import CollectorRegistry
+
+    from kvmesh.config import CacheNodeSpec
+    from kvmesh.index.subscriber import IndexMetrics, NodeSubscriber
+
+    idx = KvIndex("m")
+    toks = list(range(8))
+    keys = block_keys(toks, BS, idx.seed)
+    node = NodeSubscriber(idx, "node", "tcp://127.0.0.1:9", ["a"], IndexMetrics(CollectorRegistry()), serves_new=True)
+    idx.apply("a", batch(stored([1], None, toks[:4])))  # a's own GPU block
+    node._apply(0, encode_batch(batch(stored([51, 52], None, toks, medium="CPU"))))
+    node.serve(["b"])  # an engine that came later (autoscaled, discovered)
+    assert [(m.gpu, m.cpu) for m in idx.match(keys, ["a", "b"])] == [(1, 1), (0, 2)]
+    assert idx.size() == 3  # the node's two blocks once, not once per engine
+    node._apply(1, encode_batch(batch(AllBlocksCleared())))  # the node restarted
+    assert [(m.gpu, m.cpu) for m in idx.match(keys, ["a", "b"])] == [(1, 0), (0, 0)]
+    # the gateway: a backend added after start reads a node that serves every backend
+    gw = make_gateway(backends=(), policy="kv-aware",
+                      cache_nodes=(CacheNodeSpec(kv_events="ipc:///nonexistent/kvmesh-test-node"),))
+
+    def add() -> None:
+        gw.subscribe(gw.pool.add("late", "http://127.0.0.1:9"))
+
+    loop_thread.call(add)
+    assert loop_thread.call(lambda: gw.index._reads.get("late", 0)) != 0

@@ -34,7 +34,7 @@ from kvmesh.gateway.reconfig import reconfigure
 from kvmesh.gateway.tenants import Tenants, changed_tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
 from kvmesh.index.index import GPU_TIER, KvIndex
-from kvmesh.index.subscriber import IndexFeed
+from kvmesh.index.subscriber import IndexFeed, NodeSubscriber
 from kvmesh.routing import Policy, make_policy
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class Gateway:
                 self.subscribe(b)
             for n in self.cfg.cache_nodes:
                 self.feed.add_node(n.name, n.kv_events, list(n.engines) or [b.name for b in self.pool.backends],
-                                   n.replay)
+                                   n.replay, serves_new=not n.engines)
         if self.cfg.discovery == "kubernetes":
             self.discovery = GatewayDiscovery(self, self.cfg.kubernetes)
             self.discovery.start()
@@ -151,7 +151,12 @@ class Gateway:
 
     def subscribe(self, b: Backend) -> None:
         """Start following ``b``'s KV events (no-op without an endpoint or a policy that reads an index)."""
-        if self.feed is not None and b.kv_events and b.name not in self.feed.subs:
+        if self.feed is None:
+            return
+        for sub in self.feed.subs.values():  # a node serving every backend serves this one too
+            if isinstance(sub, NodeSubscriber) and sub.serves_new:
+                sub.serve([b.name])
+        if b.kv_events and b.name not in self.feed.subs:
             self.feed.add(b.name, b.kv_events, b.replay)
 
     async def drain(self, timeout_s: float | None = None) -> int:

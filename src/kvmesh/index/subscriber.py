@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvmesh.index.events import AllBlocksCleared, EventBatch, EventDecodeError, decode_batch
-from kvmesh.index.index import GPU_TIER, LOWER_TIERS, TIERS, KvIndex
+from kvmesh.index.index import GPU_TIER, TIERS, KvIndex
 
 log = logging.getLogger(__name__)
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -180,19 +180,26 @@ def _starts_fresh(payload: bytes) -> bool:
 
 
 class NodeSubscriber(EventSubscriber):
-    """Subscribes to a cache node's tier events (``medium`` CPU/STORAGE) and credits them to every engine the
-    node serves: a block in the node's DRAM is loadable by each of them.  A node restart or lost events
-    drop only those engines' CPU/STORAGE entries; their own (GPU) entries are untouched.
+    """Subscribes to a cache node's tier events (``medium`` CPU/STORAGE) and applies them once, under the node's
+    own name; every engine the node serves reads them (:meth:`KvIndex.serve`): a block in the node's DRAM is
+    loadable by each of them.  (Credited to each engine instead, a node of N blocks serving E engines cost N×E
+    entries, and an engine added later — autoscaled, discovered — got none.)  A node restart or lost events
+    clear the node's entries only; the engines' own (GPU) entries are untouched.
 
     A node starts its sequence numbers at its start time (µs), so a restarted node always continues *above*
     the old one, with ``AllBlocksCleared`` then its SSD inventory first: the forward jump is replayed from
     the node's buffer, the clear drops the old tiers and the inventory re-adds what survived on disk."""
 
     def __init__(self, index: KvIndex, node: str, endpoint: str, engines: list[str], metrics: IndexMetrics,
-                 replay_endpoint: str | None = None, ctx: zmq.asyncio.Context | None = None) -> None:
+                 replay_endpoint: str | None = None, ctx: zmq.asyncio.Context | None = None,
+                 serves_new: bool = False) -> None:
         super().__init__(index, node, endpoint, metrics, replay_endpoint, ctx)
-        self.engines = engines
+        self.serves_new = serves_new  # engines added later read this node too (it serves every backend)
         self._seq = -1
+        self.serve(engines)
+
+    def serve(self, engines: list[str]) -> None:
+        self.index.serve(self.engine, engines)
 
     @property
     def last_seq(self) -> int:
@@ -203,7 +210,7 @@ class NodeSubscriber(EventSubscriber):
         self._seq = seq
 
     def _drop(self) -> int:
-        return sum(self.index.clear_tiers(e, LOWER_TIERS) for e in self.engines)
+        return self.index.clear_engine(self.engine)
 
     def _apply_batch(self, batch: EventBatch) -> int:
         evs = batch.events
@@ -212,7 +219,7 @@ class NodeSubscriber(EventSubscriber):
         if cleared:  # the node restarted: its tiers are gone (never the engines' own GPU entries)
             n = self._drop()
             batch = EventBatch(batch.ts, evs[cleared[-1] + 1:], batch.data_parallel_rank)
-        return n + sum(self.index.apply(e, batch) for e in self.engines)
+        return n + self.index.apply(self.engine, batch)
 
 
 class IndexCollector(Collector):
@@ -250,9 +257,10 @@ class IndexFeed:
         self._tasks[engine] = asyncio.create_task(sub.run(), name=f"kv-events-{engine}")
         return sub
 
-    def add_node(self, node: str, endpoint: str, engines: list[str],
-                 replay_endpoint: str | None = None) -> NodeSubscriber:
-        sub = NodeSubscriber(self.index, node, endpoint, engines, self.metrics, replay_endpoint)
+    def add_node(self, node: str, endpoint: str, engines: list[str], replay_endpoint: str | None = None,
+                 serves_new: bool = False) -> NodeSubscriber:
+        sub = NodeSubscriber(self.index, node, endpoint, engines, self.metrics, replay_endpoint,
+                             serves_new=serves_new)
         self.subs[node] = sub
         self._tasks[node] = asyncio.create_task(sub.run(), name=f"kv-events-{node}")
         return sub
