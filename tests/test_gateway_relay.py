@@ -257,7 +257,10 @@ def test_a_connect_timeout_is_retried_on_another_backend(make_gateway, loop_thre
         for _ in range(2):  # round-robin reaches the silent address within two requests: retried, not 504
             r = httpx.post(f"{gw.url}/v1/completions", json=body, timeout=60)
             assert r.status_code == 200 and r.headers["x-kvmesh-backend"] == "backend-1", r.text
-        assert b0.breaker.state == "open" and not loop_thread.call(lambda: b0.healthy)
+        # its breaker opened (tried again after the cooldown); it is not marked down: a host that dropped SYNs
+        # may be merely overloaded, and its index entries stay
+        assert b0.breaker.trips == 1 and b0.up
+        assert 'kvmesh_gateway_errors_total{kind="upstream_unreachable"} 1.0' in httpx.get(f"{gw.url}/metrics").text
     finally:
         for s in (*filler, blackhole):
             s.close()

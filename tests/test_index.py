@@ -246,22 +246,23 @@ def test_the_salt_is_not_the_lora_name() -> None:
 def test_an_engine_reset_or_restart_keeps_what_its_cache_node_holds_for_it() -> None:
     from prometheus_client import CollectorRegistry
 
-    from kvmesh.index.subscriber import EventSubscriber, IndexMetrics
+    from kvmesh.index.subscriber import EventSubscriber, IndexMetrics, NodeSubscriber
 
     idx = KvIndex("m")
     toks = list(range(8))
     keys = block_keys(toks, BS, idx.seed)
-    sub = EventSubscriber(idx, "a", "tcp://127.0.0.1:9", IndexMetrics(CollectorRegistry()))
-    sub._apply(0, encode_batch(batch(stored([1, 2], None, toks))))
-    idx.apply("a", batch(stored([31, 32], None, toks, medium="CPU")))  # the node's feed, credited to "a"
-    sub._apply(1, encode_batch(batch(AllBlocksCleared())))  # vLLM reset its prefix cache
+    metrics = IndexMetrics(CollectorRegistry())
+    sub = EventSubscriber(idx, "a", "tcp://127.0.0.1:9", metrics)
+    node = NodeSubscriber(idx, "node", "tcp://127.0.0.1:8", ["a"], metrics)
+    sub._apply(0, encode_batch(batch(stored([1, 2], None, toks), stored([3], None, toks[:4], medium="CPU"))))
+    node._apply(0, encode_batch(batch(stored([31, 32], None, toks, medium="CPU"))))
+    # vLLM reset its prefix cache: the events before the clear count, then everything the engine reported goes
+    sub._apply(1, encode_batch(batch(BlockRemoved(block_hashes=[2]), AllBlocksCleared(), stored([1], None, toks[:4]))))
     m = idx.match(keys, ["a"])[0]
-    assert (m.gpu, m.cpu) == (0, 2)
-    sub._apply(2, encode_batch(batch(stored([1, 2], None, toks))))
-    sub.last_seq = 5
-    sub._drop()  # a restart or an unrepaired gap
+    assert (m.gpu, m.cpu) == (1, 1) and idx.engines["a"].counts == [1, 0, 0]  # the node's blocks stay readable
+    sub._drop()  # a restart, an unrepaired gap, a lost connection: its own in-process offload goes with it
     m = idx.match(keys, ["a"])[0]
-    assert (m.gpu, m.cpu) == (0, 2)
+    assert (m.gpu, m.cpu) == (0, 2) and not idx.engines["a"].hashes
 
 
 def test_a_cache_node_is_applied_once_and_read_by_every_engine_it_serves(make_gateway, loop_thread) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import json
 import pathlib
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -416,3 +417,34 @@ def test_up_flags_make_a_pd_fleet() -> None:
 
     cfg = cli._stack_config(None, {"supervisor.prefill": 1, "supervisor.decode": 1, "engine_kind": "sim"}, None)
     assert cfg.supervisor.replicas == 2 and cfg.supervisor.roles() == ["prefill", "decode"]
+
+
+def test_a_half_open_prefill_probe_that_fails_backs_off(engines: Any, make_gateway: Any,
+                                                        loop_thread: LoopThread) -> None:
+    p, d = engines("error", "ok")
+    gw = pd_gateway(make_gateway, [p], [d])
+    b = gw.pool.backends[0]
+
+    def half_open() -> None:
+        b.breaker.failed(time.monotonic())
+        b.breaker.opened_at -= b.breaker.cooldown_s
+
+    loop_thread.call(half_open)
+    assert post(gw, "completions", request_body("completions", False)).status_code == 200  # prefilled locally
+    assert len(p.bodies) == 1  # it was the probe
+    assert (b.breaker.state, b.breaker.trips, b.breaker.cooldown_s) == ("open", 2, 2.0)  # failed: twice the wait
+
+
+def test_an_old_probe_ending_does_not_free_a_newer_probes_slot() -> None:
+    from kvmesh.gateway.backends import CircuitBreaker
+
+    br = CircuitBreaker()
+    br.failed(0.0)
+    a = br.routed()  # A probes ...
+    br.succeeded()  # ... and gets its first byte (still streaming)
+    br.failed(1.0)  # another request fails: open again
+    c = br.routed()  # C is the new probe
+    br.probe_ended(a)  # A's stream ends
+    assert c and br.probing and not br.admits(100.0)  # C still holds the slot
+    br.probe_ended(c)
+    assert not br.probing

@@ -44,15 +44,15 @@ class SimEngine(Engine):
             return 0
         return await asyncio.shield(self._exit)
 
-    async def _end(self, code: int) -> None:
+    async def _end(self, code: int, grace_s: float = 0.0) -> None:
         server, self.server = self.server, None
         if server is not None:
-            await server.stop(crash=code != 0)
+            await server.stop(crash=code != 0, drain_s=grace_s)  # open requests finish within the grace
         if self._exit is not None and not self._exit.done():
             self._exit.set_result(code)
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        await self._end(0)
+        await self._end(0, grace_s)
         self.state = EngineState.STOPPED
 
     async def kill(self) -> None:

@@ -33,7 +33,7 @@ from kvmesh.gateway.pressure import Pressure
 from kvmesh.gateway.reconfig import reconfigure
 from kvmesh.gateway.tenants import Tenants, changed_tenants, load_tenants
 from kvmesh.gateway.tokens import TokenStage
-from kvmesh.index.index import GPU_TIER, KvIndex
+from kvmesh.index.index import KvIndex
 from kvmesh.index.subscriber import IndexFeed, NodeSubscriber
 from kvmesh.routing import Policy, make_policy
 
@@ -214,9 +214,9 @@ class Gateway:
         if b.healthy:
             self.admission.pump()  # more capacity: admit waiters
         if not b.healthy and self.index is not None and (reason.startswith("connect") or reason == ENGINE_EXITED):
-            # The engine process is gone, and its cache with it (not its cache node's: those blocks stay
-            # loadable).  A mere timeout keeps the entries.
-            n = self.index.clear_tiers(b.name, GPU_TIER)
+            # The engine process is gone, and its cache with it (not its cache node's, indexed under the
+            # node's own name: those blocks stay loadable).  A mere timeout keeps the entries.
+            n = self.index.clear_engine(b.name)
             if n:
                 log.info("dropped %d indexed blocks of %s (%s)", n, b.name, reason)
 

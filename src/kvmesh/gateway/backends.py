@@ -60,24 +60,26 @@ class CircuitBreaker:
     opened_at: float = 0.0
     probing: bool = False
     trips: int = 0
+    probe_seq: int = 0  # which request is the probe: an older one ending must not free a newer one's slot
 
     def admits(self, now: float) -> bool:
         if self.state == "closed":
             return True
         return not self.probing and now - self.opened_at >= self.cooldown_s
 
-    def routed(self) -> bool:
-        """A request is sent: True when it is the half-open probe (no other until it resolves)."""
-        if self.state != "closed":
-            self.probing = True
-            return True
-        return False
+    def routed(self) -> int:
+        """A request is sent: its probe token when it is the half-open probe (no other until it resolves),
+        else 0."""
+        if self.state == "closed":
+            return 0
+        self.probing, self.probe_seq = True, self.probe_seq + 1
+        return self.probe_seq
 
-    def probe_ended(self, probe: bool) -> None:
-        """The request :meth:`routed` was called for has ended.  A probe that neither succeeded nor failed
+    def probe_ended(self, probe: int) -> None:
+        """The request :meth:`routed` gave ``probe`` has ended.  A probe that neither succeeded nor failed
         (the client went away, the engine was busy, a timeout) gives its slot back: the breaker stays open
         and the next request probes.  (Else the slot stayed taken and the backend out of rotation for good.)"""
-        if probe and self.probing:
+        if probe and self.probing and probe == self.probe_seq:
             self.probing = False
 
     def failed(self, now: float) -> None:
@@ -231,10 +233,16 @@ class BackendPool:
             self._on_health(b, reason)
 
     async def _scrape(self, http: aiohttp.ClientSession, b: Backend) -> None:
-        async with http.get(f"{b.url}/metrics") as r:
-            if r.status != 200:
-                return
-            text = await r.read()
+        """The engine's gauges and work counters; a slow or failing /metrics is no health failure (the
+        health check judges that): its figures just go stale."""
+        try:
+            async with http.get(f"{b.url}/metrics") as r:
+                if r.status != 200:
+                    return
+                text = await r.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            log.debug("backend %s: /metrics: %s", b.name, type(e).__name__)
+            return
         running, waiting, b.kv_usage_value = parse_engine_metrics(text)
         work = (engine_work(text), running, waiting)
         if b.work_seen[0] >= 0 and work != b.work_seen:

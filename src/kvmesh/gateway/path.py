@@ -261,6 +261,16 @@ class RequestPath:
         gw = self.gw
         try:
             upstream, first = await self.open(req, b)
+        except aiohttp.ClientConnectionResetError:
+            # the request could not be written (a pooled keep-alive connection the engine had closed): the
+            # engine is fine and never saw it — retry, and mark nothing (no breaker, not down, index kept)
+            gw.metrics.errors.labels("upstream_reset").inc()
+            return None
+        except aiohttp.ConnectionTimeoutError:
+            # no TCP connection in connect_timeout_s (a node gone, or SYNs dropped by an overloaded host):
+            # retried; its breaker opens, but it is not marked down and its index entries stay
+            self.bypass(b, "upstream_unreachable", f"no connection within {gw.cfg.connect_timeout_s:g}s")
+            return None
         except CONNECT_ERRORS as e:
             self.bypass(b, "upstream_connect", f"connect failed: {type(e).__name__}")
             return None
@@ -353,13 +363,13 @@ class RequestPath:
         if poke:
             gw.pool.poke()
 
-    def _enter(self, b: Backend) -> bool:
+    def _enter(self, b: Backend) -> int:
         b.in_flight += 1
         self.active += 1
         self.idle.clear()
         return b.breaker.routed()
 
-    def _leave(self, b: Backend, probe: bool) -> None:
+    def _leave(self, b: Backend, probe: int) -> None:
         b.breaker.probe_ended(probe)
         b.in_flight -= 1
         self.active -= 1

@@ -129,8 +129,10 @@ async def prefill_leg(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: flo
     t0 = time.perf_counter()
     try:
         status, raw = await _post(gw, req, b, timeout_s)
-    finally:
+    except BaseException:
         b.breaker.probe_ended(probe)  # a busy or cancelled leg neither closes nor reopens it
+        raise
+    finally:
         b.pending_prefill_tokens -= ctx.prompt_tokens_estimate
         b.in_flight -= 1
         gw.policy.on_finished(ctx, d, 0.0, 0)
@@ -184,6 +186,11 @@ async def _post(gw: Gateway, req: ProxyRequest, b: Backend, timeout_s: float) ->
         raise PrefillFailed("prefill_timeout", f"no answer within {timeout_s:g}s, no progress") from None
     except EngineBusy:
         raise PrefillFailed("prefill_busy", f"busy: no answer within {gw.cfg.busy_timeout_s:g}s") from None
+    except aiohttp.ClientConnectionResetError:  # a stale pooled connection: nothing wrong with the engine
+        raise PrefillFailed("prefill_connect", "connection reset before the request was sent") from None
+    except aiohttp.ConnectionTimeoutError:  # no connection in time: its breaker opens, not marked down
+        gw.path.bypass(b, "upstream_unreachable", "prefill leg: no connection in time")
+        raise PrefillFailed("prefill_connect", "ConnectionTimeoutError") from None
     except CONNECT_ERRORS as e:
         gw.path.bypass(b, "upstream_connect", f"prefill leg: connect failed: {type(e).__name__}")
         raise PrefillFailed("prefill_connect", type(e).__name__) from None

@@ -22,7 +22,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from kvmesh.index.events import AllBlocksCleared, EventBatch, EventDecodeError, decode_batch
-from kvmesh.index.index import GPU_TIER, TIERS, KvIndex
+from kvmesh.index.index import TIERS, KvIndex
 
 log = logging.getLogger(__name__)
 _END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -85,17 +85,12 @@ class EventSubscriber:
         self.index.engine(self.engine).last_seq = seq
 
     def _drop(self) -> int:
-        # The engine's own cache only: what its cache node holds for it is the node's to clear (the node's
-        # feed never re-announces it; an engine restart would lose its node hits for good).
-        return self.index.clear_tiers(self.engine, GPU_TIER)
+        # Everything the engine reported of its own (GPU, and CPU/disk of an in-process offload): it is gone
+        # with the process.  What its cache node holds is under the node's name (NodeSubscriber): untouched.
+        return self.index.clear_engine(self.engine)
 
     def _apply_batch(self, batch: EventBatch) -> int:
-        evs = batch.events
-        cleared = [i for i, ev in enumerate(evs) if isinstance(ev, AllBlocksCleared)]
-        if not cleared:
-            return self.index.apply(self.engine, batch)
-        n = self._drop()  # vLLM reset its prefix cache: the GPU tier only, as above
-        return n + self.index.apply(self.engine, EventBatch(batch.ts, evs[cleared[-1] + 1:], batch.data_parallel_rank))
+        return self.index.apply(self.engine, batch)
 
     async def _handle(self, seq: int, payload: bytes) -> None:
         last = self.last_seq
