@@ -8,9 +8,7 @@ config), since a ``VllmConfig`` needs a model."""
 
 from __future__ import annotations
 
-import pathlib
 import time
-from collections.abc import Iterator
 from typing import Any, cast
 
 import pytest
@@ -29,22 +27,15 @@ from kvmesh.cache.keys import Namespace, chunk_keys  # noqa: E402
 from kvmesh.cache.node import CacheNode  # noqa: E402
 from kvmesh.connector.transfer import Lane  # noqa: E402
 from kvmesh.connector.vllm import KvmeshConnector, KvmeshMetadata, LoadSpec, SaveSpec  # noqa: E402
-from tests.helpers import LoopThread  # noqa: E402
-from tests.test_cache_node import node_config  # noqa: E402
+from tests import test_cache_node  # noqa: E402
+
+node = test_cache_node.node  # the cache node fixture of the node's own tests, shared
 
 BS, BLOCKS = 16, 12
 SHAPE = (BLOCKS, 2, 2, BS, 8)  # vLLM-CPU's block-major layout
 NS = Namespace(model="demo", dtype="float32", layout="1L:2h:8d", block_size=BS, tp_rank=0, tp_size=1)
 TOKENS = list(range(1000, 1000 + 3 * BS + 1))  # three whole blocks and one token the engine must compute
 KEYS = chunk_keys(NS.seed(None), TOKENS, BS)
-
-
-@pytest.fixture
-def node(tmp_path: pathlib.Path, loop_thread: LoopThread) -> Iterator[CacheNode]:
-    n = CacheNode(node_config(tmp_path), tmp_path)
-    loop_thread.run(n.start())
-    yield n
-    loop_thread.run(n.stop())
 
 
 def _connector(node: CacheNode, async_: bool = True, seed: int | None = None) -> KvmeshConnector:
